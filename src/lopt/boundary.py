@@ -1,0 +1,450 @@
+"""The gradient boundary: LoPT around any Hugging Face causal LM, without touching its forward.
+
+How it works, in one paragraph. The decoder layers are split into k contiguous blocks. Two forward
+hooks per boundary do all the work while the model's own forward runs unchanged:
+
+* a pre-hook on the first layer of each lower block records that block's input;
+* a hook on the last layer of each lower block computes the block's local loss
+  (reconstruct the block input from the block output), and returns the output *detached*, so
+  nothing above the boundary can send a gradient below it.
+
+With the ``blockwise`` schedule the local loss is backpropagated inside that hook, before the next
+block runs: the lower block's activations are freed at once, and peak activation memory is that of
+the largest block rather than of the whole stack. The ``joint`` schedule (the paper's code) keeps
+the local losses and backpropagates everything in one pass at the end. Both give the same
+gradients.
+
+The same wrapper serves the baselines, so every comparison runs one code path: ``e2e`` (no
+boundary), ``freeze-lower`` (boundary, lower half frozen, no head) and ``lora`` (PEFT LoRA over the
+whole depth).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .heads import ReconstructionHead, masked_mse
+
+METHODS = ("lopt", "e2e", "freeze-lower", "lora")
+SCHEDULES = ("blockwise", "joint")
+
+
+class LoPTError(ValueError):
+    """A bad option or an unsupported model; the message says what is wrong and what to do."""
+
+
+@dataclass
+class LoPTConfig:
+    """Everything that defines how a model is trained; saved with each checkpoint."""
+
+    method: str = "lopt"
+    num_blocks: int = 2
+    boundaries: list[int] | None = None  # layer indices where a new block starts; overrides num_blocks
+    lambda_aux: float = 10.0
+    schedule: str = "blockwise"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise LoPTError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.schedule not in SCHEDULES:
+            raise LoPTError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.lambda_aux < 0:
+            raise LoPTError(f"lambda_aux must be >= 0, got {self.lambda_aux}")
+
+
+@dataclass
+class LoPTOutput(CausalLMOutputWithPast):
+    """The model's output plus ``aux_loss``: the mean local (reconstruction) loss, unweighted.
+
+    Under the joint schedule ``aux_loss`` still carries its graph (``backward`` needs it); under
+    the blockwise schedule it was already backpropagated and is detached.
+    """
+
+    aux_loss: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------- model anatomy
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return (qualified name, ModuleList) of the decoder layers of a causal LM.
+
+    The layer list is the longest ``nn.ModuleList`` whose children all share one class; when the
+    config states the depth, the list must have exactly that many layers.
+    """
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    depth = None
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        depth = getattr(text_cfg, attr, None) if text_cfg is not None else None
+        if isinstance(depth, int):
+            break
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        if isinstance(depth, int) and len(mod) != depth:
+            continue
+        if best is None or len(mod) > len(best[1]):
+            best = (name, mod)
+    if best is None:
+        raise LoPTError(
+            f"could not find the decoder layers of {type(model).__name__}: lopt needs one nn.ModuleList "
+            f"of identical transformer blocks (like model.layers or transformer.h)"
+            + (f" with {depth} entries (config depth)" if isinstance(depth, int) else "")
+        )
+    return best
+
+
+def split_blocks(num_layers: int, num_blocks: int = 2, boundaries: Sequence[int] | None = None
+                 ) -> list[tuple[int, int]]:
+    """Half-open layer ranges of the blocks.
+
+    ``boundaries`` are the first layer index of every block but the first (``[10, 20]`` on 30 layers
+    gives 0-10, 10-20, 20-30). Otherwise layers are spread as evenly as possible, earlier blocks
+    taking the remainder (30 layers, k=4 -> 8, 8, 7, 7).
+    """
+    if boundaries is not None:
+        b = list(boundaries)
+        if not b:
+            raise LoPTError("boundaries is empty: give at least one layer index, e.g. --boundaries 12")
+        if any(not isinstance(i, int) for i in b):
+            raise LoPTError(f"boundaries must be integers, got {b}")
+        if b != sorted(b) or len(set(b)) != len(b):
+            raise LoPTError(f"boundaries must be strictly increasing, got {b}")
+        if b[0] < 1 or b[-1] > num_layers - 1:
+            raise LoPTError(f"boundaries {b} out of range: each must lie in 1..{num_layers - 1} "
+                            f"(the model has {num_layers} layers)")
+        edges = [0, *b, num_layers]
+        return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    if not isinstance(num_blocks, int) or num_blocks < 2 or num_blocks > num_layers:
+        raise LoPTError(f"num_blocks must be between 2 and the number of layers ({num_layers}), "
+                        f"got {num_blocks}")
+    base, extra = divmod(num_layers, num_blocks)
+    ranges, start = [], 0
+    for i in range(num_blocks):
+        size = base + (1 if i < extra else 0)
+        ranges.append((start, start + size))
+        start += size
+    return ranges
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(cfg, attr, None), int):
+            return getattr(cfg, attr)
+    raise LoPTError(f"cannot tell the hidden size of {type(model).__name__} from its config")
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _untie_output_embeddings(model: nn.Module) -> bool:
+    """Give the LM head its own weight when it shares the input embedding's.
+
+    Under LoPT the embedding belongs to the lowest block and the head to the highest; one tensor
+    cannot be on both sides of a gradient boundary. Returns True when something was untied.
+    """
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return False
+    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
+    for cfg in {id(model.config): model.config,
+                id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        cfg.tie_word_embeddings = False
+    return True
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+
+class LoPTModel(nn.Module):
+    """A causal LM with LoPT's gradient boundaries (or one of the baselines), called like the model.
+
+    ``out = wrapped(input_ids, attention_mask=..., labels=...)`` returns ``out.loss`` (task),
+    ``out.aux_loss`` (mean local loss) and ``out.logits``; ``wrapped.backward(out)`` completes the
+    step's backward for any schedule. In eval mode or under ``torch.no_grad()`` the output equals the
+    bare model's. Attributes the wrapper does not define (``config``, ``generate``, ...) are the
+    model's.
+    """
+
+    def __init__(self, model: nn.Module, config: LoPTConfig):
+        super().__init__()
+        config.validate()
+        self.lopt_config = config
+        self.untied = False
+        if config.method in ("lopt", "freeze-lower"):
+            self.untied = _untie_output_embeddings(model)
+        if config.method == "lora":
+            model = _apply_lora(model, config)
+        self.model = model
+        self.layers_name, layers = find_layers(model)
+        self.num_layers = len(layers)
+        if config.method in ("lopt", "freeze-lower"):
+            self.block_ranges = split_blocks(self.num_layers, config.num_blocks, config.boundaries)
+        else:
+            self.block_ranges = [(0, self.num_layers)]
+        n_lower = len(self.block_ranges) - 1
+        hidden = hidden_size_of(model)
+        self.heads = nn.ModuleList(
+            [ReconstructionHead(hidden) for _ in range(n_lower)] if config.method == "lopt" else []
+        )
+        p = next(model.parameters())
+        self.heads.to(device=p.device, dtype=torch.float32)  # local losses are computed in fp32
+        # Multiplies every loss before its backward (1/grad_accum, a grad scaler's scale...). It must be
+        # known before the forward because the blockwise schedule backpropagates inside it.
+        self.loss_scale: float = 1.0
+        self._step: dict[str, Any] | None = None
+        self._in_local_backward = False
+        self._hooks = []
+        if config.method == "freeze-lower":
+            for prm in self.lower_parameters():
+                prm.requires_grad_(False)
+        for i, (start, end) in enumerate(self.block_ranges[:-1]):
+            self._hooks.append(layers[start].register_forward_pre_hook(
+                self._make_input_hook(i), with_kwargs=True))
+            self._hooks.append(layers[end - 1].register_forward_hook(self._make_boundary_hook(i)))
+
+    # ---- passthrough so the wrapper behaves like the model
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    @property
+    def method(self) -> str:
+        return self.lopt_config.method
+
+    @property
+    def boundaries(self) -> list[int]:
+        """First layer index of every block above the lowest."""
+        return [s for s, _ in self.block_ranges[1:]]
+
+    # ---- parameter bookkeeping
+    def _layer_param_ids(self, ranges: Iterable[tuple[int, int]]) -> set[int]:
+        layers = self.model.get_submodule(self.layers_name)
+        return {id(p) for s, e in ranges for i in range(s, e) for p in layers[i].parameters()}
+
+    def lower_parameters(self) -> list[nn.Parameter]:
+        """Everything below the last boundary: lower layers, input (and position) embeddings."""
+        if len(self.block_ranges) == 1:
+            return []
+        lower_ids = self._layer_param_ids(self.block_ranges[:-1])
+        all_layer_ids = self._layer_param_ids(self.block_ranges)
+        out_emb = self.model.get_output_embeddings()
+        out_ids = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
+        params = []
+        for name, p in self.model.named_parameters():
+            if id(p) in lower_ids:
+                params.append(p)
+            elif id(p) not in all_layer_ids and id(p) not in out_ids and _is_embedding_name(name):
+                params.append(p)
+        return params
+
+    def param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0
+                     ) -> list[dict[str, Any]]:
+        """AdamW parameter groups: the last block, final norm and LM head at ``lr``; the lower blocks,
+        embeddings and local heads at ``lr_lower`` (default ``lr``). Biases and norm weights (1-D)
+        get no weight decay. Frozen parameters are left out."""
+        lr_lower = lr if lr_lower is None else lr_lower
+        lower = {id(p) for p in self.lower_parameters()} | {id(p) for p in self.heads.parameters()}
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            key = ("lower" if id(p) in lower else "upper", p.ndim >= 2)
+            groups.setdefault(key, []).append(p)
+        out = []
+        for (side, decay), params in sorted(groups.items()):
+            out.append({"params": params, "lr": lr_lower if side == "lower" else lr,
+                        "weight_decay": weight_decay if decay else 0.0, "name": f"{side}{'' if decay else '-nodecay'}"})
+        return out
+
+    # ---- hooks
+    def _active(self) -> bool:
+        return (self._step is not None and self.training and torch.is_grad_enabled()
+                and not self._in_local_backward)
+
+    def _make_input_hook(self, block: int):
+        def hook(module, args, kwargs):
+            if self._active():
+                self._step["inputs"][block] = _hidden_of(args, kwargs)
+        return hook
+
+    def _make_boundary_hook(self, block: int):
+        def hook(module, args, output):
+            if not self._active():
+                return None
+            h = output[0] if isinstance(output, tuple) else output
+            if self.heads:
+                aux = self._local_loss(block, h)
+                if self.lopt_config.schedule == "blockwise":
+                    self._backward_local(aux)
+                    aux = aux.detach()
+                self._step["aux"].append(aux)
+            h = h.detach()
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    def _local_loss(self, block: int, h: torch.Tensor) -> torch.Tensor:
+        x = self._step["inputs"].pop(block)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            pred = self.heads[block](h.float())
+            return masked_mse(pred, x.detach(), self._step["mask"])
+
+    def _aux_weight(self) -> float:
+        return self.lopt_config.lambda_aux / max(1, len(self.heads))
+
+    def _backward_local(self, aux: torch.Tensor) -> None:
+        w = self._aux_weight() * self.loss_scale
+        if w == 0 or not aux.requires_grad:
+            return
+        self._in_local_backward = True  # a checkpointed layer recomputed now must not re-enter the hooks
+        try:
+            (aux * w).backward()
+        finally:
+            self._in_local_backward = False
+
+    # ---- forward / backward
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> LoPTOutput:
+        self._step = {"inputs": {}, "aux": [], "mask": attention_mask}
+        if self.training:
+            # A KV cache would keep every layer's keys/values (and so the lower block's graph) alive.
+            kwargs.setdefault("use_cache", False)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            step, self._step = self._step, None
+        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        aux = torch.stack(step["aux"]).mean() if step["aux"] else None
+        extra = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+        return LoPTOutput(loss=loss, aux_loss=aux, logits=out.logits, **extra)
+
+    def backward(self, output: LoPTOutput) -> None:
+        """Finish the step's backward: afterwards every trainable parameter's ``.grad`` holds its
+        gradient (task gradient above the last boundary, local gradient below), whatever the
+        schedule. Multiplies by ``self.loss_scale``."""
+        if output.loss is None:
+            raise LoPTError("the output has no loss: call the model with labels=... before backward")
+        total = output.loss
+        if output.aux_loss is not None and output.aux_loss.requires_grad:  # joint schedule
+            total = total + self.lopt_config.lambda_aux * output.aux_loss
+        (total * self.loss_scale).backward()
+
+    # ---- gradient checkpointing
+    def gradient_checkpointing_enable(self, scope: str = "all") -> None:
+        """Recompute layer activations in the backward. ``scope='last-block'`` checkpoints only the
+        block above the last boundary (under blockwise LoPT the lower blocks' activations are
+        already freed early, so checkpointing them buys little)."""
+        if scope not in ("all", "last-block"):
+            raise LoPTError(f"gradient checkpointing scope must be 'all' or 'last-block', got {scope!r}")
+        base = self.model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if scope == "last-block":
+            layers = base.get_submodule(self.layers_name)
+            start = self.block_ranges[-1][0]
+            for i in range(start):
+                for m in layers[i].modules():
+                    if hasattr(m, "gradient_checkpointing"):
+                        m.gradient_checkpointing = False
+
+    # ---- saving
+    def plain_model(self) -> nn.Module:
+        """The underlying transformers model (PEFT's base model for LoRA, adapters unmerged)."""
+        return self.model.get_base_model() if self.method == "lora" else self.model
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Write a plain transformers checkpoint: no local heads, LoRA merged into the weights."""
+        save_directory = Path(save_directory)
+        if self.method == "lora":
+            self.model.merge_adapter()
+            try:
+                base = self.model.get_base_model()
+                state = _strip_peft_state(base.state_dict())
+                base.save_pretrained(save_directory, state_dict=state, **kwargs)
+            finally:
+                self.model.unmerge_adapter()
+        else:
+            self.model.save_pretrained(save_directory, **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable summary: options, block ranges, parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"lopt_config": asdict(self.lopt_config), "block_ranges": self.block_ranges,
+                "num_layers": self.num_layers, "layers": self.layers_name, "untied_lm_head": self.untied,
+                "trainable_params": trainable, "head_params": sum(p.numel() for p in self.heads.parameters())}
+
+
+def _is_embedding_name(name: str) -> bool:
+    leaf = name.rsplit(".", 2)[-2] if "." in name else name
+    return any(k in leaf for k in ("embed", "wte", "wpe"))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, fp32, mean over labelled tokens (-100 is ignored)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=-100)
+
+
+def _apply_lora(model: nn.Module, config: LoPTConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def _strip_peft_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn a LoRA-wrapped (merged) state dict back into the plain model's key names."""
+    clean = {}
+    for k, v in state.items():
+        if "lora_" in k or "lora_magnitude" in k:
+            continue
+        clean[k.replace(".base_layer.", ".")] = v
+    return clean
+
+
+def wrap(model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, schedule: str = "blockwise",
+         *, method: str = "lopt", boundaries: Sequence[int] | None = None, config: LoPTConfig | None = None,
+         **options: Any) -> LoPTModel:
+    """Wrap a transformers causal LM for LoPT (or a baseline) training.
+
+    >>> wrapped = lopt.wrap(model)                     # LoPT, boundary at the midpoint
+    >>> wrapped = lopt.wrap(model, boundaries=[8, 16]) # three blocks
+    >>> wrapped = lopt.wrap(model, method="e2e")       # same code path, no boundary
+
+    ``options`` are further ``LoPTConfig`` fields (``lora_r``, ...).
+    """
+    if config is None:
+        config = LoPTConfig(method=method, num_blocks=num_blocks, lambda_aux=lambda_aux,
+                            schedule=schedule, boundaries=list(boundaries) if boundaries is not None else None,
+                            **options)
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "config")):
+        raise LoPTError(f"lopt.wrap expects a transformers causal LM, got {type(model).__name__}")
+    return LoPTModel(model, config)
+
+
+def load_run_info(path: str | Path) -> dict[str, Any]:
+    """Read ``lopt_run.json`` from a checkpoint directory (empty dict when absent)."""
+    f = Path(path) / "lopt_run.json"
+    return json.loads(f.read_text()) if f.is_file() else {}

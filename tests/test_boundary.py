@@ -1,0 +1,301 @@
+"""The core engine: the boundary, the two schedules, the baselines, saving, bad input (fp32, tiny models)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import lopt
+from lopt.boundary import LoPTError, causal_lm_loss, find_layers, split_blocks
+from lopt.memory import SavedTensorTracker
+
+from conftest import ARCHS, make_tiny_model
+
+VOCAB = 320
+
+
+def batch(seed: int = 0, b: int = 3, t: int = 12, pad_last: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[-1, t - pad_last:] = 0  # right padding on the last row
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    labels[:, :3] = -100  # a masked prompt
+    return ids, mask, labels
+
+
+def grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def layer_param_names(wrapped, lo: int, hi: int) -> list[str]:
+    prefix = "model." + wrapped.layers_name
+    return [n for n, _ in wrapped.named_parameters()
+            if n.startswith(prefix + ".") and lo <= int(n[len(prefix) + 1:].split(".")[0]) < hi]
+
+
+def run_step(wrapped, ids, mask, labels):
+    wrapped.zero_grad(set_to_none=True)
+    out = wrapped(ids, attention_mask=mask, labels=labels)
+    wrapped.backward(out)
+    return out, grads(wrapped)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_matches_bare_model(arch):
+    model = make_tiny_model(arch)
+    bare = copy.deepcopy(model)
+    wrapped = lopt.wrap(model)
+    ids, mask, labels = batch()
+    for train in (True, False):
+        wrapped.train(train)
+        bare.train(train)
+        out = wrapped(ids, attention_mask=mask, labels=labels)
+        with torch.no_grad():
+            ref = bare(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
+        assert torch.isfinite(out.loss)
+        if train:
+            assert out.aux_loss is not None and out.aux_loss.item() > 0
+        else:
+            assert out.aux_loss is None  # eval: nothing local happens
+    wrapped.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        wrapped.train()
+        out = wrapped(ids, attention_mask=mask)
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
+    assert all(p.grad is None for p in wrapped.parameters())  # no_grad: nothing was backpropagated
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_reach(arch):
+    wrapped = lopt.wrap(make_tiny_model(arch))
+    wrapped.train()
+    ids, mask, labels = batch()
+    _, g1 = run_step(wrapped, ids, mask, labels)
+    labels2 = labels.clone()
+    labels2[labels2 >= 0] = (labels2[labels2 >= 0] + 7) % VOCAB
+    _, g2 = run_step(wrapped, ids, mask, labels2)
+
+    (s0, e0), (s1, e1) = wrapped.block_ranges
+    lower = layer_param_names(wrapped, s0, e0)
+    emb = [n for n, p in wrapped.named_parameters() if any(p is q for q in wrapped.lower_parameters())
+           and n not in lower]
+    heads = [n for n, _ in wrapped.named_parameters() if n.startswith("heads.")]
+    upper = layer_param_names(wrapped, s1, e1)
+    assert lower and emb and heads and upper
+    for n in lower + emb + heads:
+        torch.testing.assert_close(g1[n], g2[n], rtol=0, atol=0, msg=f"{n} depends on the labels")
+    assert any(g1[n].abs().sum() > 0 for n in lower), "lower block got no gradient"
+    assert all(g1[n].abs().sum() > 0 for n in heads)
+    assert any(g1[n].abs().sum() > 0 for n in emb), "embedding got no gradient"
+    changed = [n for n in upper if not torch.equal(g1[n], g2[n])]
+    assert len(changed) > len(upper) // 2, "last block's gradients did not follow the labels"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_last_block_matches_end_to_end(arch):
+    model = make_tiny_model(arch)
+    bare = copy.deepcopy(model)
+    wrapped = lopt.wrap(model)
+    wrapped.train()
+    bare.train()
+    ids, mask, labels = batch()
+    _, g = run_step(wrapped, ids, mask, labels)
+    logits = bare(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    causal_lm_loss(logits, labels).backward()
+    ref = grads(bare)
+    s1, e1 = wrapped.block_ranges[-1]
+    names = layer_param_names(wrapped, s1, e1)
+    assert names
+    for n in names:
+        torch.testing.assert_close(g[n], ref[n[len("model."):]], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_joint_equals_blockwise(arch, k):
+    model = make_tiny_model(arch, layers=8)
+    a = lopt.wrap(copy.deepcopy(model), num_blocks=k, schedule="joint")
+    b = lopt.wrap(copy.deepcopy(model), num_blocks=k, schedule="blockwise")
+    b.heads.load_state_dict(a.heads.state_dict())
+    ids, mask, labels = batch()
+    a.train(), b.train()
+    a.loss_scale = b.loss_scale = 0.5  # gradient accumulation scales both alike
+    oa, ga = run_step(a, ids, mask, labels)
+    ob, gb = run_step(b, ids, mask, labels)
+    torch.testing.assert_close(oa.loss, ob.loss)
+    torch.testing.assert_close(oa.aux_loss.detach(), ob.aux_loss)
+    assert ga.keys() == gb.keys() and len(ga) == sum(1 for p in a.parameters() if p.requires_grad)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-8, msg=n)
+
+
+def test_block_split_rules():
+    assert split_blocks(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    assert split_blocks(30, 2) == [(0, 15), (15, 30)]
+    assert split_blocks(30, boundaries=[10, 20]) == [(0, 10), (10, 20), (20, 30)]
+    w = lopt.wrap(make_tiny_model("llama", layers=6), boundaries=[2])
+    assert w.block_ranges == [(0, 2), (2, 6)] and w.boundaries == [2]
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_baselines_share_the_code_path():
+    model = make_tiny_model("llama")
+    ids, mask, labels = batch()
+    e2e = lopt.wrap(copy.deepcopy(model), method="e2e")
+    e2e.train()
+    _, g = run_step(e2e, ids, mask, labels)
+    assert len(e2e.heads) == 0 and e2e.block_ranges == [(0, 4)]
+    assert all(v.abs().sum() > 0 for k, v in g.items() if "layers" in k)
+
+    fl = lopt.wrap(copy.deepcopy(model), method="freeze-lower")
+    fl.train()
+    out, g = run_step(fl, ids, mask, labels)
+    assert out.aux_loss is None and len(fl.heads) == 0
+    assert not any(p.requires_grad for p in fl.lower_parameters())
+    assert set(g) == {n for n, p in fl.named_parameters() if p.requires_grad}
+    assert not any(".layers.0." in n or ".layers.1." in n or "embed_tokens" in n for n in g)
+
+    lo = lopt.wrap(copy.deepcopy(model), method="lora", lora_r=4)
+    lo.train()
+    _, g = run_step(lo, ids, mask, labels)
+    assert g and all("lora_" in n for n in g)
+
+
+def test_param_groups_learning_rates():
+    w = lopt.wrap(make_tiny_model("llama"))
+    groups = w.param_groups(lr=1e-4, lr_lower=1e-5, weight_decay=0.1)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert len(by_param) == sum(1 for p in w.parameters() if p.requires_grad)
+    layers = w.model.get_submodule(w.layers_name)
+    assert by_param[id(layers[0].self_attn.q_proj.weight)]["lr"] == 1e-5
+    assert by_param[id(w.model.get_input_embeddings().weight)]["lr"] == 1e-5
+    assert by_param[id(w.heads[0].up.weight)]["lr"] == 1e-5
+    assert by_param[id(layers[3].self_attn.q_proj.weight)]["lr"] == 1e-4
+    assert by_param[id(w.model.lm_head.weight)]["lr"] == 1e-4
+    assert by_param[id(layers[3].input_layernorm.weight)]["weight_decay"] == 0.0
+    assert by_param[id(layers[3].self_attn.q_proj.weight)]["weight_decay"] == 0.1
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+@pytest.mark.parametrize("method", ["lopt", "lora"])
+def test_checkpoint_loads_with_plain_transformers(tmp_path, method):
+    model = make_tiny_model("llama", tie=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    w = lopt.wrap(model, method=method, **({"lora_r": 4} if method == "lora" else {}))
+    if method == "lopt":
+        assert w.untied and w.config.tie_word_embeddings is False
+        assert w.model.lm_head.weight is not w.model.get_input_embeddings().weight
+    w.train()
+    opt = torch.optim.SGD(w.param_groups(lr=0.5), lr=0.5)
+    for _ in range(2):
+        ids, mask, labels = batch()
+        w.backward(w(ids, attention_mask=mask, labels=labels))
+        opt.step()
+        opt.zero_grad()
+    w.eval()
+    ids, mask, _ = batch(seed=1)
+    with torch.no_grad():
+        ref = w(ids, attention_mask=mask).logits
+    w.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any("heads." in k or "lora" in k or "base_layer" in k for k in keys)
+    if method == "lopt":
+        assert "lm_head.weight" in keys
+    re = AutoModelForCausalLM.from_pretrained(tmp_path)
+    re.eval()
+    with torch.no_grad():
+        got = re(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def saved_activation_bytes(wrapped, ids, mask, labels) -> int:
+    with SavedTensorTracker(wrapped.parameters()) as tr:
+        out = wrapped(ids, attention_mask=mask, labels=labels)
+        wrapped.backward(out)
+    assert tr.current_bytes == 0  # everything was released by the backward
+    return tr.peak_bytes
+
+
+def test_blockwise_frees_lower_activations():
+    model = make_tiny_model("llama", layers=8, hidden=64)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, VOCAB, (4, 64), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    res = {}
+    for name, kw in {"e2e": dict(method="e2e"), "blockwise": dict(schedule="blockwise"),
+                     "joint": dict(schedule="joint")}.items():
+        w = lopt.wrap(copy.deepcopy(model), **kw)
+        w.train()
+        res[name] = saved_activation_bytes(w, ids, mask, labels)
+    ratio_bw = res["blockwise"] / res["e2e"]
+    ratio_joint = res["joint"] / res["e2e"]
+    print(f"saved-activation ratio vs e2e: blockwise {ratio_bw:.3f}, joint {ratio_joint:.3f}")
+    assert ratio_bw <= 0.6
+    assert ratio_joint > 0.9  # the one-backward schedule keeps the lower block alive
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+class NoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = make_tiny_model("llama").config
+        self.emb = nn.Embedding(10, 4)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def get_output_embeddings(self):
+        return None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_blocks=1), "num_blocks must be between 2"),
+    (dict(num_blocks=5), "num_blocks must be between 2"),
+    (dict(boundaries=[0]), "out of range"),
+    (dict(boundaries=[4]), "out of range"),
+    (dict(boundaries=[3, 2]), "strictly increasing"),
+    (dict(boundaries=[2, 2]), "strictly increasing"),
+    (dict(schedule="fast"), "unknown schedule"),
+    (dict(method="magic"), "unknown method"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(LoPTError, match=match):
+        lopt.wrap(make_tiny_model("llama", layers=4), **kwargs)
+
+
+def test_model_without_layer_list():
+    with pytest.raises(LoPTError, match="could not find the decoder layers"):
+        lopt.wrap(NoLayers())
+    with pytest.raises(LoPTError, match="transformers causal LM"):
+        lopt.wrap(nn.Linear(2, 2))
+
+
+def test_find_layers_names():
+    assert find_layers(make_tiny_model("gpt2"))[0] == "transformer.h"
+    assert find_layers(make_tiny_model("gpt_neox"))[0] == "gpt_neox.layers"
+    assert find_layers(make_tiny_model("qwen3"))[0] == "model.layers"
