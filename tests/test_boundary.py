@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -57,14 +58,18 @@ def test_forward_matches_bare_model(arch):
     for train in (True, False):
         wrapped.train(train)
         bare.train(train)
-        out = wrapped(ids, attention_mask=mask, labels=labels)
         with torch.no_grad():
             ref = bare(input_ids=ids, attention_mask=mask).logits
+        out = wrapped(ids, attention_mask=mask)
         torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
-        assert torch.isfinite(out.loss)
+        out = wrapped(ids, attention_mask=mask, labels=labels)
+        # training with labels takes the chunked loss path (no logits); the loss is the bare model's
+        torch.testing.assert_close(out.loss, causal_lm_loss(ref, labels), atol=1e-5, rtol=1e-5)
         if train:
+            assert out.logits is None
             assert out.aux_loss is not None and out.aux_loss.item() > 0
         else:
+            torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
             assert out.aux_loss is None  # eval: nothing local happens
     wrapped.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -139,6 +144,51 @@ def test_joint_equals_blockwise(arch, k):
     assert ga.keys() == gb.keys() and len(ga) == sum(1 for p in a.parameters() if p.requires_grad)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-8, msg=n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["lopt", "e2e"])
+def test_chunked_loss_is_exact(arch, method):
+    model = make_tiny_model(arch)
+    a = lopt.wrap(copy.deepcopy(model), method=method, chunked_ce=False)
+    b = lopt.wrap(copy.deepcopy(model), method=method, chunked_ce=True, ce_chunk_size=7)
+    assert b._loss_head is not None
+    b.heads.load_state_dict(a.heads.state_dict())
+    a.train(), b.train()
+    ids, mask, labels = batch()
+    oa, ga = run_step(a, ids, mask, labels)
+    ob, gb = run_step(b, ids, mask, labels)
+    assert oa.logits is not None and ob.logits is None
+    torch.testing.assert_close(oa.loss, ob.loss, rtol=1e-6, atol=1e-6)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("softcap, bias", [(None, False), (None, True), (30.0, True)])
+def test_chunked_cross_entropy_function(softcap, bias):
+    from lopt.loss import chunked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    b = torch.randn(50, generator=g, requires_grad=True) if bias else None
+    y = torch.randint(0, 50, (2, 9), generator=g)
+    y[0, :4] = -100
+    raw = F.linear(h, w, b) * 5
+    logits = softcap * torch.tanh(raw / softcap) if softcap else raw
+    ref = causal_lm_loss(logits, y)
+    ref.backward()
+    ref_grads = [t.grad.clone() for t in (h, w, b) if t is not None]
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    h5 = h * 5  # the same scaling as above, through autograd
+    got = chunked_cross_entropy(h5, w, y, bias=b * 5 if b is not None else None, chunk_size=4, softcap=softcap)
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for r, t in zip(ref_grads, [t for t in (h, w, b) if t is not None]):
+        torch.testing.assert_close(t.grad, r, rtol=1e-4, atol=1e-6)
 
 
 def test_block_split_rules():

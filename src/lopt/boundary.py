@@ -31,6 +31,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .heads import ReconstructionHead, masked_mse
+from .loss import chunked_cross_entropy
 
 METHODS = ("lopt", "e2e", "freeze-lower", "lora")
 SCHEDULES = ("blockwise", "joint")
@@ -53,6 +54,8 @@ class LoPTConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "all-linear"
+    chunked_ce: bool = True  # task loss in chunks, never the full logits (training with labels only)
+    ce_chunk_size: int = 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -213,6 +216,7 @@ class LoPTModel(nn.Module):
         self._step: dict[str, Any] | None = None
         self._in_local_backward = False
         self._hooks = []
+        self._loss_head = _find_loss_head(self.plain_model()) if config.chunked_ce else None
         if config.method == "freeze-lower":
             for prm in self.lower_parameters():
                 prm.requires_grad_(False)
@@ -329,14 +333,24 @@ class LoPTModel(nn.Module):
         if self.training:
             # A KV cache would keep every layer's keys/values (and so the lower block's graph) alive.
             kwargs.setdefault("use_cache", False)
+        chunked = (self._loss_head is not None and labels is not None and self.training
+                   and torch.is_grad_enabled())
         try:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            if chunked:  # run the decoder stack only; the loss head never forms the full logits
+                decoder, head, softcap = self._loss_head
+                out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                loss = chunked_cross_entropy(out.last_hidden_state, head.weight, labels, head.bias,
+                                             self.lopt_config.ce_chunk_size, softcap)
+                logits = None
+            else:
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                logits = out.logits
+                loss = causal_lm_loss(logits, labels) if labels is not None else None
         finally:
             step, self._step = self._step, None
-        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
         aux = torch.stack(step["aux"]).mean() if step["aux"] else None
-        extra = {k: v for k, v in out.items() if k not in ("loss", "logits")}
-        return LoPTOutput(loss=loss, aux_loss=aux, logits=out.logits, **extra)
+        extra = {k: v for k, v in out.items() if k not in ("loss", "logits", "last_hidden_state")}
+        return LoPTOutput(loss=loss, aux_loss=aux, logits=logits, **extra)
 
     def backward(self, output: LoPTOutput) -> None:
         """Finish the step's backward: afterwards every trainable parameter's ``.grad`` holds its
@@ -391,6 +405,19 @@ class LoPTModel(nn.Module):
         return {"lopt_config": asdict(self.lopt_config), "block_ranges": self.block_ranges,
                 "num_layers": self.num_layers, "layers": self.layers_name, "untied_lm_head": self.untied,
                 "trainable_params": trainable, "head_params": sum(p.numel() for p in self.heads.parameters())}
+
+
+def _find_loss_head(model: nn.Module):
+    """(decoder stack, LM head, softcap) when the model's logits are exactly
+    ``head(decoder(...).last_hidden_state)`` (optionally soft-capped); None otherwise, and the full
+    logits path is used."""
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "logit_scale", None) not in (None, 1.0) or getattr(cfg, "logits_scaling", None) not in (None, 1.0):
+        return None
+    decoder, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if decoder is None or decoder is model or not isinstance(head, nn.Linear):
+        return None
+    return decoder, head, getattr(cfg, "final_logit_softcapping", None)
 
 
 def _is_embedding_name(name: str) -> bool:

@@ -1,0 +1,461 @@
+"""The SFT recipe: load a model and a dataset, wrap, train, checkpoint, resume.
+
+One function, ``train(TrainConfig)``, that the CLI calls and that users can import. It is a plain
+loop over the pieces (``lopt.models``, ``lopt.data``, ``lopt.wrap``), not a framework.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .boundary import LoPTConfig, LoPTError, LoPTModel, wrap
+from .memory import peak_memory_mb
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.pt"
+RUN_FILE = "lopt_run.json"
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the CLI flags and YAML keys have the same names)."""
+
+    # what to train
+    model: str | None = None  # hub id, local dir, .gguf file, alias; None = embedded SmolLM2-135M-Instruct
+    gguf_file: str | None = None
+    dataset: str = "arithmetic"  # file, preset, hub id, or the embedded 'arithmetic'
+    split: str = "train"
+    limit: int | None = None  # use only the first N rows
+    max_length: int = 512
+    output_dir: str = "runs/lopt"
+    # method
+    method: str = "lopt"
+    num_blocks: int = 2
+    boundaries: list[int] | None = None
+    lambda_aux: float = 10.0
+    schedule: str = "blockwise"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    # optimisation
+    lr: float = 2e-5
+    lr_lower: float | None = None  # default: lr
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: str = "off"  # off | all | last-block
+    precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16
+    device: str | None = None
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 1
+    save_every: int | None = None
+    resume: str | None = None  # 'latest' or a checkpoint dir
+    tensorboard: bool = False
+    progress: bool = True
+    sample_prompt: str | None = None  # answered by the trained model in the summary
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.gradient_checkpointing not in ("off", "all", "last-block"):
+            raise LoPTError(f"gradient_checkpointing must be off, all or last-block, got {self.gradient_checkpointing!r}")
+        if self.gradient_checkpointing == "last-block" and self.method not in ("lopt", "freeze-lower"):
+            raise LoPTError("gradient_checkpointing=last-block needs a method with a boundary (lopt, freeze-lower)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise LoPTError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LoPTError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0:
+            raise LoPTError(f"lr must be > 0, got {self.lr}")
+
+    def lopt_config(self) -> LoPTConfig:
+        return LoPTConfig(method=self.method, num_blocks=self.num_blocks, boundaries=self.boundaries,
+                          lambda_aux=self.lambda_aux, schedule=self.schedule, lora_r=self.lora_r,
+                          lora_alpha=self.lora_alpha)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the summary (also in ``lopt_run.json``) and the trained model."""
+
+    summary: dict[str, Any]
+    model: LoPTModel
+    tokenizer: Any
+
+
+@dataclass
+class TrainState:
+    """What a callback sees and may change (``stop_requested`` ends the run after a checkpoint)."""
+
+    step: int = 0
+    stop_requested: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    cands = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return max(cands, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"lopt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def run_info(cfg: TrainConfig, wrapped: LoPTModel, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    return {"options": asdict(cfg), "method": cfg.method, **wrapped.describe(), "versions": versions(),
+            "final_metrics": metrics or {}}
+
+
+def _save_plain_into(wrapped: LoPTModel, tokenizer, target: Path, info: dict[str, Any]) -> None:
+    """Write a plain checkpoint's files into ``target`` (which may hold other things, like
+    checkpoint-N/ and metrics.jsonl): each file is written under a temporary name, then renamed."""
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f".tmp-save-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(wrapped, tokenizer, tmp, info)
+        for f in tmp.iterdir():
+            os.replace(f, target / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_checkpoint(wrapped: LoPTModel, tokenizer, path: Path, info: dict[str, Any],
+                      state: dict[str, Any] | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / RUN_FILE).write_text(json.dumps(info, indent=2, default=str))
+    if state is not None:
+        torch.save(state, path / STATE_FILE)
+
+
+def save_training_checkpoint(wrapped: LoPTModel, tokenizer, output_dir: Path, step: int,
+                             info: dict[str, Any], state: dict[str, Any]) -> Path:
+    """``OUT/checkpoint-N``: a plain model plus ``trainer_state.pt`` to resume from; written in a
+    temporary directory and renamed, so a crash never leaves a half-written checkpoint."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(wrapped, tokenizer, tmp, info, state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
+    """Trainable tensors that the plain checkpoint does not hold: local heads, LoRA adapters."""
+    state = {f"heads.{k}": v for k, v in wrapped.heads.state_dict().items()}
+    if wrapped.method == "lora":
+        state.update({f"model.{k}": v for k, v in wrapped.model.state_dict().items() if "lora_" in k})
+    return state
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState], None]] | None = None
+          ) -> TrainResult:
+    """Run supervised post-training; returns the summary (also written to ``lopt_run.json``) and the
+    trained (wrapped) model with its tokenizer."""
+    from .data import Batches, build_sft_dataset
+    from .models import load_model
+
+    cfg.validate()
+    out_dir = Path(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+
+    resume_dir = None
+    if cfg.resume:
+        resume_dir = latest_checkpoint(out_dir) if cfg.resume == "latest" else Path(cfg.resume)
+        if resume_dir is None or not (resume_dir / STATE_FILE).is_file():
+            raise LoPTError(f"nothing to resume: no {CHECKPOINT_PREFIX}N/{STATE_FILE} in "
+                            f"{resume_dir or out_dir}; drop --resume to start afresh")
+
+    # A resumed LoRA run restarts from the base model (its checkpoint has the adapters merged in);
+    # every other method restarts from the checkpoint's weights.
+    source = str(resume_dir) if resume_dir is not None and cfg.method != "lora" else cfg.model
+    model, tokenizer = load_model(source, gguf_file=None if source != cfg.model else cfg.gguf_file,
+                                  device=device, trust_remote_code=cfg.trust_remote_code)
+    examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
+                                             split=cfg.split, limit=cfg.limit)
+    wrapped = wrap(model, config=cfg.lopt_config()).to(device)
+    if cfg.gradient_checkpointing != "off":
+        wrapped.gradient_checkpointing_enable("all" if cfg.gradient_checkpointing == "all" else "last-block")
+    wrapped.train()
+
+    batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
+    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(wrapped.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay),
+                                  lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    state = TrainState()
+    if resume_dir is not None:
+        ts = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        missing = wrapped.load_state_dict(ts["extra_state"], strict=False)
+        if missing.unexpected_keys:
+            raise LoPTError(f"{resume_dir} was written by another method/config "
+                            f"(unexpected keys {missing.unexpected_keys[:3]}...): resume with the same options")
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        batches.load_state_dict(ts["data"])
+        if scaler is not None and ts.get("scaler"):
+            scaler.load_state_dict(ts["scaler"])
+        state.step, state.history = ts["step"], ts.get("history", [])
+        random.setstate(ts["rng"]["python"])
+        torch.set_rng_state(ts["rng"]["torch"])
+        if torch.cuda.is_available() and ts["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume_dir is None and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log
+    tb = _tensorboard(out_dir) if cfg.tensorboard else None
+    log_file = metrics_path.open("a")
+    print(f"lopt: {cfg.method} on {type(model).__name__} ({wrapped.num_layers} layers, blocks "
+          f"{wrapped.block_ranges}), {data_stats['rows']} examples ({data_stats['format']}), "
+          f"{total_steps} steps on {device}" + (f", resumed at step {state.step}" if resume_dir else ""),
+          file=sys.stderr)
+    if data_stats.get("truncated"):
+        print(f"lopt: {data_stats['truncated']} examples truncated to {cfg.max_length} tokens", file=sys.stderr)
+
+    def make_state() -> dict[str, Any]:
+        return {"step": state.step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "data": batches.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "extra_state": _extra_state(wrapped), "history": state.history,
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+    def checkpoint() -> Path:
+        last = state.history[-1] if state.history else None
+        return save_training_checkpoint(wrapped, tokenizer, out_dir, state.step,
+                                        run_info(cfg, wrapped, last), make_state())
+
+    # Ctrl-C: finish the current step, save, exit. A second Ctrl-C stops at once.
+    def on_sigint(signum, frame):
+        if state.stop_requested:
+            raise KeyboardInterrupt
+        state.stop_requested = True
+        print("\nlopt: interrupt received, saving a checkpoint after this step (Ctrl-C again to abort)",
+              file=sys.stderr)
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+
+    bar = _progress(total_steps, state.step, cfg.progress)
+    t_window, tok_window = time.perf_counter(), 0
+    try:
+        while state.step < total_steps and not state.stop_requested:
+            loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
+            for _ in range(cfg.grad_accum):
+                b = {k: v.to(device) for k, v in next(batches).items()}
+                scale = (scaler.scale(torch.ones((), device=device)).item() if scaler else 1.0)
+                wrapped.loss_scale = scale / cfg.grad_accum
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = wrapped(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+                wrapped.backward(out)
+                loss_sum += out.loss.item()
+                if out.aux_loss is not None:
+                    aux_sum += out.aux_loss.item()
+                    n_aux += 1
+                tokens += int(b["attention_mask"].sum())
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = _clip(wrapped, cfg.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            tok_window += tokens
+            bar.update(1) if bar else None
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                dt = time.perf_counter() - t_window
+                rec = {"step": state.step, "loss": loss_sum / cfg.grad_accum,
+                       "aux_loss": aux_sum / n_aux if n_aux else None,
+                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                       "tokens_per_s": tok_window / dt if dt > 0 else None,
+                       "peak_mem_mb": peak_memory_mb(device), "time": time.time()}
+                t_window, tok_window = time.perf_counter(), 0
+                state.history.append(rec)
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+                if tb is not None:
+                    for k in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"):
+                        if rec[k] is not None:
+                            tb.add_scalar(f"train/{k}", rec[k], state.step)
+                if bar:
+                    bar.set_postfix(_postfix(rec), refresh=False)
+                for cb in callbacks or []:
+                    cb(rec, state)
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
+                checkpoint()
+        interrupted = state.stop_requested and state.step < total_steps
+        if interrupted:
+            path = checkpoint()
+            print(f"lopt: stopped at step {state.step}; resume with --resume (checkpoint: {path})",
+                  file=sys.stderr)
+    finally:
+        if bar:
+            bar.close()
+        log_file.close()
+        if tb is not None:
+            tb.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+    summary = _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
+    if not interrupted:
+        _save_plain_into(wrapped, tokenizer, out_dir, run_info(cfg, wrapped, summary))
+    return TrainResult(summary, wrapped, tokenizer)
+
+
+def _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted) -> dict[str, Any]:
+    hist = state.history
+    aux = [h["aux_loss"] for h in hist if h["aux_loss"] is not None]
+    speeds = [h["tokens_per_s"] for h in hist[1:] or hist if h["tokens_per_s"]]  # first step warms up
+    return {"steps": state.step, "total_steps": total_steps, "interrupted": interrupted,
+            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
+            "aux_first": aux[0] if aux else None, "aux_last": aux[-1] if aux else None,
+            "tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
+            "peak_mem_mb": max((h["peak_mem_mb"] for h in hist), default=None),
+            "data": data_stats, "output_dir": str(out_dir), "method": cfg.method,
+            "block_ranges": wrapped.block_ranges}
+
+
+def _clip(wrapped: LoPTModel, max_norm: float | None) -> float | None:
+    params = [p for p in wrapped.parameters() if p.grad is not None]
+    if not params:
+        return None
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _postfix(rec: dict[str, Any]) -> dict[str, str]:
+    d = {"loss": f"{rec['loss']:.3f}"}
+    if rec["aux_loss"] is not None:
+        d["aux"] = f"{rec['aux_loss']:.4f}"
+    if rec["tokens_per_s"]:
+        d["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+    d["mem"] = f"{rec['peak_mem_mb']:.0f}MB"
+    return d
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise LoPTError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@torch.no_grad()
+def sample_answer(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+    """Greedy answer of a (wrapped or plain) model to one chat prompt."""
+    model.eval()
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = f"### User:\n{prompt}\n\n### Assistant:\n"
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    device = next(model.parameters()).device
+    gen = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
