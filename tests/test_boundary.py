@@ -191,6 +191,21 @@ def test_chunked_cross_entropy_function(softcap, bias):
         torch.testing.assert_close(t.grad, r, rtol=1e-4, atol=1e-6)
 
 
+def test_checkpointing_last_block_only():
+    w = lopt.wrap(make_tiny_model("llama", layers=6))
+    w.gradient_checkpointing_enable("last-block")
+    layers = w.model.get_submodule(w.layers_name)
+    assert [bool(layer.gradient_checkpointing) for layer in layers] == [False] * 3 + [True] * 3
+    ref = lopt.wrap(make_tiny_model("llama", layers=6))
+    ref.heads.load_state_dict(w.heads.state_dict())
+    w.train(), ref.train()
+    ids, mask, labels = batch()
+    _, g = run_step(w, ids, mask, labels)
+    _, gr = run_step(ref, ids, mask, labels)
+    for n in gr:
+        torch.testing.assert_close(g[n], gr[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_block_split_rules():
     assert split_blocks(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
     assert split_blocks(30, 2) == [(0, 15), (15, 30)]
@@ -349,3 +364,37 @@ def test_find_layers_names():
     assert find_layers(make_tiny_model("gpt2"))[0] == "transformer.h"
     assert find_layers(make_tiny_model("gpt_neox"))[0] == "gpt_neox.layers"
     assert find_layers(make_tiny_model("qwen3"))[0] == "model.layers"
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_per_block_optimizer_step_is_exact(k):
+    """Stepping each lower block right after its local backward gives the same weights as one step
+    at the end (no clipping), while its gradients are gone before the upper block runs."""
+    model = make_tiny_model("llama", layers=6)
+    a = lopt.wrap(copy.deepcopy(model), num_blocks=k)
+    b = lopt.wrap(copy.deepcopy(model), num_blocks=k)
+    b.heads.load_state_dict(a.heads.state_dict())
+    opt_a = torch.optim.AdamW(a.param_groups(1e-2, 1e-3, 0.1))
+    opt_b = torch.optim.AdamW(b.param_groups(1e-2, 1e-3, 0.1))
+    seen = []
+
+    def step_block(i, params):
+        assert all(p.grad is None for p in b.block_parameters(k - 1))  # upper not reached yet
+        seen.append(i)
+        opt_b.step()
+        for p in params:
+            p.grad = None
+
+    b.after_local_backward = step_block
+    a.train(), b.train()
+    for s in range(2):
+        ids, mask, labels = batch(seed=s)
+        for w, opt in ((a, opt_a), (b, opt_b)):
+            w.backward(w(ids, attention_mask=mask, labels=labels))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert seen == list(range(k - 1)) * 2
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=n)
+    covered = [id(p) for i in range(k) for p in b.block_parameters(i)]
+    assert sorted(covered) == sorted(id(p) for p in b.parameters() if p.requires_grad)

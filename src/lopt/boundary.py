@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +213,12 @@ class LoPTModel(nn.Module):
         # Multiplies every loss before its backward (1/grad_accum, a grad scaler's scale...). It must be
         # known before the forward because the blockwise schedule backpropagates inside it.
         self.loss_scale: float = 1.0
+        # Called as fn(block_index, params) right after a lower block's local backward (blockwise
+        # schedule): the trainer's per-block optimizer step, which frees that block's gradients
+        # before the blocks above build their activations.
+        self.after_local_backward: Callable[[int, list[nn.Parameter]], None] | None = None
         self._step: dict[str, Any] | None = None
+        self._block_params: list[list[nn.Parameter]] | None = None
         self._in_local_backward = False
         self._hooks = []
         self._loss_head = _find_loss_head(self.plain_model()) if config.chunked_ce else None
@@ -262,6 +267,24 @@ class LoPTModel(nn.Module):
                 params.append(p)
         return params
 
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        """Trainable parameters that block ``block``'s loss trains: its layers, its local head, and for
+        the lowest block the embeddings; for the last block, everything above the last boundary."""
+        if self._block_params is None:
+            self._block_params = [self._collect_block_parameters(i) for i in range(len(self.block_ranges))]
+        return self._block_params[block]
+
+    def _collect_block_parameters(self, block: int) -> list[nn.Parameter]:
+        if block == len(self.block_ranges) - 1:
+            lower = {id(p) for p in self.lower_parameters()} | {id(p) for p in self.heads.parameters()}
+            return [p for p in self.parameters() if p.requires_grad and id(p) not in lower]
+        ids = self._layer_param_ids([self.block_ranges[block]])
+        if block == 0:
+            layer_ids = self._layer_param_ids(self.block_ranges)
+            ids |= {id(p) for p in self.lower_parameters() if id(p) not in layer_ids}
+        params = [p for p in self.model.parameters() if id(p) in ids and p.requires_grad]
+        return params + [p for p in self.heads[block].parameters() if p.requires_grad]
+
     def param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0
                      ) -> list[dict[str, Any]]:
         """AdamW parameter groups: the last block, final norm and LM head at ``lr``; the lower blocks,
@@ -302,6 +325,8 @@ class LoPTModel(nn.Module):
                 if self.lopt_config.schedule == "blockwise":
                     self._backward_local(aux)
                     aux = aux.detach()
+                    if self.after_local_backward is not None:
+                        self.after_local_backward(block, self.block_parameters(block))
                 self._step["aux"].append(aux)
             h = h.detach()
             return (h, *output[1:]) if isinstance(output, tuple) else h
@@ -371,7 +396,13 @@ class LoPTModel(nn.Module):
         if scope not in ("all", "last-block"):
             raise LoPTError(f"gradient checkpointing scope must be 'all' or 'last-block', got {scope!r}")
         base = self.model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: the upper block's input is detached, and reentrant checkpointing would then
+        # drop its parameters' gradients.
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if scope == "last-block":
             layers = base.get_submodule(self.layers_name)
             start = self.block_ranges[-1][0]

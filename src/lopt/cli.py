@@ -26,6 +26,7 @@ TRAIN_HELP: dict[str, str] = {
     "boundaries": "LoPT: explicit block starts as layer indices, e.g. 10 20 (overrides --num-blocks)",
     "lambda_aux": "LoPT: weight of the mean local reconstruction loss",
     "schedule": f"LoPT backward schedule: {', '.join(SCHEDULES)} (blockwise frees lower activations early)",
+    "chunked_ce": "compute the task loss in chunks of tokens, never the full logits tensor (exact)",
     "lora_r": "LoRA rank (method lora)",
     "lora_alpha": "LoRA alpha (method lora)",
     "lr": "learning rate of the last block, final norm and LM head",
@@ -37,6 +38,9 @@ TRAIN_HELP: dict[str, str] = {
     "epochs": "passes over the data when --max-steps is not given",
     "warmup_ratio": "fraction of steps with linear warm-up before the cosine decay",
     "max_grad_norm": "clip the global gradient norm (0 or none: no clipping)",
+    "per_block_step": "auto, on, off: step each lower block's optimizer right after its local backward, "
+                      "freeing its gradients early (auto: on for blockwise LoPT without grad accumulation; "
+                      "clipping is then per block)",
     "gradient_checkpointing": "recompute activations in the backward: off, all, last-block",
     "precision": "auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16 (with a grad scaler)",
     "device": "cpu, cuda, cuda:1, ... (default: cuda when available)",
@@ -77,6 +81,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                 kw["choices"] = SCHEDULES
             elif f.name == "gradient_checkpointing":
                 kw["choices"] = ("off", "all", "last-block")
+            elif f.name == "per_block_step":
+                kw["choices"] = ("auto", "on", "off")
             elif f.name == "precision":
                 kw["choices"] = ("auto", "fp32", "bf16", "fp16")
             p.add_argument(flag, **kw)
@@ -185,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The train command with demo defaults: "
                        + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()) + ". Any train option overrides them.")
     _add_train_options(p)
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser(
+        "bench", help="memory and speed of training configurations side by side, each in a fresh process",
+        description="Each configuration runs warm-up and timed training steps (AdamW included) in its own "
+        "process; configurations are interleaved over repeats. Ratios are against the first configuration."))
     try:
         from .evaluate import add_compare_arguments, add_eval_arguments
 
@@ -206,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(ns)
         if ns.command == "demo":
             return cmd_train(ns, DEMO_DEFAULTS)
+        if ns.command == "bench":
+            from .bench import run_bench_cli
+
+            return run_bench_cli(ns)
         if ns.command == "eval":
             from .evaluate import run_eval_cli
 

@@ -48,6 +48,7 @@ class TrainConfig:
     schedule: str = "blockwise"
     lora_r: int = 16
     lora_alpha: int = 32
+    chunked_ce: bool = True  # task loss in chunks, never the full logits tensor
     # optimisation
     lr: float = 2e-5
     lr_lower: float | None = None  # default: lr
@@ -58,6 +59,7 @@ class TrainConfig:
     epochs: float = 1.0
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
+    per_block_step: str = "auto"  # auto | on | off: step each lower block right after its local backward
     gradient_checkpointing: str = "off"  # off | all | last-block
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16
     device: str | None = None
@@ -76,6 +78,11 @@ class TrainConfig:
             raise LoPTError(f"gradient_checkpointing must be off, all or last-block, got {self.gradient_checkpointing!r}")
         if self.gradient_checkpointing == "last-block" and self.method not in ("lopt", "freeze-lower"):
             raise LoPTError("gradient_checkpointing=last-block needs a method with a boundary (lopt, freeze-lower)")
+        if self.per_block_step not in ("auto", "on", "off"):
+            raise LoPTError(f"per_block_step must be auto, on or off, got {self.per_block_step!r}")
+        if self.per_block_step == "on" and not (self.method == "lopt" and self.schedule == "blockwise"
+                                                and self.grad_accum == 1 and self.precision != "fp16"):
+            raise LoPTError("per_block_step=on needs method lopt, schedule blockwise, grad_accum 1 and no fp16")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("batch_size", "grad_accum", "max_length", "log_every"):
@@ -89,7 +96,7 @@ class TrainConfig:
     def lopt_config(self) -> LoPTConfig:
         return LoPTConfig(method=self.method, num_blocks=self.num_blocks, boundaries=self.boundaries,
                           lambda_aux=self.lambda_aux, schedule=self.schedule, lora_r=self.lora_r,
-                          lora_alpha=self.lora_alpha)
+                          lora_alpha=self.lora_alpha, chunked_ce=self.chunked_ce)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -261,12 +268,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(wrapped.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay),
-                                  lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    stepper = Stepper(wrapped, cfg, device, total_steps)
+    optimizer, scheduler, scaler = stepper.optimizer, stepper.scheduler, stepper.scaler
 
     state = TrainState()
     if resume_dir is not None:
@@ -321,43 +324,20 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
 
     bar = _progress(total_steps, state.step, cfg.progress)
-    t_window, tok_window = time.perf_counter(), 0
+    t_window, tok_window, loss_window = time.perf_counter(), 0, []
     try:
         while state.step < total_steps and not state.stop_requested:
-            loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
-            for _ in range(cfg.grad_accum):
-                b = {k: v.to(device) for k, v in next(batches).items()}
-                scale = (scaler.scale(torch.ones((), device=device)).item() if scaler else 1.0)
-                wrapped.loss_scale = scale / cfg.grad_accum
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = wrapped(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-                wrapped.backward(out)
-                loss_sum += out.loss.item()
-                if out.aux_loss is not None:
-                    aux_sum += out.aux_loss.item()
-                    n_aux += 1
-                tokens += int(b["attention_mask"].sum())
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = _clip(wrapped, cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            rec = stepper.step([next(batches) for _ in range(cfg.grad_accum)])
             state.step += 1
-            tok_window += tokens
+            tok_window += rec.pop("tokens")
             bar.update(1) if bar else None
+            loss_window.append(rec)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 dt = time.perf_counter() - t_window
-                rec = {"step": state.step, "loss": loss_sum / cfg.grad_accum,
-                       "aux_loss": aux_sum / n_aux if n_aux else None,
-                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                rec = {"step": state.step, **_mean_records(loss_window),
                        "tokens_per_s": tok_window / dt if dt > 0 else None,
                        "peak_mem_mb": peak_memory_mb(device), "time": time.time()}
-                t_window, tok_window = time.perf_counter(), 0
+                t_window, tok_window, loss_window = time.perf_counter(), 0, []
                 state.history.append(rec)
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
@@ -391,6 +371,78 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     return TrainResult(summary, wrapped, tokenizer)
 
 
+class Stepper:
+    """One optimizer step of a wrapped model: micro-batches, autocast, gradient accumulation, clipping,
+    the per-block step, the LR schedule. Shared by ``train`` and ``bench`` so both measure one thing."""
+
+    def __init__(self, wrapped: LoPTModel, cfg: TrainConfig, device: torch.device, total_steps: int):
+        self.wrapped, self.cfg, self.device = wrapped, cfg, device
+        self.optimizer = torch.optim.AdamW(wrapped.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay),
+                                           lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
+        self.amp_dtype = autocast_dtype(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.per_block = cfg.per_block_step == "on" or (
+            cfg.per_block_step == "auto" and cfg.method == "lopt" and cfg.schedule == "blockwise"
+            and cfg.grad_accum == 1 and self.scaler is None)
+        self._block_norms: list[float] = []
+        wrapped.after_local_backward = self._step_block if self.per_block else None
+
+    def _step_block(self, block: int, params: list[torch.nn.Parameter]) -> None:
+        # Each lower block is clipped and stepped as soon as its local backward is done, and its
+        # gradients freed, so they never coexist with the upper block's activations. Clipping is
+        # therefore per block (max_grad_norm bounds each block's gradient norm separately).
+        self._block_norms.append(_clip(params, self.cfg.max_grad_norm) or 0.0)
+        self.optimizer.step()  # only this block holds gradients now
+        for p in params:
+            p.grad = None
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Forward/backward every micro-batch, then step. Returns loss, aux_loss, lr, grad_norm, tokens."""
+        w, dev = self.wrapped, self.device
+        loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
+        for b in micro_batches:
+            b = {k: v.to(dev) for k, v in b.items()}
+            scale = self.scaler.scale(torch.ones((), device=dev)).item() if self.scaler else 1.0
+            w.loss_scale = scale / len(micro_batches)
+            with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = w(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            w.backward(out)
+            loss_sum += out.loss.item()
+            if out.aux_loss is not None:
+                aux_sum += out.aux_loss.item()
+                n_aux += 1
+            tokens += int(b["attention_mask"].sum())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = _clip([p for p in w.parameters() if p.grad is not None], self.cfg.max_grad_norm)
+        if self._block_norms:
+            grad_norm = math.sqrt(sum(n * n for n in self._block_norms) + (grad_norm or 0.0) ** 2)
+            self._block_norms.clear()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum / len(micro_batches), "aux_loss": aux_sum / n_aux if n_aux else None,
+                "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+
+def _mean_records(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average the per-step numbers of a logging window (the last lr)."""
+    out: dict[str, Any] = {}
+    for k in ("loss", "aux_loss", "grad_norm"):
+        vals = [r[k] for r in recs if r[k] is not None]
+        out[k] = sum(vals) / len(vals) if vals else None
+    out["lr"] = recs[-1]["lr"]
+    return out
+
+
 def _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted) -> dict[str, Any]:
     hist = state.history
     aux = [h["aux_loss"] for h in hist if h["aux_loss"] is not None]
@@ -404,8 +456,9 @@ def _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
             "block_ranges": wrapped.block_ranges}
 
 
-def _clip(wrapped: LoPTModel, max_norm: float | None) -> float | None:
-    params = [p for p in wrapped.parameters() if p.grad is not None]
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+    """Clip to ``max_norm`` (None: only measure); returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
     if not params:
         return None
     if max_norm is None:

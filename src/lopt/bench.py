@@ -1,0 +1,311 @@
+"""``lopt bench``: training configurations side by side, each in a fresh process.
+
+For every configuration (method x gradient checkpointing x batch size x memory tricks) a child
+process loads the model, runs warm-up steps and timed steps of the real training step (``Stepper``:
+forward, backward, AdamW, schedule), then one extra step under ``SavedTensorTracker`` to measure the
+autograd-saved activation bytes. Configurations are interleaved over repeats so that machine drift
+hits them all alike; the table reports medians with min and max, and ratios to the first
+configuration (by default end-to-end without checkpointing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# name -> TrainConfig overrides. The memory tricks (blockwise, chunked CE, per-block step) are on by
+# default; the "-no-*" variants switch one off for the comparison.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "e2e": {"method": "e2e"},
+    "e2e+gc": {"method": "e2e", "gradient_checkpointing": "all"},
+    "lopt-k2": {"method": "lopt", "num_blocks": 2},
+    "lopt-k2+gc-last": {"method": "lopt", "num_blocks": 2, "gradient_checkpointing": "last-block"},
+    "lopt-k2+gc": {"method": "lopt", "num_blocks": 2, "gradient_checkpointing": "all"},
+    "lopt-k4": {"method": "lopt", "num_blocks": 4},
+    "lopt-k4+gc-last": {"method": "lopt", "num_blocks": 4, "gradient_checkpointing": "last-block"},
+    "lopt-k2-joint": {"method": "lopt", "num_blocks": 2, "schedule": "joint"},
+    "lopt-k2-no-block-step": {"method": "lopt", "num_blocks": 2, "per_block_step": "off"},
+    "lopt-k2-full-logits": {"method": "lopt", "num_blocks": 2, "chunked_ce": False},
+    "e2e-full-logits": {"method": "e2e", "chunked_ce": False},
+    "freeze-lower": {"method": "freeze-lower"},
+    "lora": {"method": "lora"},
+}
+DEFAULT_CONFIGS = ["e2e", "e2e+gc", "lopt-k2", "lopt-k2+gc-last", "lopt-k4", "lopt-k2-joint",
+                   "freeze-lower", "lora"]
+
+
+@dataclass
+class BenchSpec:
+    """One child process's job."""
+
+    name: str
+    overrides: dict[str, Any]
+    model: str | None = None
+    gguf_file: str | None = None
+    batch_size: int = 4
+    seq_len: int = 256
+    warmup: int = 1
+    steps: int = 2
+    measure_saved: bool = True
+    device: str | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rss_reset_peak() -> bool:
+    """Linux lets a process reset its peak-RSS mark ('5' to clear_refs), so the peak of the steps is
+    not hidden behind the model load's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    from .memory import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def run_one(spec: BenchSpec) -> dict[str, Any]:
+    """Measure one configuration in this process (the parent runs it in a fresh child)."""
+    from .boundary import wrap
+    from .memory import SavedTensorTracker, current_rss_mb
+    from .models import load_model
+    from .train import Stepper, TrainConfig, resolve_device, set_seed
+
+    set_seed(spec.seed)
+    device = resolve_device(spec.device)
+    cfg = TrainConfig(model=spec.model, gguf_file=spec.gguf_file, batch_size=spec.batch_size,
+                      max_length=spec.seq_len, max_steps=spec.warmup + spec.steps + 1, lr=1e-5,
+                      warmup_ratio=0.0, progress=False, device=spec.device, **spec.overrides)
+    cfg.validate()
+    model, _ = load_model(cfg.model, gguf_file=cfg.gguf_file, device=device)
+    wrapped = wrap(model, config=cfg.lopt_config()).to(device)
+    if cfg.gradient_checkpointing != "off":
+        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    wrapped.train()
+    stepper = Stepper(wrapped, cfg, device, cfg.max_steps)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(spec.seed)
+
+    def make_batch():
+        ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    batches = [make_batch() for _ in range(spec.warmup + spec.steps)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_mb = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else current_rss_mb()
+    reset_ok = device.type == "cuda" or _rss_reset_peak()
+    times, losses = [], []
+    for i, b in enumerate(batches):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rec = stepper.step([b])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(rec["loss"])
+        if i >= spec.warmup:
+            times.append(dt)
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_peak_mb())
+    saved = None
+    if spec.measure_saved:
+        with SavedTensorTracker(wrapped.parameters()) as tr:
+            stepper.step([make_batch()])
+        saved = tr.peak_bytes
+    tokens = spec.batch_size * spec.seq_len
+    return {"name": spec.name, "overrides": spec.overrides, "batch_size": spec.batch_size,
+            "seq_len": spec.seq_len, "step_times": times, "first_loss": losses[0],
+            "peak_step_mb": peak_mb - base_mb if reset_ok else None, "peak_total_mb": peak_mb,
+            "base_mb": base_mb, "saved_activation_mb": saved / 2**20 if saved is not None else None,
+            "tokens_per_step": tokens, "device": str(device),
+            "trainable_params": sum(p.numel() for p in wrapped.parameters() if p.requires_grad)}
+
+
+def _child(spec: BenchSpec, timeout: float | None) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "lopt.bench", "--worker", json.dumps(spec.__dict__)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("LOPT_BENCH_RESULT "):
+            return json.loads(line[len("LOPT_BENCH_RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    raise RuntimeError(f"configuration {spec.name} failed: {tail[0]}")
+
+
+def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None = None,
+              gguf_file: str | None = None, seq_len: int = 256, warmup: int = 1, steps: int = 2,
+              repeats: int = 2, device: str | None = None, progress: bool = True,
+              timeout: float | None = None) -> dict[str, Any]:
+    """Run every (configuration, batch size) ``repeats`` times, interleaved, each in a fresh process."""
+    from .boundary import LoPTError
+
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise LoPTError(f"unknown bench configuration(s) {unknown}: choose from {', '.join(CONFIGS)}")
+    jobs = [(c, b) for b in batch_sizes for c in configs]
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {j: [] for j in jobs}
+    total = len(jobs) * repeats
+    t_start = time.perf_counter()
+    for r in range(repeats):
+        for c, b in jobs:
+            spec = BenchSpec(name=c, overrides=CONFIGS[c], model=model, gguf_file=gguf_file, batch_size=b,
+                             seq_len=seq_len, warmup=warmup, steps=steps, measure_saved=(r == 0),
+                             device=device)
+            done = sum(len(v) for v in runs.values())
+            if progress:
+                print(f"[{done + 1}/{total}] {c} batch {b} (repeat {r + 1}/{repeats}, "
+                      f"{time.perf_counter() - t_start:.0f}s elapsed)", file=sys.stderr, flush=True)
+            runs[(c, b)].append(_child(spec, timeout))
+    rows = [_aggregate(c, b, runs[(c, b)]) for c, b in jobs]
+    ref = {b: next(r for r in rows if r["batch_size"] == b) for b in batch_sizes}
+    for row in rows:
+        base = ref[row["batch_size"]]
+        row["ratio_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["ratio_peak_step_mb"] = (row["peak_step_mb"] / base["peak_step_mb"]
+                                     if row["peak_step_mb"] and base["peak_step_mb"] else None)
+        row["ratio_saved_activation"] = (row["saved_activation_mb"] / base["saved_activation_mb"]
+                                         if row["saved_activation_mb"] and base["saved_activation_mb"] else None)
+    import platform
+
+    import transformers
+
+    return {"rows": rows, "reference": configs[0], "seq_len": seq_len, "warmup": warmup, "steps": steps,
+            "repeats": repeats, "model": model or "smollm2-135m-instruct (embedded)",
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "wall_s": time.perf_counter() - t_start}
+
+
+def _aggregate(name: str, batch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    times = [t for r in runs for t in r["step_times"]]
+    med = statistics.median(times)
+    peaks = [r["peak_step_mb"] for r in runs if r["peak_step_mb"] is not None]
+    tokens = runs[0]["tokens_per_step"]
+    return {"name": name, "batch_size": batch, "overrides": runs[0]["overrides"],
+            "step_time_s": med, "step_time_min_s": min(times), "step_time_max_s": max(times),
+            "tokens_per_s": tokens / med, "tokens_per_s_min": tokens / max(times),
+            "tokens_per_s_max": tokens / min(times),
+            "peak_step_mb": statistics.median(peaks) if peaks else None,
+            "peak_total_mb": statistics.median(r["peak_total_mb"] for r in runs),
+            "saved_activation_mb": next((r["saved_activation_mb"] for r in runs
+                                         if r["saved_activation_mb"] is not None), None),
+            "first_loss": runs[0]["first_loss"], "first_losses": [r["first_loss"] for r in runs],
+            "trainable_params": runs[0]["trainable_params"], "n_steps": len(times)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown table; ratios are against the first configuration at the same batch size."""
+    head = ("| config | batch | step s (min-max) | tokens/s | x ref | peak step MiB | x ref | "
+            "saved act. MiB | x ref | first loss |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+
+    def f(x, fmt):
+        return "-" if x is None else fmt.format(x)
+
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['batch_size']} | {r['step_time_s']:.2f} ({r['step_time_min_s']:.2f}-"
+            f"{r['step_time_max_s']:.2f}) | {r['tokens_per_s']:.0f} | {r['ratio_tokens_per_s']:.2f} | "
+            f"{f(r['peak_step_mb'], '{:.0f}')} | {f(r['ratio_peak_step_mb'], '{:.2f}')} | "
+            f"{f(r['saved_activation_mb'], '{:.0f}')} | {f(r['ratio_saved_activation'], '{:.2f}')} | "
+            f"{r['first_loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str | Path) -> bool:
+    """Tokens/s against peak step memory, one colour per method: the Pareto view."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("lopt bench: matplotlib is not installed; skipping the plot (pip install matplotlib)",
+              file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours: dict[str, Any] = {}
+    for r in result["rows"]:
+        mem = r["peak_step_mb"] or r["peak_total_mb"]
+        method = r["overrides"].get("method", "lopt")
+        c = colours.setdefault(method, f"C{len(colours)}")
+        ax.scatter(mem, r["tokens_per_s"], color=c, label=method if method not in ax.get_legend_handles_labels()[1] else None)
+        ax.annotate(f"{r['name']} b{r['batch_size']}", (mem, r["tokens_per_s"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("peak memory of the step (MiB)")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"lopt bench: {result['model']}, seq {result['seq_len']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model to benchmark (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--gguf-file", default=None)
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="NAME",
+                   help=f"configurations, the first is the reference for ratios (default: {' '.join(DEFAULT_CONFIGS)}; "
+                        f"all: {' '.join(CONFIGS)})")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[4], metavar="B")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per process")
+    p.add_argument("--repeats", type=int, default=2, help="fresh processes per configuration, interleaved")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--plot", default=None, help="write the tokens/s vs memory plot (PNG) here")
+
+
+def run_bench_cli(ns: argparse.Namespace) -> int:
+    result = run_bench(ns.configs, ns.batch_sizes, model=ns.model, gguf_file=ns.gguf_file, seq_len=ns.seq_len,
+                       warmup=ns.warmup, steps=ns.steps, repeats=ns.repeats, device=ns.device)
+    print(format_table(result))
+    print(f"\nratios against {result['reference']}; {result['repeats']} processes x {result['steps']} timed "
+          f"steps per configuration; {result['machine']['cpus']} CPUs, torch {result['versions']['torch']}; "
+          f"{result['wall_s']:.0f}s")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result, indent=2))
+    if ns.plot:
+        plot(result, ns.plot)
+    return 0
+
+
+def _worker_main(argv: list[str]) -> int:
+    spec = BenchSpec(**json.loads(argv[1]))
+    res = run_one(spec)
+    print("LOPT_BENCH_RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[1:]))
+    parser = argparse.ArgumentParser(prog="lopt bench")
+    add_bench_arguments(parser)
+    sys.exit(run_bench_cli(parser.parse_args()))

@@ -1,0 +1,696 @@
+"""Data for supervised post-training: load rows, normalise them to chat messages, tokenize with
+assistant-only labels, and batch them with dynamic padding.
+
+    examples, stats = build_sft_dataset("gsm8k", tokenizer, max_length=512)
+    batches = Batches(examples, batch_size=8, pad_token_id=tokenizer.pad_token_id, seed=0)
+    batch = next(batches)   # {'input_ids', 'attention_mask', 'labels'}, padded to the longest row
+
+A source is a local .jsonl/.json/.parquet/.csv file, a preset name (see ``PRESETS``), any Hugging
+Face Hub dataset id, or ``'arithmetic'``: a small built-in set of word problems that needs no
+download, so demos and tests run offline.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+IGNORE_INDEX = -100  # label value the loss skips (prompt tokens and padding)
+
+
+class DataError(ValueError):
+    """A bad dataset or row. The message is one line naming the source and what to do about it."""
+
+
+PRESETS: dict[str, tuple[str, str | None, str]] = {
+    # name -> (hub id, config name, default split)
+    "gsm8k": ("openai/gsm8k", "main", "train"),
+    "metamathqa": ("meta-math/MetaMathQA", None, "train"),
+    "alpaca": ("tatsu-lab/alpaca", None, "train"),
+    "tulu3": ("allenai/tulu-3-sft-mixture", None, "train"),
+}
+EMBEDDED = "arithmetic"
+EMBEDDED_SIZES = {"train": 2000, "test": 200}
+
+FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
+# Suffixes that clearly mean "a file" even though we can't read them, so a missing data.txt is
+# reported as a missing file rather than as an unknown hub dataset.
+_OTHER_FILE_TYPES = (".txt", ".tsv", ".xlsx", ".xls", ".gz", ".zip", ".arrow", ".yaml", ".yml", ".md")
+
+# Format name -> (prompt column(s), response column). Checked in this order; the first whose
+# required columns are all present wins.
+FORMATS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),  # 'input' optional
+    "query_response": ("query", "response"),
+    "question_answer": ("question", "answer"),
+    "problem_solution": ("problem", "solution"),
+    "prompt_completion": ("prompt", "completion"),
+}
+_PAIR_COLUMNS = {f: cols for f, cols in FORMATS.items() if f not in ("messages", "alpaca")}
+
+# Plain format for tokenizers without a chat template (base models). Matches what
+# lopt.train.sample_answer feeds at inference time.
+FALLBACK_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+FALLBACK_SEP = "\n\n"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    records, where = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                f"fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got "
+                                f"{type(obj).__name__}; each line must be one {{column: value}} object")
+            records.append(obj)
+            where.append(f"line {lineno}")
+    return records, where
+
+
+def _read_json(path: Path) -> tuple[list[dict], list[str]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: a JSON-lines file named .json
+            return _read_jsonl(path)
+        raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                        f"fix the file") from None
+    if isinstance(data, dict):
+        # {"data": [...]} style wrappers: take the single list of objects inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            data = lists[0]
+        else:
+            data = [data]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of {{column: value}} objects; "
+                        f"convert it to that or to JSON lines (.jsonl)")
+    return data, [f"record {i}" for i in range(1, len(data) + 1)]
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+    # Some files are ';' or tab separated: pick the delimiter the header line uses most.
+    header = text.split("\n", 1)[0]
+    delimiter = max(",;\t", key=header.count)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    records = [{k: v for k, v in row.items() if k is not None} for row in reader]
+    return records, [f"row {i}" for i in range(1, len(records) + 1)]
+
+
+def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow "
+                        f"(or convert the file to .jsonl)") from None
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as e:  # corrupt file, not parquet at all, ...
+        raise DataError(f"{path}: could not read parquet ({_one_line(e)}); check the file") from None
+    return records, [f"row {i}" for i in range(1, len(records) + 1)]
+
+
+_READERS: dict[str, Callable[[Path], tuple[list[dict], list[str]]]] = {
+    ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv,
+}
+
+
+def _load_hub(name: str, config: str | None, split: str, limit: int | None,
+              ) -> tuple[list[dict], list[str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"loading '{name}' needs the 'datasets' package: pip install 'lopt[data]' "
+                        f"(or pass a local .jsonl/.json/.parquet/.csv file)") from None
+    try:
+        if limit is not None:
+            # Streaming reads only the first rows instead of downloading the whole dataset.
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+            records = [dict(r) for _, r in zip(range(limit), ds)]
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+            records = [dict(r) for r in ds]
+    except Exception as e:
+        raise DataError(f"could not load dataset '{name}'" + (f" (config '{config}')" if config else "")
+                        + f" split '{split}' ({_one_line(e)}); check the name, the split and your "
+                        f"network, or pass a local .jsonl/.json/.parquet/.csv file") from None
+    return records, [f"row {i}" for i in range(1, len(records) + 1)]
+
+
+def _load(source: str, split: str | None = "train", limit: int | None = None,
+          ) -> tuple[list[dict], list[str]]:
+    """load_records plus, per record, where it came from ('line 7', 'row 3') for error messages."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of rows, got {limit}")
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if source == EMBEDDED:
+        split = split or "train"
+        if split not in EMBEDDED_SIZES:
+            raise DataError(f"the embedded '{EMBEDDED}' dataset has splits {sorted(EMBEDDED_SIZES)}, "
+                            f"not '{split}'")
+        n = EMBEDDED_SIZES[split] if limit is None else min(limit, EMBEDDED_SIZES[split])
+        records = make_arithmetic_dataset(n, seed=0, split=split)
+        where = [f"row {i}" for i in range(1, len(records) + 1)]
+    elif path.is_dir():
+        # A local folder of data files: datasets.load_dataset knows how to pick the split's files.
+        records, where = _load_hub(str(path), None, split or "train", limit)
+    elif path.is_file():
+        if suffix not in _READERS:
+            raise DataError(f"{source}: unsupported file type '{path.suffix or '(none)'}'; "
+                            f"use one of {', '.join(FILE_TYPES)}")
+        records, where = _READERS[suffix](path)
+    elif (suffix in FILE_TYPES or suffix in _OTHER_FILE_TYPES
+          or source.startswith(("/", "./", "../", "~", "."))):
+        raise DataError(f"{source}: file not found; check the path (relative paths are taken from "
+                        f"{Path.cwd()})")
+    elif source in PRESETS:
+        hub_id, config, default_split = PRESETS[source]
+        records, where = _load_hub(hub_id, config, split or default_split, limit)
+    else:
+        records, where = _load_hub(source, None, split or "train", limit)
+    if limit is not None:
+        records, where = records[:limit], where[:limit]
+    if not records:
+        raise DataError(f"{source}: no records found; the dataset is empty")
+    return records, where
+
+
+def load_records(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Load raw rows (dicts) from ``source``.
+
+    ``source`` is a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file (``split`` is ignored:
+    a file is one split), a local folder of data files, the embedded ``'arithmetic'`` dataset
+    (2000 train / 200 test rows), a preset name from ``PRESETS``, or any Hugging Face Hub dataset
+    id (needs the ``datasets`` package and network). ``limit`` keeps the first N rows.
+    Raises ``DataError`` for missing or unreadable files and empty datasets.
+    """
+    return _load(source, split, limit)[0]
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def detect_format(columns: Iterable[str]) -> str:
+    """Name the row format from its column names: 'messages', 'alpaca' (instruction/input/output),
+    'query_response', 'question_answer', 'problem_solution' or 'prompt_completion'."""
+    cols = set(columns)
+    if "conversations" in cols:  # ShareGPT-style rows are chat messages too
+        cols.add("messages")
+    for fmt, required in FORMATS.items():
+        if all(c in cols for c in required):
+            return fmt
+    accepted = "; ".join("/".join(req) + (" (+ optional input)" if f == "alpaca" else "")
+                         for f, req in FORMATS.items())
+    raise DataError(f"unrecognised columns {sorted(set(columns))}; expected one of: {accepted}")
+
+
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                 "chatgpt": "assistant"}
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):  # OpenAI-style content parts: [{'type': 'text', 'text': ...}]
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
+    return value if isinstance(value, str) else str(value)
+
+
+def _chat(value: Any, what: str) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise DataError(f"'{what}' must be a list of {{'role', 'content'}} messages, got "
+                        f"{type(value).__name__}")
+    out = []
+    for m in value:
+        role = m.get("role", m.get("from"))
+        if role is None:
+            raise DataError(f"a message in '{what}' has no 'role'; give every message a role and content")
+        role = _ROLE_ALIASES.get(str(role).lower(), str(role).lower())
+        out.append({"role": role, "content": _text(m.get("content", m.get("value")))})
+    return out
+
+
+def _response_error(column: str) -> DataError:
+    return DataError(f"no response (the '{column}' column is empty or missing); fill it in or drop the row")
+
+
+def to_messages(record: dict, fmt: str) -> list[dict]:
+    """Turn one row of format ``fmt`` into chat messages ``[{'role', 'content'}, ...]`` whose last
+    message is the assistant's response. An optional 'system' column becomes a system message.
+    Raises ``DataError`` (without file/row context: the caller adds it) if there is no response."""
+    if fmt == "messages":
+        key = "messages" if "messages" in record else "conversations"
+        msgs = _chat(record.get(key), key)
+        while msgs and msgs[-1]["role"] != "assistant":  # trailing user turns can't be trained
+            msgs.pop()
+        if not msgs or not msgs[-1]["content"].strip():
+            raise DataError(f"no response (no non-empty assistant message in '{key}'); "
+                            f"end each conversation with the assistant's reply")
+        return msgs
+    system = _text(record.get("system")).strip()
+    head = [{"role": "system", "content": system}] if system else []
+    if fmt == "alpaca":
+        prompt, extra = _text(record.get("instruction")), _text(record.get("input")).strip()
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
+        response, column = _text(record.get("output")), "output"
+    elif fmt in _PAIR_COLUMNS:
+        p_col, column = _PAIR_COLUMNS[fmt]
+        prompt, response = record.get(p_col), record.get(column)
+        if fmt == "prompt_completion" and isinstance(prompt, list):
+            # TRL's conversational prompt/completion: both sides already messages
+            msgs = _chat(prompt, p_col) + (_chat(response, column) if isinstance(response, list) else
+                                           [{"role": "assistant", "content": _text(response)}])
+            if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+                raise _response_error(column)
+            return head + msgs
+        prompt, response = _text(prompt), _text(response)
+    else:
+        raise DataError(f"unknown format '{fmt}'; expected one of {list(FORMATS)}")
+    if not response.strip():
+        raise _response_error(column)
+    return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def _fallback_render(messages: list[dict], add_generation_prompt: bool, eos: str) -> str:
+    blocks = [FALLBACK_HEADERS.get(m["role"], f"### {m['role'].title()}:\n") + m["content"]
+              + (eos if m["role"] == "assistant" else "") for m in messages]
+    if add_generation_prompt:
+        blocks.append(FALLBACK_HEADERS["assistant"])
+    return FALLBACK_SEP.join(blocks)
+
+
+def _renderer(tokenizer) -> Callable[[list[dict], bool], str]:
+    if getattr(tokenizer, "chat_template", None):
+        def render(msgs: list[dict], gen: bool) -> str:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    else:
+        eos = tokenizer.eos_token or ""
+
+        def render(msgs: list[dict], gen: bool) -> str:
+            return _fallback_render(msgs, gen, eos)
+    return render
+
+
+def chat_prompt(tokenizer, user_text: str) -> str:
+    """``user_text`` as one user turn, formatted exactly as training formats prompts (chat template,
+    or the plain '### User:' fallback), ready for the assistant's reply. Use it for generation."""
+    return _renderer(tokenizer)([{"role": "user", "content": user_text}], True)
+
+
+def _assistant_spans(messages: list[dict], render, full: str, tokenizer) -> list[tuple[int, int]]:
+    """Character spans of ``full`` (the whole rendered chat) that the model should learn to write:
+    each assistant turn's content plus the end-of-turn marker the template puts after it."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    specials = sorted((t for t in getattr(tokenizer, "all_special_tokens", []) if t), key=len, reverse=True)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        try:
+            before = render(messages[:i], True) if i else None
+            upto = render(messages[: i + 1], False)
+        except Exception:
+            before = upto = None
+        if before is not None and upto.startswith(before) and full.startswith(upto) and len(before) >= cursor:
+            start, end = len(before), len(upto)
+        else:
+            # The template renders this turn differently once later turns follow (e.g. it drops
+            # earlier reasoning): find the content itself and the special token right after it.
+            content = m["content"]
+            start = full.find(content, cursor)
+            if start < 0:
+                raise DataError("the chat template does not render the assistant's text verbatim, so "
+                                "its tokens can't be located; use a tokenizer with a standard template")
+            end = start + len(content)
+            end += next((len(t) for t in specials if full.startswith(t, end)), 0)
+        # Whitespace the template adds after the end-of-turn token is not part of the answer.
+        while end > start and full[end - 1].isspace():
+            end -= 1
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def _tokenize_full(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Untruncated input_ids and labels (IGNORE_INDEX outside the assistant spans)."""
+    render = _renderer(tokenizer)
+    try:
+        full = render(messages, False)
+    except Exception as e:
+        raise DataError(f"the tokenizer's chat template failed on this row ({_one_line(e)})") from None
+    spans = _assistant_spans(messages, render, full, tokenizer)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [IGNORE_INDEX] * len(ids)
+        for j, (a, b) in enumerate(enc["offset_mapping"]):
+            # A token belongs where its last character is: a token that starts in the template
+            # but ends in the answer (e.g. ' Hello' after a header) is part of the answer.
+            pos = b - 1 if b > a else a
+            if any(s <= pos < e for s, e in spans):
+                labels[j] = ids[j]
+        return ids, labels
+    # Slow tokenizers have no offsets: tokenize the pieces between span boundaries one by one.
+    ids, labels, prev = [], [], 0
+    for s, e in spans + [(len(full), len(full))]:
+        for text, trained in ((full[prev:s], False), (full[s:e], True)):
+            if text:
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids += piece
+                labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        prev = e
+    return ids, labels
+
+
+def tokenize_messages(messages: list[dict], tokenizer, max_length: int) -> dict:
+    """Tokenize a chat for SFT: ``{'input_ids', 'labels', 'truncated'}``.
+
+    Every assistant turn is trained (its content and the end-of-turn token after it, so the model
+    learns to stop); all other tokens get label -100. Uses the tokenizer's chat template, or a
+    plain '### User:' / '### Assistant:' format with the EOS token when it has none. Right-truncates
+    to ``max_length`` tokens.
+    """
+    ids, labels = _tokenize_full(messages, tokenizer)
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+
+
+def build_sft_dataset(source: str, tokenizer, max_length: int = 512, split: str = "train",
+                      limit: int | None = None) -> tuple[list[dict], dict]:
+    """Load ``source``, detect its format, and tokenize every row for SFT.
+
+    Returns ``(examples, stats)``: examples are ``{'input_ids', 'labels'}`` lists; stats has
+    'format', 'rows' (examples returned), 'truncated', 'dropped_no_response_tokens' (rows whose
+    whole response fell past ``max_length``) and 'tokens' (sum of example lengths).
+    """
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2 tokens, got {max_length}")
+    records, where = _load(source, split, limit)
+    fmt = detect_format(records[0].keys())
+    examples: list[dict] = []
+    truncated = dropped = tokens = label_tokens = 0
+    shortest_prompt: int | None = None
+    for record, loc in zip(records, where):
+        try:
+            ids, labels = _tokenize_full(to_messages(record, fmt), tokenizer)
+        except DataError as e:
+            raise DataError(f"{source} {loc}: {e}") from None
+        # Position 0 is never predicted (causal LMs shift labels by one), so it doesn't count.
+        first = next((j for j in range(1, len(labels)) if labels[j] != IGNORE_INDEX), None)
+        if first is not None:
+            shortest_prompt = first if shortest_prompt is None else min(shortest_prompt, first)
+        if first is None or first >= max_length:
+            dropped += 1
+            continue
+        truncated += len(ids) > max_length
+        ids, labels = ids[:max_length], labels[:max_length]
+        examples.append({"input_ids": ids, "labels": labels})
+        tokens += len(ids)
+        label_tokens += sum(l != IGNORE_INDEX for l in labels[1:])
+    if not examples:
+        if shortest_prompt is None:
+            raise DataError(f"{source}: no row has any response tokens after tokenizing; check the "
+                            f"tokenizer's chat template")
+        raise DataError(f"max_length {max_length} is shorter than the prompts of {source} "
+                        f"(shortest prompt: {shortest_prompt} tokens); raise --max-length")
+    stats = {"source": source, "format": fmt, "rows": len(examples), "truncated": truncated,
+             "dropped_no_response_tokens": dropped, "tokens": tokens, "label_tokens": label_tokens}
+    return examples, stats
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate(examples: list[dict], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples to the longest one: ``input_ids``, ``attention_mask`` (1 real,
+    0 pad) and ``labels`` (-100 on padding)."""
+    if not examples:
+        raise DataError("collate got an empty batch")
+    # Padded positions are masked out and unlabelled, so any id works when there is no pad token.
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.as_tensor(e["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class Batches:
+    """Endless, deterministic, resumable iterator of collated batches.
+
+    Each epoch visits every example once in an order drawn from ``seed + epoch`` (or in file order
+    with ``shuffle=False``); the last batch of an epoch may be smaller. ``state_dict()`` records the
+    position, so ``load_state_dict()`` on a fresh ``Batches`` continues with the same batches.
+    """
+
+    def __init__(self, examples: list[dict], batch_size: int, pad_token_id: int | None, seed: int = 0,
+                 shuffle: bool = True):
+        if not examples:
+            raise DataError("no examples to batch")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        self.examples, self.batch_size, self.pad_token_id = examples, batch_size, pad_token_id
+        self.seed, self.shuffle = seed, shuffle
+        self.batches_per_epoch = math.ceil(len(examples) / batch_size)
+        self.epoch, self.index = 0, 0  # index: batches already yielded in this epoch
+        self._order: list[int] | None = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def _epoch_order(self) -> list[int]:
+        if self._order is None:
+            n = len(self.examples)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + self.epoch)
+                self._order = torch.randperm(n, generator=g).tolist()
+            else:
+                self._order = list(range(n))
+        return self._order
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        lo = self.index * self.batch_size
+        idx = self._epoch_order()[lo: lo + self.batch_size]
+        self.index += 1
+        return collate([self.examples[i] for i in idx], self.pad_token_id)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
+            raise DataError(f"data position epoch {epoch} batch {index} does not fit this dataset "
+                            f"({self.batches_per_epoch} batches per epoch); resume with the same "
+                            f"dataset and batch size")
+        self.epoch, self.index, self._order = epoch, index, None
+
+
+# --------------------------------------------------------------------------- embedded arithmetic
+
+_NAMES = ["Tom", "Ava", "Liam", "Mia", "Noah", "Emma", "Omar", "Sara", "Ken", "Lucy", "Ravi", "Zoe",
+          "Ben", "Nina", "Leo", "Ivy", "Sam", "Maya", "Jack", "Lena"]
+_PRONOUN = {n: ("she" if n in {"Ava", "Mia", "Emma", "Sara", "Lucy", "Zoe", "Nina", "Ivy", "Maya", "Lena"}
+                else "he") for n in _NAMES}
+_ITEMS = ["pencils", "notebooks", "apples", "stickers", "candles", "mugs", "socks", "books"]
+_THINGS = ["marbles", "cookies", "cards", "stamps", "shells", "coins", "beads", "grapes"]
+
+
+def _two_names(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(_NAMES, 2)
+    return a, b
+
+
+# Each template draws numbers, and returns (question, worked lines, final answer). Numbers are
+# chosen so every step is a whole number.
+def _t_shopping(rng):
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    k, price = rng.randint(2, 9), rng.randint(2, 12)
+    cost = k * price
+    bill = next(b for b in (20, 50, 100, 200) if b > cost)
+    return (f"{name} buys {k} {item} that cost ${price} each and pays with a ${bill} bill. "
+            f"How much change does {_PRONOUN[name]} get?",
+            [f"The {item} cost {k} * {price} = {cost} dollars.",
+             f"The change is {bill} - {cost} = {bill - cost} dollars."], bill - cost)
+
+
+def _t_sharing(rng):
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    friends, each, keep = rng.randint(2, 8), rng.randint(2, 15), rng.randint(1, 12)
+    total = friends * each + keep
+    return (f"{name} has {total} {thing}. {_PRONOUN[name].capitalize()} keeps {keep} and shares the "
+            f"rest equally among {friends} friends. How many {thing} does each friend get?",
+            [f"{name} shares {total} - {keep} = {total - keep} {thing}.",
+             f"Each friend gets {total - keep} / {friends} = {each} {thing}."], each)
+
+
+def _t_speed(rng):
+    v1, t1, v2, t2 = rng.randint(20, 90), rng.randint(2, 6), rng.randint(20, 90), rng.randint(1, 5)
+    d1, d2 = v1 * t1, v2 * t2
+    return (f"A train travels at {v1} km per hour for {t1} hours, then at {v2} km per hour for "
+            f"{t2} more hours. How many kilometers does it travel in total?",
+            [f"First it travels {v1} * {t1} = {d1} km.",
+             f"Then it travels {v2} * {t2} = {d2} km.",
+             f"In total it travels {d1} + {d2} = {d1 + d2} km."], d1 + d2)
+
+
+def _t_time(rng):
+    name = rng.choice(_NAMES)
+    v, t = rng.randint(3, 15), rng.randint(2, 9)
+    d = v * t
+    return (f"{name} rides a bike {d} km at {v} km per hour. How many hours does the ride take?",
+            [f"The ride takes {d} / {v} = {t} hours."], t)
+
+
+def _t_ages(rng):
+    a, b = _two_names(rng)
+    age, diff, years = rng.randint(5, 40), rng.randint(2, 30), rng.randint(2, 20)
+    return (f"{a} is {age} years old. {b} is {diff} years older than {a}. "
+            f"How old will {b} be in {years} years?",
+            [f"{b} is {age} + {diff} = {age + diff} years old now.",
+             f"In {years} years {b} will be {age + diff} + {years} = {age + diff + years} years old."],
+            age + diff + years)
+
+
+def _t_savings(rng):
+    name = rng.choice(_NAMES)
+    weekly, weeks = rng.randint(3, 25), rng.randint(3, 12)
+    saved = weekly * weeks
+    spent = rng.randint(1, saved - 1)
+    gift = rng.choice(["a game", "a gift", "a jacket", "a kite", "a book"])
+    return (f"{name} saves ${weekly} every week for {weeks} weeks, then spends ${spent} on {gift}. "
+            f"How many dollars does {_PRONOUN[name]} have left?",
+            [f"{name} saves {weekly} * {weeks} = {saved} dollars.",
+             f"After buying {gift}, {_PRONOUN[name]} has {saved} - {spent} = {saved - spent} dollars left."],
+            saved - spent)
+
+
+def _t_baking(rng):
+    name = rng.choice(_NAMES)
+    trays, per_tray, per_bag = rng.randint(2, 6), rng.randint(6, 16), rng.randint(2, 6)
+    total = trays * per_tray
+    eaten = total % per_bag or per_bag  # leaves a multiple of the bag size
+    rest = total - eaten
+    return (f"{name} bakes {trays} trays of {per_tray} cookies and eats {eaten} of them. "
+            f"The rest go into bags of {per_bag}. How many bags does {_PRONOUN[name]} fill?",
+            [f"{name} bakes {trays} * {per_tray} = {total} cookies.",
+             f"After eating some, {total} - {eaten} = {rest} cookies are left.",
+             f"That fills {rest} / {per_bag} = {rest // per_bag} bags."], rest // per_bag)
+
+
+def _t_reading(rng):
+    name = rng.choice(_NAMES)
+    per_day, days = rng.randint(5, 30), rng.randint(2, 9)
+    read = per_day * days
+    pages = read + rng.randint(1, 150)
+    return (f"A book has {pages} pages. {name} reads {per_day} pages a day for {days} days. "
+            f"How many pages are left to read?",
+            [f"{name} reads {per_day} * {days} = {read} pages.",
+             f"There are {pages} - {read} = {pages - read} pages left."], pages - read)
+
+
+def _t_wages(rng):
+    name = rng.choice(_NAMES)
+    rate, h1, h2 = rng.randint(8, 30), rng.randint(2, 8), rng.randint(2, 8)
+    return (f"{name} earns ${rate} an hour. {_PRONOUN[name].capitalize()} works {h1} hours on "
+            f"Monday and {h2} hours on Tuesday. How many dollars does {_PRONOUN[name]} earn?",
+            [f"{name} works {h1} + {h2} = {h1 + h2} hours.",
+             f"{_PRONOUN[name].capitalize()} earns {h1 + h2} * {rate} = {(h1 + h2) * rate} dollars."],
+            (h1 + h2) * rate)
+
+
+def _t_half(rng):
+    a, b = _two_names(rng)
+    thing = rng.choice(_THINGS)
+    half, found = rng.randint(3, 40), rng.randint(1, 25)
+    return (f"{a} has {2 * half} {thing} and gives half of them to {b}. Then {a} finds {found} more. "
+            f"How many {thing} does {a} have now?",
+            [f"{a} gives away {2 * half} / 2 = {half} {thing} and keeps {half}.",
+             f"Now {a} has {half} + {found} = {half + found} {thing}."], half + found)
+
+
+def _t_garden(rng):
+    name = rng.choice(_NAMES)
+    rows, per_row, dead = rng.randint(3, 12), rng.randint(4, 15), rng.randint(1, 9)
+    total = rows * per_row
+    return (f"{name} plants {rows} rows of {per_row} tomato plants. {dead} plants do not grow. "
+            f"How many plants grow?",
+            [f"{name} plants {rows} * {per_row} = {total} plants.",
+             f"{total} - {dead} = {total - dead} plants grow."], total - dead)
+
+
+_TEMPLATES = [_t_shopping, _t_sharing, _t_speed, _t_time, _t_ages, _t_savings, _t_baking, _t_reading,
+              _t_wages, _t_half, _t_garden]
+_TEST_BUCKETS = 8  # 1 in 8 questions (by hash) belongs to the test split, the rest to train
+
+
+def _is_test_question(question: str) -> bool:
+    # A stable hash partitions the space of questions, so the splits can never share one.
+    return hashlib.sha256(question.encode()).digest()[0] % _TEST_BUCKETS == 0
+
+
+def make_arithmetic_dataset(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """``n`` distinct arithmetic word problems in GSM8K style: ``{'question', 'answer'}`` where the
+    answer is a few worked lines like '3 * 4 = 12' and ends with '#### 12'.
+
+    Deterministic for a given ``seed``; the 'train' and 'test' splits never share a question.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"the arithmetic dataset has splits 'train' and 'test', not '{split}'")
+    want_test = split == "test"
+    rng = random.Random(f"lopt-arithmetic-{seed}-{split}")
+    seen: set[str] = set()
+    out: list[dict] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 1000 * (n + 10):
+            raise DataError(f"could not draw {n} distinct arithmetic problems; ask for fewer")
+        question, lines, result = rng.choice(_TEMPLATES)(rng)
+        if question in seen or _is_test_question(question) != want_test:
+            continue
+        seen.add(question)
+        out.append({"question": question, "answer": "\n".join(lines) + f"\n#### {result}"})
+    return out

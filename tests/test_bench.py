@@ -1,0 +1,55 @@
+"""`lopt bench` on a tiny model: the JSON has its fields and configurations that compute the same
+function agree on the first step's loss. (No speed is asserted: the benchmark is not a test.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lopt.bench import CONFIGS, format_table, run_bench
+from lopt.cli import main
+
+from conftest import make_tiny_model, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-bench")
+    make_tiny_model("llama", layers=4, hidden=64, tie=True).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_bench_two_configurations(tiny_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    png = tmp_path / "bench.png"
+    rc = main(["bench", "--model", str(tiny_dir), "--configs", "e2e", "lopt-k2", "--seq-len", "32",
+               "--batch-sizes", "2", "--steps", "2", "--repeats", "2", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["name"] for r in res["rows"]] == ["e2e", "lopt-k2"]
+    for r in res["rows"]:
+        for k in ("step_time_s", "step_time_min_s", "step_time_max_s", "tokens_per_s", "peak_step_mb",
+                  "saved_activation_mb", "first_loss", "ratio_tokens_per_s", "ratio_saved_activation"):
+            assert r[k] is not None, k
+        assert r["n_steps"] == 4  # 2 processes x 2 timed steps
+        assert r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"]
+        assert len(r["first_losses"]) == 2 and r["first_losses"][0] == pytest.approx(r["first_losses"][1])
+    e2e, lo = res["rows"]
+    assert e2e["ratio_tokens_per_s"] == 1.0
+    # same model, same first batch, same function: the first-step losses agree across methods
+    assert lo["first_loss"] == pytest.approx(e2e["first_loss"], rel=1e-5)
+    assert lo["saved_activation_mb"] < e2e["saved_activation_mb"]
+    assert "| lopt-k2 |" in format_table(res)
+
+
+def test_unknown_configuration(tiny_dir, capsys):
+    assert main(["bench", "--model", str(tiny_dir), "--configs", "nope"]) == 2
+    assert "unknown bench configuration" in capsys.readouterr().err
+
+
+def test_every_configuration_is_a_valid_train_config():
+    from lopt.train import TrainConfig
+
+    for name, overrides in CONFIGS.items():
+        TrainConfig(**overrides).validate()
