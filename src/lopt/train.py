@@ -501,13 +501,10 @@ def _main_thread() -> bool:
 @torch.no_grad()
 def sample_answer(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy answer of a (wrapped or plain) model to one chat prompt."""
+    from .data import chat_prompt
+
     model.eval()
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = f"### User:\n{prompt}\n\n### Assistant:\n"
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    enc = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
     device = next(model.parameters()).device
     gen = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id)
