@@ -169,3 +169,16 @@ def test_gradient_checkpointing_last_block_same_loss(tiny_dir, qa_file, tmp_path
     b = train(TrainConfig(output_dir=str(tmp_path / "b"), gradient_checkpointing="last-block", **common)).summary
     assert b["loss_last"] == pytest.approx(a["loss_last"], rel=1e-5)
     assert b["aux_last"] == pytest.approx(a["aux_last"], rel=1e-5)
+
+
+def test_eval_every_logs_to_metrics(tiny_dir, qa_file, tmp_path):
+    out = tmp_path / "ev"
+    res = train(TrainConfig(model=str(tiny_dir), dataset=str(qa_file), output_dir=str(out), max_steps=4,
+                            progress=False, eval_every=2, eval_tasks=[f"task-loss:{qa_file}"], eval_limit=8))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    losses = [next(iter(r["eval"].values()))["loss"] for r in evals]
+    assert all(0 < x < 20 for x in losses)
+    assert res.summary["eval"] == evals[-1]["eval"]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]

@@ -50,6 +50,9 @@ TRAIN_HELP: dict[str, str] = {
     "resume": "continue from the latest checkpoint in --output-dir (or from the given checkpoint dir)",
     "tensorboard": "also log to OUT/tensorboard",
     "progress": "show a progress bar",
+    "eval_every": "run --eval-tasks every N steps and at the end; results go to metrics.jsonl",
+    "eval_tasks": "lopt eval task specs for --eval-every (default: task-loss on the training dataset's test split)",
+    "eval_limit": "questions/examples per eval task during training",
     "sample_prompt": "a prompt the trained model answers in the summary",
     "trust_remote_code": "allow model repos to run their own code (off by default)",
 }
@@ -67,12 +70,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "boundaries":
             p.add_argument(flag, type=int, nargs="+", metavar="LAYER", **kw)
+        elif f.name == "eval_tasks":
+            p.add_argument(flag, nargs="+", metavar="TASK", **kw)
         elif f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", **kw)
         elif f.name == "max_grad_norm":
             p.add_argument(flag, type=_optional_float, **kw)
         else:
-            typ = {"lr_lower": float, "max_steps": int, "limit": int, "save_every": int}.get(
+            typ = {"lr_lower": float, "max_steps": int, "limit": int, "save_every": int, "eval_every": int,
+                   "eval_limit": int}.get(
                 f.name, type(default) if default is not None else str)
             kw["type"] = typ
             if f.name == "method":

@@ -69,6 +69,9 @@ class TrainConfig:
     save_every: int | None = None
     resume: str | None = None  # 'latest' or a checkpoint dir
     tensorboard: bool = False
+    eval_every: int | None = None  # run eval_tasks every N steps (and at the end)
+    eval_tasks: list[str] = field(default_factory=list)  # lopt eval task specs, e.g. task-loss:arithmetic
+    eval_limit: int | None = 50
     progress: bool = True
     sample_prompt: str | None = None  # answered by the trained model in the summary
     trust_remote_code: bool = False
@@ -294,6 +297,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     if resume_dir is None and metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
     tb = _tensorboard(out_dir) if cfg.tensorboard else None
+    run_eval = _periodic_eval(cfg, tokenizer, device)
     log_file = metrics_path.open("a")
     print(f"lopt: {cfg.method} on {type(model).__name__} ({wrapped.num_layers} layers, blocks "
           f"{wrapped.block_ranges}), {data_stats['rows']} examples ({data_stats['format']}), "
@@ -325,6 +329,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
 
     bar = _progress(total_steps, state.step, cfg.progress)
     t_window, tok_window, loss_window = time.perf_counter(), 0, []
+    last_eval = None
     try:
         while state.step < total_steps and not state.stop_requested:
             rec = stepper.step([next(batches) for _ in range(cfg.grad_accum)])
@@ -349,6 +354,10 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
                     bar.set_postfix(_postfix(rec), refresh=False)
                 for cb in callbacks or []:
                     cb(rec, state)
+            if run_eval and (state.step % cfg.eval_every == 0 or state.step == total_steps):
+                last_eval = run_eval(wrapped.model)
+                log_file.write(json.dumps({"step": state.step, "eval": last_eval}, default=str) + "\n")
+                log_file.flush()
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                 checkpoint()
         interrupted = state.stop_requested and state.step < total_steps
@@ -366,9 +375,31 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
             signal.signal(signal.SIGINT, old_handler)
 
     summary = _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
+    summary["eval"] = last_eval
     if not interrupted:
         _save_plain_into(wrapped, tokenizer, out_dir, run_info(cfg, wrapped, summary))
     return TrainResult(summary, wrapped, tokenizer)
+
+
+def _periodic_eval(cfg: TrainConfig, tokenizer, device: torch.device):
+    """A function model -> eval results for ``--eval-every``, or None. The base model (for
+    retention-kl and drift) is loaded once, only when a task needs it."""
+    if not cfg.eval_every:
+        return None
+    from .evaluate import check_tasks, evaluate
+    from .models import load_model
+
+    tasks = cfg.eval_tasks or [f"task-loss:{cfg.dataset}"]
+    parsed = check_tasks(tasks, has_base=True)
+    base = None
+    if any(kind in ("retention-kl", "drift") for kind, _ in parsed):
+        base, _ = load_model(cfg.model, gguf_file=cfg.gguf_file, device=device,
+                             trust_remote_code=cfg.trust_remote_code)
+        base.eval()
+
+    def run(model) -> dict[str, Any]:
+        return evaluate(model, tokenizer, tasks, base=base, limit=cfg.eval_limit, progress=False)
+    return run
 
 
 class Stepper:
