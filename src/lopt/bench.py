@@ -154,7 +154,7 @@ def _child(spec: BenchSpec, timeout: float | None) -> dict[str, Any]:
 
 
 def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None = None,
-              gguf_file: str | None = None, seq_len: int = 256, warmup: int = 1, steps: int = 2,
+              gguf_file: str | None = None, seq_len: int = 256, warmup: int = 1, steps: int = 1,
               repeats: int = 2, device: str | None = None, progress: bool = True,
               timeout: float | None = None) -> dict[str, Any]:
     """Run every (configuration, batch size) ``repeats`` times, interleaved, each in a fresh process."""
@@ -275,7 +275,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[4], metavar="B")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per process")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per process")
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per configuration, interleaved")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="write the full results here")

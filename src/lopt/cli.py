@@ -178,7 +178,7 @@ def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer:
         print(f"\nheld-out prompt: {prompt}\nmodel answer:    {answer}")
 
 
-DEMO_DEFAULTS = {"dataset": "arithmetic", "method": "lopt", "max_steps": 30, "batch_size": 8,
+DEMO_DEFAULTS = {"dataset": "arithmetic", "method": "lopt", "max_steps": 24, "batch_size": 8,
                  "lr": 1e-4, "lr_lower": 1e-5, "max_length": 256, "output_dir": "runs/demo",
                  "warmup_ratio": 0.1}
 

@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -491,7 +491,7 @@ def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | N
 
 
 def _write_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, directory: Path,
-                      extra_json: dict[str, dict] | None) -> None:
+                      extra_json: dict[str, dict] | None, write_extra: Callable[[Path], None] | None) -> None:
     for filename in extra_json or {}:
         if Path(filename).name != filename or filename in ("", ".", ".."):
             raise ModelError(f"extra_json file name {filename!r} must be a plain file name, not a path")
@@ -501,10 +501,13 @@ def _write_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
         tokenizer.save_pretrained(directory)
     for filename, payload in (extra_json or {}).items():
         (directory / filename).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if write_extra is not None:
+        write_extra(directory)
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
-                    extra_json: dict[str, dict] | None = None) -> Path:
+                    extra_json: dict[str, dict] | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
     """Save a plain transformers checkpoint (safetensors weights, config, tokenizer with its chat
     template) to ``out_dir``, atomically.
 
@@ -519,6 +522,8 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase |
         out_dir: the checkpoint directory.
         extra_json: ``{file name: JSON-serialisable dict}`` written into the checkpoint too, e.g.
             ``{"lopt_run.json": {...}}``.
+        write_extra: called with the temporary directory to add further files (e.g. the
+            trainer's resumable state) before the rename.
 
     Returns:
         ``out_dir`` as a Path.
@@ -535,7 +540,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase |
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crash of a process with our pid
     tmp.mkdir()
     try:
-        _write_checkpoint(model, tokenizer, tmp, extra_json)
+        _write_checkpoint(model, tokenizer, tmp, extra_json, write_extra)
         if out.exists():
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(out, aside)

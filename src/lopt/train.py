@@ -186,44 +186,28 @@ def run_info(cfg: TrainConfig, wrapped: LoPTModel, metrics: dict[str, Any] | Non
 
 
 def _save_plain_into(wrapped: LoPTModel, tokenizer, target: Path, info: dict[str, Any]) -> None:
-    """Write a plain checkpoint's files into ``target`` (which may hold other things, like
-    checkpoint-N/ and metrics.jsonl): each file is written under a temporary name, then renamed."""
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f".tmp-save-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the final plain checkpoint's files into ``target``, which also holds checkpoint-N/ and
+    metrics.jsonl: the checkpoint is written whole in a temporary directory, then each file is
+    renamed into place."""
+    from .models import save_checkpoint
+
+    tmp = save_checkpoint(wrapped, tokenizer, target / f".final-{os.getpid()}", extra_json={RUN_FILE: info})
     try:
-        _write_checkpoint(wrapped, tokenizer, tmp, info)
         for f in tmp.iterdir():
             os.replace(f, target / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_checkpoint(wrapped: LoPTModel, tokenizer, path: Path, info: dict[str, Any],
-                      state: dict[str, Any] | None = None) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    wrapped.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / RUN_FILE).write_text(json.dumps(info, indent=2, default=str))
-    if state is not None:
-        torch.save(state, path / STATE_FILE)
-
-
 def save_training_checkpoint(wrapped: LoPTModel, tokenizer, output_dir: Path, step: int,
                              info: dict[str, Any], state: dict[str, Any]) -> Path:
-    """``OUT/checkpoint-N``: a plain model plus ``trainer_state.pt`` to resume from; written in a
+    """``OUT/checkpoint-N``: a plain model plus ``trainer_state.pt`` to resume from, written in a
     temporary directory and renamed, so a crash never leaves a half-written checkpoint."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = output_dir / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _write_checkpoint(wrapped, tokenizer, tmp, info, state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    from .models import save_checkpoint
+
+    return save_checkpoint(wrapped, tokenizer, output_dir / f"{CHECKPOINT_PREFIX}{step}",
+                           extra_json={RUN_FILE: info},
+                           write_extra=lambda d: torch.save(state, d / STATE_FILE))
 
 
 def _extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
