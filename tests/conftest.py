@@ -97,7 +97,13 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic(request):
     torch.manual_seed(0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Tiny models gain nothing from threads, and on a busy 2-core machine the threads' spin-waiting
+    # makes them many times slower; the slow tests (real model) keep every core.
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)

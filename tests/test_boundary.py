@@ -358,6 +358,8 @@ def test_model_without_layer_list():
         lopt.wrap(NoLayers())
     with pytest.raises(LoPTError, match="transformers causal LM"):
         lopt.wrap(nn.Linear(2, 2))
+    with pytest.raises(LoPTError, match="already wrapped"):
+        lopt.wrap(lopt.wrap(make_tiny_model("llama")))
 
 
 def test_find_layers_names():

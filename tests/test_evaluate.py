@@ -24,16 +24,6 @@ PROMPTS = ["Tom has 3 apples and buys 4 more.", "the quick brown fox", "How many
            "0 1 2 3 + 4 = ?", "Write a short answer.", "user query: solve the problem"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The models here are tiny: with several threads on a busy shared CPU, each small op waits for
-    # its thread pool (milliseconds each), which made these tests ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()

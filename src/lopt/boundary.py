@@ -497,6 +497,8 @@ def wrap(model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, schedu
         config = LoPTConfig(method=method, num_blocks=num_blocks, lambda_aux=lambda_aux,
                             schedule=schedule, boundaries=list(boundaries) if boundaries is not None else None,
                             **options)
+    if isinstance(model, LoPTModel):
+        raise LoPTError("this model is already wrapped by lopt.wrap; wrap the plain model (wrapped.model)")
     if not (hasattr(model, "get_input_embeddings") and hasattr(model, "config")):
         raise LoPTError(f"lopt.wrap expects a transformers causal LM, got {type(model).__name__}")
     return LoPTModel(model, config)
