@@ -491,7 +491,8 @@ def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | N
 
 
 def _write_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, directory: Path,
-                      extra_json: dict[str, dict] | None, write_extra: Callable[[Path], None] | None) -> None:
+                      extra_json: dict[str, dict] | None,
+                      write_extra: Callable[[Path], None] | None = None) -> None:
     for filename in extra_json or {}:
         if Path(filename).name != filename or filename in ("", ".", ".."):
             raise ModelError(f"extra_json file name {filename!r} must be a plain file name, not a path")
