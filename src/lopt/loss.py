@@ -57,9 +57,11 @@ class _ChunkedCE(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         need_h, need_w, need_b = ctx.flags
         s = grad_out / max(ctx.n, 1)
-        return ((grad_h * s.to(grad_h.dtype)) if need_h else None,
-                (grad_w * s).to(ctx.weight_dtype) if need_w else None,
-                (grad_b * s).to(ctx.bias_dtype) if need_b else None,
+        # Scaled in place: these buffers are used once, and a copy of the head's gradient would be
+        # one more vocabulary-sized tensor at the end of the step.
+        return (grad_h.mul_(s.to(grad_h.dtype)) if need_h else None,
+                grad_w.mul_(s).to(ctx.weight_dtype) if need_w else None,
+                grad_b.mul_(s).to(ctx.bias_dtype) if need_b else None,
                 None, None, None)
 
 
