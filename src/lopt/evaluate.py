@@ -847,6 +847,15 @@ def _right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def _pair_sequences(model, base, tokenizer, sequences, prompts, **gen) -> Sequence[tuple[list[int], list[int]]]:
+    """Shared set-up of retention-kl and drift: both models in eval mode, checked to be comparable,
+    and the base model's answers (unless given)."""
+    model.eval()
+    base.eval()
+    _check_pair(model, base)
+    return sequences if sequences is not None else base_continuations(base, tokenizer, prompts, **gen)
+
+
 @torch.inference_mode()
 def retention_kl(model, base, tokenizer, *, sequences: Sequence[tuple[list[int], list[int]]] | None = None,
                  prompts: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 8,
@@ -858,12 +867,8 @@ def retention_kl(model, base, tokenizer, *, sequences: Sequence[tuple[list[int],
     distributions, in nats; ``nll`` is the tuned model's mean negative log-likelihood of the
     continuation tokens (``base_nll`` the base model's own, for scale).
     """
-    model.eval()
-    base.eval()
-    _check_pair(model, base)
-    if sequences is None:
-        sequences = base_continuations(base, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, limit=limit, progress=progress)
+    sequences = _pair_sequences(model, base, tokenizer, sequences, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, limit=limit, progress=progress)
     device = _device(model)
     kl_sum = nll_sum = base_nll_sum = 0.0
     count = 0
@@ -973,12 +978,8 @@ def drift(model, base, tokenizer, *, sequences: Sequence[tuple[list[int], list[i
     hands over, where LoPT's local loss applies. Reports linear CKA and the mean cosine similarity
     of matching token vectors at each index, and their means.
     """
-    model.eval()
-    base.eval()
-    _check_pair(model, base)
-    if sequences is None:
-        sequences = base_continuations(base, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, limit=limit, progress=progress)
+    sequences = _pair_sequences(model, base, tokenizer, sequences, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, limit=limit, progress=progress)
     device = _device(model)
     stats: list[_CKAStats] = []
     cos_sum: list[float] = []
