@@ -295,12 +295,12 @@ def test_checkpoint_loads_with_plain_transformers(tmp_path, method):
 # ----------------------------------------------------------------------------- memory
 
 
-def saved_activation_bytes(wrapped, ids, mask, labels) -> int:
+def saved_activation_bytes(wrapped, ids, mask, labels, what: str = "peak_bytes") -> int:
     with SavedTensorTracker(wrapped.parameters()) as tr:
         out = wrapped(ids, attention_mask=mask, labels=labels)
         wrapped.backward(out)
     assert tr.current_bytes == 0  # everything was released by the backward
-    return tr.peak_bytes
+    return getattr(tr, what)
 
 
 def test_blockwise_frees_lower_activations():
@@ -400,3 +400,66 @@ def test_per_block_optimizer_step_is_exact(k):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=n)
     covered = [id(p) for i in range(k) for p in b.block_parameters(i)]
     assert sorted(covered) == sorted(id(p) for p in b.parameters() if p.requires_grad)
+
+
+def test_anchor_objective():
+    """anchor: zero loss and zero lower gradient while the lower block equals the pretrained one; after
+    the block drifts, the loss is positive and its gradient points back; labels never reach it."""
+    model = make_tiny_model("llama", layers=4)
+    w = lopt.wrap(model, local_objective="anchor")
+    assert len(w.heads) == 0 and len(w.anchors) == 1 and len(w.anchors[0]) == 2
+    assert not any(p.requires_grad for p in w.anchors.parameters())
+    w.train()
+    ids, mask, labels = batch()
+    out, g = run_step(w, ids, mask, labels)
+    assert out.aux_loss.item() == 0.0
+    lower = layer_param_names(w, 0, 2)
+    assert all(g[n].abs().max() == 0 for n in lower)
+    layers = w.model.get_submodule(w.layers_name)
+    with torch.no_grad():
+        layers[1].mlp.down_proj.weight.add_(0.05 * torch.randn_like(layers[1].mlp.down_proj.weight))
+    out, g1 = run_step(w, ids, mask, labels)
+    assert out.aux_loss.item() > 0
+    assert g1["model.model.layers.1.mlp.down_proj.weight"].abs().sum() > 0
+    labels2 = labels.clone()
+    labels2[labels2 >= 0] = (labels2[labels2 >= 0] + 5) % VOCAB
+    _, g2 = run_step(w, ids, mask, labels2)
+    for n in lower:
+        torch.testing.assert_close(g1[n], g2[n], rtol=0, atol=0)
+    # a plain SGD step along the anchor gradient brings the block back towards the pretrained one
+    before = out.aux_loss.item()
+    with torch.no_grad():
+        for n, p in w.named_parameters():
+            if n in lower:
+                p -= 0.5 * g1[n]
+    assert run_step(w, ids, mask, labels)[0].aux_loss.item() < before
+    # joint and blockwise agree for this objective too
+    j = lopt.wrap(make_tiny_model("llama", layers=4), local_objective="anchor", schedule="joint")
+    j.model.load_state_dict(w.model.state_dict())
+    j.train()
+    _, gj = run_step(j, ids, mask, labels)
+    _, gb = run_step(w, ids, mask, labels)
+    for n in gb:
+        torch.testing.assert_close(gj[n], gb[n], rtol=1e-4, atol=1e-8, msg=n)
+
+
+def test_lower_every_skips_the_lower_update():
+    model = make_tiny_model("llama", layers=4)
+    w = lopt.wrap(model)
+    w.train()
+    ids, mask, labels = batch()
+    out_on, g_on = run_step(w, ids, mask, labels)
+    on_bytes = saved_activation_bytes(w, ids, mask, labels, "total_bytes")
+    w.update_lower = False
+    out_off, g_off = run_step(w, ids, mask, labels)
+    off_bytes = saved_activation_bytes(w, ids, mask, labels, "total_bytes")
+    assert torch.is_grad_enabled()
+    assert out_off.aux_loss is None
+    lower = {id(p) for p in w.lower_parameters()} | {id(p) for p in w.heads.parameters()}
+    names = {n for n, p in w.named_parameters() if id(p) in lower}
+    assert names and not (names & set(g_off))  # no lower gradient at all on a skipped step
+    assert set(g_off) == set(g_on) - names
+    for n in g_off:  # the upper block's gradient is the same either way
+        torch.testing.assert_close(g_off[n], g_on[n], rtol=1e-5, atol=1e-8, msg=n)
+    torch.testing.assert_close(out_off.loss, out_on.loss)
+    assert off_bytes < 0.7 * on_bytes  # the lower block built no graph

@@ -182,3 +182,23 @@ def test_eval_every_logs_to_metrics(tiny_dir, qa_file, tmp_path):
     assert all(0 < x < 20 for x in losses)
     assert res.summary["eval"] == evals[-1]["eval"]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_anchor_and_lower_every_resume(tiny_dir, qa_file, tmp_path):
+    common = dict(model=str(tiny_dir), dataset=str(qa_file), batch_size=4, lr=2e-3, max_steps=6,
+                  progress=False, local_objective="anchor", lower_every=2)
+    train(TrainConfig(output_dir=str(tmp_path / "full"), **common))
+    full = read_metrics(tmp_path / "full")
+    # the lower blocks are updated on steps 1, 3, 5 (0-based 0, 2, 4) only
+    assert [r["aux_loss"] is not None for r in full] == [True, False] * 3
+
+    def stop_at_3(rec, state):
+        state.stop_requested = state.step == 3
+
+    train(TrainConfig(output_dir=str(tmp_path / "part"), **common), callbacks=[stop_at_3])
+    train(TrainConfig(output_dir=str(tmp_path / "part"), resume="latest", **common))
+    part = read_metrics(tmp_path / "part")
+    assert [r["loss"] for r in part] == pytest.approx([r["loss"] for r in full], rel=1e-5, abs=1e-6)
+    def aux(rs):
+        return [-1.0 if r["aux_loss"] is None else r["aux_loss"] for r in rs]
+    assert aux(part) == pytest.approx(aux(full), rel=1e-5, abs=1e-9)

@@ -36,6 +36,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lopt-k2-no-block-step": {"method": "lopt", "num_blocks": 2, "per_block_step": "off"},
     "lopt-k2-full-logits": {"method": "lopt", "num_blocks": 2, "chunked_ce": False},
     "e2e-full-logits": {"method": "e2e", "chunked_ce": False},
+    "lopt-k2-anchor": {"method": "lopt", "num_blocks": 2, "local_objective": "anchor"},
+    "lopt-k2-every4": {"method": "lopt", "num_blocks": 2, "lower_every": 4},
     "freeze-lower": {"method": "freeze-lower"},
     "lora": {"method": "lora"},
 }

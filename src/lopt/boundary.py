@@ -20,6 +20,7 @@ whole depth).
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from .loss import chunked_cross_entropy
 
 METHODS = ("lopt", "e2e", "freeze-lower", "lora")
 SCHEDULES = ("blockwise", "joint")
+LOCAL_OBJECTIVES = ("recon", "anchor")
 
 
 class LoPTError(ValueError):
@@ -54,6 +56,8 @@ class LoPTConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "all-linear"
+    local_objective: str = "recon"  # recon: reconstruct the block input; anchor: match the frozen pretrained block
+    lower_every: int = 1  # update the lower blocks only every N-th step (set by the trainer via update_lower)
     chunked_ce: bool = True  # task loss in chunks, never the full logits (training with labels only)
     ce_chunk_size: int = 1024
     extra: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +67,11 @@ class LoPTConfig:
             raise LoPTError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.schedule not in SCHEDULES:
             raise LoPTError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.local_objective not in LOCAL_OBJECTIVES:
+            raise LoPTError(f"unknown local objective {self.local_objective!r}: choose one of "
+                            f"{', '.join(LOCAL_OBJECTIVES)}")
+        if not isinstance(self.lower_every, int) or self.lower_every < 1:
+            raise LoPTError(f"lower_every must be an integer >= 1, got {self.lower_every}")
         if self.lambda_aux < 0:
             raise LoPTError(f"lambda_aux must be >= 0, got {self.lambda_aux}")
 
@@ -205,11 +214,21 @@ class LoPTModel(nn.Module):
             self.block_ranges = [(0, self.num_layers)]
         n_lower = len(self.block_ranges) - 1
         hidden = hidden_size_of(model)
-        self.heads = nn.ModuleList(
-            [ReconstructionHead(hidden) for _ in range(n_lower)] if config.method == "lopt" else []
-        )
+        self.local = config.method == "lopt"  # lower blocks learn from a local loss
+        recon = self.local and config.local_objective == "recon"
+        self.heads = nn.ModuleList([ReconstructionHead(hidden) for _ in range(n_lower)] if recon else [])
         p = next(model.parameters())
         self.heads.to(device=p.device, dtype=torch.float32)  # local losses are computed in fp32
+        # anchor: frozen copies of the pretrained lower blocks; the local loss keeps each block's output
+        # what the pretrained block would give for the same input (costs the lower blocks' weights
+        # once more in memory and one extra no-grad forward of them per step).
+        self.anchors = nn.ModuleList(
+            [nn.ModuleList(copy.deepcopy(layers[i]) for i in range(s, e)) for s, e in self.block_ranges[:-1]]
+            if self.local and config.local_objective == "anchor" else [])
+        self.anchors.requires_grad_(False)
+        self.anchors.eval()
+        # False on the steps that skip the lower blocks' update (lower_every): they run without a graph.
+        self.update_lower: bool = True
         # Multiplies every loss before its backward (1/grad_accum, a grad scaler's scale...). It must be
         # known before the forward because the blockwise schedule backpropagates inside it.
         self.loss_scale: float = 1.0
@@ -226,9 +245,16 @@ class LoPTModel(nn.Module):
             for prm in self.lower_parameters():
                 prm.requires_grad_(False)
         for i, (start, end) in enumerate(self.block_ranges[:-1]):
-            self._hooks.append(layers[start].register_forward_pre_hook(
-                self._make_input_hook(i), with_kwargs=True))
+            for j in range(start, end):
+                if j == start or self.anchors:
+                    self._hooks.append(layers[j].register_forward_pre_hook(
+                        self._make_input_hook(i, j), with_kwargs=True))
             self._hooks.append(layers[end - 1].register_forward_hook(self._make_boundary_hook(i)))
+
+    def train(self, mode: bool = True) -> "LoPTModel":
+        super().train(mode)
+        self.anchors.eval()  # the frozen reference blocks never use dropout
+        return self
 
     # ---- passthrough so the wrapper behaves like the model
     def __getattr__(self, name: str):
@@ -283,7 +309,8 @@ class LoPTModel(nn.Module):
             layer_ids = self._layer_param_ids(self.block_ranges)
             ids |= {id(p) for p in self.lower_parameters() if id(p) not in layer_ids}
         params = [p for p in self.model.parameters() if id(p) in ids and p.requires_grad]
-        return params + [p for p in self.heads[block].parameters() if p.requires_grad]
+        head = self.heads[block].parameters() if self.heads else []
+        return params + [p for p in head if p.requires_grad]
 
     def param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0
                      ) -> list[dict[str, Any]]:
@@ -306,13 +333,22 @@ class LoPTModel(nn.Module):
 
     # ---- hooks
     def _active(self) -> bool:
-        return (self._step is not None and self.training and torch.is_grad_enabled()
-                and not self._in_local_backward)
+        return (self._step is not None and self.training and not self._in_local_backward
+                and (torch.is_grad_enabled() or self._step["skip"]))
 
-    def _make_input_hook(self, block: int):
+    def _make_input_hook(self, block: int, layer: int):
         def hook(module, args, kwargs):
-            if self._active():
-                self._step["inputs"][block] = _hidden_of(args, kwargs)
+            if not self._active():
+                return
+            step = self._step
+            if layer == self.block_ranges[block][0]:
+                if block == 0 and self.local and not self.update_lower:
+                    # This step leaves the lower blocks alone: run them without building a graph.
+                    step["skip"] = True
+                    torch.set_grad_enabled(False)
+                step["inputs"][block] = _hidden_of(args, kwargs)
+            if self.anchors:
+                step["layer_args"][layer] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
         return hook
 
     def _make_boundary_hook(self, block: int):
@@ -320,7 +356,11 @@ class LoPTModel(nn.Module):
             if not self._active():
                 return None
             h = output[0] if isinstance(output, tuple) else output
-            if self.heads:
+            if self._step["skip"]:
+                if block == len(self.block_ranges) - 2:
+                    torch.set_grad_enabled(True)
+                    self._step["skip"] = False
+            elif self.local:
                 aux = self._local_loss(block, h)
                 if self.lopt_config.schedule == "blockwise":
                     self._backward_local(aux)
@@ -334,12 +374,23 @@ class LoPTModel(nn.Module):
 
     def _local_loss(self, block: int, h: torch.Tensor) -> torch.Tensor:
         x = self._step["inputs"].pop(block)
+        mask = self._step["mask"]
+        if self.anchors:
+            with torch.no_grad():
+                ref = x.detach()
+                start = self.block_ranges[block][0]
+                for j, layer in enumerate(self.anchors[block]):
+                    rest, kwargs = self._step["layer_args"].pop(start + j)
+                    out = layer(ref, *rest, **kwargs)
+                    ref = out[0] if isinstance(out, tuple) else out
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                return masked_mse(h.float(), ref, mask)
         with torch.autocast(device_type=h.device.type, enabled=False):
             pred = self.heads[block](h.float())
-            return masked_mse(pred, x.detach(), self._step["mask"])
+            return masked_mse(pred, x.detach(), mask)
 
     def _aux_weight(self) -> float:
-        return self.lopt_config.lambda_aux / max(1, len(self.heads))
+        return self.lopt_config.lambda_aux / max(1, len(self.block_ranges) - 1)
 
     def _backward_local(self, aux: torch.Tensor) -> None:
         w = self._aux_weight() * self.loss_scale
@@ -354,7 +405,8 @@ class LoPTModel(nn.Module):
     # ---- forward / backward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs) -> LoPTOutput:
-        self._step = {"inputs": {}, "aux": [], "mask": attention_mask}
+        self._step = {"inputs": {}, "aux": [], "mask": attention_mask, "layer_args": {}, "skip": False}
+        grad_mode = torch.is_grad_enabled()
         if self.training:
             # A KV cache would keep every layer's keys/values (and so the lower block's graph) alive.
             kwargs.setdefault("use_cache", False)
@@ -373,6 +425,7 @@ class LoPTModel(nn.Module):
                 loss = causal_lm_loss(logits, labels) if labels is not None else None
         finally:
             step, self._step = self._step, None
+            torch.set_grad_enabled(grad_mode)  # a skipped lower update switched it off for a while
         aux = torch.stack(step["aux"]).mean() if step["aux"] else None
         extra = {k: v for k, v in out.items() if k not in ("loss", "logits", "last_hidden_state")}
         return LoPTOutput(loss=loss, aux_loss=aux, logits=logits, **extra)

@@ -27,6 +27,9 @@ TRAIN_HELP: dict[str, str] = {
     "lambda_aux": "LoPT: weight of the mean local reconstruction loss",
     "schedule": f"LoPT backward schedule: {', '.join(SCHEDULES)} (blockwise frees lower activations early)",
     "chunked_ce": "compute the task loss in chunks of tokens, never the full logits tensor (exact)",
+    "local_objective": "what the lower blocks learn: recon (reconstruct the block input, the paper's) or "
+                       "anchor (keep the block output close to the frozen pretrained block's)",
+    "lower_every": "update the lower blocks only every N-th step (their backward is skipped otherwise)",
     "lora_r": "LoRA rank (method lora)",
     "lora_alpha": "LoRA alpha (method lora)",
     "lr": "learning rate of the last block, final norm and LM head",
@@ -87,6 +90,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                 kw["choices"] = SCHEDULES
             elif f.name == "gradient_checkpointing":
                 kw["choices"] = ("off", "all", "last-block")
+            elif f.name == "local_objective":
+                kw["choices"] = ("recon", "anchor")
             elif f.name == "per_block_step":
                 kw["choices"] = ("auto", "on", "off")
             elif f.name == "precision":

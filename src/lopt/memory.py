@@ -35,6 +35,7 @@ class SavedTensorTracker:
         self._refs: dict[int, list[int]] = {}  # storage ptr -> [refcount, nbytes]
         self.current_bytes = 0
         self.peak_bytes = 0
+        self.total_bytes = 0  # everything saved during the context, freed or not
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor):
@@ -46,6 +47,7 @@ class SavedTensorTracker:
         if ref is None:
             self._refs[ptr] = [1, storage.nbytes()]
             self.current_bytes += storage.nbytes()
+            self.total_bytes += storage.nbytes()
             self.peak_bytes = max(self.peak_bytes, self.current_bytes)
         else:
             ref[0] += 1

@@ -49,6 +49,8 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     chunked_ce: bool = True  # task loss in chunks, never the full logits tensor
+    local_objective: str = "recon"  # recon (the paper's) | anchor (stay close to the frozen pretrained block)
+    lower_every: int = 1  # update the lower blocks only every N-th optimizer step
     # optimisation
     lr: float = 2e-5
     lr_lower: float | None = None  # default: lr
@@ -99,7 +101,8 @@ class TrainConfig:
     def lopt_config(self) -> LoPTConfig:
         return LoPTConfig(method=self.method, num_blocks=self.num_blocks, boundaries=self.boundaries,
                           lambda_aux=self.lambda_aux, schedule=self.schedule, lora_r=self.lora_r,
-                          lora_alpha=self.lora_alpha, chunked_ce=self.chunked_ce)
+                          lora_alpha=self.lora_alpha, chunked_ce=self.chunked_ce,
+                          local_objective=self.local_objective, lower_every=self.lower_every)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -213,6 +216,9 @@ def save_training_checkpoint(wrapped: LoPTModel, tokenizer, output_dir: Path, st
 def _extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
     """Trainable tensors that the plain checkpoint does not hold: local heads, LoRA adapters."""
     state = {f"heads.{k}": v for k, v in wrapped.heads.state_dict().items()}
+    # The anchors are the *pretrained* lower blocks: a resumed run cannot rebuild them from its
+    # checkpoint's (trained) weights, so they travel with the trainer state.
+    state.update({f"anchors.{k}": v for k, v in wrapped.anchors.state_dict().items()})
     if wrapped.method == "lora":
         state.update({f"model.{k}": v for k, v in wrapped.model.state_dict().items() if "lora_" in k})
     return state
@@ -416,6 +422,8 @@ class Stepper:
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Forward/backward every micro-batch, then step. Returns loss, aux_loss, lr, grad_norm, tokens."""
         w, dev = self.wrapped, self.device
+        # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
+        w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
         loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
         for b in micro_batches:
             b = {k: v.to(dev) for k, v in b.items()}
