@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
                                              split=cfg.split, limit=cfg.limit)
     wrapped = wrap(model, config=cfg.lopt_config()).to(device)
     if cfg.gradient_checkpointing != "off":
-        wrapped.gradient_checkpointing_enable("all" if cfg.gradient_checkpointing == "all" else "last-block")
+        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
     wrapped.train()
 
     batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
