@@ -347,8 +347,8 @@ def _first_line(error: BaseException) -> str:
 def _hub_error(name: str, error: Exception) -> ModelError:
     reason = _first_line(error)
     if "trust_remote_code" in str(error):
-        return ModelError(f"{name} needs custom code from its repository; pass --trust-remote-code / "
-                          f"trust_remote_code=True if you trust it ({reason})")
+        return ModelError(f"{name} needs custom code from its repository; pass --trust-remote-code "
+                          f"(load_model(..., trust_remote_code=...)) only if you trust it ({reason})")
     return ModelError(f"could not find model {name!r} locally or on the Hugging Face Hub ({reason}); pass an "
                       f"existing directory, a .gguf file, a hub id, or an alias ({', '.join(ALIASES)})")
 
