@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lopt.bench import CONFIGS, format_table, run_bench
+from lopt.bench import CONFIGS, format_table
 from lopt.cli import main
 
 from conftest import make_tiny_model, make_tokenizer

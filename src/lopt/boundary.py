@@ -293,6 +293,10 @@ class LoPTModel(nn.Module):
                 params.append(p)
         return params
 
+    def _lower_side_ids(self) -> set[int]:
+        """Ids of everything trained by local losses: the lower parameters and the local heads."""
+        return {id(p) for p in self.lower_parameters()} | {id(p) for p in self.heads.parameters()}
+
     def block_parameters(self, block: int) -> list[nn.Parameter]:
         """Trainable parameters that block ``block``'s loss trains: its layers, its local head, and for
         the lowest block the embeddings; for the last block, everything above the last boundary."""
@@ -302,7 +306,7 @@ class LoPTModel(nn.Module):
 
     def _collect_block_parameters(self, block: int) -> list[nn.Parameter]:
         if block == len(self.block_ranges) - 1:
-            lower = {id(p) for p in self.lower_parameters()} | {id(p) for p in self.heads.parameters()}
+            lower = self._lower_side_ids()
             return [p for p in self.parameters() if p.requires_grad and id(p) not in lower]
         ids = self._layer_param_ids([self.block_ranges[block]])
         if block == 0:
@@ -318,7 +322,7 @@ class LoPTModel(nn.Module):
         embeddings and local heads at ``lr_lower`` (default ``lr``). Biases and norm weights (1-D)
         get no weight decay. Frozen parameters are left out."""
         lr_lower = lr if lr_lower is None else lr_lower
-        lower = {id(p) for p in self.lower_parameters()} | {id(p) for p in self.heads.parameters()}
+        lower = self._lower_side_ids()
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for p in self.parameters():
             if not p.requires_grad:
@@ -383,8 +387,7 @@ class LoPTModel(nn.Module):
                     rest, kwargs = self._step["layer_args"].pop(start + j)
                     out = layer(ref, *rest, **kwargs)
                     ref = out[0] if isinstance(out, tuple) else out
-            with torch.autocast(device_type=h.device.type, enabled=False):
-                return masked_mse(h.float(), ref, mask)
+            return masked_mse(h, ref, mask)  # fp32 inside
         with torch.autocast(device_type=h.device.type, enabled=False):
             pred = self.heads[block](h.float())
             return masked_mse(pred, x.detach(), mask)

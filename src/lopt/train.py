@@ -325,7 +325,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
             rec = stepper.step([next(batches) for _ in range(cfg.grad_accum)])
             state.step += 1
             tok_window += rec.pop("tokens")
-            bar.update(1) if bar else None
+            if bar:
+                bar.update(1)
             loss_window.append(rec)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 dt = time.perf_counter() - t_window
@@ -440,7 +441,7 @@ class Stepper:
             tokens += int(b["attention_mask"].sum())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = _clip([p for p in w.parameters() if p.grad is not None], self.cfg.max_grad_norm)
+        grad_norm = _clip(list(w.parameters()), self.cfg.max_grad_norm)
         if self._block_norms:
             grad_norm = math.sqrt(sum(n * n for n in self._block_norms) + (grad_norm or 0.0) ** 2)
             self._block_norms.clear()
