@@ -28,7 +28,7 @@ test-fast: install
 demo: install
 	$(VENV)/bin/lopt demo
 
-# The study behind docs/RESULTS.md (about 2 hours on 2 CPU cores; resumes where it stopped).
+# The study behind docs/RESULTS.md (about 80 minutes on 2 CPU cores; resumes where it stopped).
 # `make experiment ARGS=--quick` runs the whole pipeline in minutes into runs/experiment-quick.
 experiment: install
 	$(PY) -m lopt.experiment $(ARGS)

@@ -100,3 +100,17 @@ def test_quick_study_end_to_end(shared_data, tmp_path, monkeypatch):
     ex.run_study(out, quick=True, data_dir=shared_data, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == stamps
     assert res["report"] == str(out / "RESULTS.md")
+
+
+def test_the_cost_budget_does_not_invalidate_training_records(tmp_path):
+    path = tmp_path / "r.json"
+    ex._write_json(path, {"spec": {"name": "a", "budget": {"steps": 2, "bench_repeats": 1}}})
+    assert ex._load_record(path, {"name": "a", "budget": {"steps": 2, "bench_repeats": 2}}) is not None
+
+
+def test_a_record_survives_its_json_round_trip(tmp_path):
+    # tuples in the budget come back from the file as lists; the record is still the same run
+    path = tmp_path / "r.json"
+    spec = {"name": "a", "budget": {"steps": 2, "seeds": (0, 1)}}
+    ex._write_json(path, {"spec": spec})
+    assert ex._load_record(path, spec) is not None
