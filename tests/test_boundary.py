@@ -463,3 +463,58 @@ def test_lower_every_skips_the_lower_update():
         torch.testing.assert_close(g_off[n], g_on[n], rtol=1e-5, atol=1e-8, msg=n)
     torch.testing.assert_close(out_off.loss, out_on.loss)
     assert off_bytes < 0.7 * on_bytes  # the lower block built no graph
+
+
+@pytest.mark.parametrize("schedule", ["blockwise", "joint"])
+def test_route_forward_trains_the_plain_model_like_the_wrapper(schedule):
+    """A trainer that calls the plain model (TRL) gets LoPT's gradients once the decoder stack is
+    routed: the same gradients as the wrapper's own forward/backward, loss scale included."""
+    ids, mask, labels = batch()
+    torch.manual_seed(0)
+    ref = lopt.wrap(make_tiny_model("llama", layers=4), schedule=schedule, chunked_ce=False)
+    torch.manual_seed(0)
+    routed = lopt.wrap(make_tiny_model("llama", layers=4), schedule=schedule, chunked_ce=False)
+    routed.route_forward()
+    assert routed.route_forward() is routed.decoder_stack()  # routing twice is a no-op
+    for w in (ref, routed):
+        w.train()
+        w.loss_scale = 0.5
+    out = ref(ids, attention_mask=mask, labels=labels)
+    ref.backward(out)
+    logits = routed.model(input_ids=ids, attention_mask=mask).logits  # the plain model's forward
+    assert len(routed.routed_aux_losses) == 1
+    aux = routed.routed_aux_losses.pop()
+    torch.testing.assert_close(aux.detach(), out.aux_loss.detach())
+    total = causal_lm_loss(logits, labels)
+    if schedule == "joint":  # the caller backpropagates the local loss, as the recipes do
+        assert aux.requires_grad
+        total = total + routed.lopt_config.lambda_aux * aux
+    else:
+        assert not aux.requires_grad  # already backpropagated inside the forward
+    (total * routed.loss_scale).backward()
+    g_ref, g_routed = grads(ref), grads(routed)
+    assert set(g_ref) == set(g_routed) and any(n.startswith("heads.") for n in g_routed)
+    for n in g_ref:
+        torch.testing.assert_close(g_routed[n], g_ref[n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_routed_model_is_the_bare_model_without_grad_or_in_eval():
+    model = make_tiny_model("llama", layers=4)
+    bare = copy.deepcopy(model)
+    w = lopt.wrap(model)
+    w.route_forward()
+    ids, mask, _ = batch()
+    w.train()
+    with torch.no_grad():  # generation and reference passes: the hooks stay off
+        torch.testing.assert_close(w.model(input_ids=ids, attention_mask=mask).logits,
+                                   bare(input_ids=ids, attention_mask=mask).logits)
+    assert w.routed_aux_losses == []
+    w.eval()
+    out = w.model(input_ids=ids, attention_mask=mask)  # eval mode, gradients on: no LoPT step either
+    assert w.routed_aux_losses == [] and w._step is None and out.logits.requires_grad
+    lw = w
+    with lw.step_scope(mask):
+        with pytest.raises(LoPTError, match="cannot nest"):
+            with lw.step_scope(mask):
+                pass
+    assert lw._step is None

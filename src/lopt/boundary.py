@@ -20,11 +20,13 @@ whole depth).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -232,11 +234,20 @@ class LoPTModel(nn.Module):
         # Multiplies every loss before its backward (1/grad_accum, a grad scaler's scale...). It must be
         # known before the forward because the blockwise schedule backpropagates inside it.
         self.loss_scale: float = 1.0
+        # Extra factors on the task loss and on the local losses only (both times loss_scale). Data-
+        # parallel training sets them so that each rank's gradient is its share of the global batch's
+        # mean: the task loss is a mean over labelled tokens, the local loss over attention-mask tokens,
+        # so the two need separate factors (lopt.distributed). 0 skips that loss's backward.
+        self.task_loss_scale: float = 1.0
+        self.local_loss_scale: float = 1.0
         # Called as fn(block_index, params) right after a lower block's local backward (blockwise
         # schedule): the trainer's per-block optimizer step, which frees that block's gradients
         # before the blocks above build their activations.
         self.after_local_backward: Callable[[int, list[nn.Parameter]], None] | None = None
         self._step: dict[str, Any] | None = None
+        # Local losses of the training forwards that ran through a module set up by route_forward()
+        # (with their graph under the joint schedule); whoever drives those forwards consumes and clears it.
+        self.routed_aux_losses: list[torch.Tensor] = []
         self._block_params: list[list[nn.Parameter]] | None = None
         self._in_local_backward = False
         self._hooks = []
@@ -396,7 +407,7 @@ class LoPTModel(nn.Module):
         return self.lopt_config.lambda_aux / max(1, len(self.block_ranges) - 1)
 
     def _backward_local(self, aux: torch.Tensor) -> None:
-        w = self._aux_weight() * self.loss_scale
+        w = self._aux_weight() * self.loss_scale * self.local_loss_scale
         if w == 0 or not aux.requires_grad:
             return
         self._in_local_backward = True  # a checkpointed layer recomputed now must not re-enter the hooks
@@ -406,16 +417,76 @@ class LoPTModel(nn.Module):
             self._in_local_backward = False
 
     # ---- forward / backward
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> LoPTOutput:
+    @contextlib.contextmanager
+    def step_scope(self, attention_mask: torch.Tensor | None = None) -> Iterator[dict[str, Any]]:
+        """The per-step state the boundary hooks act on, for one forward of the model.
+
+        The hooks do nothing outside this scope, so a forward that does not come through the wrapper
+        (or through a module set up by ``route_forward``) is the bare model's. Yields the state; its
+        ``"aux"`` list collects the local losses of the lower blocks. On exit the state is dropped and
+        the grad mode restored (a step that skips the lower update switches it off for a while).
+        """
+        if self._step is not None:
+            raise LoPTError("a LoPT forward is already running: step scopes cannot nest")
         self._step = {"inputs": {}, "aux": [], "mask": attention_mask, "layer_args": {}, "skip": False}
         grad_mode = torch.is_grad_enabled()
+        try:
+            yield self._step
+        finally:
+            self._step = None
+            torch.set_grad_enabled(grad_mode)
+
+    def decoder_stack(self) -> nn.Module:
+        """The module that holds the decoder layers (``model.model`` for Llama, ``transformer`` for
+        GPT-2): every forward of the causal LM passes through it."""
+        parent = self.layers_name.rsplit(".", 1)[0] if "." in self.layers_name else ""
+        return self.model.get_submodule(parent)
+
+    def route_forward(self, module: nn.Module | None = None) -> nn.Module:
+        """Make calls of the plain ``module`` (default: ``decoder_stack()``) train the LoPT way.
+
+        For trainers that call the plain transformers model rather than this wrapper (TRL's GRPO and
+        DPO trainers do, through their own fused LM head that runs only the decoder stack): the
+        instance's ``forward`` is replaced by one that opens ``step_scope`` when the module is in
+        training mode and gradients are enabled, so the boundary hooks act exactly as in
+        ``LoPTModel.forward`` (blockwise: the local backward runs inside the forward, scaled by
+        ``loss_scale``). Generation (under ``no_grad``) and eval passes go straight to the original
+        forward and compute what the bare model computes; a call made from inside the wrapper's own
+        forward is passed through too. The local losses of each routed training forward are appended
+        to ``routed_aux_losses`` (joint schedule: with their graph; the caller backpropagates them and
+        clears the list). Returns ``module``; routing twice is a no-op.
+        """
+        module = self.decoder_stack() if module is None else module
+        if getattr(module, "_lopt_routed_by", None) == id(self):
+            return module
+        original = module.forward
+        wrapper = self
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            if wrapper._step is not None or not (module.training and torch.is_grad_enabled()):
+                return original(*args, **kwargs)
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            # A KV cache would keep every layer's keys/values (and so the lower block's graph) alive.
+            kwargs.setdefault("use_cache", False)
+            with wrapper.step_scope(mask) as step:
+                out = original(*args, **kwargs)
+            if step["aux"]:
+                wrapper.routed_aux_losses.append(torch.stack(step["aux"]).mean())
+            return out
+
+        module.forward = forward
+        module._lopt_routed_by = id(self)  # an id, not the wrapper: a Module attribute would become a submodule
+        return module
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs) -> LoPTOutput:
         if self.training:
             # A KV cache would keep every layer's keys/values (and so the lower block's graph) alive.
             kwargs.setdefault("use_cache", False)
         chunked = (self._loss_head is not None and labels is not None and self.training
                    and torch.is_grad_enabled())
-        try:
+        with self.step_scope(attention_mask) as step:
             if chunked:  # run the decoder stack only; the loss head never forms the full logits
                 decoder, head, softcap = self._loss_head
                 out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -426,9 +497,6 @@ class LoPTModel(nn.Module):
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
                 logits = out.logits
                 loss = causal_lm_loss(logits, labels) if labels is not None else None
-        finally:
-            step, self._step = self._step, None
-            torch.set_grad_enabled(grad_mode)  # a skipped lower update switched it off for a while
         aux = torch.stack(step["aux"]).mean() if step["aux"] else None
         extra = {k: v for k, v in out.items() if k not in ("loss", "logits", "last_hidden_state")}
         return LoPTOutput(loss=loss, aux_loss=aux, logits=logits, **extra)
@@ -436,13 +504,19 @@ class LoPTModel(nn.Module):
     def backward(self, output: LoPTOutput) -> None:
         """Finish the step's backward: afterwards every trainable parameter's ``.grad`` holds its
         gradient (task gradient above the last boundary, local gradient below), whatever the
-        schedule. Multiplies by ``self.loss_scale``."""
+        schedule. Multiplies by ``self.loss_scale`` (and the task / local parts by
+        ``task_loss_scale`` / ``local_loss_scale``)."""
         if output.loss is None:
             raise LoPTError("the output has no loss: call the model with labels=... before backward")
-        total = output.loss
-        if output.aux_loss is not None and output.aux_loss.requires_grad:  # joint schedule
-            total = total + self.lopt_config.lambda_aux * output.aux_loss
-        (total * self.loss_scale).backward()
+        terms = []
+        # A zero factor leaves the term out rather than multiplying it: a rank whose share of the batch
+        # has no labelled token has a NaN mean loss, and NaN * 0 would still poison the gradients.
+        if self.task_loss_scale != 0:
+            terms.append(output.loss * self.task_loss_scale)
+        if output.aux_loss is not None and output.aux_loss.requires_grad and self.local_loss_scale != 0:
+            terms.append(output.aux_loss * (self.lopt_config.lambda_aux * self.local_loss_scale))  # joint
+        if terms:
+            (sum(terms) * self.loss_scale).backward()
 
     # ---- gradient checkpointing
     def gradient_checkpointing_enable(self, scope: str = "all") -> None:

@@ -1,4 +1,5 @@
-"""Command line: ``lopt train | demo | eval | compare``, a thin layer over the Python API."""
+"""Command line: ``lopt train | demo | grpo | dpo | eval | compare | bench``, a thin layer over the
+Python API."""
 from __future__ import annotations
 
 import argparse
@@ -58,44 +59,107 @@ TRAIN_HELP: dict[str, str] = {
     "eval_limit": "questions/examples per eval task during training",
     "sample_prompt": "a prompt the trained model answers in the summary",
     "trust_remote_code": "allow model repos to run their own code (off by default)",
+    "fsdp": "multi-process (torchrun/accelerate launch): shard weights, gradients and optimizer state with "
+            "FSDP2 (one unit per decoder layer) instead of replicating them",
+    "pipeline": "multi-process: one LoPT block per process (WORLD_SIZE = number of blocks), all blocks "
+                "computing at once; each process holds only its block",
+}
+
+
+RL_HELP: dict[str, str] = {
+    **{k: v for k, v in TRAIN_HELP.items()},
+    "output_dir": "where checkpoints, metrics.jsonl and the final model go",
+    "lr": "learning rate of the last block, final norm and LM head",
+    "batch_size": "sequences per micro-batch (grpo: completions; dpo: preference pairs)",
+    "warmup_ratio": "fraction of steps with linear warm-up before the cosine decay",
+    "max_grad_norm": "clip gradient norms (per block under LoPT, so the lower blocks' step never depends on "
+                     "the task gradient; 0 or none: no clipping)",
+    "resume": "continue from the latest checkpoint in --output-dir (or from the given checkpoint dir)",
+    # grpo
+    "task": "gsm8k (../shared/data/gsm8k, else the hub), numinamath (hub: AI-MO/NuminaMath-TIR), or a file / "
+            "hub dataset with a question column (question, problem, prompt, query) and a reference column "
+            "(answer, solution, ...)",
+    "answer_format": "how answers are checked: gsm8k (number after ####, else the last number), boxed (last "
+                     "\\boxed{}), auto (from the task / the first reference)",
+    "instruction": "text appended to every question (default: asks for '#### N' or \\boxed{} depending on "
+                   "the answer format; '' for none)",
+    "reward": "reward function, repeatable: accuracy, format (built-ins for the answer format) or "
+              "module:function / file.py:function (TRL signature: fn(completions, answer, **kw) -> list[float])",
+    "reward_weights": "one weight per --reward (default: 1 each)",
+    "num_generations": "completions sampled per prompt (the GRPO group)",
+    "max_prompt_length": "drop prompts longer than this many tokens (they are never cut)",
+    "max_completion_length": "tokens generated per completion at most",
+    "temperature": "sampling temperature",
+    "top_p": "nucleus sampling threshold",
+    "beta": "grpo: KL coefficient to the frozen base (0: no reference model); dpo: the DPO beta",
+    "loss_type": "grpo: grpo, dapo, dr_grpo, bnpo, cispo, sapo, luspo, vespo; dpo: sigmoid, ipo, hinge, ...",
+    "scale_rewards": "advantage scaling: group (std within a prompt's group), batch, none",
+    "epsilon": "PPO-style clipping range of the importance ratio",
+    "num_iterations": "optimisation passes over each generated batch (mu in the GRPO paper)",
+    "steps_per_generation": "optimizer micro-steps served by one generation round (default: --grad-accum)",
+    "use_vllm": "generate with vLLM (needs the vllm package and a GPU)",
+    "log_completions": "also write the sampled completions to OUT/completions/*.parquet",
+    # dpo
+    "dataset": "preference data: a file or hub dataset with prompt/chosen/rejected (strings or chat messages), "
+               "or synthetic-gsm8k[:PATH] (chosen = GSM8K reference solution, rejected = same solution with a "
+               "wrong final answer; default file ../shared/data/gsm8k/train.jsonl)",
+    "max_length": "prompt + completion tokens at most (longer pairs are cut at the end)",
+    "eval_dataset": "held-out preference pairs (same forms as --dataset), scored after the last step and every "
+                    "--eval-every steps: eval loss, reward margin and accuracy go to metrics.jsonl",
+    "eval_limit": "use the first N held-out pairs",
+    "eval_every": "also evaluate every N steps (needs --eval-dataset)",
 }
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
-    for f in fields(TrainConfig):
+    _add_options(p, TrainConfig, TRAIN_HELP)
+
+
+# Flag types for the options whose default is None (the others take their default's type).
+_OPTION_TYPES: dict[str, Any] = {"lr_lower": float, "max_steps": int, "limit": int, "save_every": int,
+                                 "eval_every": int, "eval_limit": int, "max_prompt_length": int,
+                                 "steps_per_generation": int, "max_length": int, "eval_dataset": str}
+_OPTION_CHOICES: dict[str, Sequence[str]] = {
+    "method": METHODS, "schedule": SCHEDULES, "gradient_checkpointing": ("off", "all", "last-block"),
+    "local_objective": ("recon", "anchor"), "per_block_step": ("auto", "on", "off"),
+    "precision": ("auto", "fp32", "bf16", "fp16"), "answer_format": ("auto", "gsm8k", "boxed"),
+    "scale_rewards": ("group", "batch", "none"),
+}
+
+
+def _add_options(p: argparse.ArgumentParser, config_cls: type, helps: dict[str, str]) -> None:
+    """One flag per field of the options dataclass ``config_cls`` (max_steps -> --max-steps), plus
+    --config for a YAML file of the same options."""
+    for f in fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                              "help": f"{TRAIN_HELP.get(f.name, '')} (default: {default})"}
+                              "help": f"{helps.get(f.name, '')} (default: {default})"}
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "boundaries":
             p.add_argument(flag, type=int, nargs="+", metavar="LAYER", **kw)
         elif f.name == "eval_tasks":
             p.add_argument(flag, nargs="+", metavar="TASK", **kw)
+        elif f.name == "reward":
+            p.add_argument(flag, action="append", metavar="REWARD", **kw)
+        elif f.name == "reward_weights":
+            p.add_argument(flag, type=float, nargs="+", metavar="WEIGHT", **kw)
         elif f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", metavar="CHECKPOINT", **kw)
         elif f.name == "max_grad_norm":
             p.add_argument(flag, type=_optional_float, **kw)
         else:
-            typ = {"lr_lower": float, "max_steps": int, "limit": int, "save_every": int, "eval_every": int,
-                   "eval_limit": int}.get(
-                f.name, type(default) if default is not None else str)
-            kw["type"] = typ
-            if f.name == "method":
-                kw["choices"] = METHODS
-            elif f.name == "schedule":
-                kw["choices"] = SCHEDULES
-            elif f.name == "gradient_checkpointing":
-                kw["choices"] = ("off", "all", "last-block")
-            elif f.name == "local_objective":
-                kw["choices"] = ("recon", "anchor")
-            elif f.name == "per_block_step":
-                kw["choices"] = ("auto", "on", "off")
-            elif f.name == "precision":
-                kw["choices"] = ("auto", "fp32", "bf16", "fp16")
+            kw["type"] = _OPTION_TYPES.get(f.name, type(default) if default is not None else str)
+            if f.name in _OPTION_CHOICES:
+                kw["choices"] = _OPTION_CHOICES[f.name]
             p.add_argument(flag, **kw)
     p.add_argument("--config", dest="config_file", default=argparse.SUPPRESS,
                    help="YAML file with any of these options (keys as in the flags, dashes or underscores); "
@@ -110,15 +174,23 @@ def train_config_from_args(ns: argparse.Namespace, defaults: dict[str, Any] | No
     """Merge: dataclass defaults < ``defaults`` < YAML file < command-line flags."""
     from .train import TrainConfig
 
+    return config_from_args(ns, TrainConfig, defaults)
+
+
+def config_from_args(ns: argparse.Namespace, config_cls: type, defaults: dict[str, Any] | None = None,
+                     command: str = "train"):
+    """An options dataclass from the parsed flags: dataclass defaults < ``defaults`` < YAML file <
+    command-line flags."""
+    names = [f.name for f in fields(config_cls)]
     values: dict[str, Any] = dict(defaults or {})
     cfg_file = getattr(ns, "config_file", None)
     if cfg_file:
-        values.update(load_yaml_options(cfg_file, TrainConfig.field_names()))
-    values.update({k: v for k, v in vars(ns).items() if k in TrainConfig.field_names()})
-    return TrainConfig(**values)
+        values.update(load_yaml_options(cfg_file, names, command))
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    return config_cls(**values)
 
 
-def load_yaml_options(path: str, allowed: Sequence[str]) -> dict[str, Any]:
+def load_yaml_options(path: str, allowed: Sequence[str], command: str = "train") -> dict[str, Any]:
     import yaml
 
     p = Path(path)
@@ -134,7 +206,7 @@ def load_yaml_options(path: str, allowed: Sequence[str]) -> dict[str, Any]:
     for k, v in data.items():
         key = str(k).replace("-", "_")
         if key not in allowed:
-            raise LoPTError(f"{path}: unknown option {k!r}; see `lopt train --help` for the options")
+            raise LoPTError(f"{path}: unknown option {k!r}; see `lopt {command} --help` for the options")
         out[key] = v
     return out
 
@@ -149,13 +221,16 @@ def cmd_train(ns: argparse.Namespace, defaults: dict[str, Any] | None = None) ->
     t0 = time.perf_counter()
     result = train(cfg)
     s = result.summary
+    if s.get("rank", 0) != 0:  # multi-process run: rank 0 reports
+        return 130 if s["interrupted"] else 0
     answer = None
     prompt = cfg.sample_prompt
     if prompt is None and cfg.dataset == "arithmetic":
         from .data import load_records
 
         prompt = load_records("arithmetic", split="test", limit=1)[0]["question"]
-    if prompt and not s["interrupted"]:
+    # Under --fsdp / --pipeline rank 0 does not hold the whole model: the sample is left out.
+    if prompt and not s["interrupted"] and not (cfg.fsdp or cfg.pipeline):
         answer = sample_answer(result.model, result.tokenizer, prompt, max_new_tokens=96)
     print_summary(s, time.perf_counter() - t0, prompt, answer)
     return 130 if s["interrupted"] else 0
@@ -183,6 +258,18 @@ def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer:
         print(f"\nheld-out prompt: {prompt}\nmodel answer:    {answer}")
 
 
+def cmd_grpo(ns: argparse.Namespace) -> int:
+    from .grpo import GRPORunConfig, cmd_grpo as run
+
+    return run(config_from_args(ns, GRPORunConfig, command="grpo"))
+
+
+def cmd_dpo(ns: argparse.Namespace) -> int:
+    from .dpo import DPORunConfig, cmd_dpo as run
+
+    return run(config_from_args(ns, DPORunConfig, command="dpo"))
+
+
 DEMO_DEFAULTS = {"dataset": "arithmetic", "method": "lopt", "max_steps": 24, "batch_size": 8,
                  "lr": 1e-4, "lr_lower": 1e-5, "max_length": 256, "output_dir": "runs/demo",
                  "warmup_ratio": 0.1}
@@ -202,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The train command with demo defaults: "
                        + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()) + ". Any train option overrides them.")
     _add_train_options(p)
+    from .dpo import DPORunConfig
+    from .grpo import GRPORunConfig
+
+    _add_options(sub.add_parser(
+        "grpo", help="on-policy GRPO (TRL) with verifiable rewards, LoPT or a baseline",
+        description="GRPO through TRL's GRPOTrainer: completions sampled from the current policy, scored by "
+        "verifiable rewards; under LoPT the policy loss trains the last block and the lower blocks learn "
+        "from their local loss. Every option can also be set in a YAML file given with --config."),
+        GRPORunConfig, RL_HELP)
+    _add_options(sub.add_parser(
+        "dpo", help="DPO (TRL) against the frozen base model, LoPT or a baseline",
+        description="DPO through TRL's DPOTrainer; the reference is the frozen base model. Under LoPT the "
+        "DPO loss trains the last block and the lower blocks learn from their local loss. Every option "
+        "can also be set in a YAML file given with --config."),
+        DPORunConfig, RL_HELP)
     from .bench import add_bench_arguments
 
     add_bench_arguments(sub.add_parser(
@@ -229,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(ns)
         if ns.command == "demo":
             return cmd_train(ns, DEMO_DEFAULTS)
+        if ns.command == "grpo":
+            return cmd_grpo(ns)
+        if ns.command == "dpo":
+            return cmd_dpo(ns)
         if ns.command == "bench":
             from .bench import run_bench_cli
 

@@ -66,6 +66,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16
     device: str | None = None
     seed: int = 0
+    # several processes (launched by torchrun / accelerate launch; see lopt.distributed)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of replicating them
+    pipeline: bool = False  # one LoPT block per process, blocks run concurrently (WORLD_SIZE = blocks)
     # bookkeeping
     log_every: int = 1
     save_every: int | None = None
@@ -97,6 +100,11 @@ class TrainConfig:
             raise LoPTError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.lr <= 0:
             raise LoPTError(f"lr must be > 0, got {self.lr}")
+        if self.fsdp and self.pipeline:
+            raise LoPTError("--fsdp and --pipeline exclude each other: choose one")
+        if self.fsdp and self.per_block_step == "on":
+            raise LoPTError("per_block_step=on is not supported with --fsdp (FSDP reduces gradients inside "
+                            "the backward; the whole model steps at the end)")
 
     def lopt_config(self) -> LoPTConfig:
         return LoPTConfig(method=self.method, num_blocks=self.num_blocks, boundaries=self.boundaries,
@@ -215,7 +223,9 @@ def save_training_checkpoint(wrapped: LoPTModel, tokenizer, output_dir: Path, st
 
 def _extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
     """Trainable tensors that the plain checkpoint does not hold: local heads, LoRA adapters."""
-    state = {f"heads.{k}": v for k, v in wrapped.heads.state_dict().items()}
+    # Under FSDP the heads are sharded (DTensor): gather them (collective; every rank saves alike).
+    state = {f"heads.{k}": v.full_tensor() if hasattr(v, "full_tensor") else v
+             for k, v in wrapped.heads.state_dict().items()}
     # The anchors are the *pretrained* lower blocks: a resumed run cannot rebuild them from its
     # checkpoint's (trained) weights, so they travel with the trainer state.
     state.update({f"anchors.{k}": v for k, v in wrapped.anchors.state_dict().items()})
@@ -232,11 +242,28 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     """Run supervised post-training; returns the summary (also written to ``lopt_run.json``) and the
     trained (wrapped) model with its tokenizer."""
     from .data import Batches, build_sft_dataset
+    from .distributed import DataParallel, init_distributed, install_sigint
     from .models import load_model
 
     cfg.validate()
+    ctx = init_distributed(cfg.device)  # None unless a launcher started several processes
+    if ctx is None and (cfg.fsdp or cfg.pipeline):
+        raise LoPTError(f"--{'fsdp' if cfg.fsdp else 'pipeline'} needs several processes: launch with "
+                        f"torchrun --nproc_per_node N -m lopt train ... (or accelerate launch)")
+    if ctx is not None and cfg.pipeline:
+        from .distributed import train_pipeline
+
+        try:
+            return train_pipeline(cfg, ctx, callbacks)
+        finally:
+            ctx.close()
+    if ctx is not None and cfg.fsdp and cfg.eval_every:
+        raise LoPTError("--eval-every is not supported with --fsdp (the sharded model runs only on all "
+                        "ranks together); evaluate the saved checkpoint with lopt eval")
+    main = ctx is None or ctx.is_main
+    dp = DataParallel(ctx, fsdp=cfg.fsdp) if ctx is not None else None
     out_dir = Path(cfg.output_dir)
-    device = resolve_device(cfg.device)
+    device = ctx.device if ctx is not None else resolve_device(cfg.device)
     set_seed(cfg.seed)
 
     resume_dir = None
@@ -249,29 +276,44 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     # A resumed LoRA run restarts from the base model (its checkpoint has the adapters merged in);
     # every other method restarts from the checkpoint's weights.
     source = str(resume_dir) if resume_dir is not None and cfg.method != "lora" else cfg.model
+    # FSDP: every rank loads on the CPU and fully_shard moves its shard to the device.
+    load_device = torch.device("cpu") if cfg.fsdp else device
     model, tokenizer = load_model(source, gguf_file=None if source != cfg.model else cfg.gguf_file,
-                                  device=device, trust_remote_code=cfg.trust_remote_code)
+                                  device=load_device, trust_remote_code=cfg.trust_remote_code)
     examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
                                              split=cfg.split, limit=cfg.limit)
-    wrapped = wrap(model, config=cfg.lopt_config()).to(device)
+    wrapped = wrap(model, config=cfg.lopt_config()).to(load_device)
     if cfg.gradient_checkpointing != "off":
         wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
     wrapped.train()
 
-    batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
-    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    stepper = Stepper(wrapped, cfg, device, total_steps)
-    optimizer, scheduler, scaler = stepper.optimizer, stepper.scheduler, stepper.scaler
-
-    state = TrainState()
+    ts = None
     if resume_dir is not None:
         ts = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        missing = wrapped.load_state_dict(ts["extra_state"], strict=False)
+        if ts.get("fsdp", False) != cfg.fsdp or "pipeline" in ts:
+            raise LoPTError(f"{resume_dir} was written by a run {'with' if ts.get('fsdp') else 'without'} "
+                            f"--fsdp{' (--pipeline)' if 'pipeline' in ts else ''}: resume it the same way")
+        missing = wrapped.load_state_dict(ts["extra_state"], strict=False)  # before sharding: plain tensors
         if missing.unexpected_keys:
             raise LoPTError(f"{resume_dir} was written by another method/config "
                             f"(unexpected keys {missing.unexpected_keys[:3]}...): resume with the same options")
-        optimizer.load_state_dict(ts["optimizer"])
+    if dp is not None:
+        wrapped = dp.prepare_model(wrapped)
+
+    # Data parallel: each global batch has batch_size rows per process; rank r takes slice r.
+    world = ctx.world_size if ctx is not None else 1
+    batches = Batches(examples, cfg.batch_size * world, tokenizer.pad_token_id, seed=cfg.seed)
+    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    stepper = Stepper(wrapped, cfg, device, total_steps, dist=dp)
+    optimizer, scheduler, scaler = stepper.optimizer, stepper.scheduler, stepper.scaler
+
+    state = TrainState()
+    if ts is not None:
+        if dp is not None:
+            dp.load_optimizer_state(wrapped, optimizer, ts["optimizer"])
+        else:
+            optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
         batches.load_state_dict(ts["data"])
         if scaler is not None and ts.get("scaler"):
@@ -281,43 +323,52 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
         torch.set_rng_state(ts["rng"]["torch"])
         if torch.cuda.is_available() and ts["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
+        del ts
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    if resume_dir is None and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
-    tb = _tensorboard(out_dir) if cfg.tensorboard else None
-    run_eval = _periodic_eval(cfg, tokenizer, device)
-    log_file = metrics_path.open("a")
-    print(f"lopt: {cfg.method} on {type(model).__name__} ({wrapped.num_layers} layers, blocks "
-          f"{wrapped.block_ranges}), {data_stats['rows']} examples ({data_stats['format']}), "
-          f"{total_steps} steps on {device}" + (f", resumed at step {state.step}" if resume_dir else ""),
-          file=sys.stderr)
-    if data_stats.get("truncated"):
+    if main:  # only rank 0 writes the log, the progress bar and the checkpoints
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_dir is None and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run starts a fresh log
+    tb = _tensorboard(out_dir) if cfg.tensorboard and main else None
+    run_eval = _periodic_eval(cfg, tokenizer, device) if main else None
+    log_file = metrics_path.open("a") if main else open(os.devnull, "w")
+    if main:
+        print(f"lopt: {cfg.method} on {type(model).__name__} ({wrapped.num_layers} layers, blocks "
+              f"{wrapped.block_ranges}), {data_stats['rows']} examples ({data_stats['format']}), "
+              f"{total_steps} steps on {device}" + (f", resumed at step {state.step}" if resume_dir else "")
+              + (f", {world} processes ({'FSDP' if cfg.fsdp else 'data parallel'}, global batch "
+                 f"{cfg.batch_size * world})" if ctx is not None else ""), file=sys.stderr)
+    if data_stats.get("truncated") and main:
         print(f"lopt: {data_stats['truncated']} examples truncated to {cfg.max_length} tokens", file=sys.stderr)
 
     def make_state() -> dict[str, Any]:
-        return {"step": state.step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        opt_state = dp.optimizer_state(wrapped, optimizer) if dp is not None else optimizer.state_dict()
+        return {"step": state.step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "fsdp": cfg.fsdp,
                 "data": batches.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "extra_state": _extra_state(wrapped), "history": state.history,
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Path | None:
+        # Called on every rank: under FSDP gathering the full weights and optimizer state is collective.
         last = state.history[-1] if state.history else None
-        return save_training_checkpoint(wrapped, tokenizer, out_dir, state.step,
-                                        run_info(cfg, wrapped, last), make_state())
+        model_to_save = dp.saveable(wrapped) if dp is not None else wrapped
+        train_state = make_state()
+        path = None
+        if main:
+            path = save_training_checkpoint(model_to_save, tokenizer, out_dir, state.step,
+                                            run_info(cfg, wrapped, last), train_state)
+        if ctx is not None:
+            ctx.barrier()
+        return path
 
-    # Ctrl-C: finish the current step, save, exit. A second Ctrl-C stops at once.
-    def on_sigint(signum, frame):
-        if state.stop_requested:
-            raise KeyboardInterrupt
-        state.stop_requested = True
-        print("\nlopt: interrupt received, saving a checkpoint after this step (Ctrl-C again to abort)",
-              file=sys.stderr)
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    # Ctrl-C: finish the current step, save, exit. A second Ctrl-C stops at once (under a launcher a
+    # repeat within seconds is its forwarded copy of the same Ctrl-C and is ignored).
+    old_handler = install_sigint(state, ctx, "\nlopt: interrupt received, saving a checkpoint after this "
+                                 "step (Ctrl-C again to abort)") if _main_thread() else None
 
-    bar = _progress(total_steps, state.step, cfg.progress)
+    bar = _progress(total_steps, state.step, cfg.progress and main)
     t_window, tok_window, loss_window = time.perf_counter(), 0, []
     last_eval = None
     try:
@@ -345,6 +396,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
                     bar.set_postfix(_postfix(rec), refresh=False)
                 for cb in callbacks or []:
                     cb(rec, state)
+            if ctx is not None:  # every rank stops after the same step (Ctrl-C reaches them at different times)
+                state.stop_requested = ctx.any(state.stop_requested)
             if run_eval and (state.step % cfg.eval_every == 0 or state.step == total_steps):
                 last_eval = run_eval(wrapped.model)
                 log_file.write(json.dumps({"step": state.step, "eval": last_eval}, default=str) + "\n")
@@ -354,8 +407,9 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
         interrupted = state.stop_requested and state.step < total_steps
         if interrupted:
             path = checkpoint()
-            print(f"lopt: stopped at step {state.step}; resume with --resume (checkpoint: {path})",
-                  file=sys.stderr)
+            if main:
+                print(f"lopt: stopped at step {state.step}; resume with --resume (checkpoint: {path})",
+                      file=sys.stderr)
     finally:
         if bar:
             bar.close()
@@ -367,8 +421,15 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
 
     summary = _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
     summary["eval"] = last_eval
+    if ctx is not None:
+        summary["rank"], summary["world_size"] = ctx.rank, ctx.world_size
     if not interrupted:
-        _save_plain_into(wrapped, tokenizer, out_dir, run_info(cfg, wrapped, summary))
+        model_to_save = dp.saveable(wrapped) if dp is not None else wrapped
+        if main:
+            _save_plain_into(model_to_save, tokenizer, out_dir, run_info(cfg, wrapped, summary))
+    if ctx is not None:
+        ctx.barrier()
+        ctx.close()
     return TrainResult(summary, wrapped, tokenizer)
 
 
@@ -397,8 +458,11 @@ class Stepper:
     """One optimizer step of a wrapped model: micro-batches, autocast, gradient accumulation, clipping,
     the per-block step, the LR schedule. Shared by ``train`` and ``bench`` so both measure one thing."""
 
-    def __init__(self, wrapped: LoPTModel, cfg: TrainConfig, device: torch.device, total_steps: int):
-        self.wrapped, self.cfg, self.device = wrapped, cfg, device
+    def __init__(self, wrapped: LoPTModel, cfg: TrainConfig, device: torch.device, total_steps: int,
+                 dist: Any = None):
+        # dist: a lopt.distributed.DataParallel for multi-process runs (slices the batches, scales the
+        # losses, synchronises gradients); None in a single process.
+        self.wrapped, self.cfg, self.device, self.dist = wrapped, cfg, device, dist
         self.optimizer = torch.optim.AdamW(wrapped.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay),
                                            lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -407,9 +471,11 @@ class Stepper:
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.per_block = cfg.per_block_step == "on" or (
             cfg.per_block_step == "auto" and cfg.method == "lopt" and cfg.schedule == "blockwise"
-            and cfg.grad_accum == 1 and self.scaler is None)
+            and cfg.grad_accum == 1 and self.scaler is None and not cfg.fsdp)
         self._block_norms: list[float] = []
         wrapped.after_local_backward = self._step_block if self.per_block else None
+        if dist is not None:
+            wrapped.after_local_backward = dist.local_hook(wrapped.after_local_backward)
 
     def _step_block(self, block: int, params: list[torch.nn.Parameter]) -> None:
         # Each lower block is clipped and stepped as soon as its local backward is done, and its
@@ -426,19 +492,33 @@ class Stepper:
         # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
         w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
         loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
-        for b in micro_batches:
+        n = len(micro_batches)
+        if self.dist is not None:
+            micro_batches = self.dist.local_batches(micro_batches)
+        for i, b in enumerate(micro_batches):
             b = {k: v.to(dev) for k, v in b.items()}
             scale = self.scaler.scale(torch.ones((), device=dev)).item() if self.scaler else 1.0
-            w.loss_scale = scale / len(micro_batches)
+            w.loss_scale = scale / n
+            if self.dist is not None:
+                self.dist.begin_micro(i, n)
             with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 out = w(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
             w.backward(out)
-            loss_sum += out.loss.item()
+            # This rank's share of the global mean (1 in a single process); 0 leaves a NaN out.
+            wl, wa = self.dist.stat_weights(i) if self.dist is not None else (1.0, 1.0)
+            if self.dist is not None:
+                self.dist.end_micro(i, n)
+            if wl:
+                loss_sum += out.loss.item() * wl
             if out.aux_loss is not None:
-                aux_sum += out.aux_loss.item()
+                if wa:
+                    aux_sum += out.aux_loss.item() * wa
                 n_aux += 1
             tokens += int(b["attention_mask"].sum())
+        if self.dist is not None:
+            self.dist.finish()
+            loss_sum, aux_sum, tokens = self.dist.reduce_stats(loss_sum, aux_sum, tokens)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = _clip(list(w.parameters()), self.cfg.max_grad_norm)
@@ -486,8 +566,15 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float | N
     if not params:
         return None
     if max_norm is None:
+        if any(hasattr(p.grad, "full_tensor") for p in params):  # FSDP: sharded gradients (DTensor)
+            return _full(torch.nn.utils.get_total_norm([p.grad for p in params]))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _full(norm: torch.Tensor) -> float:
+    """A norm as a float; under FSDP it is a DTensor, whose value needs the other shards."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _postfix(rec: dict[str, Any]) -> dict[str, str]:

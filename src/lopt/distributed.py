@@ -1,0 +1,1157 @@
+"""LoPT on several processes: data parallel (DDP-style), sharded (FSDP2), and block-parallel.
+
+Launch any of them with ``torchrun --nproc_per_node N -m lopt train ...`` or ``accelerate launch
+-m lopt train ...``: both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR, and ``lopt train`` joins
+the process group (gloo on CPU, nccl on CUDA with device ``cuda:LOCAL_RANK``).
+
+**Data parallel** (the default when WORLD_SIZE > 1). Every rank holds the whole model; each global
+batch of ``batch_size x WORLD_SIZE`` rows is cut into contiguous slices, one per rank, so the data
+order is that of one process with the global batch. Plain ``DistributedDataParallel`` cannot be used:
+its reducer expects one backward per forward, and LoPT's blockwise schedule runs the lower block's
+local backward *inside* the forward, then the task backward. ``GradSync`` does the reducer's job per
+LoPT block instead: as soon as a block's backward is over (in the boundary hook for a lower block,
+after the task backward for the last one) its gradients are flattened into one buffer and summed
+across ranks with an asynchronous ``all_reduce``, so the lower block's communication overlaps the
+upper block's compute; the optimizer waits for all of them. Under gradient accumulation only the
+last micro-batch communicates. With the per-block optimizer step (``--per-block-step``, on by
+default for blockwise LoPT without accumulation) the block is synchronised *synchronously* right
+before its own step, so its gradients are still freed before the upper block runs.
+
+**Exact token normalisation.** The task loss is a mean over labelled tokens and the local loss a
+mean over attention-mask tokens; ranks hold different counts. Before the forward, the counts are
+summed across ranks (one small all_reduce per step) and each rank scales its losses by
+``W * n_rank / n_global`` (``LoPTModel.task_loss_scale`` / ``local_loss_scale``), so the averaged
+gradient equals the single-process gradient of the global batch. The scale must be known before the
+forward because the blockwise local backward happens inside it.
+
+**FSDP** (``--fsdp``): PyTorch's ``fully_shard`` (FSDP2) with one unit per decoder layer, one for the
+embeddings, one for the final norm and LM head, one per local head, and the wrapper as root. Works
+with both schedules; see ``shard_model`` for the two things LoPT needs from FSDP2 and why.
+
+**Block-parallel pipeline** (``--pipeline``, WORLD_SIZE = number of blocks): rank r holds block r
+only and trains it from what it sees; block r sends its detached boundary hidden states to rank r+1
+and never waits for a gradient, so all ranks compute at once. See ``PipelineStage``.
+
+Only rank 0 logs, shows progress, writes ``metrics.jsonl`` and saves; checkpoints are the same plain
+transformers checkpoints as a single-process run, and ``--resume`` works for every mode.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .boundary import LoPTError, LoPTModel
+
+IGNORE_INDEX = -100
+# A second SIGINT this soon after the first is the launcher's forwarded copy (a terminal's Ctrl-C
+# reaches every worker directly, and torchrun forwards it once more), not a request to abort.
+SIGINT_DUPLICATE_S = 5.0
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (torchrun, accelerate launch) started more than one process."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+@dataclass
+class DistContext:
+    """This process's place in the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    owns_group: bool = False  # this object initialised the group (and destroys it in close())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
+        """Sum (or max) a few numbers across ranks; float64 so token counts stay exact."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any rank (the agreed stop flag)."""
+        return self.all_reduce([1.0 if flag else 0.0], op="max")[0] > 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def init_distributed(device: str | None = None, timeout_min: float | None = None) -> DistContext | None:
+    """Join the process group the launcher describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Returns None for a single process. The backend is nccl when the device is CUDA (device
+    ``cuda:LOCAL_RANK`` unless ``device`` names one) and gloo otherwise. ``timeout_min`` bounds how
+    long a collective waits (default 60 min, or ``$LOPT_DIST_TIMEOUT_MIN``): ranks wait there while
+    rank 0 saves a checkpoint.
+    """
+    if not launched_distributed():
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    owns = False
+    if not dist.is_initialized():
+        minutes = timeout_min if timeout_min is not None else float(os.environ.get("LOPT_DIST_TIMEOUT_MIN", "60"))
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=minutes))
+        owns = True
+    if rank != 0:  # one progress bar per run (model loading, checkpoint writing), not one per process
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Processes on one machine share its cores; oversubscribed threads spin and slow everyone.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return DistContext(rank, world, local_rank, dev, backend, owns)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def shard_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """This rank's contiguous slice of a global batch (``torch.tensor_split``: sizes differ by at most
+    one row), with the columns that are padding in every row of the slice cut off (right padding, so
+    this changes nothing a causal model computes for the real tokens).
+
+    Returns ``(slice, real)``. When the global batch has fewer rows than ranks, a rank without a row
+    gets a copy of the first row and ``real=False``: it runs the step (the collectives need every
+    rank) with zero loss factors, so it contributes nothing.
+    """
+    rows = batch["input_ids"].shape[0]
+    idx = torch.tensor_split(torch.arange(rows), world)[rank]
+    real = len(idx) > 0
+    if not real:
+        idx = torch.arange(1)
+    out = {k: v[idx] for k, v in batch.items()}
+    mask = out.get("attention_mask")
+    if mask is not None and mask.ndim == 2 and real:
+        width = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+        if width < mask.shape[1]:
+            out = {k: v[:, :width] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v for k, v in out.items()}
+    return out, real
+
+
+def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(labelled tokens the task loss averages over, attention-mask tokens the local loss averages over)."""
+    labels = batch["labels"]
+    n_lab = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    mask = batch.get("attention_mask")
+    n_mask = int(mask.sum()) if mask is not None else labels.numel()
+    return n_lab, n_mask
+
+
+# --------------------------------------------------------------------------- gradient sync (DDP)
+
+
+class GradSync:
+    """Average gradients across ranks, one coalesced all_reduce per LoPT block.
+
+    ``launch(block)`` copies the block's gradients into one flat buffer (a missing gradient counts
+    as zeros), frees the originals, and starts an asynchronous all_reduce of the buffer; ``wait()``
+    waits for all launched blocks and makes each ``.grad`` a view of the averaged buffer. The buffer
+    also carries one flag per parameter (1 where this rank had a gradient): a parameter that had no
+    gradient on any rank keeps ``.grad = None``, so the optimizer skips it exactly as a single
+    process would.
+    """
+
+    def __init__(self, blocks: list[list[nn.Parameter]], world_size: int):
+        self.blocks = blocks
+        self.world = world_size
+        self.pending: dict[int, tuple[Any, list[tuple[torch.Tensor, list[nn.Parameter]]]]] = {}
+        self.launched: set[int] = set()
+        seen: set[int] = set()
+        for params in blocks:
+            for p in params:
+                if id(p) in seen:
+                    raise LoPTError("a parameter belongs to two LoPT blocks; gradient sync needs disjoint blocks")
+                seen.add(id(p))
+
+    def launch(self, block: int, async_op: bool = True) -> None:
+        if block in self.launched:
+            return
+        self.launched.add(block)
+        params = self.blocks[block]
+        if not params:
+            return
+        buffers = []
+        works = []
+        # One buffer per (dtype, device): gradients are summed in their own precision.
+        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+        for p in params:
+            groups.setdefault((p.dtype, p.device), []).append(p)
+        for (dtype, device), ps in groups.items():
+            n = sum(p.numel() for p in ps)
+            flat = torch.empty(n + len(ps), dtype=dtype, device=device)
+            off = 0
+            for i, p in enumerate(ps):
+                k = p.numel()
+                if p.grad is None:
+                    flat[off:off + k].zero_()
+                    flat[n + i] = 0
+                else:
+                    flat[off:off + k].copy_(p.grad.reshape(-1))
+                    flat[n + i] = 1
+                    p.grad = None  # the buffer holds it now: no second copy of the block's gradients
+                off += k
+            works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=async_op))
+            buffers.append((flat, ps))
+        self.pending[block] = (works, buffers)
+
+    def wait(self, block: int | None = None) -> None:
+        """Wait for one launched block (or all) and put the averaged gradients in place."""
+        for b in ([block] if block is not None else list(self.pending)):
+            if b not in self.pending:
+                continue
+            works, buffers = self.pending.pop(b)
+            for w in works:
+                if w is not None:
+                    w.wait()
+            for flat, ps in buffers:
+                n = flat.numel() - len(ps)
+                flags = flat[n:].tolist()
+                flat = flat[:n]
+                flat.div_(self.world)
+                off = 0
+                for i, p in enumerate(ps):
+                    k = p.numel()
+                    if flags[i] > 0:
+                        g = flat[off:off + k]
+                        p.grad = g.view(p.shape) if p.is_contiguous() else g.view(p.shape).clone()
+                    off += k
+
+    def reset(self) -> None:
+        self.wait()
+        self.launched.clear()
+
+
+# --------------------------------------------------------------------------- FSDP
+
+
+def _leaf_modules_outside_layers(model: nn.Module, layers_name: str) -> list[tuple[str, nn.Module]]:
+    prefix = layers_name + "."
+    return [(n, m) for n, m in model.named_modules()
+            if n != layers_name and not n.startswith(prefix) and any(True for _ in m.parameters(recurse=False))]
+
+
+def _run_lopt_hooks_last(wrapped: LoPTModel) -> None:
+    """Move LoPT's forward hooks behind the ones registered after them (FSDP's).
+
+    FSDP2's post-forward hook registers the pre-backward hook (which re-gathers a unit's parameters
+    for its backward) on the layer's *output*. LoPT's boundary hook returns that output detached, so
+    it must run after FSDP's, or the lower block's last layer would be backpropagated with its
+    parameters still sharded.
+    """
+    for h in wrapped._hooks:
+        d = h.hooks_dict_ref()
+        if d is not None and h.id in d:
+            d.move_to_end(h.id)
+
+
+def shard_model(wrapped: LoPTModel, ctx: DistContext) -> LoPTModel:
+    """Apply FSDP2 (``fully_shard``) to a wrapped model: one unit per decoder layer, one per local
+    head, one for the embeddings (the lowest block's non-layer parameters), one for everything else
+    outside the layers (final norm, LM head), and the wrapper as the root, which keeps no parameter
+    of its own.
+
+    Why the root must own nothing: at the end of *every* backward FSDP2 runs its root "post-backward
+    final callback", which finishes and reshards every unit that has not done so. Under the
+    blockwise schedule the first backward (the local one) ends in the middle of the forward; a unit
+    that is still to be used in that forward (the final norm, when it sits in the root) would be
+    resharded under the running forward. With every parameter in its own unit, units that have not
+    run yet are untouched by that callback, and units that ran (the lower block's layers and the
+    embeddings) are exactly the ones whose gradients are complete. The second requirement is the
+    hook order (``_run_lopt_hooks_last``).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if wrapped.anchors:
+        raise LoPTError("--fsdp does not support --local-objective anchor (its frozen reference blocks "
+                        "would sit in the FSDP root unit); use recon, or data parallel without --fsdp")
+    if wrapped.method == "lora":
+        raise LoPTError("--fsdp does not support --method lora (merging adapters into sharded weights "
+                        "is not implemented); LoRA's optimizer state is small: use data parallel without --fsdp")
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    model = wrapped.model
+    layers = model.get_submodule(wrapped.layers_name)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    for head in wrapped.heads:
+        fully_shard(head, mesh=mesh)
+    lower_ids = {id(p) for p in wrapped.lower_parameters()}
+    outside = _leaf_modules_outside_layers(model, wrapped.layers_name)
+    emb = [m for _, m in outside if any(id(p) in lower_ids for p in m.parameters(recurse=False))]
+    top = [m for _, m in outside if not any(id(p) in lower_ids for p in m.parameters(recurse=False))]
+    for group in (emb, top):
+        if group:
+            fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
+    fully_shard(wrapped, mesh=mesh)
+    _run_lopt_hooks_last(wrapped)
+    wrapped._block_params = None  # fully_shard replaced the parameters by sharded ones
+    return wrapped
+
+
+def full_state_dict(module: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The unsharded state dict of an FSDP module, on CPU, on rank 0 (None elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ctx.is_main:
+        return None
+    # Tied parameters (e2e with tied embeddings) come back as separate tensors under each name; keep
+    # the first name only, as save_pretrained does for a model whose tensors are shared.
+    names: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for group in names.values():
+        for dup in group[1:]:
+            sd.pop(dup, None)
+    return sd
+
+
+class GatheredModel:
+    """What ``lopt.models.save_checkpoint`` needs (``save_pretrained``, ``modules``) for a model whose
+    weights live elsewhere (sharded, or on other pipeline ranks): saves ``plain`` with the gathered
+    full ``state_dict``, which gives the same plain transformers checkpoint as a single process."""
+
+    def __init__(self, plain: nn.Module, state_dict: dict[str, torch.Tensor]):
+        self.plain, self.state_dict = plain, state_dict
+
+    def modules(self) -> Iterable[nn.Module]:
+        return self.plain.modules()
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        self.plain.save_pretrained(save_directory, state_dict=self.state_dict, **kwargs)
+
+
+# --------------------------------------------------------------------------- data parallel step
+
+
+class DataParallel:
+    """What a data-parallel step (DDP-style or FSDP) adds to ``lopt.train.Stepper``.
+
+    The Stepper calls ``local_batches`` (slice + exact loss factors), ``begin_micro`` before each
+    micro-batch's forward, ``local_hook`` (installed as the wrapper's ``after_local_backward``),
+    ``end_micro`` after each micro-batch's backward, ``finish`` before clipping, and
+    ``reduce_stats`` for the logged numbers.
+    """
+
+    def __init__(self, ctx: DistContext, fsdp: bool = False):
+        self.ctx, self.fsdp = ctx, fsdp
+        self.wrapped: LoPTModel | None = None
+        self.sync: GradSync | None = None
+        self._scales: list[tuple[float, float, float, float]] = []
+        self._last = True
+
+    # ---- model
+    def prepare_model(self, wrapped: LoPTModel) -> LoPTModel:
+        """DDP: make every rank start from rank 0's weights (local heads and LoRA adapters are drawn
+        at random). FSDP: shard. Call after loading any resumed extra state, before the optimizer."""
+        self.wrapped = wrapped
+        if self.fsdp:
+            return shard_model(wrapped, self.ctx)
+        with torch.no_grad():
+            for t in list(wrapped.parameters()) + list(wrapped.buffers()):
+                dist.broadcast(t.data, src=0)
+        self.sync = GradSync([wrapped.block_parameters(i) for i in range(len(wrapped.block_ranges))],
+                             self.ctx.world_size)
+        return wrapped
+
+    # ---- batches and loss factors
+    def local_batches(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """This rank's slices of the global micro-batches, and the loss factors that make the averaged
+        gradient that of the global batch (one all_reduce of the token counts)."""
+        W, out, counts = self.ctx.world_size, [], []
+        for b in micro_batches:
+            loc, real = shard_rows(b, self.ctx.rank, W)
+            n_lab, n_mask = token_counts(loc) if real else (0, 0)
+            out.append(loc)
+            counts += [n_lab, n_mask]
+        total = self.ctx.all_reduce(counts)
+        self._scales = []
+        for i in range(len(micro_batches)):
+            n_lab, n_mask, N_lab, N_mask = counts[2 * i], counts[2 * i + 1], total[2 * i], total[2 * i + 1]
+            # With no labelled token in the whole global micro-batch the single-process loss is NaN;
+            # factor 1 keeps that behaviour rather than hiding it.
+            task = W * n_lab / N_lab if N_lab > 0 else 1.0
+            local = W * n_mask / N_mask if N_mask > 0 else 1.0
+            self._scales.append((task, local, n_lab / N_lab if N_lab > 0 else 0.0,
+                                 n_mask / N_mask if N_mask > 0 else 0.0))
+        return out
+
+    def begin_micro(self, i: int, n: int) -> None:
+        w = self.wrapped
+        w.task_loss_scale, w.local_loss_scale = self._scales[i][0], self._scales[i][1]
+        self._last = i == n - 1
+        if self.fsdp:
+            w.set_requires_gradient_sync(self._last)  # FSDP2: reduce-scatter only on the last micro-batch
+
+    def stat_weights(self, i: int) -> tuple[float, float]:
+        """This rank's share of the global mean task loss / local loss for micro-batch ``i``."""
+        return self._scales[i][2], self._scales[i][3]
+
+    # ---- gradient sync
+    def local_hook(self, step_block: Callable[[int, list[nn.Parameter]], None] | None
+                   ) -> Callable[[int, list[nn.Parameter]], None] | None:
+        """The wrapper's ``after_local_backward``: start the lower block's all_reduce (async), or with
+        the per-block step, synchronise it and step it. FSDP reduces inside the backward itself."""
+        if self.fsdp:
+            return step_block
+
+        def hook(block: int, params: list[nn.Parameter]) -> None:
+            if not self._last:
+                return  # accumulating: gradients stay local until the last micro-batch
+            if step_block is not None:
+                self.sync.launch(block, async_op=False)
+                self.sync.wait(block)
+                step_block(block, params)
+            else:
+                self.sync.launch(block)
+        return hook
+
+    def end_micro(self, i: int, n: int) -> None:
+        """After a micro-batch's backward: on the last one, launch every block not launched yet (the
+        last block; all of them under the joint schedule or a method without boundary). Lower blocks
+        that skip this step (``--lower-every``) have no gradient on any rank and are left out."""
+        if self.fsdp or i != n - 1:
+            return
+        w = self.wrapped
+        last = len(w.block_ranges) - 1
+        for b in range(len(w.block_ranges)):
+            if b < last and w.local and not w.update_lower:
+                continue
+            self.sync.launch(b)
+
+    def finish(self) -> None:
+        """Before clipping and the optimizer step: every gradient averaged and in place."""
+        if self.sync is not None:
+            self.sync.reset()
+
+    def reduce_stats(self, loss_sum: float, aux_sum: float, tokens: int) -> tuple[float, float, int]:
+        loss, aux, tok = self.ctx.all_reduce([loss_sum, aux_sum, float(tokens)])
+        return loss, aux, int(tok)
+
+    # ---- checkpoints
+    def saveable(self, wrapped: LoPTModel) -> Any:
+        """What rank 0 passes to ``save_checkpoint``; None on other ranks. Collective under FSDP."""
+        if not self.fsdp:
+            return wrapped if self.ctx.is_main else None
+        sd = full_state_dict(wrapped.model, self.ctx)
+        return GatheredModel(wrapped.plain_model(), sd) if self.ctx.is_main else None
+
+    def optimizer_state(self, wrapped: LoPTModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state to save (full, keyed by parameter names under FSDP). Collective under FSDP."""
+        if not self.fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, wrapped: LoPTModel, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> None:
+        if not self.fsdp:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+def install_sigint(state: Any, ctx: DistContext | None, message: str) -> Any:
+    """Ctrl-C handler for a (possibly distributed) run: the first SIGINT sets ``state.stop_requested``;
+    under a launcher a repeat within SIGINT_DUPLICATE_S seconds is the launcher's forwarded copy and
+    is ignored; a later one aborts. Returns the previous handler."""
+    first: list[float] = []
+
+    def on_sigint(signum, frame):
+        now = time.monotonic()
+        if state.stop_requested:
+            if ctx is not None and first and now - first[0] < SIGINT_DUPLICATE_S:
+                return
+            raise KeyboardInterrupt
+        state.stop_requested = True
+        first.append(now)
+        if ctx is None or ctx.is_main:
+            print(message, file=sys.stderr)
+    return signal.signal(signal.SIGINT, on_sigint)
+
+
+# --------------------------------------------------------------------------- block-parallel pipeline
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_TAG_HIDDEN, _TAG_STATS = 0, 1
+
+
+class PipelineStage:
+    """Rank r's share of the model for the block-parallel pipeline: block r's layers (plus the
+    embeddings on rank 0, the final norm and LM head on the last rank, and block r's local head).
+
+    The model's own forward runs unchanged on every rank. The model is built on the meta device (no
+    memory), only this rank's modules are materialised and loaded, and the rest are made inert:
+
+    * the other blocks' layers keep their (meta, memory-free) parameters but their ``forward`` is
+      replaced by a pass-through that returns the hidden state it was given;
+    * on ranks > 0 the embeddings return a zero tensor of the right shape (an expanded scalar, no
+      memory), and a forward pre-hook on the first own layer substitutes the hidden states received
+      from rank r-1;
+    * on ranks below the last the final norm and LM head pass their input through, and a forward hook
+      on the last own layer sends the block's (detached) output to rank r+1 before LoPT's boundary
+      hook runs the local backward, so rank r+1 starts as early as possible.
+
+    The receiver knows the batch (every rank reads the same data in the same order: masks, labels and
+    positions come from there), so only the hidden states travel, with a small header.
+
+    Staleness: block r+1's step t uses the boundary states that block r computed in its step t, with
+    block r's parameters *before* its step-t update: exactly what one process does under LoPT's
+    blockwise schedule. Sends run ahead (rank r starts step t+1 while rank r+1 works on step t), but
+    a rank waits for its previous send to be received before it sends again, so it is at most one
+    step ahead and never uses anything stale.
+    """
+
+    def __init__(self, wrapped: LoPTModel, ctx: DistContext, owned_state_keys: list[str], hidden: int):
+        self.wrapped, self.ctx = wrapped, ctx
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.last = self.rank == self.world - 1
+        self.owned_state_keys = owned_state_keys
+        self.hidden = hidden
+        self.active = False
+        self._received: torch.Tensor | None = None
+        self._sends: list[Any] = []
+        self._keep: list[torch.Tensor] = []  # tensors being sent must stay alive until the send is done
+        layers = wrapped.model.get_submodule(wrapped.layers_name)
+        start, end = wrapped.block_ranges[self.rank]
+        if self.rank > 0:
+            layers[start].register_forward_pre_hook(self._substitute, with_kwargs=True, prepend=True)
+        if not self.last:
+            layers[end - 1].register_forward_hook(self._send, prepend=True)
+
+    # ---- hooks
+    def _substitute(self, module, args, kwargs):
+        if not self.active or self._received is None:
+            return None
+        h, self._received = self._received, None
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    def _send(self, module, args, output) -> None:
+        if self.active:
+            h = output[0] if isinstance(output, tuple) else output
+            self.send_hidden(h.detach())
+
+    # ---- point to point
+    def wait_sends(self) -> None:
+        for w in self._sends:
+            w.wait()
+        self._sends, self._keep = [], []
+
+    def send_hidden(self, h: torch.Tensor) -> None:
+        self.wait_sends()  # at most one step in flight: bounded memory, and rank r never runs far ahead
+        h = h.contiguous()
+        header = torch.tensor([0, *h.shape, _DTYPES.index(h.dtype)], dtype=torch.int64, device=h.device)
+        self._keep = [header, h]
+        self._sends = [dist.isend(header, dst=self.rank + 1, tag=_TAG_HIDDEN),
+                       dist.isend(h, dst=self.rank + 1, tag=_TAG_HIDDEN)]
+
+    def send_stop(self) -> None:
+        """Tell the next rank (which passes it on) that the run stops before the next step."""
+        if self.last:
+            return
+        self.wait_sends()
+        header = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=self.ctx.device)
+        dist.send(header, dst=self.rank + 1, tag=_TAG_HIDDEN)
+
+    def receive(self) -> bool:
+        """Receive the next hidden states from rank r-1; False when it sent the stop signal."""
+        header = torch.empty(5, dtype=torch.int64, device=self.ctx.device)
+        dist.recv(header, src=self.rank - 1, tag=_TAG_HIDDEN)
+        if int(header[0]) == 1:
+            self.send_stop()
+            return False
+        shape, dtype = [int(x) for x in header[1:4]], _DTYPES[int(header[4])]
+        h = torch.empty(shape, dtype=dtype, device=self.ctx.device)
+        dist.recv(h, src=self.rank - 1, tag=_TAG_HIDDEN)
+        self._received = h
+        return True
+
+    # ---- checkpoint
+    def own_state(self) -> dict[str, torch.Tensor]:
+        """This rank's entries of the plain model's state dict, on CPU."""
+        sd = self.wrapped.plain_model().state_dict()
+        return {k: sd[k].detach().cpu() for k in self.owned_state_keys}
+
+    def gather_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole trained model's plain state dict on rank 0 (None elsewhere). Collective."""
+        parts: list[Any] = [None] * self.world if self.ctx.is_main else None
+        dist.gather_object(self.own_state(), parts, dst=0)
+        if not self.ctx.is_main:
+            return None
+        full: dict[str, torch.Tensor] = {}
+        for p in parts:
+            full.update(p)
+        return full
+
+
+def _checkpoint_tensors(source: Path) -> tuple[dict[str, Path], Callable[[str, Path], torch.Tensor]]:
+    """{tensor name: safetensors file} of a local checkpoint, and a loader for one tensor."""
+    from safetensors import safe_open
+
+    files = sorted(source.glob("*.safetensors"))
+    names: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                names[k] = f
+
+    def load(name: str, f: Path) -> torch.Tensor:
+        with safe_open(str(f), framework="pt") as sf:
+            return sf.get_tensor(name)
+    return names, load
+
+
+def _local_source(cfg: Any, resume_dir: Path | None) -> Path | None:
+    """The local safetensors checkpoint the pipeline loads its block from, or None (then the whole
+    model is loaded once and the other blocks dropped)."""
+    from .models import EMBEDDED, embedded_checkpoint, resolve_alias
+
+    if resume_dir is not None:
+        return resume_dir
+    if cfg.gguf_file:
+        return None
+    target = resolve_alias(cfg.model)
+    if target == EMBEDDED:
+        return embedded_checkpoint()
+    p = Path(target).expanduser()
+    return p if p.is_dir() and any(p.glob("*.safetensors")) else None
+
+
+def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> tuple[PipelineStage, Any]:
+    """Build this rank's ``PipelineStage`` and the tokenizer (see ``PipelineStage`` for how)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .boundary import _is_embedding_name, _untie_output_embeddings, find_layers, split_blocks, wrap
+    from .heads import ReconstructionHead
+    from .models import _prepare_tokenizer, load_model
+
+    device = ctx.device
+    source = _local_source(cfg, resume_dir)
+    full_model = None
+    if source is None:  # hub id or GGUF: load once in full (CPU), keep this rank's part
+        full_model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file, device="cpu",
+                                           trust_remote_code=cfg.trust_remote_code)
+        config = full_model.config
+    else:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    in_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    untied = _untie_output_embeddings(model)  # before loading: the head gets its own (meta) tensor
+    layers_name, layers = find_layers(model)
+    ranges = split_blocks(len(layers), cfg.num_blocks, cfg.boundaries)
+    if len(ranges) != ctx.world_size:
+        raise LoPTError(f"--pipeline runs one block per process: {len(ranges)} blocks but WORLD_SIZE "
+                        f"{ctx.world_size}; launch --nproc_per_node {len(ranges)} or set --num-blocks")
+    r, last = ctx.rank, ctx.rank == ctx.world_size - 1
+    start, end = ranges[r]
+
+    # Which modules this rank owns: its layers; outside the layers, the embeddings (rank 0) and the
+    # rest - final norm, LM head - (last rank).
+    owned: list[nn.Module] = [layers[j] for j in range(start, end)]
+    inert_embeddings, inert_top = [], []
+    for name, mod in _leaf_modules_outside_layers(model, layers_name):
+        is_emb = any(_is_embedding_name(f"{name}.{pn}") for pn, _ in mod.named_parameters(recurse=False))
+        mine = (r == 0) if is_emb else last
+        (owned if mine else (inert_embeddings if is_emb else inert_top)).append(mod)
+    owned_ids = {id(m) for m in owned}
+    owned_names = [n for n, m in model.named_modules() if id(m) in owned_ids]
+
+    # Materialise and load what this rank owns.
+    for m in owned:
+        m.to_empty(device=device)
+    state_keys = [k for k in model.state_dict() if any(k.startswith(n + ".") for n in owned_names)]
+    out_emb = model.get_output_embeddings()
+    out_name = next((n for n, m in model.named_modules() if m is out_emb), None) if out_emb is not None else None
+    if full_model is not None:
+        src_sd = full_model.state_dict()
+        get = src_sd.__getitem__
+        available = set(src_sd)
+    else:
+        names, load = _checkpoint_tensors(source)
+        available = set(names)
+
+        def get(k: str) -> torch.Tensor:
+            return load(k, names[k])
+    missing = []
+    with torch.no_grad():
+        for k in state_keys:
+            key = k
+            if key not in available and out_name is not None and key == f"{out_name}.weight":
+                key = f"{in_name}.weight"  # the checkpoint ties the head to the input embedding
+            if key not in available:
+                missing.append(k)
+                continue
+            target = _get_tensor(model, k)
+            target.copy_(get(key).to(target.dtype))
+    if missing:
+        raise LoPTError(f"--pipeline: the checkpoint {source} lacks {missing[:3]}... for this rank's block; "
+                        f"its tensor names must match the model (a lopt or transformers checkpoint)")
+    del full_model
+    gc.collect()
+    # Modules without parameters that hold buffers (rotary embeddings) run on every rank; they are
+    # computed from the config, not stored, so transformers' own init fills them in.
+    for n, m in model.named_modules():
+        if any(True for _ in m.parameters(recurse=False)) or not any(
+                b.is_meta for b in m.buffers(recurse=False)):
+            continue
+        inside_layer = n.startswith(layers_name + ".")
+        if inside_layer and not any(n.startswith(f"{layers_name}.{j}.") for j in range(start, end)):
+            continue
+        m.to_empty(device=device)
+        model._init_weights(m)
+    for n, b in model.named_buffers():
+        runs_here = not n.startswith(layers_name + ".") or any(
+            n.startswith(f"{layers_name}.{j}.") for j in range(start, end))
+        if b.is_meta and runs_here and not any(n.startswith(o + ".") for o in owned_names):
+            raise LoPTError(f"--pipeline cannot initialise the buffer {n} of {type(model).__name__}")
+
+    # Make the rest inert (see PipelineStage).
+    for p in model.parameters():
+        if p.is_meta:
+            p.requires_grad_(False)
+    for j, layer in enumerate(layers):
+        if not start <= j < end:
+            layer.forward = _pass_through
+    dtype = next(layers[start].parameters()).dtype
+    for m in inert_embeddings:
+        dim = m.weight.shape[-1]
+        m.forward = _zeros_like_embedding(dim, dtype, device)
+    for m in inert_top:
+        m.forward = _pass_through
+
+    wrapped = wrap(model, config=cfg.lopt_config())
+    wrapped.untied = untied
+    # LoPT's hooks on the other blocks' layers would compute their local losses: remove them.
+    for h in list(wrapped._hooks):
+        d = h.hooks_dict_ref()
+        for j, layer in enumerate(layers):
+            if not start <= j < end and d is not None and (d is layer._forward_hooks or d is layer._forward_pre_hooks):
+                h.remove()
+    # Local heads: this rank's (lower ranks) is trained; built fresh on the device.
+    for i in range(len(wrapped.heads)):
+        if i == r:
+            wrapped.heads[i] = ReconstructionHead(_hidden_size(model)).to(device=device, dtype=torch.float32)
+        else:
+            wrapped.heads[i].requires_grad_(False)
+    wrapped._block_params = None
+    _prepare_tokenizer(tokenizer, model, cfg.model or "smollm2-135m-instruct")
+    return PipelineStage(wrapped, ctx, state_keys, _hidden_size(model)), tokenizer
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    return getattr(mod, leaf)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    from .boundary import hidden_size_of
+
+    return hidden_size_of(model)
+
+
+def _pass_through(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Stands in for a module that lives on another rank: hands its input on unchanged (decoder
+    layers in transformers >= 5 return the hidden-state tensor itself)."""
+    return hidden_states
+
+
+def _zeros_like_embedding(dim: int, dtype: torch.dtype, device: torch.device) -> Callable[..., torch.Tensor]:
+    def forward(ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # The embeddings live on rank 0; here their output is overwritten at the first own layer, so
+        # it only has to have the right shape, dtype and device: an expanded scalar costs no memory.
+        return torch.zeros((), dtype=dtype, device=device).expand(*ids.shape, dim)
+    return forward
+
+
+class PipelineStepper:
+    """One optimizer step of this rank's block (the pipeline's ``Stepper``): receive, forward
+    (the local backward runs inside it on lower ranks), task backward on the last rank, clip this
+    block's gradients, AdamW step, LR schedule."""
+
+    def __init__(self, stage: PipelineStage, cfg: Any, total_steps: int):
+        from .train import autocast_dtype, cosine_with_warmup
+
+        self.stage, self.cfg = stage, cfg
+        w = stage.wrapped
+        self.device = stage.ctx.device
+        self.optimizer = torch.optim.AdamW(w.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay),
+                                           lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        # Each rank scales (and unscales) only its own block's losses: a per-rank scaler is exact.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        w.after_local_backward = None  # the block's step is the end-of-step step below
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
+        """Returns this rank's numbers (loss on the last rank, aux_loss on the others, grad_norm,
+        lr, tokens), or None when rank 0 stopped the run before this step."""
+        from .train import _clip
+
+        st, w, dev = self.stage, self.stage.wrapped, self.device
+        w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
+        train_block = st.last or w.update_lower
+        loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
+        st.active = True
+        try:
+            for b in micro_batches:
+                if st.rank > 0 and not st.receive():
+                    return None
+                b = {k: v.to(dev) for k, v in b.items()}
+                scale = self.scaler.scale(torch.ones((), device=dev)).item() if self.scaler else 1.0
+                w.loss_scale = scale / len(micro_batches)
+                with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None), torch.set_grad_enabled(train_block):
+                    out = w(b["input_ids"], attention_mask=b["attention_mask"],
+                            labels=b["labels"] if st.last else None)
+                if st.last:
+                    w.backward(out)
+                    loss_sum += out.loss.item()
+                elif out.aux_loss is not None:
+                    aux_sum += out.aux_loss.item()
+                    n_aux += 1
+                tokens += int(b["attention_mask"].sum())
+        finally:
+            st.active = False
+        params = [p for p in w.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = _clip(params, self.cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum / len(micro_batches) if st.last else None,
+                "aux_loss": aux_sum / n_aux if n_aux else None, "lr": lr, "grad_norm": grad_norm,
+                "tokens": tokens}
+
+
+class _StatsRelay:
+    """Rank 0 logs numbers that other ranks computed (the loss lives on the last rank) without
+    making the pipeline wait. On each logging step ranks > 0 ``isend`` their numbers (a rank waits
+    only for its previous logging step's send, which rank 0 has long posted the receive for, since
+    rank 0 heads the pipeline); rank 0 posts the matching ``irecv``s and a helper thread waits on
+    them in order (gloo's point-to-point requests report completion only through ``wait``), handing
+    merged records to the main thread, which logs whatever has arrived."""
+
+    FIELDS = ("loss", "aux_loss", "grad_norm", "peak_mem_mb")
+
+    def __init__(self, ctx: DistContext):
+        import queue
+        import threading
+
+        self.ctx = ctx
+        self._sent: tuple[Any, torch.Tensor] | None = None
+        self._posted = 0
+        self._delivered = 0
+        self._todo: queue.Queue[Any] = queue.Queue()
+        self._done: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._thread = None
+        if ctx.is_main and ctx.world_size > 1:
+            self._thread = threading.Thread(target=self._run, name="lopt-stats", daemon=True)
+            self._thread.start()
+
+    def send(self, rec: dict[str, Any]) -> None:
+        """Ranks > 0: this logging window's numbers to rank 0."""
+        if self._sent is not None:
+            self._sent[0].wait()
+        vals = [rec.get(k) for k in self.FIELDS]
+        t = torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float64,
+                         device=self.ctx.device)
+        self._sent = (dist.isend(t, dst=0, tag=_TAG_STATS), t)
+
+    def post(self, own: dict[str, Any]) -> None:
+        """Rank 0: expect the other ranks' numbers for this logging window."""
+        bufs = [torch.empty(len(self.FIELDS), dtype=torch.float64, device=self.ctx.device)
+                for _ in range(1, self.ctx.world_size)]
+        works = [dist.irecv(b, src=i + 1, tag=_TAG_STATS) for i, b in enumerate(bufs)]
+        self._posted += 1
+        self._todo.put((own, works, bufs))
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            own, works, bufs = item
+            for w in works:
+                w.wait()
+            self._done.put(_merge_stats(own, [b.tolist() for b in bufs]))
+
+    def ready(self, block: bool = False) -> list[dict[str, Any]]:
+        """The merged records that have arrived, in order (all posted ones when ``block``)."""
+        out = []
+        while self._delivered < self._posted:
+            if not block and self._done.empty():
+                break
+            out.append(self._done.get())
+            self._delivered += 1
+        return out
+
+    def close(self) -> None:
+        if self._sent is not None:
+            self._sent[0].wait()
+            self._sent = None
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+def _merge_stats(own: dict[str, Any], others: list[list[float]]) -> dict[str, Any]:
+    """One log record from rank 0's numbers and the other ranks' (loss from the last rank, aux the
+    mean over the lower blocks, grad_norm over all blocks, peak memory the largest)."""
+    rows = [[own["loss"], own["aux_loss"], own["grad_norm"], own["peak_mem_mb"]]]
+    rows += [[None if math.isnan(x) else x for x in vals] for vals in others]
+    losses = [r[0] for r in rows if r[0] is not None]
+    auxes = [r[1] for r in rows if r[1] is not None]
+    norms = [r[2] for r in rows if r[2] is not None]
+    rec = dict(own)
+    rec["loss"] = losses[-1] if losses else None
+    rec["aux_loss"] = sum(auxes) / len(auxes) if auxes else None
+    rec["grad_norm"] = math.sqrt(sum(n * n for n in norms)) if norms else None
+    rec["peak_mem_mb"] = max(r[3] for r in rows if r[3] is not None)
+    return rec
+
+
+def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[str, Any], Any], None]] | None = None
+                   ) -> Any:
+    """``lopt train --pipeline``: the block-parallel run (one LoPT block per process). Same outputs as
+    ``lopt.train.train``: ``metrics.jsonl``, ``checkpoint-N/``, the final plain checkpoint (the
+    ranks' blocks gathered on rank 0), ``--resume`` and Ctrl-C. Returns a ``TrainResult`` whose
+    model is this rank's stage (other blocks inert)."""
+    from .data import Batches, build_sft_dataset
+    from .memory import peak_memory_mb
+    from .models import save_checkpoint
+    from .train import (CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, TrainResult, TrainState, _mean_records,
+                        _postfix, _progress, _summary, _tensorboard, latest_checkpoint, run_info, set_seed)
+
+    if cfg.method != "lopt":
+        raise LoPTError(f"--pipeline trains LoPT blocks independently; it needs --method lopt, not {cfg.method}")
+    if cfg.local_objective != "recon":
+        raise LoPTError("--pipeline supports --local-objective recon only")
+    if cfg.eval_every:
+        raise LoPTError("--eval-every needs the whole model in one process; evaluate the saved checkpoint "
+                        "with lopt eval after a --pipeline run")
+    set_seed(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    resume_dir = None
+    if cfg.resume:
+        resume_dir = latest_checkpoint(out_dir) if cfg.resume == "latest" else Path(cfg.resume)
+        if resume_dir is None or not (resume_dir / STATE_FILE).is_file():
+            raise LoPTError(f"nothing to resume: no {CHECKPOINT_PREFIX}N/{STATE_FILE} in "
+                            f"{resume_dir or out_dir}; drop --resume to start afresh")
+    stage, tokenizer = build_stage(cfg, ctx, resume_dir)
+    wrapped = stage.wrapped
+    if cfg.gradient_checkpointing != "off":
+        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    wrapped.train()
+    examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
+                                             split=cfg.split, limit=cfg.limit)
+    batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
+    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    stepper = PipelineStepper(stage, cfg, total_steps)
+    state = TrainState()
+    if resume_dir is not None:
+        ts = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+        if ts.get("pipeline") != ctx.world_size:
+            raise LoPTError(f"{resume_dir} was not written by a {ctx.world_size}-process --pipeline run; "
+                            f"resume it the way it was started")
+        mine = ts["ranks"][ctx.rank]
+        if mine["heads"]:
+            wrapped.heads.load_state_dict(mine["heads"], strict=False)
+        stepper.optimizer.load_state_dict(mine["optimizer"])
+        stepper.scheduler.load_state_dict(mine["scheduler"])
+        if stepper.scaler is not None and mine.get("scaler"):
+            stepper.scaler.load_state_dict(mine["scaler"])
+        batches.load_state_dict(ts["data"])
+        state.step, state.history = ts["step"], ts.get("history", [])
+        random.setstate(mine["rng"]["python"])
+        torch.set_rng_state(mine["rng"]["torch"])
+        del ts
+
+    main = ctx.is_main
+    metrics_path = out_dir / "metrics.jsonl"
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_dir is None and metrics_path.exists():
+            metrics_path.unlink()
+    tb = _tensorboard(out_dir) if cfg.tensorboard and main else None
+    log_file = metrics_path.open("a") if main else None
+    if main:
+        print(f"lopt: pipeline of {ctx.world_size} processes, blocks {wrapped.block_ranges} (one per rank), "
+              f"{data_stats['rows']} examples, {total_steps} steps on {ctx.device}"
+              + (f", resumed at step {state.step}" if resume_dir else ""), file=sys.stderr)
+
+    old_handler = install_sigint(state, ctx, "\nlopt: interrupt received, stopping all ranks after this step "
+                                 "and saving a checkpoint (Ctrl-C again to abort)") if _main_thread() else None
+    relay = _StatsRelay(ctx)
+    bar = _progress(total_steps, state.step, cfg.progress and main)
+    t_window, tok_window, window = time.perf_counter(), 0, []
+    stopped = False
+
+    def log(rec: dict[str, Any]) -> None:
+        state.history.append(rec)
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+        if tb is not None:
+            for k in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"):
+                if rec[k] is not None:
+                    tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+        if bar:
+            bar.set_postfix(_postfix(rec), refresh=False)
+        for cb in callbacks or []:
+            cb(rec, state)
+
+    def rank_state() -> dict[str, Any]:
+        return {"optimizer": stepper.optimizer.state_dict(), "scheduler": stepper.scheduler.state_dict(),
+                "scaler": stepper.scaler.state_dict() if stepper.scaler else None,
+                "heads": {k: v for k, v in wrapped.heads.state_dict().items()
+                          if k.startswith(f"{ctx.rank}.")} if ctx.rank < ctx.world_size - 1 else {},
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
+
+    def gather_and_save(target: Path | None, final_info: dict[str, Any] | None = None) -> Path | None:
+        """Collective: every rank's block (and trainer state) to rank 0, which writes."""
+        if main:  # the history saved with the checkpoint must hold every step before it
+            for r in relay.ready(block=True):
+                log(r)
+        full = stage.gather_state()
+        states: list[Any] = [None] * ctx.world_size if main else None
+        dist.gather_object(rank_state() if target is not None else None, states, dst=0)
+        path = None
+        if main:
+            last = state.history[-1] if state.history else None
+            info = final_info or run_info(cfg, wrapped, last)
+            info["pipeline"] = {"processes": ctx.world_size}
+            model = GatheredModel(wrapped.plain_model(), full)
+            if target is None:  # the final model, into OUT/ itself
+                from .train import _save_plain_into
+
+                _save_plain_into(model, tokenizer, out_dir, info)
+            else:
+                ts = {"pipeline": ctx.world_size, "ranks": states, "step": state.step,
+                      "history": state.history, "data": batches.state_dict()}
+                path = save_checkpoint(model, tokenizer, target, extra_json={RUN_FILE: info},
+                                       write_extra=lambda d: torch.save(ts, d / STATE_FILE))
+        ctx.barrier()
+        return path
+
+    try:
+        while state.step < total_steps:
+            # Rank 0 heads the pipeline, so its decision to stop reaches every rank before the same step.
+            if main and state.stop_requested:
+                stage.send_stop()
+                stopped = True
+                break
+            rec = stepper.step([next(batches) for _ in range(cfg.grad_accum)])
+            if rec is None:
+                stopped = True
+                break
+            state.step += 1
+            tok_window += rec.pop("tokens")
+            window.append(rec)
+            if bar:
+                bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                dt = time.perf_counter() - t_window
+                own = {"step": state.step, **_mean_records(window),
+                       "tokens_per_s": tok_window / dt if dt > 0 else None,
+                       "peak_mem_mb": peak_memory_mb(ctx.device), "time": time.time()}
+                t_window, tok_window, window = time.perf_counter(), 0, []
+                relay.post(own) if main else relay.send(own)
+            if main:
+                for r in relay.ready():
+                    log(r)
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
+                gather_and_save(out_dir / f"{CHECKPOINT_PREFIX}{state.step}")
+        stage.wait_sends()
+        relay.close()
+        if main:
+            for r in relay.ready(block=True):
+                log(r)
+        interrupted = stopped and state.step < total_steps
+        if interrupted:
+            path = gather_and_save(out_dir / f"{CHECKPOINT_PREFIX}{state.step}")
+            if main:
+                print(f"lopt: stopped at step {state.step}; resume with --resume (checkpoint: {path})",
+                      file=sys.stderr)
+    finally:
+        if bar:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+        if tb is not None:
+            tb.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+    summary = _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
+    summary["rank"], summary["world_size"] = ctx.rank, ctx.world_size
+    if not interrupted:
+        gather_and_save(None, run_info(cfg, wrapped, summary) if main else None)
+    return TrainResult(summary, wrapped, tokenizer)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

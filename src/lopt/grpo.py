@@ -1,0 +1,287 @@
+"""``lopt grpo``: on-policy GRPO with TRL's ``GRPOTrainer`` and verifiable rewards, any lopt method.
+
+    from lopt.grpo import GRPORunConfig, grpo
+    result = grpo(GRPORunConfig(task="gsm8k", method="lopt", max_steps=10, num_generations=4))
+
+Completions are sampled from the current policy every step; the rewards (``lopt.rewards``) score
+them; TRL's GRPO loss trains the last block (LoPT: through the gradient boundary only), while the
+lower blocks learn from their local loss alone (see ``lopt.rl`` for how LoPT runs inside TRL).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .boundary import LoPTError
+from .data import DataError, chat_prompt, load_records
+from .rewards import (ANSWER_FORMATS, RewardError, boxed_reference, extract_boxed, gsm8k_answer,
+                      math_value, normalize_math_answer, resolve_rewards)
+from .rl import (RLConfig, RLResult, RunState, build_optimizer, finish, load_and_wrap, prepare_trainer,
+                 print_summary, resolve_resume, run_trainer, trl_common_args)
+
+NUMINAMATH = "AI-MO/NuminaMath-TIR"  # problem / solution (with \boxed{}) / messages
+TASKS = {"gsm8k": "gsm8k", "numinamath": "boxed"}  # preset -> answer format
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+PROMPT_COLUMNS = ("question", "problem", "prompt", "query", "instruction")
+REFERENCE_COLUMNS = ("answer", "solution", "response", "output", "completion")
+INSTRUCTIONS = {
+    "gsm8k": "Solve the problem step by step. Then write the final answer as a number on its own "
+             "last line, after '#### '.",
+    "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
+}
+HEADLINE = {"reward": "reward", "kl": "kl"}
+
+
+@dataclass
+class GRPORunConfig(RLConfig):
+    """Every option of ``lopt grpo`` (the shared ones are ``RLConfig``'s)."""
+
+    output_dir: str = "runs/grpo"
+    task: str = "gsm8k"  # gsm8k | numinamath | a file or hub dataset id
+    answer_format: str = "auto"  # auto | gsm8k | boxed
+    instruction: str | None = None  # appended to every question; None: the answer format's default; '' none
+    reward: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    reward_weights: list[float] | None = None
+    num_generations: int = 4
+    max_prompt_length: int | None = 512  # longer prompts are dropped (never cut)
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.04  # KL to the frozen base; 0 skips the reference model
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    epsilon: float = 0.2
+    num_iterations: int = 1
+    steps_per_generation: int | None = None  # default: grad_accum
+    use_vllm: bool = False
+    log_completions: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.answer_format not in ("auto", *ANSWER_FORMATS):
+            raise LoPTError(f"answer_format must be auto, gsm8k or boxed, got {self.answer_format!r}")
+        if self.num_generations < 2:
+            raise LoPTError(f"num_generations must be >= 2 (GRPO compares completions of one prompt), "
+                            f"got {self.num_generations}")
+        per_generation = self.batch_size * (self.steps_per_generation or self.grad_accum)
+        if per_generation % self.num_generations:
+            raise LoPTError(f"batch_size x steps_per_generation ({per_generation} completions per generation "
+                            f"round) must be a multiple of num_generations ({self.num_generations})")
+        if self.loss_type not in LOSS_TYPES:
+            raise LoPTError(f"unknown loss_type {self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise LoPTError(f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise LoPTError(f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+        if self.beta < 0:
+            raise LoPTError(f"beta must be >= 0, got {self.beta}")
+        if self.max_completion_length < 1 or (self.max_prompt_length is not None and self.max_prompt_length < 1):
+            raise LoPTError("max_completion_length and max_prompt_length must be >= 1")
+        if self.num_iterations < 1:
+            raise LoPTError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+            raise LoPTError(f"{len(self.reward_weights)} reward weights for {len(self.reward)} rewards "
+                            f"({', '.join(self.reward)}): give one weight per --reward")
+        if self.use_vllm and importlib.util.find_spec("vllm") is None:
+            raise LoPTError("use_vllm needs the vllm package (pip install vllm, CUDA only); drop --use-vllm "
+                            "to generate with transformers")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _shared_gsm8k(split: str) -> Path | None:
+    from .evaluate import _shared_data_candidates
+
+    return next((c for c in _shared_data_candidates(f"gsm8k/{split}.jsonl") if c.is_file()), None)
+
+
+def load_task(task: str, split: str = "train", limit: int | None = None, answer_format: str = "auto"
+              ) -> tuple[list[dict[str, str]], str, dict[str, Any]]:
+    """Questions and reference answers of a GRPO task.
+
+    ``task`` is ``gsm8k`` (``../shared/data/gsm8k/{split}.jsonl`` when present, else the hub's
+    openai/gsm8k), ``numinamath`` (hub: AI-MO/NuminaMath-TIR) or a file / hub dataset id with a
+    question column (question, problem, prompt, query, instruction) and a reference column (answer,
+    solution, response, output, completion). Returns ``(rows, answer_format, stats)`` where a row is
+    ``{'question', 'answer'}``, ``answer`` being the reference *final* answer (a number for gsm8k,
+    the boxed expression for boxed). Rows whose reference has no final answer are dropped (counted).
+    """
+    source = task
+    if task == "gsm8k":
+        local = _shared_gsm8k(split)
+        source = str(local) if local is not None else "gsm8k"
+    elif task == "numinamath":
+        source = NUMINAMATH
+    records = load_records(source, split=split, limit=limit)
+    cols = set(records[0])
+    q_col = next((c for c in PROMPT_COLUMNS if c in cols), None)
+    a_col = next((c for c in REFERENCE_COLUMNS if c in cols), None)
+    if q_col is None or a_col is None:
+        raise DataError(f"{source}: GRPO needs a question column ({', '.join(PROMPT_COLUMNS)}) and a reference "
+                        f"column ({', '.join(REFERENCE_COLUMNS)}); found {sorted(cols)}")
+    fmt = answer_format
+    if fmt == "auto":
+        fmt = TASKS.get(task) or _guess_format(str(records[0][a_col]))
+    rows, dropped = [], 0
+    for r in records:
+        question, ref = r.get(q_col), r.get(a_col)
+        if not isinstance(question, str) or not question.strip() or ref is None:
+            dropped += 1
+            continue
+        final = _final_answer(str(ref), fmt)
+        if final is None:
+            dropped += 1
+            continue
+        rows.append({"question": question.strip(), "answer": final})
+    if not rows:
+        raise DataError(f"{source}: no row has a usable question and final answer ({fmt} format; "
+                        f"reference column '{a_col}'); check --answer-format")
+    return rows, fmt, {"source": source, "rows": len(rows), "dropped_no_answer": dropped,
+                       "question_column": q_col, "answer_column": a_col, "answer_format": fmt}
+
+
+def _guess_format(reference: str) -> str:
+    if "####" in reference:
+        return "gsm8k"
+    if "\\boxed" in reference or "\\fbox" in reference:
+        return "boxed"
+    return "gsm8k" if math_value(normalize_math_answer(reference)) is not None else "boxed"
+
+
+def _final_answer(reference: str, fmt: str) -> str | None:
+    if fmt == "gsm8k":
+        value = gsm8k_answer(reference)
+        if value is None:
+            return None
+        return str(int(value)) if float(value).is_integer() else repr(value)
+    if "\\boxed" in reference or "\\fbox" in reference:  # a solution: its last complete box, if any
+        boxed = extract_boxed(reference)
+        return (boxed.strip() or None) if boxed is not None else None
+    return boxed_reference(reference).strip() or None  # the column holds just the answer
+
+
+def build_prompts(rows: list[dict[str, str]], tokenizer, instruction: str | None,
+                  max_prompt_length: int | None) -> tuple[list[dict[str, Any]], int]:
+    """TRL rows ``{'prompt', 'answer'}``: the question (plus the instruction) as one user turn
+    (chat messages when the tokenizer has a chat template, else lopt's plain prompt format). Rows
+    whose prompt is longer than ``max_prompt_length`` tokens are dropped (a cut question would be a
+    different question); returns (rows, number dropped)."""
+    out, dropped = [], 0
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    for r in rows:
+        text = r["question"] + (f"\n\n{instruction}" if instruction else "")
+        if chat:
+            prompt: Any = [{"role": "user", "content": text}]
+            rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = rendered = chat_prompt(tokenizer, text)
+        if max_prompt_length is not None:
+            if len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) > max_prompt_length:
+                dropped += 1
+                continue
+        out.append({"prompt": prompt, "answer": r["answer"]})
+    return out, dropped
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def _trainer_class():
+    from trl import GRPOTrainer
+    from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+    from .rl import LoPTTrainerMixin
+
+    class LoPTGRPOTrainer(LoPTTrainerMixin, GRPOTrainer):
+        """TRL's GRPOTrainer on a lopt-wrapped model, with a given frozen reference model."""
+
+        def __init__(self, *, lopt_model, lopt_run, ref_model=None, **kwargs):
+            self.lopt_model, self.lopt_run = lopt_model, lopt_run
+            args = kwargs["args"]
+            beta = args.beta
+            if ref_model is not None:
+                # GRPOTrainer would load its reference from the model config's path (impossible for a
+                # GGUF-loaded or in-memory model); it gets the frozen base taken before wrapping instead.
+                args.beta = 0.0
+            try:
+                super().__init__(**kwargs)
+            finally:
+                args.beta = beta
+            if ref_model is not None and beta != 0.0:
+                self.beta = beta
+                if args.disable_dropout:
+                    disable_dropout_in_model(ref_model)
+                add_fused_lm_head(ref_model, temperature=self.temperature,
+                                  cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    return LoPTGRPOTrainer
+
+
+def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
+    """Run GRPO; returns the summary (also in ``lopt_run.json``), the trained wrapped model and the
+    tokenizer. ``callbacks`` are extra ``transformers.TrainerCallback`` objects."""
+    from trl import GRPOConfig
+
+    from .train import resolve_device, set_seed
+
+    cfg.validate()
+    resume_dir = resolve_resume(cfg)
+    rows, fmt, data_stats = load_task(cfg.task, cfg.split, cfg.limit, cfg.answer_format)
+    reward_funcs = resolve_rewards(cfg.reward, fmt)  # fails before the model is loaded
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    wrapped, tokenizer, reference = load_and_wrap(cfg, device, with_reference=cfg.beta != 0.0)
+    instruction = INSTRUCTIONS[fmt] if cfg.instruction is None else cfg.instruction
+    prompts, too_long = build_prompts(rows, tokenizer, instruction, cfg.max_prompt_length)
+    if not prompts:
+        raise DataError(f"every prompt of {data_stats['source']} is longer than max_prompt_length="
+                        f"{cfg.max_prompt_length} tokens; raise --max-prompt-length")
+    data_stats.update(prompts=len(prompts), dropped_too_long=too_long, instruction=instruction)
+
+    import datasets
+
+    dataset = datasets.Dataset.from_list(prompts)
+    args = GRPOConfig(
+        **trl_common_args(cfg, device), num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+        beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, epsilon=cfg.epsilon,
+        num_iterations=cfg.num_iterations, steps_per_generation=cfg.steps_per_generation,
+        use_vllm=cfg.use_vllm, reward_weights=cfg.reward_weights, log_completions=cfg.log_completions,
+        # Dropout would make the sampling policy and the trained one differ for the same weights.
+        disable_dropout=True, remove_unused_columns=False, shuffle_dataset=True,
+    )
+    run = RunState(cfg=cfg, command="grpo", device=device,
+                   extra_info={"data": data_stats, "rewards": list(cfg.reward)})
+    trainer = _trainer_class()(
+        lopt_model=wrapped, lopt_run=run, ref_model=reference, model=wrapped.model,
+        reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
+        optimizers=(build_optimizer(wrapped, cfg), None))
+    prepare_trainer(trainer, run, wrapped, ("reward", "kl", "loss"), callbacks)
+    print(f"lopt grpo: {cfg.method} on {type(wrapped.plain_model()).__name__} ({wrapped.num_layers} layers, "
+          f"blocks {wrapped.block_ranges}), {len(prompts)} prompts from {data_stats['source']} "
+          f"({fmt} answers; {too_long} too long, {data_stats['dropped_no_answer']} without answer dropped), "
+          f"{cfg.num_generations} completions each, rewards {', '.join(cfg.reward)}, on {device}"
+          + (f", resuming {resume_dir}" if resume_dir else ""), file=sys.stderr)
+    interrupted = run_trainer(trainer, run, resume_dir)
+    summary = finish(run, trainer, wrapped, tokenizer, interrupted, HEADLINE)
+    if interrupted:
+        print(f"lopt: stopped at step {summary['steps']}; resume with --resume (checkpoint: "
+              f"{summary['checkpoint']})", file=sys.stderr)
+    return RLResult(summary, wrapped, tokenizer)
+
+
+def cmd_grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> int:
+    """The CLI command: run, print the summary table; 130 when interrupted."""
+    t0 = time.perf_counter()
+    result = grpo(cfg, callbacks)
+    print_summary(result.summary, time.perf_counter() - t0, HEADLINE)
+    return 130 if result.summary["interrupted"] else 0
+
+
+__all__ = ["GRPORunConfig", "grpo", "cmd_grpo", "load_task", "build_prompts", "RewardError"]

@@ -1,0 +1,546 @@
+"""What ``lopt grpo`` and ``lopt dpo`` share: LoPT inside a TRL trainer, checkpoints, resume, metrics.
+
+How LoPT runs inside TRL's training step:
+
+* TRL gets the **plain** transformers model (TRL expects a ``PreTrainedModel`` and patches its own
+  fused LM head onto it). ``LoPTModel.route_forward`` makes the model's decoder stack open LoPT's
+  per-step scope on every training forward, so the boundary hooks act exactly as under
+  ``lopt train``: the lower blocks' output is detached at the boundary (the policy/DPO loss reaches
+  the last block only) and, with the ``blockwise`` schedule, each lower block's local loss is
+  backpropagated inside the forward. Generation and reference passes run under ``no_grad`` and go
+  straight through.
+* The optimizer is built here from ``wrapped.param_groups`` (it holds the local heads, which are not
+  part of the plain model) and handed to TRL; the LR schedule is lopt's warm-up + cosine.
+* Gradient accumulation: TRL's loss is an average over the micro-batches of an optimizer step, so
+  before each micro-batch ``wrapped.loss_scale`` is set to ``1 / micro-batches``: the local loss
+  gets the same averaging although its backward runs inside the forward. The ``joint`` schedule's
+  local loss is backpropagated right after TRL's backward (the two graphs are disjoint at the
+  boundary, so this equals one backward of the sum).
+* Clipping is per block under LoPT (as with ``lopt train``'s per-block step): a global norm would
+  make the lower blocks' step size depend on the task gradient.
+* Checkpoints are lopt's: ``OUT/checkpoint-N`` is written whole in a temporary directory and renamed
+  (``models.save_checkpoint``); it is a plain transformers checkpoint plus TRL's resume files
+  (optimizer, scheduler, RNG, ``trainer_state.json``) and ``lopt_state.pt`` (local heads, anchors,
+  LoRA adapters). TRL's own resume machinery reads them back.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .boundary import LoPTConfig, LoPTError, LoPTModel, wrap
+from .memory import peak_memory_mb
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LOPT_STATE_FILE = "lopt_state.pt"
+TRAINER_STATE_FILE = "trainer_state.json"  # transformers' name, read back by Trainer.train(resume_from_checkpoint)
+RUN_FILE = "lopt_run.json"
+
+
+@dataclass
+class RLConfig:
+    """Options shared by ``lopt grpo`` and ``lopt dpo`` (CLI flags and YAML keys have these names)."""
+
+    model: str | None = None  # hub id, local dir, .gguf file, alias; None = embedded SmolLM2-135M-Instruct
+    gguf_file: str | None = None
+    split: str = "train"
+    limit: int | None = None  # use only the first N rows
+    output_dir: str = "runs/rl"
+    # method
+    method: str = "lopt"
+    num_blocks: int = 2
+    boundaries: list[int] | None = None
+    lambda_aux: float = 10.0
+    schedule: str = "blockwise"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    local_objective: str = "recon"
+    lower_every: int = 1
+    # optimisation
+    lr: float = 1e-6
+    lr_lower: float | None = None
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: str = "off"  # off | all | last-block
+    precision: str = "auto"
+    device: str | None = None
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 1
+    save_every: int | None = None
+    resume: str | None = None  # 'latest' or a checkpoint dir
+    progress: bool = True
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        """LoPTError (one line) for an option value that cannot work."""
+        if self.gradient_checkpointing not in ("off", "all", "last-block"):
+            raise LoPTError(f"gradient_checkpointing must be off, all or last-block, got {self.gradient_checkpointing!r}")
+        if self.gradient_checkpointing == "last-block" and self.method not in ("lopt", "freeze-lower"):
+            raise LoPTError("gradient_checkpointing=last-block needs a method with a boundary (lopt, freeze-lower)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise LoPTError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LoPTError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.save_every is not None and self.save_every < 1:
+            raise LoPTError(f"save_every must be >= 1, got {self.save_every}")
+        if self.lr <= 0:
+            raise LoPTError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise LoPTError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        self.lopt_config().validate()
+
+    def lopt_config(self) -> LoPTConfig:
+        # TRL computes its own log-probabilities (fused LM head): lopt's chunked CE is never used here.
+        return LoPTConfig(method=self.method, num_blocks=self.num_blocks, boundaries=self.boundaries,
+                          lambda_aux=self.lambda_aux, schedule=self.schedule, lora_r=self.lora_r,
+                          lora_alpha=self.lora_alpha, chunked_ce=False,
+                          local_objective=self.local_objective, lower_every=self.lower_every)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class RLResult:
+    """What a recipe returns: the summary (also in ``lopt_run.json``), the wrapped model, the tokenizer."""
+
+    summary: dict[str, Any]
+    model: LoPTModel
+    tokenizer: Any
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def resolve_resume(cfg: RLConfig) -> Path | None:
+    """The checkpoint to resume from (``latest`` in ``output_dir``, or a given directory), or None."""
+    if not cfg.resume:
+        return None
+    path = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
+    if path is None or not _is_checkpoint(path):
+        raise LoPTError(f"nothing to resume: no {CHECKPOINT_PREFIX}N/ with {TRAINER_STATE_FILE} and "
+                        f"{LOPT_STATE_FILE} in {path or cfg.output_dir}; drop --resume to start afresh")
+    return path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / TRAINER_STATE_FILE).is_file() and (path / LOPT_STATE_FILE).is_file()
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The ``checkpoint-N`` with the highest N in ``output_dir`` that holds resumable state."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    cands = [p for p in out.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and _is_checkpoint(p)]
+    return max(cands, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def load_and_wrap(cfg: RLConfig, device: torch.device, with_reference: bool):
+    """Load the base model, keep a frozen copy as the reference (when asked for and the method is not
+    LoRA, whose reference is the base with its adapters off), wrap the model for ``cfg.method`` and
+    route its decoder stack through LoPT's step set-up. Returns (wrapped, tokenizer, reference)."""
+    from .models import load_model
+
+    model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file, device=device,
+                                  trust_remote_code=cfg.trust_remote_code)
+    # The copy must be taken before wrapping: wrap unties the LM head, installs hooks on the layers,
+    # and a deep copy made afterwards would carry hooks that call back into this wrapper.
+    reference = None
+    if with_reference and cfg.method != "lora":
+        reference = copy.deepcopy(model).eval()
+        reference.requires_grad_(False)
+    wrapped = wrap(model, config=cfg.lopt_config()).to(device)
+    if cfg.gradient_checkpointing != "off":
+        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    wrapped.train()
+    wrapped.route_forward()
+    return wrapped, tokenizer, reference
+
+
+def trl_common_args(cfg: RLConfig, device: torch.device) -> dict[str, Any]:
+    """The TRL/transformers TrainingArguments that follow from lopt's options."""
+    from .train import autocast_dtype
+
+    amp = autocast_dtype(cfg.precision, device)
+    return dict(
+        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs,
+        max_grad_norm=cfg.max_grad_norm or 0.0, logging_steps=cfg.log_every,
+        save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
+        report_to="none", bf16=amp == torch.bfloat16, fp16=amp == torch.float16,
+        use_cpu=device.type == "cpu", seed=cfg.seed, disable_tqdm=True,
+        dataloader_num_workers=0,
+        # lopt checkpoints the layers itself (wrapped.gradient_checkpointing_enable), so the
+        # boundary hooks and the checkpointing scope stay under its control. (transformers >= 5.2x
+        # calls it activation checkpointing; the old name still works but warns.)
+        **({"activation_checkpointing": False} if _has_arg("activation_checkpointing")
+           else {"gradient_checkpointing": False}),
+    )
+
+
+def _has_arg(name: str) -> bool:
+    from transformers import TrainingArguments
+
+    return name in TrainingArguments.__dataclass_fields__
+
+
+def build_optimizer(wrapped: LoPTModel, cfg: RLConfig) -> torch.optim.Optimizer:
+    """AdamW over ``wrapped.param_groups``: upper block at ``lr``, lower blocks, embeddings and local
+    heads at ``lr_lower``; TRL would otherwise build one over the plain model and miss the heads."""
+    return torch.optim.AdamW(wrapped.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay), lr=cfg.lr,
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+# --------------------------------------------------------------------------- the TRL trainer mix-in
+
+
+def lopt_extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
+    """Trainable tensors that the plain checkpoint does not hold: local heads, anchors, LoRA adapters."""
+    from .train import _extra_state
+
+    return _extra_state(wrapped)
+
+
+class LoPTTrainerMixin:
+    """Put in front of a TRL trainer class (``class T(LoPTTrainerMixin, GRPOTrainer)``). Needs
+    ``self.lopt_model`` (the LoPTModel whose ``.model`` TRL trains) and ``self.lopt_run`` (RunState)
+    set before ``__init__`` of the trainer runs."""
+
+    lopt_model: LoPTModel
+    lopt_run: "RunState"
+
+    def _send_telemetry(self) -> None:
+        # lopt runs offline by default and never phones home; TRL would ping the Hub here.
+        return None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        w = self.lopt_model
+        # TRL averages its loss over the micro-batches of a step; the blockwise local backward runs
+        # inside the forward, so it must know that scale before the forward. Under fp16 it also takes
+        # the grad scaler's factor, which accelerate applies to TRL's loss and unscales from all
+        # gradients before the step.
+        scaler = getattr(self.accelerator, "scaler", None)
+        amp_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        w.loss_scale = amp_scale / max(1, getattr(self, "current_gradient_accumulation_steps", 1) or 1)
+        w.routed_aux_losses.clear()
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            aux = [a for a in w.routed_aux_losses]
+            if w.lopt_config.schedule == "joint":
+                live = [a for a in aux if a.requires_grad]
+                if live:  # the lower graph is disjoint from TRL's: one more backward equals the joint sum
+                    (torch.stack(live).sum() * (w.lopt_config.lambda_aux * w.loss_scale)).backward()
+            if aux:
+                self.lopt_run.aux_window.append(float(torch.stack([a.detach() for a in aux]).mean()))
+        finally:
+            w.routed_aux_losses.clear()
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(inputs, dict) and model.training:
+            # Tokens the policy is trained on in this micro-batch (prompt + completion, padding excluded).
+            n = sum(int(inputs[k].sum()) for k in ("prompt_mask", "completion_mask", "attention_mask")
+                    if isinstance(inputs.get(k), torch.Tensor))
+            self.lopt_run.tokens += n
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _clip_grad_norm(self, model):
+        w, max_norm = self.lopt_model, self.args.max_grad_norm
+        if getattr(self.accelerator, "scaler", None) is not None:
+            self.accelerator.unscale_gradients()  # fp16: clip the true gradients (accelerate's order)
+        if w.local:
+            # Each block on its own (like lopt train's per-block step): the lower blocks' update then
+            # depends on their local loss only, never on the size of the task gradient.
+            norms = [_clip([p for p in w.block_parameters(i)], max_norm) for i in range(len(w.block_ranges))]
+            return torch.tensor(math.sqrt(sum(n * n for n in norms)))
+        return torch.tensor(_clip(list(w.parameters()), max_norm))
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        from .train import cosine_with_warmup
+
+        if self.lr_scheduler is None:
+            opt = optimizer or self.optimizer
+            warmup = int(self.lopt_run.cfg.warmup_ratio * num_training_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(num_training_steps, warmup))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_callback import ExportableState
+
+        from .models import save_checkpoint
+
+        out = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        self.store_flos()
+
+        def write_trainer_files(d: Path) -> None:
+            self._save_optimizer_and_scheduler(str(d))
+            self._save_scaler(str(d))
+            self._save_rng_state(str(d))
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(str(d / TRAINER_STATE_FILE))
+            torch.save(lopt_extra_state(self.lopt_model), d / LOPT_STATE_FILE)
+
+        save_checkpoint(self.lopt_model, self.processing_class, out,
+                        extra_json={RUN_FILE: self.lopt_run.info(self.lopt_model, None)},
+                        write_extra=write_trainer_files)
+        self.lopt_run.checkpoints.append(out)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        w = self.lopt_model
+        state = torch.load(Path(resume_from_checkpoint) / LOPT_STATE_FILE, map_location="cpu", weights_only=False)
+        missing = w.load_state_dict(state, strict=False)
+        if missing.unexpected_keys:
+            raise LoPTError(f"{resume_from_checkpoint} was written by another method/config (unexpected keys "
+                            f"{missing.unexpected_keys[:3]}...): resume with the same options")
+        if w.method != "lora":
+            # LoRA checkpoints hold merged weights; its base stays the pretrained model and the
+            # adapters came back with lopt_state.pt above.
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    from .train import _clip as clip
+
+    return clip(params, max_norm or None) or 0.0
+
+
+# --------------------------------------------------------------------------- run bookkeeping
+
+
+@dataclass
+class RunState:
+    """Per-run counters the trainer and the callback share."""
+
+    cfg: RLConfig
+    command: str
+    device: torch.device
+    tokens: int = 0
+    aux_window: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    stop_requested: bool = False
+    extra_info: dict[str, Any] = field(default_factory=dict)
+
+    def info(self, wrapped: LoPTModel, metrics: dict[str, Any] | None) -> dict[str, Any]:
+        """The ``lopt_run.json`` contents: options, block ranges, versions, final metrics."""
+        import trl
+
+        from .train import versions
+
+        return {"command": self.command, "options": asdict(self.cfg), "method": self.cfg.method,
+                **wrapped.describe(), "versions": {**versions(), "trl": trl.__version__},
+                **self.extra_info, "final_metrics": metrics or {}}
+
+
+def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix_keys: tuple[str, ...]):
+    """The TrainerCallback that keeps LoPT's per-step switches, writes ``metrics.jsonl``, shows the
+    progress bar and turns a requested stop (Ctrl-C) into a checkpoint and the end of the run."""
+    from transformers import TrainerCallback
+
+    class LoPTCallback(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+            self.t_window = time.perf_counter()
+            self.tokens_window = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if run.cfg.progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=run.command,
+                                dynamic_ncols=True, file=sys.stderr)
+            self.t_window = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
+            wrapped.update_lower = state.global_step % max(1, run.cfg.lower_every) == 0
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            # The Trainer zeroes the plain model's gradients only; the local heads' are ours to clear.
+            wrapped.heads.zero_grad(set_to_none=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+            if state.global_step >= state.max_steps:
+                control.should_save = False  # the final model goes to OUT itself, as with lopt train
+            if run.stop_requested and state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            if "train_runtime" in logs:  # the end-of-training summary, not a step
+                return
+            if any(k.startswith("eval_") for k in logs):  # an evaluation: its own record, as lopt train writes
+                rec = {"step": state.global_step, "eval": {k[len("eval_"):]: v for k, v in logs.items()
+                                                           if k.startswith("eval_")}}
+                run.history.append(rec)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                self.t_window = time.perf_counter()  # evaluation time is not training throughput
+                return
+            now = time.perf_counter()
+            dt, tokens = now - self.t_window, run.tokens - self.tokens_window
+            self.t_window, self.tokens_window = now, run.tokens
+            aux = sum(run.aux_window) / len(run.aux_window) if run.aux_window else None
+            run.aux_window.clear()
+            rec: dict[str, Any] = {"step": state.global_step, "loss": logs.pop("loss", None),
+                                   "aux_loss": aux, "lr": logs.pop("learning_rate", None),
+                                   "grad_norm": logs.pop("grad_norm", None),
+                                   "tokens_per_s": tokens / dt if dt > 0 and tokens else None,
+                                   "peak_mem_mb": peak_memory_mb(run.device), "time": time.time()}
+            for k, v in logs.items():
+                if isinstance(v, (int, float)) and k not in rec:
+                    rec[k] = v
+            run.history.append(rec)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if self.bar is not None:
+                shown = {k: f"{rec[k]:.3g}" for k in postfix_keys if isinstance(rec.get(k), (int, float))}
+                if aux is not None:
+                    shown["aux"] = f"{aux:.4f}"
+                self.bar.set_postfix(shown, refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return LoPTCallback()
+
+
+def prepare_trainer(trainer, run: RunState, wrapped: LoPTModel, postfix_keys: tuple[str, ...],
+                    callbacks: list | None) -> Path:
+    """Swap the Trainer's printing callbacks for lopt's (one progress bar, metrics.jsonl) and add the
+    caller's callbacks. Returns the metrics file (a fresh run starts it afresh)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    out = Path(run.cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if not run.cfg.resume and metrics_path.exists():
+        metrics_path.unlink()
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
+    # Last, so that a stop requested by any callback during a step is acted on at that step's end.
+    trainer.add_callback(make_callback(run, wrapped, metrics_path, postfix_keys))
+    return metrics_path
+
+
+def run_trainer(trainer, run: RunState, resume_dir: Path | None) -> bool:
+    """``trainer.train()`` with lopt's Ctrl-C handling: the first Ctrl-C finishes the current step,
+    saves ``checkpoint-N`` and stops; a second one aborts at once. Returns True when interrupted."""
+    def on_sigint(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        print("\nlopt: interrupt received, saving a checkpoint after this step (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        with warnings.catch_warnings():
+            # TRL calls a transformers API that transformers >= 5.2x renamed; nothing for the user to do.
+            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+            trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir is not None else None)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+    return run.stop_requested and trainer.state.global_step < trainer.state.max_steps
+
+
+def finish(run: RunState, trainer, wrapped: LoPTModel, tokenizer, interrupted: bool,
+           headline: dict[str, str]) -> dict[str, Any]:
+    """Summary of the run; unless interrupted, the final plain checkpoint in ``output_dir`` with
+    ``lopt_run.json``. ``headline`` maps summary names to metrics keys to report first/last of."""
+    from .train import _save_plain_into
+
+    out = Path(run.cfg.output_dir)
+    hist = run.history
+    speeds = [h["tokens_per_s"] for h in hist[1:] or hist if h.get("tokens_per_s")]  # first step warms up
+    aux = [h["aux_loss"] for h in hist if h.get("aux_loss") is not None]
+    summary: dict[str, Any] = {
+        "command": run.command, "steps": trainer.state.global_step, "total_steps": trainer.state.max_steps,
+        "interrupted": interrupted, "method": run.cfg.method, "block_ranges": wrapped.block_ranges,
+        "aux_first": aux[0] if aux else None, "aux_last": aux[-1] if aux else None,
+        "tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
+        "peak_mem_mb": max((h["peak_mem_mb"] for h in hist if "peak_mem_mb" in h), default=None),
+        "output_dir": str(out),
+        "checkpoint": str(run.checkpoints[-1]) if interrupted and run.checkpoints else None,
+        **run.extra_info,
+    }
+    for name, key in headline.items():
+        vals = [h[key] for h in hist if isinstance(h.get(key), (int, float))]
+        summary[f"{name}_first"] = vals[0] if vals else None
+        summary[f"{name}_last"] = vals[-1] if vals else None
+    evals = [h for h in hist if "eval" in h]
+    summary["eval"] = evals[-1]["eval"] if evals else None
+    if not interrupted:
+        _save_plain_into(wrapped, tokenizer, out, run.info(wrapped, summary))
+    return summary
+
+
+def print_summary(summary: dict[str, Any], seconds: float, headline: dict[str, str]) -> None:
+    """The end-of-run table, like ``lopt train``'s."""
+    def f(x, fmt="{:.4f}"):
+        return "-" if x is None else fmt.format(x)
+
+    rows = [("method", f"{summary['method']} (blocks {summary['block_ranges']})"),
+            ("steps", f"{summary['steps']}/{summary['total_steps']}"
+             + (" (interrupted)" if summary["interrupted"] else ""))]
+    rows += [(f"{name} first -> last", f"{f(summary[f'{name}_first'])} -> {f(summary[f'{name}_last'])}")
+             for name in headline]
+    if summary.get("eval"):
+        shown = {k: v for k, v in summary["eval"].items() if k in ("loss", "rewards/margins", "rewards/accuracies")}
+        rows.append(("held-out eval (last)", ", ".join(f"{k} {v:.4f}" for k, v in shown.items())))
+    rows += [("aux loss first -> last", f"{f(summary['aux_first'])} -> {f(summary['aux_last'])}"),
+             ("tokens/s (median)", f(summary["tokens_per_s"], "{:.0f}")),
+             ("peak memory", f(summary["peak_mem_mb"], "{:.0f} MiB")),
+             ("wall time", f"{seconds:.0f} s"),
+             ("checkpoint", summary["checkpoint"] or summary["output_dir"])]
+    w = max(len(r[0]) for r in rows)
+    print("\n| " + "what".ljust(w) + " | value |\n|" + "-" * (w + 2) + "|-------|")
+    for k, v in rows:
+        print(f"| {k.ljust(w)} | {v} |")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

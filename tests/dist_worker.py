@@ -1,0 +1,49 @@
+"""Runs under ``torchrun`` for tests/test_distributed.py: several short training runs in one launch
+(process start-up is the expensive part), each described in a JSON job list.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
+
+Each job is ``{"name", "config": {TrainConfig fields}, "stop_on_rank": R, "stop_at": S}``. After a
+job every rank writes ``OUT/rank{r}.pt``: its trainable parameters by name (the pipeline: its own
+block's plain state), so the test can check that the ranks agree and what each rank trained.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main(path: str) -> int:
+    from lopt.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    # The group is created here, so train() uses it and leaves it open for the next job.
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for job in json.loads(Path(path).read_text()):
+        cfg = TrainConfig(**job["config"])
+        callbacks = []
+        if job.get("stop_on_rank") == rank:
+            def stop(rec, state, at=job["stop_at"]):
+                if rec["step"] >= at:
+                    state.stop_requested = True  # only this rank asks; the ranks must agree to stop
+            callbacks.append(stop)
+        res = train(cfg, callbacks)
+        if cfg.pipeline:  # this rank's block: the plain model's trainable (non-meta) entries
+            own = {n: p.detach().clone() for n, p in res.model.plain_model().named_parameters()
+                   if p.requires_grad}
+        else:
+            own = {n: p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+                   for n, p in res.model.named_parameters() if p.requires_grad}
+        torch.save({"params": own, "summary": res.summary}, f"{cfg.output_dir}/rank{rank}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
