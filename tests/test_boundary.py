@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -253,6 +254,16 @@ def test_param_groups_learning_rates():
     assert by_param[id(w.model.lm_head.weight)]["lr"] == 1e-4
     assert by_param[id(layers[3].input_layernorm.weight)]["weight_decay"] == 0.0
     assert by_param[id(layers[3].self_attn.q_proj.weight)]["weight_decay"] == 0.1
+
+
+def test_default_lower_learning_rate_is_a_tenth_under_lopt_only():
+    model = make_tiny_model("llama")
+    w = lopt.wrap(copy.deepcopy(model))
+    lrs = {g["name"]: g["lr"] for g in w.param_groups(lr=1e-4)}
+    assert math.isclose(lrs["lower"], 1e-4 * lopt.boundary.LR_LOWER_RATIO) and lrs["upper"] == 1e-4
+    # end-to-end keeps one rate for everything, embeddings included
+    e2e = lopt.wrap(copy.deepcopy(model), method="e2e")
+    assert {g["lr"] for g in e2e.param_groups(lr=1e-4)} == {1e-4}
 
 
 # ----------------------------------------------------------------------------- saving

@@ -26,11 +26,11 @@ def test_train_config_maps_the_budget(tmp_path):
     assert cfg.lr == b.lr and math.isclose(cfg.lr_lower, b.lr * 0.1) and cfg.seed == 1
     assert cfg.max_steps == b.steps and cfg.batch_size == b.batch_size
     lora = ex._train_config("x", {"method": "lora"}, 0, b, model=None, dataset="d", run_dir=tmp_path)
-    assert lora.lr == b.lr_lora and lora.lr_lower is None
+    assert lora.lr == b.lr_lora and lora.lr_lower == b.lr_lora  # always explicit: lopt-k2 stays the paper's lr_lower = lr
 
 
 def _record(name, loss, kl, cka, mmlu=0.25, boundaries=None, seed=0):
-    layers = [{"index": i, "cka": c} for i, c in enumerate(cka)]
+    layers = [{"index": i, "cka": c, "cos": c - 0.001} for i, c in enumerate(cka)]
     return {"spec": {"name": name}, "name": name, "seed": seed, "boundaries": boundaries,
             "eval": {"task_loss": {"loss": loss}, "gsm8k": {"acc": 0.1}, "mmlu_redux": {"acc": mmlu},
                      "retention_kl": {"kl": kl}, "drift": {"layers": layers}}}
@@ -53,10 +53,10 @@ def test_report_ratios_and_boundary_cka(tmp_path):
     path = ex.write_report(tmp_path, records, bench, meta, configs)
     text = path.read_text()
     claims = next(line for line in text.splitlines() if line.startswith("| lopt-k2 | 1.50 |"))
-    # MMLU drop 0.02 against e2e's 0.10 -> 0.20; KL 0.01/0.04 -> 0.25; CKA at layer 2; speed 1.30
-    assert claims == "| lopt-k2 | 1.50 | 0.20 | 0.25 | 0.970 | 1.30 |"
+    # MMLU drop 0.02 against e2e's 0.10 -> 0.20; KL 0.01/0.04 -> 0.25; CKA, cosine at layer 2; speed 1.30
+    assert claims == "| lopt-k2 | 1.50 | 0.20 | 0.25 | 0.970 | 0.969 | 1.30 |"
     results = next(line for line in text.splitlines() if line.startswith("| e2e | e2e |"))
-    assert "| 0.800 |" in results  # e2e has no boundary: CKA read at the midpoint layer (index 2 of 5)
+    assert "| 0.800 | 0.799 |" in results  # e2e has no boundary: CKA read at the midpoint layer (index 2 of 5)
     assert "| e2e | 2 | 1.000-1.100 |" in text  # the noise table spans both seeds
     assert not (tmp_path / "RESULTS.md.tmp").exists()
 

@@ -34,7 +34,7 @@ TRAIN_HELP: dict[str, str] = {
     "lora_r": "LoRA rank (method lora)",
     "lora_alpha": "LoRA alpha (method lora)",
     "lr": "learning rate of the last block, final norm and LM head",
-    "lr_lower": "learning rate of the lower blocks, embeddings and local heads (default: --lr)",
+    "lr_lower": "learning rate of the lower blocks, embeddings and local heads (default: --lr / 10 under lopt, the study's finding; = --lr for the other methods)",
     "weight_decay": "AdamW weight decay (not on biases and norms)",
     "batch_size": "examples per micro-batch",
     "grad_accum": "micro-batches per optimizer step",

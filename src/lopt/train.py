@@ -53,7 +53,7 @@ class TrainConfig:
     lower_every: int = 1  # update the lower blocks only every N-th optimizer step
     # optimisation
     lr: float = 2e-5
-    lr_lower: float | None = None  # default: lr
+    lr_lower: float | None = None  # default: lr / 10 for method lopt, else lr (LoPTModel.param_groups)
     weight_decay: float = 0.0
     batch_size: int = 4
     grad_accum: int = 1
