@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,19 @@ def test_a_record_survives_its_json_round_trip(tmp_path):
     spec = {"name": "a", "budget": {"steps": 2, "seeds": (0, 1)}}
     ex._write_json(path, {"spec": spec})
     assert ex._load_record(path, spec) is not None
+
+
+def test_train_command_is_the_runs_config():
+    from lopt.cli import build_parser, train_config_from_args
+
+    configs = ex.study_configs(30)
+    for name in ("e2e", "lopt-k2", "lopt-b7", "lopt-k2-lrlow10-every4", "lora"):
+        line = ex.train_command(name, configs[name], 1, ex.FULL, model=None, dataset="data/train.jsonl",
+                                run_dir=Path("runs") / name)
+        assert line.startswith("lopt train ")
+        parsed = train_config_from_args(build_parser().parse_args(line.split()[1:]))
+        want = ex._train_config(name, configs[name], 1, ex.FULL, model=None, dataset="data/train.jsonl",
+                                run_dir=Path("runs") / name)
+        for field in ("method", "num_blocks", "boundaries", "lambda_aux", "lr", "lr_lower", "batch_size",
+                      "max_steps", "max_length", "warmup_ratio", "seed", "lower_every", "dataset"):
+            assert getattr(parsed, field) == getattr(want, field), (name, field)

@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,40 @@ def _train_config(name: str, overrides: dict[str, Any], seed: int, budget: Budge
                        lr=lr, lr_lower=lr * (1.0 if ratio is None else ratio), batch_size=budget.batch_size,
                        max_steps=budget.steps, warmup_ratio=budget.warmup_ratio, seed=seed, progress=False,
                        log_every=1, **o)
+
+
+# Written out even at their defaults, so the commands stay the study's if a default changes.
+_PINNED = ("method", "num_blocks", "lambda_aux", "local_objective", "lower_every", "batch_size", "lr", "lr_lower",
+           "seed")
+_LOPT_ONLY = ("num_blocks", "lambda_aux", "local_objective", "lower_every")
+
+
+def train_command(name: str, overrides: dict[str, Any], seed: int, budget: Budget, *, model: str | None,
+                  dataset: str, run_dir: Path) -> str:
+    """The ``lopt train`` command line of one study run: every option that differs from the default."""
+    from .train import TrainConfig
+
+    cfg, default = _train_config(name, overrides, seed, budget, model=model, dataset=dataset, run_dir=run_dir), TrainConfig()
+    if os.path.isabs(cfg.dataset):
+        try:
+            cfg.dataset = os.path.relpath(cfg.dataset)
+        except ValueError:  # another drive (Windows)
+            pass
+    args = ["lopt train"]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        pinned = f.name in _PINNED and not (f.name == "num_blocks" and cfg.boundaries) and (
+            cfg.method == "lopt" or f.name not in _LOPT_ONLY)
+        if value is None or f.name in ("progress", "log_every") or (value == getattr(default, f.name) and not pinned):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            args.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            args.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(args)
 
 
 def evaluate_model(model, tokenizer, base, continuations, boundaries: list[int] | None, budget: Budget,
@@ -428,7 +462,16 @@ def write_report(out: Path, records: dict[str, dict[str, Any]], bench: dict[str,
         lines += ["## Discussion", "", notes.read_text().strip(), ""]
     lines += ["## Reproduce", "", "```", "make experiment            # all runs; resumes from docs/results/*.json",
               "python -m lopt.experiment --only e2e lopt-k2   # some of them", "```", "",
-              "Delete a record in `docs/results/` to redo that run.", ""]
+              "Delete a record in `docs/results/` to redo that run. Each training run is this `lopt train` "
+              "command (the study calls the same function in-process, then evaluates the model in memory):", "",
+              "```"]
+    budget = Budget(**{**meta["budget"], "seeds": tuple(meta["budget"]["seeds"])})
+    for run, rec in records.items():
+        if run != "base" and rec.get("name") in configs:
+            lines.append(train_command(rec["name"], configs[rec["name"]], rec.get("seed") or 0, budget,
+                                       model=(rec.get("spec") or {}).get("model"), dataset=meta["dataset"],
+                                       run_dir=Path("runs/experiment") / run))
+    lines += ["```", ""]
     path = out / "RESULTS.md"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines))
