@@ -43,8 +43,8 @@ class _ChunkedCE(torch.autograd.Function):
                 g *= 1.0 - (logits / softcap) ** 2
             if need_h:
                 grad_h[i:i + chunk_size] = (g @ weight.to(g.dtype)).to(hidden.dtype)
-            if need_w:
-                grad_w += g.t() @ h.float()
+            if need_w:  # in place: `grad_w += g.t() @ h` would form a second vocabulary-sized matrix
+                grad_w.addmm_(g.t(), h.float())
             if need_b:
                 grad_b += g.sum(0)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
