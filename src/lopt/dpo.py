@@ -13,15 +13,14 @@ from __future__ import annotations
 import random
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .boundary import LoPTError
 from .data import DataError, load_records
-from .rl import (RLConfig, RLResult, RunState, build_optimizer, finish, load_and_wrap, prepare_trainer,
-                 print_summary, resolve_resume, run_trainer, trl_common_args)
+from .rl import (RLConfig, RLResult, RunState, build_optimizer, load_and_wrap, prepare_trainer, resolve_resume,
+                 run_command, train_and_finish, trl_common_args)
 
 SYNTHETIC = "synthetic-gsm8k"
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -217,20 +216,12 @@ def dpo(cfg: DPORunConfig, callbacks: list | None = None) -> RLResult:
           f"blocks {wrapped.block_ranges}), {len(rows)} preference pairs from {data_stats['source']}"
           f"{' (synthetic)' if data_stats['synthetic'] else ''}, beta {cfg.beta}, on {device}"
           + (f", resuming {resume_dir}" if resume_dir else ""), file=sys.stderr)
-    interrupted = run_trainer(trainer, run, resume_dir)
-    summary = finish(run, trainer, wrapped, tokenizer, interrupted, HEADLINE)
-    if interrupted:
-        print(f"lopt: stopped at step {summary['steps']}; resume with --resume (checkpoint: "
-              f"{summary['checkpoint']})", file=sys.stderr)
-    return RLResult(summary, wrapped, tokenizer)
+    return train_and_finish(trainer, run, resume_dir, wrapped, tokenizer, HEADLINE)
 
 
 def cmd_dpo(cfg: DPORunConfig, callbacks: list | None = None) -> int:
     """The CLI command: run, print the summary table; 130 when interrupted."""
-    t0 = time.perf_counter()
-    result = dpo(cfg, callbacks)
-    print_summary(result.summary, time.perf_counter() - t0, HEADLINE)
-    return 130 if result.summary["interrupted"] else 0
+    return run_command(dpo, cfg, callbacks, HEADLINE)
 
 
 __all__ = ["DPORunConfig", "dpo", "cmd_dpo", "synthetic_gsm8k_pairs", "corrupt_final_answer", "wrong_answer",

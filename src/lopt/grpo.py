@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from .boundary import LoPTError
 from .data import DataError, chat_prompt, load_records
 from .rewards import (ANSWER_FORMATS, RewardError, boxed_reference, extract_boxed, gsm8k_answer,
                       math_value, normalize_math_answer, resolve_rewards)
-from .rl import (RLConfig, RLResult, RunState, build_optimizer, finish, load_and_wrap, prepare_trainer,
-                 print_summary, resolve_resume, run_trainer, trl_common_args)
+from .rl import (RLConfig, RLResult, RunState, build_optimizer, load_and_wrap, prepare_trainer, resolve_resume,
+                 run_command, train_and_finish, trl_common_args)
 
 NUMINAMATH = "AI-MO/NuminaMath-TIR"  # problem / solution (with \boxed{}) / messages
 TASKS = {"gsm8k": "gsm8k", "numinamath": "boxed"}  # preset -> answer format
@@ -268,20 +267,12 @@ def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
           f"({fmt} answers; {too_long} too long, {data_stats['dropped_no_answer']} without answer dropped), "
           f"{cfg.num_generations} completions each, rewards {', '.join(cfg.reward)}, on {device}"
           + (f", resuming {resume_dir}" if resume_dir else ""), file=sys.stderr)
-    interrupted = run_trainer(trainer, run, resume_dir)
-    summary = finish(run, trainer, wrapped, tokenizer, interrupted, HEADLINE)
-    if interrupted:
-        print(f"lopt: stopped at step {summary['steps']}; resume with --resume (checkpoint: "
-              f"{summary['checkpoint']})", file=sys.stderr)
-    return RLResult(summary, wrapped, tokenizer)
+    return train_and_finish(trainer, run, resume_dir, wrapped, tokenizer, HEADLINE)
 
 
 def cmd_grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> int:
     """The CLI command: run, print the summary table; 130 when interrupted."""
-    t0 = time.perf_counter()
-    result = grpo(cfg, callbacks)
-    print_summary(result.summary, time.perf_counter() - t0, HEADLINE)
-    return 130 if result.summary["interrupted"] else 0
+    return run_command(grpo, cfg, callbacks, HEADLINE)
 
 
 __all__ = ["GRPORunConfig", "grpo", "cmd_grpo", "load_task", "build_prompts", "RewardError"]

@@ -517,6 +517,25 @@ def finish(run: RunState, trainer, wrapped: LoPTModel, tokenizer, interrupted: b
     return summary
 
 
+def train_and_finish(trainer, run: RunState, resume_dir: Path | None, wrapped: LoPTModel, tokenizer,
+                     headline: dict[str, str]) -> RLResult:
+    """Run the trainer (resuming from ``resume_dir``), then ``finish``; says how to resume if stopped."""
+    interrupted = run_trainer(trainer, run, resume_dir)
+    summary = finish(run, trainer, wrapped, tokenizer, interrupted, headline)
+    if interrupted:
+        print(f"lopt: stopped at step {summary['steps']}; resume with --resume (checkpoint: "
+              f"{summary['checkpoint']})", file=sys.stderr)
+    return RLResult(summary, wrapped, tokenizer)
+
+
+def run_command(recipe, cfg: RLConfig, callbacks: list | None, headline: dict[str, str]) -> int:
+    """A CLI command over ``recipe(cfg, callbacks)``: run, print the summary table; 130 when interrupted."""
+    t0 = time.perf_counter()
+    result = recipe(cfg, callbacks)
+    print_summary(result.summary, time.perf_counter() - t0, headline)
+    return 130 if result.summary["interrupted"] else 0
+
+
 def print_summary(summary: dict[str, Any], seconds: float, headline: dict[str, str]) -> None:
     """The end-of-run table, like ``lopt train``'s."""
     def f(x, fmt="{:.4f}"):
