@@ -53,3 +53,20 @@ def test_every_configuration_is_a_valid_train_config():
 
     for name, overrides in CONFIGS.items():
         TrainConfig(**overrides).validate()
+
+
+def test_distbench_table_takes_medians_over_repeats():
+    from lopt.distbench import format_table as dist_table
+
+    def row(label, tps, peaks, rep):
+        return {"label": label, "processes": 2, "threads_per_process": 1, "per_rank_batch": 2, "micro_batches": 1,
+                "block_ranges": [[0, 2], [2, 4]], "tokens_per_s": tps, "peak_rss_mb_per_process": peaks,
+                "peak_rss_mb_max": max(peaks), "repeat": rep}
+    rows = [row("ddp", 100, [1000, 1010], 0), row("pipe", 90, [600, 620], 0),
+            row("ddp", 120, [1020, 1000], 1), row("pipe", 120, [580, 590], 1),
+            row("ddp", 110, [1000, 990], 2), row("pipe", 99, [610, 600], 2)]
+    lines = dist_table(rows, ref="ddp").splitlines()
+    assert len(lines) == 4  # header, rule, one line per mode
+    pipe = lines[3].split("|")
+    assert pipe[5].strip() == "99 (90-120)" and pipe[6].strip() == f"{99 / 110:.2f}"
+    assert pipe[7].strip() == "600 / 600 (590-620)" and pipe[8].strip() == f"{610 / 1010:.2f}"

@@ -207,6 +207,97 @@ def test_checkpointing_last_block_only():
         torch.testing.assert_close(g[n], gr[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("scope, selective, flags", [
+    ("lower-blocks", None, [True] * 3 + [False] * 3),
+    (None, "all", [True] * 6),
+    ("lower-blocks", "last-block", [True] * 6),
+])
+def test_checkpointing_scopes_and_selective_are_exact(scope, selective, flags):
+    w = lopt.wrap(make_tiny_model("llama", layers=6))
+    w.gradient_checkpointing_enable(scope, selective=selective)
+    layers = w.model.get_submodule(w.layers_name)
+    assert [bool(layer.gradient_checkpointing) for layer in layers] == flags
+    # Selective layers use their own checkpoint function (the policy), full ones the plain one.
+    funcs = {id(layer._gradient_checkpointing_func) for layer, f in zip(layers, flags) if f}
+    assert len(funcs) == (2 if scope and selective else 1)
+    ref = lopt.wrap(make_tiny_model("llama", layers=6))
+    ref.heads.load_state_dict(w.heads.state_dict())
+    w.train(), ref.train()
+    ids, mask, labels = batch()
+    _, g = run_step(w, ids, mask, labels)
+    _, gr = run_step(ref, ids, mask, labels)
+    assert g.keys() == gr.keys()
+    for n in gr:
+        torch.testing.assert_close(g[n], gr[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_selective_checkpointing_keeps_less_than_none():
+    from lopt.memory import SavedTensorTracker
+
+    def saved(selective):
+        w = lopt.wrap(make_tiny_model("llama", layers=4), method="e2e", chunked_ce=False)
+        w.gradient_checkpointing_enable(None, selective=selective)
+        w.train()
+        ids, mask, labels = batch(t=32)
+        with SavedTensorTracker(w.parameters()) as t:
+            out = w(ids, attention_mask=mask, labels=labels)
+        return t.peak_bytes, out
+    plain, _ = saved(None)
+    sel, _ = saved("all")
+    assert 0 < sel < 0.8 * plain, (sel, plain)
+
+
+def test_checkpointing_scope_errors():
+    w = lopt.wrap(make_tiny_model("llama", layers=4), method="e2e")
+    with pytest.raises(lopt.LoPTError, match="needs a model with a boundary"):
+        w.gradient_checkpointing_enable("lower-blocks")
+    with pytest.raises(lopt.LoPTError, match="must be one of"):
+        w.gradient_checkpointing_enable("upper")
+
+
+def test_head_gradient_added_in_the_forward_under_accumulation():
+    """Micro-batches after the first add the LM head's gradient to .grad inside the forward (no
+    second head-sized buffer); the gradients are those of the usual backward."""
+    model = make_tiny_model("llama", layers=4)
+    a, b = lopt.wrap(copy.deepcopy(model)), lopt.wrap(copy.deepcopy(model))
+    b.heads.load_state_dict(a.heads.state_dict())
+    b.head_grad_in_forward = True
+    head = b.model.get_output_embeddings().weight
+    for w in (a, b):
+        w.train()
+        w.loss_scale = 0.5
+        for seed in (0, 1):
+            ids, mask, labels = batch(seed)
+            out = w(ids, attention_mask=mask, labels=labels)
+            if w is b and seed == 1:  # already in .grad before the backward
+                assert head.grad is not None and not torch.equal(head.grad, before)
+            w.backward(out)
+            if w is b and seed == 0:
+                before = head.grad.clone()
+    ga, gb = grads(a), grads(b)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_head_gradient_in_the_forward_refuses_another_scale():
+    from lopt.loss import chunked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (2, 9), generator=g)
+    w.grad = torch.zeros_like(w)
+    with pytest.raises(RuntimeError, match="backward brought"):
+        (chunked_cross_entropy(h, w, y, grad_scale=0.5) * 2.0).backward()
+    w.grad = torch.zeros_like(w)
+    (chunked_cross_entropy(h, w, y, grad_scale=0.5) * 0.5).backward()
+    ref = w.grad.clone()
+    w.grad = None  # no .grad yet: the usual path
+    (chunked_cross_entropy(h, w, y, grad_scale=0.5) * 0.5).backward()
+    torch.testing.assert_close(w.grad, ref, rtol=1e-6, atol=1e-8)
+
+
 def test_block_split_rules():
     assert split_blocks(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
     assert split_blocks(30, 2) == [(0, 15), (15, 30)]

@@ -269,8 +269,15 @@ def pipeline_run(setup):
         {"config": base(setup, out, batch_size=8, max_steps=20, lr=3e-3, max_grad_norm=1.0, pipeline=True)},
         {"config": base(setup, full, batch_size=4, max_steps=6, save_every=3, pipeline=True)},
         {"config": base(setup, resumed, batch_size=4, max_steps=6, pipeline=True,
-                        resume=str(full / "checkpoint-3"))}])
+                        resume=str(full / "checkpoint-3"))},
+        {"config": base(setup, root / "pipe" / "match", pipeline=True, **MATCH)}])
     return out
+
+
+# lambda_aux 0: the lower block's update is zero, so the local heads' random starts (drawn
+# differently in one process and in the pipeline) do not matter, and the upper block must match.
+MATCH = dict(batch_size=2, grad_accum=2, max_steps=3, lambda_aux=0.0, gradient_checkpointing="lower-blocks",
+             selective_checkpointing="last-block")
 
 
 def test_pipeline_trains(pipeline_run):
@@ -301,6 +308,27 @@ def test_pipeline_checkpoint_is_the_blocks_put_together(setup, pipeline_run):
         want, got, before = assembled(ids).logits, saved(ids).logits, base_model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, before, atol=1e-3)  # it did train
+
+
+def test_pipeline_upper_block_matches_one_process(setup, pipeline_run, tmp_path):
+    """Micro-batches travel down the pipeline with the hidden states (rank 1 reads no data), the head's
+    gradient accumulates in the forward, rank 0 has a sparse embedding gradient, and both ranks
+    checkpoint (selectively on rank 1): the upper block still trains as in one process."""
+    cfg = {**base(setup, tmp_path / "one", **MATCH), "gradient_checkpointing": "off",
+           "selective_checkpointing": "off"}
+    one = train(TrainConfig(**cfg)).model
+    want = {n: p.detach() for n, p in one.plain_model().named_parameters()}
+    got = torch.load(pipeline_run.parent / "match" / "rank1.pt")["params"]
+    assert "lm_head.weight" in got and any("layers.3." in k for k in got)
+    for n, p in got.items():
+        torch.testing.assert_close(p, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    base_model = AutoModelForCausalLM.from_pretrained(setup[1])
+    assert not torch.allclose(got["model.layers.3.mlp.up_proj.weight"],
+                              base_model.model.layers[3].mlp.up_proj.weight, atol=1e-4)  # it did train
+    # The lower block stayed as it was (lambda 0), on both sides.
+    low = torch.load(pipeline_run.parent / "match" / "rank0.pt")["params"]
+    for n, p in low.items():
+        torch.testing.assert_close(p, want[n], rtol=0, atol=0, msg=n)
 
 
 def test_pipeline_resume_reproduces_uninterrupted_run(pipeline_run):

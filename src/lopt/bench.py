@@ -100,8 +100,7 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
     cfg.validate()
     model, _ = load_model(cfg.model, gguf_file=cfg.gguf_file, device=device)
     wrapped = wrap(model, config=cfg.lopt_config()).to(device)
-    if cfg.gradient_checkpointing != "off":
-        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
     stepper = Stepper(wrapped, cfg, device, cfg.max_steps)
     vocab = model.get_input_embeddings().weight.shape[0]

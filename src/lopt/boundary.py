@@ -39,6 +39,8 @@ from .loss import chunked_cross_entropy
 METHODS = ("lopt", "e2e", "freeze-lower", "lora")
 SCHEDULES = ("blockwise", "joint")
 LOCAL_OBJECTIVES = ("recon", "anchor")
+# Which layers recompute their activations in the backward (LoPTModel.gradient_checkpointing_enable).
+CHECKPOINT_SCOPES = ("off", "all", "last-block", "lower-blocks")
 
 
 class LoPTError(ValueError):
@@ -84,6 +86,23 @@ class LoPTConfig:
         if self.lambda_aux < 0:
             raise LoPTError(f"lambda_aux must be >= 0, got {self.lambda_aux}")
 
+
+
+def _keep_matmul_outputs() -> tuple[Any, Any]:
+    """Selective checkpointing policy: a checkpointed layer keeps what its matrix multiplications and
+    attention computed, and recomputes everything else (element-wise, memory-bound, cheap)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    keep = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+        if hasattr(aten, name):
+            keep.add(getattr(aten, name).default)
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 @dataclass
 class LoPTOutput(CausalLMOutputWithPast):
@@ -247,6 +266,10 @@ class LoPTModel(nn.Module):
         # so the two need separate factors (lopt.distributed). 0 skips that loss's backward.
         self.task_loss_scale: float = 1.0
         self.local_loss_scale: float = 1.0
+        # True when the caller always backpropagates the task loss through ``backward()`` (lopt's
+        # trainers): under gradient accumulation the chunked loss then adds the LM head's gradient to
+        # its ``.grad`` in the forward instead of holding a second head-sized buffer until the backward.
+        self.head_grad_in_forward: bool = False
         # Called as fn(block_index, params) right after a lower block's local backward (blockwise
         # schedule): the trainer's per-block optimizer step, which frees that block's gradients
         # before the blocks above build their activations.
@@ -499,8 +522,9 @@ class LoPTModel(nn.Module):
             if chunked:  # run the decoder stack only; the loss head never forms the full logits
                 decoder, head, softcap = self._loss_head
                 out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                scale = self.loss_scale * self.task_loss_scale if self.head_grad_in_forward else 0.0
                 loss = chunked_cross_entropy(out.last_hidden_state, head.weight, labels, head.bias,
-                                             self.lopt_config.ce_chunk_size, softcap)
+                                             self.lopt_config.ce_chunk_size, softcap, grad_scale=scale or None)
                 logits = None
             else:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -528,27 +552,49 @@ class LoPTModel(nn.Module):
             (sum(terms) * self.loss_scale).backward()
 
     # ---- gradient checkpointing
-    def gradient_checkpointing_enable(self, scope: str = "all") -> None:
-        """Recompute layer activations in the backward. ``scope='last-block'`` checkpoints only the
-        block above the last boundary (under blockwise LoPT the lower blocks' activations are
-        already freed early, so checkpointing them buys little)."""
-        if scope not in ("all", "last-block"):
-            raise LoPTError(f"gradient checkpointing scope must be 'all' or 'last-block', got {scope!r}")
+    def gradient_checkpointing_enable(self, scope: str | None = "all", selective: str | None = None) -> None:
+        """Recompute layer activations in the backward.
+
+        ``scope``: the layers that keep only their input and recompute everything in the backward:
+        ``'all'``; ``'last-block'``, the block above the last boundary (under blockwise LoPT the lower
+        blocks' activations are freed early anyway); ``'lower-blocks'``, all but the last block (in
+        the ``--pipeline`` the lower ranks have time to spare: the last one also runs the LM head);
+        or None. ``selective``: the same choices, for layers that keep the outputs of their matrix
+        multiplications and attention and recompute only the cheap element-wise work (norms, rotary
+        embedding, activation function): about half of a layer's activations for a few percent of
+        its time. A layer in both is checkpointed in full."""
+        layers = self.model.get_submodule(self.layers_name)
+        full, sel = self._checkpoint_layers(scope, len(layers)), self._checkpoint_layers(selective, len(layers))
+        if not full and not sel:
+            return
         base = self.model
         # Non-reentrant: the upper block's input is detached, and reentrant checkpointing would then
         # drop its parameters' gradients.
-        kwargs = {"use_reentrant": False}
+        kwargs: dict[str, Any] = {"use_reentrant": False}
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if scope == "last-block":
-            layers = base.get_submodule(self.layers_name)
-            start = self.block_ranges[-1][0]
-            for i in range(start):
-                for m in layers[i].modules():
-                    if hasattr(m, "gradient_checkpointing"):
-                        m.gradient_checkpointing = False
+        from torch.utils.checkpoint import checkpoint
+
+        keep_matmuls = functools.partial(checkpoint, use_reentrant=False, context_fn=_keep_matmul_outputs)
+        for i, layer in enumerate(layers):
+            for m in layer.modules():
+                if not hasattr(m, "gradient_checkpointing"):
+                    continue
+                m.gradient_checkpointing = i in full or i in sel
+                if i in sel and i not in full:
+                    m._gradient_checkpointing_func = keep_matmuls
+
+    def _checkpoint_layers(self, scope: str | None, n_layers: int) -> set[int]:
+        if scope in (None, "off"):
+            return set()
+        if scope not in CHECKPOINT_SCOPES:
+            raise LoPTError(f"gradient checkpointing scope must be one of {', '.join(CHECKPOINT_SCOPES)}, got {scope!r}")
+        if scope != "all" and len(self.block_ranges) < 2:
+            raise LoPTError(f"gradient checkpointing scope {scope!r} needs a model with a boundary (lopt, freeze-lower)")
+        last = self.block_ranges[-1][0]
+        return set(range(n_layers) if scope == "all" else range(last, n_layers) if scope == "last-block" else range(last))
 
     # ---- saving
     def plain_model(self) -> nn.Module:

@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from .boundary import METHODS, SCHEDULES, LoPTError
+from .boundary import CHECKPOINT_SCOPES, METHODS, SCHEDULES, LoPTError
 
 # Help for every training option; the flag is the field name with dashes (max_steps -> --max-steps).
 TRAIN_HELP: dict[str, str] = {
@@ -45,7 +45,11 @@ TRAIN_HELP: dict[str, str] = {
     "per_block_step": "auto, on, off: step each lower block's optimizer right after its local backward, "
                       "freeing its gradients early (auto: on for blockwise LoPT without grad accumulation; "
                       "clipping is then per block)",
-    "gradient_checkpointing": "recompute activations in the backward: off, all, last-block",
+    "gradient_checkpointing": "layers that recompute their activations in the backward: off, all, last-block, "
+                              "lower-blocks (all but the last block: the --pipeline's lower ranks have time to spare)",
+    "selective_checkpointing": "layers (same choices) that keep their matrix-multiply and attention outputs and "
+                               "recompute only the element-wise work: about half the activation memory for a few "
+                               "percent of the time",
     "precision": "auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16 (with a grad scaler)",
     "device": "cpu, cuda, cuda:1, ... (default: cuda when available)",
     "seed": "random seed (data order, heads, dropout)",
@@ -122,7 +126,8 @@ _OPTION_TYPES: dict[str, Any] = {"lr_lower": float, "max_steps": int, "limit": i
                                  "eval_every": int, "eval_limit": int, "max_prompt_length": int,
                                  "steps_per_generation": int, "max_length": int, "eval_dataset": str}
 _OPTION_CHOICES: dict[str, Sequence[str]] = {
-    "method": METHODS, "schedule": SCHEDULES, "gradient_checkpointing": ("off", "all", "last-block"),
+    "method": METHODS, "schedule": SCHEDULES,
+    "gradient_checkpointing": CHECKPOINT_SCOPES, "selective_checkpointing": CHECKPOINT_SCOPES,
     "local_objective": ("recon", "anchor"), "per_block_step": ("auto", "on", "off"),
     "precision": ("auto", "fp32", "bf16", "fp16"), "answer_format": ("auto", "gsm8k", "boxed"),
     "scale_rewards": ("group", "batch", "none"),

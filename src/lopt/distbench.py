@@ -61,14 +61,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                       max_steps=total, lr=1e-5, warmup_ratio=0.0, progress=False, method="lopt",
                       num_blocks=spec.get("num_blocks", 2), boundaries=spec.get("boundaries"),
                       fsdp=mode == "fsdp", pipeline=mode == "pipeline",
-                      gradient_checkpointing=spec.get("gradient_checkpointing", "off"))
+                      gradient_checkpointing=spec.get("gradient_checkpointing", "off"),
+                      selective_checkpointing=spec.get("selective_checkpointing", "off"))
     set_seed(0)
     t_load = time.perf_counter()
     if mode == "pipeline":
         stage, _ = build_stage(cfg, ctx)
         wrapped = stage.wrapped
-        if cfg.gradient_checkpointing != "off":
-            wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
         wrapped.train()
         stepper: Any = PipelineStepper(stage, cfg, total)
         device = ctx.device
@@ -76,8 +76,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         device = ctx.device if ctx is not None else torch.device("cpu")
         model, _ = load_model(cfg.model, device="cpu" if cfg.fsdp else device)
         wrapped = wrap(model, config=cfg.lopt_config()).to("cpu" if cfg.fsdp else device)
-        if cfg.gradient_checkpointing != "off":
-            wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
         wrapped.train()
         dp = DataParallel(ctx, fsdp=cfg.fsdp) if ctx is not None else None
         if dp is not None:
@@ -95,7 +94,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         ids = torch.randint(0, vocab, (spec["batch_size"], spec["seq_len"]), generator=g)
         micro = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
                  for x in ids.split(rows)]
-        rec = stepper.step(micro)
+        rec = stepper.step(None if mode == "pipeline" and ctx.rank > 0 else micro)
         ends.append(time.perf_counter())
         losses.append(rec["loss"] if rec else None)
     t0 = ends[spec["warmup"] - 1] if spec["warmup"] else t_load
@@ -156,17 +155,35 @@ def summarise(mode: str, reports: list[dict[str, Any]], spec: dict[str, Any]) ->
             "threads_per_process": last["threads"], "reports": reports}
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
 def format_table(rows: list[dict[str, Any]], ref: str | None = None) -> str:
-    by = {r["label"]: r for r in rows}
-    ref_row = by.get(ref) if ref else None
+    """One line per mode: medians over the repeats (each repeat's range in brackets when there are
+    several), ratios of the medians to the reference mode's."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    by = {lab: [r for r in rows if r["label"] == lab] for lab in labels}
+
+    def stat(lab: str, key: str) -> float:
+        return _median([r[key] for r in by[lab]])
+
+    def spread(lab: str, key: str) -> str:
+        vals = [r[key] for r in by[lab]]
+        return f" ({min(vals):.0f}-{max(vals):.0f})" if len(vals) > 1 else ""
+    has_ref = ref in by
     lines = ["| mode | processes x threads | rows per process x micro-batches | blocks | tokens/s | x ref | peak RSS MiB per "
              "process | max x ref |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        x_t = r["tokens_per_s"] / ref_row["tokens_per_s"] if ref_row else None
-        x_m = r["peak_rss_mb_max"] / ref_row["peak_rss_mb_max"] if ref_row else None
-        lines.append(f"| {r['label']} | {r['processes']} x {r['threads_per_process']} | {r['per_rank_batch']} x {r['micro_batches']} | "
-                     f"{r['block_ranges']} | {r['tokens_per_s']:.0f} | {'-' if x_t is None else f'{x_t:.2f}'} | "
-                     f"{' / '.join(f'{m:.0f}' for m in r['peak_rss_mb_per_process'])} | "
+    for lab in labels:
+        r = by[lab][0]
+        per_proc = [_median(list(x)) for x in zip(*(q["peak_rss_mb_per_process"] for q in by[lab]))]
+        x_t = stat(lab, "tokens_per_s") / stat(ref, "tokens_per_s") if has_ref else None
+        x_m = stat(lab, "peak_rss_mb_max") / stat(ref, "peak_rss_mb_max") if has_ref else None
+        lines.append(f"| {lab} | {r['processes']} x {r['threads_per_process']} | {r['per_rank_batch']} x {r['micro_batches']} | "
+                     f"{r['block_ranges']} | {stat(lab, 'tokens_per_s'):.0f}{spread(lab, 'tokens_per_s')} | "
+                     f"{'-' if x_t is None else f'{x_t:.2f}'} | "
+                     f"{' / '.join(f'{m:.0f}' for m in per_proc)}{spread(lab, 'peak_rss_mb_max')} | "
                      f"{'-' if x_m is None else f'{x_m:.2f}'} |")
     return "\n".join(lines)
 
@@ -182,31 +199,41 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lopt.distbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--modes", nargs="+", default=["single", "ddp", "pipeline"],
-                   help=f"any of {', '.join(MODES)}, optionally with options: 'pipeline:b=19,mb=2,gc=all' = "
-                        f"boundary at layer 19, the global batch in 2 micro-batches, gradient checkpointing of "
-                        f"all layers (default: single ddp pipeline)")
+                   help=f"any of {', '.join(MODES)}, optionally with options: 'pipeline:b=19,mb=2,gc=all,sel=last-block' "
+                        f"= boundary at layer 19, the global batch in 2 micro-batches, gradient checkpointing of "
+                        f"all layers (scopes as --gradient-checkpointing), selective checkpointing of the last "
+                        f"block (as --selective-checkpointing) (default: single ddp pipeline)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4, help="global batch (rows)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the list of modes this many times, interleaved (the table shows medians and ranges)")
     p.add_argument("--reference", default="ddp", help="mode the ratios are against")
     p.add_argument("--json", default=None)
     ns = p.parse_args(argv)
     t_start = time.perf_counter()
-    rows = []
+    specs = []
     for m in ns.modes:
         mode, _, opts = m.partition(":")
         kv = dict(o.split("=", 1) for o in opts.split(",") if o)
-        if mode not in MODES or set(kv) - {"b", "mb", "gc"}:
+        if mode not in MODES or set(kv) - {"b", "mb", "gc", "sel"}:
             p.error(f"unknown mode {m}")
-        spec = {"model": ns.model, "batch_size": ns.batch_size, "seq_len": ns.seq_len, "warmup": ns.warmup,
-                "steps": ns.steps, "label": m, "boundaries": [int(kv["b"])] if "b" in kv else None,
-                "micro_batches": int(kv.get("mb", 1)), "gradient_checkpointing": kv.get("gc", "off")}
-        print(f"[{m}] ...", file=sys.stderr, flush=True)
-        rows.append(summarise(mode, run_mode(mode, spec, 1 if mode == "single" else ns.nproc), spec))
-        print(f"[{m}] {rows[-1]['tokens_per_s']:.0f} tokens/s, peak RSS {rows[-1]['peak_rss_mb_per_process']} MiB",
-              file=sys.stderr, flush=True)
+        specs.append((mode, {"model": ns.model, "batch_size": ns.batch_size, "seq_len": ns.seq_len,
+                             "warmup": ns.warmup, "steps": ns.steps, "label": m,
+                             "boundaries": [int(kv["b"])] if "b" in kv else None,
+                             "micro_batches": int(kv.get("mb", 1)), "gradient_checkpointing": kv.get("gc", "off"),
+                             "selective_checkpointing": kv.get("sel", "off")}))
+    rows = []
+    for rep in range(ns.repeats):  # interleaved, so a slow spell of the machine hits every mode alike
+        for mode, spec in specs:
+            m = spec["label"]
+            print(f"[{m}] ...", file=sys.stderr, flush=True)
+            rows.append({**summarise(mode, run_mode(mode, spec, 1 if mode == "single" else ns.nproc), spec),
+                         "repeat": rep})
+            print(f"[{m}] {rows[-1]['tokens_per_s']:.0f} tokens/s, peak RSS {rows[-1]['peak_rss_mb_per_process']} MiB",
+                  file=sys.stderr, flush=True)
     print(format_table(rows, ns.reference))
     import platform
 

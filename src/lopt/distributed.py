@@ -540,8 +540,9 @@ class PipelineStage:
       on the last own layer sends the block's (detached) output to rank r+1 before LoPT's boundary
       hook runs the local backward, so rank r+1 starts as early as possible.
 
-    The receiver knows the batch (every rank reads the same data in the same order: masks, labels and
-    positions come from there), so only the hidden states travel, with a small header.
+    Only rank 0 reads and tokenizes the data: each micro-batch's token ids, attention mask and labels
+    travel with the hidden states (a few KB), so the other ranks load neither a tokenizer nor the
+    dataset (a tokenizer alone costs about 100 MiB of RAM).
 
     Staleness: block r+1's step t uses the boundary states that block r computed in its step t, with
     block r's parameters *before* its step-t update: exactly what one process does under LoPT's
@@ -558,6 +559,7 @@ class PipelineStage:
         self.hidden = hidden
         self.active = False
         self._received: torch.Tensor | None = None
+        self.batch: dict[str, torch.Tensor] | None = None  # the micro-batch being run (sent on with h)
         self._sends: list[Any] = []
         self._keep: list[torch.Tensor] = []  # tensors being sent must stay alive until the send is done
         layers = wrapped.model.get_submodule(wrapped.layers_name)
@@ -588,12 +590,15 @@ class PipelineStage:
         self._sends, self._keep = [], []
 
     def send_hidden(self, h: torch.Tensor) -> None:
+        """Send block r's output for the current micro-batch, and the micro-batch, to rank r+1."""
         self.wait_sends()  # at most one step in flight: bounded memory, and rank r never runs far ahead
         h = h.contiguous()
+        b = self.batch
+        ids = torch.stack([b["input_ids"], b["attention_mask"].to(b["input_ids"].dtype),
+                           b["labels"].to(b["input_ids"].dtype)]).to(device=h.device, dtype=torch.int64)
         header = torch.tensor([0, *h.shape, _DTYPES.index(h.dtype)], dtype=torch.int64, device=h.device)
-        self._keep = [header, h]
-        self._sends = [dist.isend(header, dst=self.rank + 1, tag=_TAG_HIDDEN),
-                       dist.isend(h, dst=self.rank + 1, tag=_TAG_HIDDEN)]
+        self._keep = [header, h, ids]
+        self._sends = [dist.isend(t, dst=self.rank + 1, tag=_TAG_HIDDEN) for t in self._keep]
 
     def send_stop(self) -> None:
         """Tell the next rank (which passes it on) that the run stops before the next step."""
@@ -603,18 +608,21 @@ class PipelineStage:
         header = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=self.ctx.device)
         dist.send(header, dst=self.rank + 1, tag=_TAG_HIDDEN)
 
-    def receive(self) -> bool:
-        """Receive the next hidden states from rank r-1; False when it sent the stop signal."""
+    def receive(self) -> dict[str, torch.Tensor] | None:
+        """Receive the next hidden states and their micro-batch from rank r-1 (the batch is returned,
+        the hidden states wait for the first own layer); None when it sent the stop signal."""
         header = torch.empty(5, dtype=torch.int64, device=self.ctx.device)
         dist.recv(header, src=self.rank - 1, tag=_TAG_HIDDEN)
         if int(header[0]) == 1:
             self.send_stop()
-            return False
+            return None
         shape, dtype = [int(x) for x in header[1:4]], _DTYPES[int(header[4])]
         h = torch.empty(shape, dtype=dtype, device=self.ctx.device)
         dist.recv(h, src=self.rank - 1, tag=_TAG_HIDDEN)
+        ids = torch.empty((3, *shape[:2]), dtype=torch.int64, device=self.ctx.device)
+        dist.recv(ids, src=self.rank - 1, tag=_TAG_HIDDEN)
         self._received = h
-        return True
+        return {"input_ids": ids[0], "attention_mask": ids[1], "labels": ids[2]}
 
     # ---- checkpoint
     def own_state(self) -> dict[str, torch.Tensor]:
@@ -668,7 +676,8 @@ def _local_source(cfg: Any, resume_dir: Path | None) -> Path | None:
 
 
 def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> tuple[PipelineStage, Any]:
-    """Build this rank's ``PipelineStage`` and the tokenizer (see ``PipelineStage`` for how)."""
+    """Build this rank's ``PipelineStage``, and the tokenizer on rank 0 (None elsewhere: only rank 0
+    reads the data). See ``PipelineStage`` for how."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .boundary import _is_embedding_name, _untie_output_embeddings, find_layers, split_blocks, wrap
@@ -682,9 +691,12 @@ def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> t
         full_model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file, device="cpu",
                                            trust_remote_code=cfg.trust_remote_code)
         config = full_model.config
+        if ctx.rank > 0:
+            tokenizer = None
     else:
         config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = (AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+                     if ctx.rank == 0 else None)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                  trust_remote_code=cfg.trust_remote_code)
@@ -766,6 +778,12 @@ def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> t
         if not start <= j < end:
             layer.forward = _pass_through
     dtype = next(layers[start].parameters()).dtype
+    emb = model.get_input_embeddings()
+    if r == 0 and isinstance(emb, nn.Embedding):
+        # A dense embedding gradient is vocabulary x hidden (113 MB for SmolLM2) per micro-batch, and
+        # a second one while it is added to .grad; the sparse one holds only the batch's rows and is
+        # made dense once, at the step (PipelineStepper), when the activations are gone.
+        emb.sparse = True
     for m in inert_embeddings:
         dim = m.weight.shape[-1]
         m.forward = _zeros_like_embedding(dim, dtype, device)
@@ -787,7 +805,8 @@ def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> t
         else:
             wrapped.heads[i].requires_grad_(False)
     wrapped._block_params = None
-    _prepare_tokenizer(tokenizer, model, cfg.model or "smollm2-135m-instruct")
+    if tokenizer is not None:
+        _prepare_tokenizer(tokenizer, model, cfg.model or "smollm2-135m-instruct")
     return PipelineStage(wrapped, ctx, state_keys, _hidden_size(model)), tokenizer
 
 
@@ -823,22 +842,23 @@ class PipelineStepper:
     block's gradients, AdamW step, LR schedule."""
 
     def __init__(self, stage: PipelineStage, cfg: Any, total_steps: int):
-        from .train import autocast_dtype, cosine_with_warmup
+        from .train import autocast_dtype, build_optimizer, cosine_with_warmup
 
         self.stage, self.cfg = stage, cfg
         w = stage.wrapped
         self.device = stage.ctx.device
-        self.optimizer = torch.optim.AdamW(w.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay),
-                                           lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = build_optimizer(w, cfg.lr, cfg.lr_lower, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         # Each rank scales (and unscales) only its own block's losses: a per-rank scaler is exact.
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         w.after_local_backward = None  # the block's step is the end-of-step step below
+        w.head_grad_in_forward = True  # the task loss goes through w.backward only
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any] | None:
-        """Returns this rank's numbers (loss on the last rank, aux_loss on the others, grad_norm,
+    def step(self, micro_batches: list[dict[str, torch.Tensor]] | None) -> dict[str, Any] | None:
+        """Rank 0 gets the step's micro-batches (the others receive them from the rank before; pass
+        None). Returns this rank's numbers (loss on the last rank, aux_loss on the others, grad_norm,
         lr, tokens), or None when rank 0 stopped the run before this step."""
         from .train import _clip
 
@@ -846,14 +866,19 @@ class PipelineStepper:
         w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
         train_block = st.last or w.update_lower
         loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
+        n = self.cfg.grad_accum
+        if st.rank == 0 and (micro_batches is None or len(micro_batches) != n):
+            raise LoPTError(f"the pipeline's first rank needs grad_accum={n} micro-batches per step")
         st.active = True
         try:
-            for b in micro_batches:
-                if st.rank > 0 and not st.receive():
+            for i in range(n):
+                b = st.receive() if st.rank > 0 else micro_batches[i]
+                if b is None:
                     return None
                 b = {k: v.to(dev) for k, v in b.items()}
+                st.batch = b
                 scale = self.scaler.scale(torch.ones((), device=dev)).item() if self.scaler else 1.0
-                w.loss_scale = scale / len(micro_batches)
+                w.loss_scale = scale / n
                 with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None), torch.set_grad_enabled(train_block):
                     out = w(b["input_ids"], attention_mask=b["attention_mask"],
@@ -867,7 +892,11 @@ class PipelineStepper:
                 tokens += int(b["attention_mask"].sum())
         finally:
             st.active = False
+            st.batch = None
         params = [p for p in w.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:  # the embedding's (see build_stage)
+                p.grad = p.grad.to_dense()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = _clip(params, self.cfg.max_grad_norm)
@@ -879,7 +908,7 @@ class PipelineStepper:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum / len(micro_batches) if st.last else None,
+        return {"loss": loss_sum / n if st.last else None,
                 "aux_loss": aux_sum / n_aux if n_aux else None, "lr": lr, "grad_norm": grad_norm,
                 "tokens": tokens}
 
@@ -1001,14 +1030,25 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
                             f"{resume_dir or out_dir}; drop --resume to start afresh")
     stage, tokenizer = build_stage(cfg, ctx, resume_dir)
     wrapped = stage.wrapped
-    if cfg.gradient_checkpointing != "off":
-        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
-    examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
-                                             split=cfg.split, limit=cfg.limit)
-    batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
-    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    main = ctx.is_main
+    batches, data_stats, total_steps = None, None, 0
+    if main:  # only rank 0 reads the data; the micro-batches travel down the pipeline
+        try:
+            examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
+                                                     split=cfg.split, limit=cfg.limit)
+            batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
+            steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
+            total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        except Exception:
+            dist.broadcast_object_list([-1], src=0)  # the other ranks wait for the step count: release them
+            raise
+    sizes = [total_steps]
+    dist.broadcast_object_list(sizes, src=0)
+    if sizes[0] < 0:
+        raise LoPTError("rank 0 could not read the dataset (its error is above)")
+    total_steps = sizes[0]
     stepper = PipelineStepper(stage, cfg, total_steps)
     state = TrainState()
     if resume_dir is not None:
@@ -1023,13 +1063,13 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
         stepper.scheduler.load_state_dict(mine["scheduler"])
         if stepper.scaler is not None and mine.get("scaler"):
             stepper.scaler.load_state_dict(mine["scaler"])
-        batches.load_state_dict(ts["data"])
+        if batches is not None:
+            batches.load_state_dict(ts["data"])
         state.step, state.history = ts["step"], ts.get("history", [])
         random.setstate(mine["rng"]["python"])
         torch.set_rng_state(mine["rng"]["torch"])
         del ts
 
-    main = ctx.is_main
     metrics_path = out_dir / "metrics.jsonl"
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1102,7 +1142,7 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
                 stage.send_stop()
                 stopped = True
                 break
-            rec = stepper.step([next(batches) for _ in range(cfg.grad_accum)])
+            rec = stepper.step([next(batches) for _ in range(cfg.grad_accum)] if main else None)
             if rec is None:
                 stopped = True
                 break

@@ -76,7 +76,8 @@ class RLConfig:
     epochs: float = 1.0
     warmup_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
-    gradient_checkpointing: str = "off"  # off | all | last-block
+    gradient_checkpointing: str = "off"  # off | all | last-block | lower-blocks
+    selective_checkpointing: str = "off"
     precision: str = "auto"
     device: str | None = None
     seed: int = 0
@@ -89,10 +90,9 @@ class RLConfig:
 
     def validate(self) -> None:
         """LoPTError (one line) for an option value that cannot work."""
-        if self.gradient_checkpointing not in ("off", "all", "last-block"):
-            raise LoPTError(f"gradient_checkpointing must be off, all or last-block, got {self.gradient_checkpointing!r}")
-        if self.gradient_checkpointing == "last-block" and self.method not in ("lopt", "freeze-lower"):
-            raise LoPTError("gradient_checkpointing=last-block needs a method with a boundary (lopt, freeze-lower)")
+        from .train import check_checkpointing
+
+        check_checkpointing(self)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -172,8 +172,7 @@ def load_and_wrap(cfg: RLConfig, device: torch.device, with_reference: bool):
         reference = copy.deepcopy(model).eval()
         reference.requires_grad_(False)
     wrapped = wrap(model, config=cfg.lopt_config()).to(device)
-    if cfg.gradient_checkpointing != "off":
-        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
     wrapped.route_forward()
     return wrapped, tokenizer, reference
@@ -210,8 +209,11 @@ def _has_arg(name: str) -> bool:
 def build_optimizer(wrapped: LoPTModel, cfg: RLConfig) -> torch.optim.Optimizer:
     """AdamW over ``wrapped.param_groups``: upper block at ``lr``, lower blocks, embeddings and local
     heads at ``lr_lower``; TRL would otherwise build one over the plain model and miss the heads."""
-    return torch.optim.AdamW(wrapped.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay), lr=cfg.lr,
-                             betas=(0.9, 0.999), eps=1e-8)
+    from .train import build_optimizer as adamw
+
+    # Not the fused kernel: resumed under TRL's checkpoint loading it did not reproduce the uninterrupted
+    # run to 1e-4 (LoRA DPO), which the default kernel does.
+    return adamw(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay, fused=False)
 
 
 # --------------------------------------------------------------------------- the TRL trainer mix-in

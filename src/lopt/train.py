@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .boundary import LoPTConfig, LoPTError, LoPTModel, wrap
+from .boundary import CHECKPOINT_SCOPES, LoPTConfig, LoPTError, LoPTModel, wrap
 from .memory import peak_memory_mb
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -62,7 +62,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
     per_block_step: str = "auto"  # auto | on | off: step each lower block right after its local backward
-    gradient_checkpointing: str = "off"  # off | all | last-block
+    gradient_checkpointing: str = "off"  # off | all | last-block | lower-blocks
+    selective_checkpointing: str = "off"  # same scopes; those layers keep their matmul outputs
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16
     device: str | None = None
     seed: int = 0
@@ -82,10 +83,7 @@ class TrainConfig:
     trust_remote_code: bool = False
 
     def validate(self) -> None:
-        if self.gradient_checkpointing not in ("off", "all", "last-block"):
-            raise LoPTError(f"gradient_checkpointing must be off, all or last-block, got {self.gradient_checkpointing!r}")
-        if self.gradient_checkpointing == "last-block" and self.method not in ("lopt", "freeze-lower"):
-            raise LoPTError("gradient_checkpointing=last-block needs a method with a boundary (lopt, freeze-lower)")
+        check_checkpointing(self)
         if self.per_block_step not in ("auto", "on", "off"):
             raise LoPTError(f"per_block_step must be auto, on or off, got {self.per_block_step!r}")
         if self.per_block_step == "on" and not (self.method == "lopt" and self.schedule == "blockwise"
@@ -115,6 +113,16 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def check_checkpointing(cfg: Any) -> None:
+    """LoPTError for a gradient_checkpointing / selective_checkpointing value that cannot work."""
+    for name in ("gradient_checkpointing", "selective_checkpointing"):
+        value = getattr(cfg, name)
+        if value not in CHECKPOINT_SCOPES:
+            raise LoPTError(f"{name} must be one of {', '.join(CHECKPOINT_SCOPES)}, got {value!r}")
+        if value in ("last-block", "lower-blocks") and cfg.method not in ("lopt", "freeze-lower"):
+            raise LoPTError(f"{name}={value} needs a method with a boundary (lopt, freeze-lower)")
 
 
 @dataclass
@@ -283,8 +291,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
                                              split=cfg.split, limit=cfg.limit)
     wrapped = wrap(model, config=cfg.lopt_config()).to(load_device)
-    if cfg.gradient_checkpointing != "off":
-        wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing)
+    wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
 
     ts = None
@@ -454,6 +461,19 @@ def _periodic_eval(cfg: TrainConfig, tokenizer, device: torch.device):
     return run
 
 
+def build_optimizer(wrapped: LoPTModel, lr: float, lr_lower: float | None = None,
+                    weight_decay: float = 0.0, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``wrapped.param_groups`` (upper block at ``lr``, lower blocks, embeddings and local
+    heads at ``lr_lower``), with PyTorch's fused kernel where the parameters allow it (CPU and CUDA
+    floating point): besides being faster, the default multi-tensor kernel allocates a temporary the
+    size of all parameters (the square root of the second moment), which made the optimizer step the
+    peak of a whole training step."""
+    groups = wrapped.param_groups(lr, lr_lower, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = fused and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
 class Stepper:
     """One optimizer step of a wrapped model: micro-batches, autocast, gradient accumulation, clipping,
     the per-block step, the LR schedule. Shared by ``train`` and ``bench`` so both measure one thing."""
@@ -463,8 +483,7 @@ class Stepper:
         # dist: a lopt.distributed.DataParallel for multi-process runs (slices the batches, scales the
         # losses, synchronises gradients); None in a single process.
         self.wrapped, self.cfg, self.device, self.dist = wrapped, cfg, device, dist
-        self.optimizer = torch.optim.AdamW(wrapped.param_groups(cfg.lr, cfg.lr_lower, cfg.weight_decay),
-                                           lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
         self.amp_dtype = autocast_dtype(cfg.precision, device)
@@ -473,6 +492,7 @@ class Stepper:
             cfg.per_block_step == "auto" and cfg.method == "lopt" and cfg.schedule == "blockwise"
             and cfg.grad_accum == 1 and self.scaler is None and not cfg.fsdp)
         self._block_norms: list[float] = []
+        wrapped.head_grad_in_forward = not cfg.fsdp  # every task loss goes through wrapped.backward below
         wrapped.after_local_backward = self._step_block if self.per_block else None
         if dist is not None:
             wrapped.after_local_backward = dist.local_hook(wrapped.after_local_backward)
