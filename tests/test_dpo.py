@@ -16,17 +16,14 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from lopt.cli import main
 from lopt.dpo import DPORunConfig, corrupt_final_answer, dpo, synthetic_gsm8k_pairs, wrong_answer
 
-from conftest import make_tiny_model, make_tokenizer
+from conftest import save_tiny, write_jsonl
 
 LAYERS = 4
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-dpo")
-    make_tiny_model("llama", layers=LAYERS, tie=True).save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny(tmp_path_factory.mktemp("tiny-dpo"), layers=LAYERS)
 
 
 def gsm8k_rows(n: int = 24):
@@ -37,14 +34,7 @@ def gsm8k_rows(n: int = 24):
 
 @pytest.fixture(scope="module")
 def gsm8k_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("dpo-data") / "gsm8k.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in gsm8k_rows()) + "\n")
-    return p
-
-
-def pref_file(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("dpo-data") / "gsm8k.jsonl", gsm8k_rows())
 
 
 def config(tiny_dir, dataset, out, **kw) -> DPORunConfig:
@@ -140,12 +130,12 @@ def _layer(name: str) -> int | None:
 def test_lower_gradients_do_not_depend_on_preferences(tiny_dir, tmp_path, method):
     """Swapping chosen and rejected (and changing beta) changes the DPO gradient's direction and size;
     the lower block must not notice (with per-block clipping the size change cannot leak either)."""
-    pairs = synthetic_gsm8k_pairs(pref_file(tmp_path / "g.jsonl", gsm8k_rows(8)))
+    pairs = synthetic_gsm8k_pairs(write_jsonl(tmp_path / "g.jsonl", gsm8k_rows(8)))
     swapped = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
     grads = []
     for name, rows, beta in (("a", pairs, 0.1), ("b", swapped, 0.5)):
         cap = GradCapture()
-        dpo(config(tiny_dir, pref_file(tmp_path / f"{name}.jsonl", rows), tmp_path / name, method=method,
+        dpo(config(tiny_dir, write_jsonl(tmp_path / f"{name}.jsonl", rows), tmp_path / name, method=method,
                    max_steps=1, max_grad_norm=0.01, batch_size=4, beta=beta), callbacks=[cap])
         grads.append(cap.grads)
     a, b = grads
@@ -206,7 +196,7 @@ def test_plain_text_and_chat_preference_files(tiny_dir, tmp_path):
                   "rejected": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": "no"}]}
                  for i in range(6)]
     for name, rows in (("text", text_rows), ("chat", chat_rows)):
-        res = dpo(config(tiny_dir, pref_file(tmp_path / f"{name}.jsonl", rows), tmp_path / name, max_steps=2,
+        res = dpo(config(tiny_dir, write_jsonl(tmp_path / f"{name}.jsonl", rows), tmp_path / name, max_steps=2,
                          method="lora"))
         assert res.summary["steps"] == 2
         model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
@@ -227,8 +217,8 @@ def test_plain_text_and_chat_preference_files(tiny_dir, tmp_path):
     (["--eval-every", "2"], "eval_every needs --eval-dataset"),
 ])
 def test_bad_input_is_one_clear_line(tiny_dir, gsm8k_file, tmp_path, capsys, extra, match):
-    wrong = pref_file(tmp_path / "wrong.jsonl", [{"prompt": "p", "good": "a", "bad": "b"}])
-    not_gsm8k = pref_file(tmp_path / "not.jsonl", [{"question": "q", "answer": "no final line"}])
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "p", "good": "a", "bad": "b"}])
+    not_gsm8k = write_jsonl(tmp_path / "not.jsonl", [{"question": "q", "answer": "no final line"}])
     extra = [str(wrong) if e == "WRONG_COLUMNS" else e.replace("NOT_GSM8K", str(not_gsm8k)) for e in extra]
     args = ["dpo", "--model", str(tiny_dir), "--output-dir", str(tmp_path / "bad"), "--max-steps", "1",
             "--dataset", f"synthetic-gsm8k:{gsm8k_file}", "--no-progress", *extra]

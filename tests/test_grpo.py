@@ -15,28 +15,19 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from lopt.cli import main
 from lopt.grpo import GRPORunConfig, grpo, load_task
 
-from conftest import make_tiny_model, make_tokenizer
+from conftest import addition_rows, save_tiny, write_jsonl
 
 LAYERS = 4  # boundary at layer 2 under LoPT k=2
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-grpo")
-    model = make_tiny_model("llama", layers=LAYERS, tie=True)
-    model.generation_config.eos_token_id = 3
-    model.save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny(tmp_path_factory.mktemp("tiny-grpo"), layers=LAYERS, eos_token_id=3)
 
 
 @pytest.fixture(scope="module")
 def qa_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("grpo-data") / "qa.jsonl"
-    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
-            for a in range(1, 9) for b in range(1, 5)]
-    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return p
+    return write_jsonl(tmp_path_factory.mktemp("grpo-data") / "qa.jsonl", addition_rows())
 
 
 @pytest.fixture(scope="module")

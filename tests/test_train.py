@@ -11,24 +11,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lopt.cli import main
 from lopt.train import TrainConfig, latest_checkpoint, train
 
-from conftest import make_tiny_model, make_tokenizer
+from conftest import addition_rows, save_tiny, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_model("llama", layers=4, tie=True).save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
 def qa_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "qa.jsonl"
-    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
-            for a in range(1, 9) for b in range(1, 5)]
-    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return p
+    return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", addition_rows())
 
 
 def base_args(tiny_dir, qa_file, out, *extra):

@@ -27,9 +27,11 @@ import torch
 CONFIGS: dict[str, dict[str, Any]] = {
     "e2e": {"method": "e2e"},
     "e2e+gc": {"method": "e2e", "gradient_checkpointing": "all"},
+    "e2e+sel": {"method": "e2e", "selective_checkpointing": "all"},
     "lopt-k2": {"method": "lopt", "num_blocks": 2},
     "lopt-k2+gc-last": {"method": "lopt", "num_blocks": 2, "gradient_checkpointing": "last-block"},
     "lopt-k2+gc": {"method": "lopt", "num_blocks": 2, "gradient_checkpointing": "all"},
+    "lopt-k2+sel-last": {"method": "lopt", "num_blocks": 2, "selective_checkpointing": "last-block"},
     "lopt-k4": {"method": "lopt", "num_blocks": 4},
     "lopt-k4+gc-last": {"method": "lopt", "num_blocks": 4, "gradient_checkpointing": "last-block"},
     "lopt-k2-joint": {"method": "lopt", "num_blocks": 2, "schedule": "joint"},
@@ -41,7 +43,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "freeze-lower": {"method": "freeze-lower"},
     "lora": {"method": "lora"},
 }
-DEFAULT_CONFIGS = ["e2e", "e2e+gc", "lopt-k2", "lopt-k2+gc-last", "lopt-k4", "lopt-k2-joint",
+DEFAULT_CONFIGS = ["e2e", "e2e+gc", "e2e+sel", "lopt-k2", "lopt-k2+gc-last", "lopt-k4", "lopt-k2-joint",
                    "freeze-lower", "lora"]
 
 

@@ -24,7 +24,7 @@ import contextlib
 import copy
 import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -72,6 +72,13 @@ class LoPTConfig:
     chunked_ce: bool = True  # task loss in chunks, never the full logits (training with labels only)
     ce_chunk_size: int = 1024
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, options: Any, **overrides: Any) -> "LoPTConfig":
+        """The LoPTConfig of a recipe's options (``TrainConfig``, ``RLConfig``: fields of the same
+        names are taken), with ``overrides``."""
+        kw = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+        return cls(**{**kw, **overrides})
 
     def validate(self) -> None:
         if self.method not in METHODS:

@@ -860,7 +860,7 @@ class PipelineStepper:
         """Rank 0 gets the step's micro-batches (the others receive them from the rank before; pass
         None). Returns this rank's numbers (loss on the last rank, aux_loss on the others, grad_norm,
         lr, tokens), or None when rank 0 stopped the run before this step."""
-        from .train import _clip
+        from .train import finish_step
 
         st, w, dev = self.stage, self.stage.wrapped, self.device
         w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
@@ -897,17 +897,7 @@ class PipelineStepper:
         for p in params:
             if p.grad is not None and p.grad.is_sparse:  # the embedding's (see build_stage)
                 p.grad = p.grad.to_dense()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = _clip(params, self.cfg.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = finish_step(self, params)
         return {"loss": loss_sum / n if st.last else None,
                 "aux_loss": aux_sum / n_aux if n_aux else None, "lr": lr, "grad_norm": grad_norm,
                 "tokens": tokens}

@@ -110,10 +110,7 @@ class RLConfig:
 
     def lopt_config(self) -> LoPTConfig:
         # TRL computes its own log-probabilities (fused LM head): lopt's chunked CE is never used here.
-        return LoPTConfig(method=self.method, num_blocks=self.num_blocks, boundaries=self.boundaries,
-                          lambda_aux=self.lambda_aux, schedule=self.schedule, lora_r=self.lora_r,
-                          lora_alpha=self.lora_alpha, chunked_ce=False,
-                          local_objective=self.local_objective, lower_every=self.lower_every)
+        return LoPTConfig.from_options(self, chunked_ce=False)
 
     @classmethod
     def field_names(cls) -> list[str]:

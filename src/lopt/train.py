@@ -105,10 +105,7 @@ class TrainConfig:
                             "the backward; the whole model steps at the end)")
 
     def lopt_config(self) -> LoPTConfig:
-        return LoPTConfig(method=self.method, num_blocks=self.num_blocks, boundaries=self.boundaries,
-                          lambda_aux=self.lambda_aux, schedule=self.schedule, lora_r=self.lora_r,
-                          lora_alpha=self.lora_alpha, chunked_ce=self.chunked_ce,
-                          local_objective=self.local_objective, lower_every=self.lower_every)
+        return LoPTConfig.from_options(self)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -539,22 +536,31 @@ class Stepper:
         if self.dist is not None:
             self.dist.finish()
             loss_sum, aux_sum, tokens = self.dist.reduce_stats(loss_sum, aux_sum, tokens)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = _clip(list(w.parameters()), self.cfg.max_grad_norm)
+        grad_norm, lr = finish_step(self, list(w.parameters()))
         if self._block_norms:
             grad_norm = math.sqrt(sum(n * n for n in self._block_norms) + (grad_norm or 0.0) ** 2)
             self._block_norms.clear()
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_sum / len(micro_batches), "aux_loss": aux_sum / n_aux if n_aux else None,
                 "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+
+def finish_step(stepper: Any, params: list[torch.nn.Parameter]) -> tuple[float | None, float]:
+    """The end of an optimizer step of ``stepper`` (``Stepper`` or the pipeline's, with .optimizer,
+    .scheduler, .scaler, .cfg): unscale, clip ``params``, step, advance the schedule, free the
+    gradients. Returns (gradient norm before clipping, the learning rate the step used)."""
+    opt, scaler = stepper.optimizer, stepper.scaler
+    if scaler is not None:
+        scaler.unscale_(opt)
+    grad_norm = _clip(params, stepper.cfg.max_grad_norm)
+    lr = opt.param_groups[0]["lr"]
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    stepper.scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, lr
 
 
 def _mean_records(recs: list[dict[str, Any]]) -> dict[str, Any]:
