@@ -4,6 +4,7 @@ Everything here is built in-process from configs, so the fast tests need no down
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -77,6 +78,28 @@ def make_tiny_model(arch: str = "llama", vocab_size: int = 320, layers: int = 4,
 
 
 ARCHS = ["llama", "qwen3", "gpt2", "gpt_neox"]
+
+
+def save_tiny(d: Path, layers: int = 4, eos_token_id: int | None = None) -> Path:
+    """A tiny Llama with tied embeddings and its tokenizer, saved in ``d``: a local checkpoint for
+    the recipes (train, grpo, dpo)."""
+    model = make_tiny_model("llama", layers=layers, tie=True)
+    if eos_token_id is not None:
+        model.generation_config.eos_token_id = eos_token_id
+    model.save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def addition_rows() -> list[dict]:
+    """32 GSM8K-style questions ("What is a + b?", the answer ending in "#### a+b")."""
+    return [{"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+            for a in range(1, 9) for b in range(1, 5)]
 
 
 @pytest.fixture(scope="session")

@@ -94,7 +94,6 @@ class LoPTConfig:
             raise LoPTError(f"lambda_aux must be >= 0, got {self.lambda_aux}")
 
 
-
 def _keep_matmul_outputs() -> tuple[Any, Any]:
     """Selective checkpointing policy: a checkpointed layer keeps what its matrix multiplications and
     attention computed, and recomputes everything else (element-wise, memory-bound, cheap)."""
@@ -110,6 +109,7 @@ def _keep_matmul_outputs() -> tuple[Any, Any]:
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
     return create_selective_checkpoint_contexts(policy)
+
 
 @dataclass
 class LoPTOutput(CausalLMOutputWithPast):
