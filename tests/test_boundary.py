@@ -192,22 +192,8 @@ def test_chunked_cross_entropy_function(softcap, bias):
         torch.testing.assert_close(t.grad, r, rtol=1e-4, atol=1e-6)
 
 
-def test_checkpointing_last_block_only():
-    w = lopt.wrap(make_tiny_model("llama", layers=6))
-    w.gradient_checkpointing_enable("last-block")
-    layers = w.model.get_submodule(w.layers_name)
-    assert [bool(layer.gradient_checkpointing) for layer in layers] == [False] * 3 + [True] * 3
-    ref = lopt.wrap(make_tiny_model("llama", layers=6))
-    ref.heads.load_state_dict(w.heads.state_dict())
-    w.train(), ref.train()
-    ids, mask, labels = batch()
-    _, g = run_step(w, ids, mask, labels)
-    _, gr = run_step(ref, ids, mask, labels)
-    for n in gr:
-        torch.testing.assert_close(g[n], gr[n], rtol=1e-5, atol=1e-7, msg=n)
-
-
 @pytest.mark.parametrize("scope, selective, flags", [
+    ("last-block", None, [False] * 3 + [True] * 3),
     ("lower-blocks", None, [True] * 3 + [False] * 3),
     (None, "all", [True] * 6),
     ("lower-blocks", "last-block", [True] * 6),
