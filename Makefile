@@ -31,7 +31,7 @@ demo: install
 # The study behind docs/RESULTS.md (about 80 minutes on 2 CPU cores; resumes where it stopped).
 # `make experiment ARGS=--quick` runs the whole pipeline in minutes into runs/experiment-quick.
 experiment: install
-	$(PY) -m lopt.experiment $(ARGS)
+	$(PY) -m lopt.recipes.experiment $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

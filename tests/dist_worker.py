@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 
 def main(path: str) -> int:
-    from lopt.train import TrainConfig, train
+    from lopt.recipes.sft import TrainConfig, train
 
     torch.set_num_threads(1)
     # The group is created here, so train() uses it and leaves it open for the next job.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lopt.bench import CONFIGS, format_table
+from lopt.bench.runner import CONFIGS, format_table
 from lopt.cli import main
 
 from conftest import make_tiny_model, make_tokenizer
@@ -49,14 +49,14 @@ def test_unknown_configuration(tiny_dir, capsys):
 
 
 def test_every_configuration_is_a_valid_train_config():
-    from lopt.train import TrainConfig
+    from lopt.recipes.sft import TrainConfig
 
     for name, overrides in CONFIGS.items():
         TrainConfig(**overrides).validate()
 
 
 def test_distbench_table_takes_medians_over_repeats():
-    from lopt.distbench import format_table as dist_table
+    from lopt.bench.distbench import format_table as dist_table
 
     def row(label, tps, peaks, rep):
         return {"label": label, "processes": 2, "threads_per_process": 1, "per_rank_batch": 2, "micro_batches": 1,

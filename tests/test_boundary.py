@@ -11,8 +11,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import lopt
-from lopt.boundary import LoPTError, causal_lm_loss, find_layers, split_blocks
-from lopt.memory import SavedTensorTracker
+from lopt import LoPTError, find_layers, split_blocks
+from lopt.engine.loss import causal_lm_loss
+from lopt.engine.memory import SavedTensorTracker
 
 from conftest import ARCHS, make_tiny_model
 
@@ -168,7 +169,7 @@ def test_chunked_loss_is_exact(arch, method):
 
 @pytest.mark.parametrize("softcap, bias", [(None, False), (None, True), (30.0, True)])
 def test_chunked_cross_entropy_function(softcap, bias):
-    from lopt.loss import chunked_cross_entropy
+    from lopt.engine.loss import chunked_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 9, 8, generator=g, requires_grad=True)
@@ -281,7 +282,7 @@ def test_head_gradient_added_in_the_forward_under_accumulation():
 
 
 def test_head_gradient_in_the_forward_refuses_another_scale():
-    from lopt.loss import chunked_cross_entropy
+    from lopt.engine.loss import chunked_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 9, 8, generator=g, requires_grad=True)
@@ -351,7 +352,7 @@ def test_default_lower_learning_rate_is_a_tenth_under_lopt_only():
     model = make_tiny_model("llama")
     w = lopt.wrap(copy.deepcopy(model))
     lrs = {g["name"]: g["lr"] for g in w.param_groups(lr=1e-4)}
-    assert math.isclose(lrs["lower"], 1e-4 * lopt.boundary.LR_LOWER_RATIO) and lrs["upper"] == 1e-4
+    assert math.isclose(lrs["lower"], 1e-4 * lopt.engine.config.LR_LOWER_RATIO) and lrs["upper"] == 1e-4
     # end-to-end keeps one rate for everything, embeddings included
     e2e = lopt.wrap(copy.deepcopy(model), method="e2e")
     assert {g["lr"] for g in e2e.param_groups(lr=1e-4)} == {1e-4}

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lopt.distributed import GradSync, shard_rows, token_counts
-from lopt.train import TrainConfig, train
+from lopt.parallel.data_parallel import GradSync, shard_rows, token_counts
+from lopt.recipes.sft import TrainConfig, train
 
 from conftest import make_tiny_model, make_tokenizer
 
@@ -129,7 +129,7 @@ def test_gradsync_keeps_missing_gradients_missing():
 
 
 def test_fsdp_and_pipeline_need_a_launcher(setup, tmp_path):
-    from lopt.boundary import LoPTError
+    from lopt import LoPTError
 
     for flag in ("fsdp", "pipeline"):
         with pytest.raises(LoPTError, match="torchrun"):

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lopt.cli import main
-from lopt.dpo import DPORunConfig, corrupt_final_answer, dpo, synthetic_gsm8k_pairs, wrong_answer
+from lopt.recipes.dpo import DPORunConfig, corrupt_final_answer, dpo, synthetic_gsm8k_pairs, wrong_answer
 
 from conftest import save_tiny, write_jsonl
 
@@ -161,7 +161,7 @@ def test_sigint_and_resume_match_uninterrupted_run(tiny_dir, gsm8k_file, tmp_pat
             if state.global_step == 2:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    from lopt.dpo import cmd_dpo
+    from lopt.recipes.dpo import cmd_dpo
 
     part = tmp_path / "part"
     assert cmd_dpo(config(tiny_dir, data, part, max_steps=4, method=method), callbacks=[Interrupt()]) == 130

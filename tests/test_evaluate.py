@@ -1,4 +1,4 @@
-"""lopt.evaluate: scoring against plain reference computations, parsers, retention and drift."""
+"""lopt.eval: scoring against plain reference computations, parsers, retention and drift."""
 from __future__ import annotations
 
 import argparse
@@ -16,8 +16,11 @@ import pytest
 import torch
 
 from conftest import ARCHS, make_tiny_model, make_tokenizer
-from lopt import evaluate as ev
-from lopt.evaluate import (EvalError, drift, extract_answer, linear_cka, load_mmlu_redux,
+from lopt import eval as ev
+from lopt.eval.drift import _CKAStats
+from lopt.eval.generation import _chat_prompt
+from lopt.eval.multiple_choice import _spread
+from lopt.eval import (EvalError, drift, extract_answer, linear_cka, load_mmlu_redux,
                            mc_loglikelihoods, parse_task, retention_kl)
 
 PROMPTS = ["Tom has 3 apples and buys 4 more.", "the quick brown fox", "How many apples?",
@@ -152,7 +155,7 @@ def test_extract_answer(text, expected):
 
 
 def test_gsm8k_batched_generation_matches_one_by_one(tmp_path, tok, llama):
-    prompts = [ev._chat_prompt(tok, p) for p in PROMPTS[:4]]
+    prompts = [_chat_prompt(tok, p) for p in PROMPTS[:4]]
     batched = ev.generate_greedy(llama, tok, prompts, max_new_tokens=6, batch_size=4)
     single = ev.generate_greedy(llama, tok, prompts, max_new_tokens=6, batch_size=1)
     assert batched == single
@@ -229,7 +232,7 @@ def test_mmlu_redux_task_on_tiny_model(tmp_path, tok, llama):
     res = ev.evaluate(llama, tok, [f"mmlu-redux:{folder}"], limit=6, progress=False)[f"mmlu-redux:{folder}"]
     assert res["n"] == 6 and res["subjects"]["alpha"]["n"] == 3 and res["subjects"]["beta"]["n"] == 3
     # the reported accuracy is the plain argmax over " A".." D"
-    rows = ev._spread(load_mmlu_redux(folder)[0], 6)
+    rows = _spread(load_mmlu_redux(folder)[0], 6)
     hits = 0
     for r in rows:
         prompt = ev.mmlu_prompt(r["subject"], r["question"], r["choices"])
@@ -311,7 +314,7 @@ def test_linear_cka_properties_and_streaming():
     y = torch.randn(200, 8, generator=g)
     value = linear_cka(x, y)
     assert 0.0 < value < 0.3
-    stats = ev._CKAStats()
+    stats = _CKAStats()
     for part in range(4):
         stats.update(x[part * 50:(part + 1) * 50], y[part * 50:(part + 1) * 50])
     assert stats.value() == pytest.approx(value, abs=1e-10)
@@ -381,7 +384,7 @@ def _fake_models(monkeypatch, tok):
     def load_model(name=None, gguf_file=None, dtype=None, device=None):
         return make_tiny_model("llama", seed=0 if name == "tuned" else 1).eval(), tok
 
-    monkeypatch.setitem(sys.modules, "lopt.models", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setattr("lopt.eval.runner.load_model", load_model)
 
 
 def test_eval_cli_writes_json_and_compare_reads_it(tmp_path, monkeypatch, capsys, tok):
@@ -421,7 +424,7 @@ def test_eval_cli_base_missing_fails_before_loading(monkeypatch, tok):
     def boom(*a, **k):
         raise AssertionError("no model should be loaded")
 
-    monkeypatch.setitem(sys.modules, "lopt.models", types.SimpleNamespace(load_model=boom))
+    monkeypatch.setattr("lopt.eval.runner.load_model", boom)
     parser = argparse.ArgumentParser()
     ev.add_eval_arguments(parser)
     with pytest.raises(EvalError, match="give --base"):

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lopt.cli import main
-from lopt.grpo import GRPORunConfig, grpo, load_task
+from lopt.recipes.grpo import GRPORunConfig, grpo, load_task
 
 from conftest import addition_rows, save_tiny, write_jsonl
 
@@ -140,7 +140,7 @@ def test_sigint_checkpoint_and_resume_match_uninterrupted_run(tiny_dir, qa_file,
     args = ["grpo", "--model", str(tiny_dir), "--task", str(qa_file), "--output-dir", str(part),
             "--batch-size", "4", "--num-generations", "4", "--max-completion-length", "8", "--max-steps", "3",
             "--lr", "1e-3", "--no-progress", "--beta", "0.04"]
-    from lopt.grpo import GRPORunConfig as Cfg, cmd_grpo
+    from lopt.recipes.grpo import GRPORunConfig as Cfg, cmd_grpo
     from lopt.cli import build_parser, config_from_args
 
     cfg = config_from_args(build_parser().parse_args(args), Cfg, command="grpo")

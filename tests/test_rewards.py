@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lopt.evaluate import extract_answer
+from lopt.eval.generation import extract_answer
 from lopt.rewards import (RewardError, boxed_accuracy_reward, boxed_format_reward, completion_text,
                           extract_boxed, gsm8k_accuracy_reward, gsm8k_answer, gsm8k_correct,
                           gsm8k_format_reward, load_reward, math_answers_equal, normalize_math_answer,

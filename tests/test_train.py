@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lopt.cli import main
-from lopt.train import TrainConfig, latest_checkpoint, train
+from lopt.recipes.sft import TrainConfig, train
+from lopt.runtime.checkpoints import latest_checkpoint
 
 from conftest import addition_rows, save_tiny, write_jsonl
 

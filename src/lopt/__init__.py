@@ -6,12 +6,24 @@
     wrapped.backward(out)                   # lower half: local loss only; upper half: task loss
     optimizer.step()
     wrapped.save_pretrained("out")          # a plain transformers checkpoint
-"""
-from .boundary import (METHODS, SCHEDULES, LoPTConfig, LoPTError, LoPTModel, LoPTOutput,
-                       find_layers, split_blocks, wrap)
-from .heads import ReconstructionHead
 
-__version__ = "0.1.0"
+The package in layers (each folder's ``__init__`` says more):
+``engine/`` the gradient boundary and what it is built from; ``methods/`` one file per training
+method; ``runtime/`` the step loop, checkpoints and run state; ``recipes/`` sft, grpo, dpo and the
+study; ``parallel/`` data parallel, FSDP and the pipeline; ``eval/`` one module per task family;
+``bench/`` measured cost. ``data``, ``models``, ``rewards`` and ``cli`` are thin layers on top.
+"""
+from lopt._compat import install_moved_module_aliases
+from lopt.engine.anatomy import find_layers, split_blocks
+from lopt.engine.boundary import LoPTModel, LoPTOutput, wrap
+from lopt.engine.config import SCHEDULES, LoPTConfig, LoPTError
+from lopt.engine.heads import ReconstructionHead
+from lopt.methods import METHODS
+
+__version__ = "0.2.0"
 
 __all__ = ["wrap", "LoPTConfig", "LoPTModel", "LoPTOutput", "LoPTError", "ReconstructionHead",
            "find_layers", "split_blocks", "METHODS", "SCHEDULES", "__version__"]
+
+
+install_moved_module_aliases()

@@ -1,6 +1,6 @@
 """``python -m lopt`` (and ``torchrun -m lopt``) runs the command line."""
 import sys
 
-from .cli import main
+from lopt.cli import main
 
 sys.exit(main())

@@ -9,7 +9,17 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from .boundary import CHECKPOINT_SCOPES, METHODS, SCHEDULES, LoPTError
+from lopt.bench.runner import add_bench_arguments, run_bench_cli
+from lopt.data import load_records
+from lopt.engine.config import CHECKPOINT_SCOPES, LoPTError, SCHEDULES
+from lopt.eval.compare import add_compare_arguments, run_compare_cli
+from lopt.eval.runner import add_eval_arguments, run_eval_cli
+from lopt.methods import METHODS
+from lopt.recipes import dpo, grpo
+from lopt.recipes.dpo import DPORunConfig
+from lopt.recipes.grpo import GRPORunConfig
+from lopt.recipes.sft import TrainConfig, sample_answer, train
+
 
 # Help for every training option; the flag is the field name with dashes (max_steps -> --max-steps).
 TRAIN_HELP: dict[str, str] = {
@@ -116,8 +126,6 @@ RL_HELP: dict[str, str] = {
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
-
     _add_options(p, TrainConfig, TRAIN_HELP)
 
 
@@ -177,8 +185,6 @@ def _optional_float(s: str) -> float | None:
 
 def train_config_from_args(ns: argparse.Namespace, defaults: dict[str, Any] | None = None):
     """Merge: dataclass defaults < ``defaults`` < YAML file < command-line flags."""
-    from .train import TrainConfig
-
     return config_from_args(ns, TrainConfig, defaults)
 
 
@@ -220,8 +226,6 @@ def load_yaml_options(path: str, allowed: Sequence[str], command: str = "train")
 
 
 def cmd_train(ns: argparse.Namespace, defaults: dict[str, Any] | None = None) -> int:
-    from .train import sample_answer, train
-
     cfg = train_config_from_args(ns, defaults)
     t0 = time.perf_counter()
     result = train(cfg)
@@ -231,7 +235,6 @@ def cmd_train(ns: argparse.Namespace, defaults: dict[str, Any] | None = None) ->
     answer = None
     prompt = cfg.sample_prompt
     if prompt is None and cfg.dataset == "arithmetic":
-        from .data import load_records
 
         prompt = load_records("arithmetic", split="test", limit=1)[0]["question"]
     # Under --fsdp / --pipeline rank 0 does not hold the whole model: the sample is left out.
@@ -264,15 +267,11 @@ def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer:
 
 
 def cmd_grpo(ns: argparse.Namespace) -> int:
-    from .grpo import GRPORunConfig, cmd_grpo as run
-
-    return run(config_from_args(ns, GRPORunConfig, command="grpo"))
+    return grpo.cmd_grpo(config_from_args(ns, GRPORunConfig, command="grpo"))
 
 
 def cmd_dpo(ns: argparse.Namespace) -> int:
-    from .dpo import DPORunConfig, cmd_dpo as run
-
-    return run(config_from_args(ns, DPORunConfig, command="dpo"))
+    return dpo.cmd_dpo(config_from_args(ns, DPORunConfig, command="dpo"))
 
 
 DEMO_DEFAULTS = {"dataset": "arithmetic", "method": "lopt", "max_steps": 24, "batch_size": 8,
@@ -294,8 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The train command with demo defaults: "
                        + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()) + ". Any train option overrides them.")
     _add_train_options(p)
-    from .dpo import DPORunConfig
-    from .grpo import GRPORunConfig
 
     _add_options(sub.add_parser(
         "grpo", help="on-policy GRPO (TRL) with verifiable rewards, LoPT or a baseline",
@@ -309,19 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
         "DPO loss trains the last block and the lower blocks learn from their local loss. Every option "
         "can also be set in a YAML file given with --config."),
         DPORunConfig, RL_HELP)
-    from .bench import add_bench_arguments
 
     add_bench_arguments(sub.add_parser(
         "bench", help="memory and speed of training configurations side by side, each in a fresh process",
         description="Each configuration runs warm-up and timed training steps (AdamW included) in its own "
         "process; configurations are interleaved over repeats. Ratios are against the first configuration."))
-    try:
-        from .evaluate import add_compare_arguments, add_eval_arguments
-
-        add_eval_arguments(sub.add_parser("eval", help="task skill, retention and drift of a model"))
-        add_compare_arguments(sub.add_parser("compare", help="eval results of several runs side by side"))
-    except ImportError:  # evaluation module not available
-        pass
+    add_eval_arguments(sub.add_parser("eval", help="task skill, retention and drift of a model"))
+    add_compare_arguments(sub.add_parser("compare", help="eval results of several runs side by side"))
     return parser
 
 
@@ -341,15 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "dpo":
             return cmd_dpo(ns)
         if ns.command == "bench":
-            from .bench import run_bench_cli
 
             return run_bench_cli(ns)
         if ns.command == "eval":
-            from .evaluate import run_eval_cli
 
             return run_eval_cli(ns)
         if ns.command == "compare":
-            from .evaluate import run_compare_cli
 
             return run_compare_cli(ns)
     except (LoPTError, ValueError, FileNotFoundError) as e:

@@ -57,7 +57,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
 _PAIR_COLUMNS = {f: cols for f, cols in FORMATS.items() if f not in ("messages", "alpaca")}
 
 # Plain format for tokenizers without a chat template (base models). Matches what
-# lopt.train.sample_answer feeds at inference time.
+# lopt.recipes.sft.sample_answer feeds at inference time.
 FALLBACK_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 FALLBACK_SEP = "\n\n"
 

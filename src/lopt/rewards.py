@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .evaluate import _NUMBER, extract_answer
+from lopt.eval.generation import _NUMBER, extract_answer
+
 
 ANSWER_FORMATS = ("gsm8k", "boxed")
 RewardFunc = Callable[..., list[float]]

@@ -38,8 +38,15 @@ from typing import Any
 
 import torch
 
-from .boundary import LoPTConfig, LoPTError, LoPTModel, wrap
-from .memory import peak_memory_mb
+from lopt.runtime import loop
+from lopt.engine.boundary import LoPTModel, wrap
+from lopt.engine.checkpointing import check_checkpointing
+from lopt.engine.config import LoPTConfig, LoPTError
+from lopt.engine.memory import peak_memory_mb
+from lopt.models import load_model, save_checkpoint
+from lopt.runtime.checkpoints import _extra_state, _save_plain_into, versions
+from lopt.runtime.loop import autocast_dtype, cosine_with_warmup
+
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LOPT_STATE_FILE = "lopt_state.pt"
@@ -90,8 +97,6 @@ class RLConfig:
 
     def validate(self) -> None:
         """LoPTError (one line) for an option value that cannot work."""
-        from .train import check_checkpointing
-
         check_checkpointing(self)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
@@ -158,8 +163,6 @@ def load_and_wrap(cfg: RLConfig, device: torch.device, with_reference: bool):
     """Load the base model, keep a frozen copy as the reference (when asked for and the method is not
     LoRA, whose reference is the base with its adapters off), wrap the model for ``cfg.method`` and
     route its decoder stack through LoPT's step set-up. Returns (wrapped, tokenizer, reference)."""
-    from .models import load_model
-
     model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file, device=device,
                                   trust_remote_code=cfg.trust_remote_code)
     # The copy must be taken before wrapping: wrap unties the LM head, installs hooks on the layers,
@@ -177,8 +180,6 @@ def load_and_wrap(cfg: RLConfig, device: torch.device, with_reference: bool):
 
 def trl_common_args(cfg: RLConfig, device: torch.device) -> dict[str, Any]:
     """The TRL/transformers TrainingArguments that follow from lopt's options."""
-    from .train import autocast_dtype
-
     amp = autocast_dtype(cfg.precision, device)
     return dict(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size,
@@ -206,11 +207,9 @@ def _has_arg(name: str) -> bool:
 def build_optimizer(wrapped: LoPTModel, cfg: RLConfig) -> torch.optim.Optimizer:
     """AdamW over ``wrapped.param_groups``: upper block at ``lr``, lower blocks, embeddings and local
     heads at ``lr_lower``; TRL would otherwise build one over the plain model and miss the heads."""
-    from .train import build_optimizer as adamw
-
     # Not the fused kernel: resumed under TRL's checkpoint loading it did not reproduce the uninterrupted
     # run to 1e-4 (LoRA DPO), which the default kernel does.
-    return adamw(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay, fused=False)
+    return loop.build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay, fused=False)
 
 
 # --------------------------------------------------------------------------- the TRL trainer mix-in
@@ -218,8 +217,6 @@ def build_optimizer(wrapped: LoPTModel, cfg: RLConfig) -> torch.optim.Optimizer:
 
 def lopt_extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
     """Trainable tensors that the plain checkpoint does not hold: local heads, anchors, LoRA adapters."""
-    from .train import _extra_state
-
     return _extra_state(wrapped)
 
 
@@ -279,8 +276,6 @@ class LoPTTrainerMixin:
         return torch.tensor(_clip(list(w.parameters()), max_norm))
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        from .train import cosine_with_warmup
-
         if self.lr_scheduler is None:
             opt = optimizer or self.optimizer
             warmup = int(self.lopt_run.cfg.warmup_ratio * num_training_steps)
@@ -291,7 +286,6 @@ class LoPTTrainerMixin:
     def _save_checkpoint(self, model, trial) -> None:
         from transformers.trainer_callback import ExportableState
 
-        from .models import save_checkpoint
 
         out = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         self.store_flos()
@@ -328,9 +322,7 @@ class LoPTTrainerMixin:
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    from .train import _clip as clip
-
-    return clip(params, max_norm or None) or 0.0
+    return loop._clip(params, max_norm or None) or 0.0
 
 
 # --------------------------------------------------------------------------- run bookkeeping
@@ -354,7 +346,6 @@ class RunState:
         """The ``lopt_run.json`` contents: options, block ranges, versions, final metrics."""
         import trl
 
-        from .train import versions
 
         return {"command": self.command, "options": asdict(self.cfg), "method": self.cfg.method,
                 **wrapped.describe(), "versions": {**versions(), "trl": trl.__version__},
@@ -489,7 +480,6 @@ def finish(run: RunState, trainer, wrapped: LoPTModel, tokenizer, interrupted: b
            headline: dict[str, str]) -> dict[str, Any]:
     """Summary of the run; unless interrupted, the final plain checkpoint in ``output_dir`` with
     ``lopt_run.json``. ``headline`` maps summary names to metrics keys to report first/last of."""
-    from .train import _save_plain_into
 
     out = Path(run.cfg.output_dir)
     hist = run.history

@@ -15,12 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .boundary import LoPTError
-from .data import DataError, chat_prompt, load_records
-from .rewards import (ANSWER_FORMATS, RewardError, boxed_reference, extract_boxed, gsm8k_answer,
-                      math_value, normalize_math_answer, resolve_rewards)
-from .rl import (RLConfig, RLResult, RunState, build_optimizer, load_and_wrap, prepare_trainer, resolve_resume,
-                 run_command, train_and_finish, trl_common_args)
+from lopt.data import DataError, chat_prompt, load_records
+from lopt.engine.config import LoPTError
+from lopt.eval.common import _shared_data_candidates
+from lopt.recipes.trl_bridge import (LoPTTrainerMixin, RLConfig, RLResult, RunState, build_optimizer,
+                                     load_and_wrap, prepare_trainer, resolve_resume, run_command,
+                                     train_and_finish, trl_common_args)
+from lopt.rewards import (ANSWER_FORMATS, RewardError, boxed_reference, extract_boxed, gsm8k_answer,
+                          math_value, normalize_math_answer, resolve_rewards)
+from lopt.runtime.loop import resolve_device, set_seed
+
 
 NUMINAMATH = "AI-MO/NuminaMath-TIR"  # problem / solution (with \boxed{}) / messages
 TASKS = {"gsm8k": "gsm8k", "numinamath": "boxed"}  # preset -> answer format
@@ -94,8 +98,6 @@ class GRPORunConfig(RLConfig):
 
 
 def _shared_gsm8k(split: str) -> Path | None:
-    from .evaluate import _shared_data_candidates
-
     return next((c for c in _shared_data_candidates(f"gsm8k/{split}.jsonl") if c.is_file()), None)
 
 
@@ -194,7 +196,6 @@ def _trainer_class():
     from trl import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-    from .rl import LoPTTrainerMixin
 
     class LoPTGRPOTrainer(LoPTTrainerMixin, GRPOTrainer):
         """TRL's GRPOTrainer on a lopt-wrapped model, with a given frozen reference model."""
@@ -227,7 +228,6 @@ def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
     tokenizer. ``callbacks`` are extra ``transformers.TrainerCallback`` objects."""
     from trl import GRPOConfig
 
-    from .train import resolve_device, set_seed
 
     cfg.validate()
     resume_dir = resolve_resume(cfg)

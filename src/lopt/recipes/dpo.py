@@ -17,10 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .boundary import LoPTError
-from .data import DataError, load_records
-from .rl import (RLConfig, RLResult, RunState, build_optimizer, load_and_wrap, prepare_trainer, resolve_resume,
-                 run_command, train_and_finish, trl_common_args)
+from lopt.data import DataError, load_records
+from lopt.engine.config import LoPTError
+from lopt.eval.common import EvalError
+from lopt.eval.generation import load_gsm8k
+from lopt.recipes.grpo import _shared_gsm8k
+from lopt.recipes.trl_bridge import (LoPTTrainerMixin, RLConfig, RLResult, RunState, build_optimizer,
+                                     load_and_wrap, prepare_trainer, resolve_resume, run_command,
+                                     train_and_finish, trl_common_args)
+from lopt.runtime.loop import resolve_device, set_seed
+
 
 SYNTHETIC = "synthetic-gsm8k"
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -99,8 +105,6 @@ def synthetic_gsm8k_pairs(path: str | Path, limit: int | None = None, seed: int 
     the same solution with a wrong final answer (``wrong_answer``, drawn from a generator seeded by
     ``seed`` and the row index, so the set is deterministic). GSM8K's calculator annotations
     (``<<48/2=24>>``) are removed from both."""
-    from .evaluate import EvalError, load_gsm8k
-
     try:
         rows = load_gsm8k(path, limit)
     except EvalError as e:
@@ -125,7 +129,6 @@ def load_preferences(source: str, tokenizer, split: str = "train", limit: int | 
     if source == SYNTHETIC or source.startswith(SYNTHETIC + ":"):
         path = source.partition(":")[2]
         if not path:
-            from .grpo import _shared_gsm8k
 
             found = _shared_gsm8k(split)
             if found is None:
@@ -166,7 +169,6 @@ def load_preferences(source: str, tokenizer, split: str = "train", limit: int | 
 def _trainer_class():
     from trl import DPOTrainer
 
-    from .rl import LoPTTrainerMixin
 
     class LoPTDPOTrainer(LoPTTrainerMixin, DPOTrainer):
         """TRL's DPOTrainer on a lopt-wrapped model."""
@@ -183,7 +185,6 @@ def dpo(cfg: DPORunConfig, callbacks: list | None = None) -> RLResult:
     tokenizer. The reference is the frozen base model (LoRA: the base with its adapters off)."""
     from trl import DPOConfig
 
-    from .train import resolve_device, set_seed
 
     cfg.validate()
     resume_dir = resolve_resume(cfg)

@@ -1,31 +1,40 @@
-"""The SFT recipe: load a model and a dataset, wrap, train, checkpoint, resume.
+"""The SFT recipe (``lopt train``): load a model and a dataset, wrap, train, checkpoint, resume.
 
-One function, ``train(TrainConfig)``, that the CLI calls and that users can import. It is a plain
-loop over the pieces (``lopt.models``, ``lopt.data``, ``lopt.wrap``), not a framework.
+One function, ``train(TrainConfig)``, that the CLI calls and that users can import. It composes the
+components (``lopt.models``, ``lopt.data``, ``lopt.wrap``, ``lopt.runtime``, ``lopt.parallel``); the
+step itself is ``lopt.runtime.loop.Stepper``, shared with ``lopt bench``.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import platform
 import random
-import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
-
 import torch
 
-from .boundary import CHECKPOINT_SCOPES, LoPTConfig, LoPTError, LoPTModel, wrap
-from .memory import peak_memory_mb
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.pt"
-RUN_FILE = "lopt_run.json"
+from lopt.data import Batches, build_sft_dataset, chat_prompt
+from lopt.engine.boundary import wrap
+from lopt.engine.checkpointing import check_checkpointing
+from lopt.engine.config import LoPTConfig, LoPTError
+from lopt.engine.memory import peak_memory_mb
+from lopt.methods import get_method
+from lopt.eval.runner import evaluate
+from lopt.eval.tasks import check_tasks
+from lopt.models import load_model
+from lopt.parallel.context import init_distributed
+from lopt.parallel.data_parallel import DataParallel
+from lopt.parallel.pipeline import train_pipeline
+from lopt.runtime.checkpoints import (CHECKPOINT_PREFIX, STATE_FILE, _extra_state, _save_plain_into,
+                                      latest_checkpoint, run_info, save_training_checkpoint)
+from lopt.runtime.loop import Stepper, resolve_device, set_seed
+from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
+                                _summary, _tensorboard, install_sigint)
 
 
 @dataclass
@@ -67,7 +76,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16
     device: str | None = None
     seed: int = 0
-    # several processes (launched by torchrun / accelerate launch; see lopt.distributed)
+    # several processes (launched by torchrun / accelerate launch; see lopt.parallel)
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of replicating them
     pipeline: bool = False  # one LoPT block per process, blocks run concurrently (WORLD_SIZE = blocks)
     # bookkeeping
@@ -112,143 +121,10 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
 
-def check_checkpointing(cfg: Any) -> None:
-    """LoPTError for a gradient_checkpointing / selective_checkpointing value that cannot work."""
-    for name in ("gradient_checkpointing", "selective_checkpointing"):
-        value = getattr(cfg, name)
-        if value not in CHECKPOINT_SCOPES:
-            raise LoPTError(f"{name} must be one of {', '.join(CHECKPOINT_SCOPES)}, got {value!r}")
-        if value in ("last-block", "lower-blocks") and cfg.method not in ("lopt", "freeze-lower"):
-            raise LoPTError(f"{name}={value} needs a method with a boundary (lopt, freeze-lower)")
-
-
-@dataclass
-class TrainResult:
-    """What ``train`` returns: the summary (also in ``lopt_run.json``) and the trained model."""
-
-    summary: dict[str, Any]
-    model: LoPTModel
-    tokenizer: Any
-
-
-@dataclass
-class TrainState:
-    """What a callback sees and may change (``stop_requested`` ends the run after a checkpoint)."""
-
-    step: int = 0
-    stop_requested: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- small pieces
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16
-    return torch.bfloat16
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    out = Path(output_dir)
-    if not out.is_dir():
-        return None
-    cands = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
-    return max(cands, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {"lopt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def run_info(cfg: TrainConfig, wrapped: LoPTModel, metrics: dict[str, Any] | None) -> dict[str, Any]:
-    return {"options": asdict(cfg), "method": cfg.method, **wrapped.describe(), "versions": versions(),
-            "final_metrics": metrics or {}}
-
-
-def _save_plain_into(wrapped: LoPTModel, tokenizer, target: Path, info: dict[str, Any]) -> None:
-    """Write the final plain checkpoint's files into ``target``, which also holds checkpoint-N/ and
-    metrics.jsonl: the checkpoint is written whole in a temporary directory, then each file is
-    renamed into place."""
-    from .models import save_checkpoint
-
-    tmp = save_checkpoint(wrapped, tokenizer, target / f".final-{os.getpid()}", extra_json={RUN_FILE: info})
-    try:
-        for f in tmp.iterdir():
-            os.replace(f, target / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_training_checkpoint(wrapped: LoPTModel, tokenizer, output_dir: Path, step: int,
-                             info: dict[str, Any], state: dict[str, Any]) -> Path:
-    """``OUT/checkpoint-N``: a plain model plus ``trainer_state.pt`` to resume from, written in a
-    temporary directory and renamed, so a crash never leaves a half-written checkpoint."""
-    from .models import save_checkpoint
-
-    return save_checkpoint(wrapped, tokenizer, output_dir / f"{CHECKPOINT_PREFIX}{step}",
-                           extra_json={RUN_FILE: info},
-                           write_extra=lambda d: torch.save(state, d / STATE_FILE))
-
-
-def _extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
-    """Trainable tensors that the plain checkpoint does not hold: local heads, LoRA adapters."""
-    # Under FSDP the heads are sharded (DTensor): gather them (collective; every rank saves alike).
-    state = {f"heads.{k}": v.full_tensor() if hasattr(v, "full_tensor") else v
-             for k, v in wrapped.heads.state_dict().items()}
-    # The anchors are the *pretrained* lower blocks: a resumed run cannot rebuild them from its
-    # checkpoint's (trained) weights, so they travel with the trainer state.
-    state.update({f"anchors.{k}": v for k, v in wrapped.anchors.state_dict().items()})
-    if wrapped.method == "lora":
-        state.update({f"model.{k}": v for k, v in wrapped.model.state_dict().items() if "lora_" in k})
-    return state
-
-
-# --------------------------------------------------------------------------- the loop
-
-
 def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState], None]] | None = None
           ) -> TrainResult:
     """Run supervised post-training; returns the summary (also written to ``lopt_run.json``) and the
     trained (wrapped) model with its tokenizer."""
-    from .data import Batches, build_sft_dataset
-    from .distributed import DataParallel, init_distributed, install_sigint
-    from .models import load_model
 
     cfg.validate()
     ctx = init_distributed(cfg.device)  # None unless a launcher started several processes
@@ -256,7 +132,6 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
         raise LoPTError(f"--{'fsdp' if cfg.fsdp else 'pipeline'} needs several processes: launch with "
                         f"torchrun --nproc_per_node N -m lopt train ... (or accelerate launch)")
     if ctx is not None and cfg.pipeline:
-        from .distributed import train_pipeline
 
         try:
             return train_pipeline(cfg, ctx, callbacks)
@@ -278,9 +153,9 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
             raise LoPTError(f"nothing to resume: no {CHECKPOINT_PREFIX}N/{STATE_FILE} in "
                             f"{resume_dir or out_dir}; drop --resume to start afresh")
 
-    # A resumed LoRA run restarts from the base model (its checkpoint has the adapters merged in);
-    # every other method restarts from the checkpoint's weights.
-    source = str(resume_dir) if resume_dir is not None and cfg.method != "lora" else cfg.model
+    # A resumed LoRA run restarts from the base model (its checkpoint has the adapters merged in, the
+    # adapters travel in the trainer state); every other method restarts from the checkpoint's weights.
+    source = str(resume_dir) if resume_dir is not None and not get_method(cfg.method).resume_from_base else cfg.model
     # FSDP: every rank loads on the CPU and fully_shard moves its shard to the device.
     load_device = torch.device("cpu") if cfg.fsdp else device
     model, tokenizer = load_model(source, gguf_file=None if source != cfg.model else cfg.gguf_file,
@@ -442,8 +317,6 @@ def _periodic_eval(cfg: TrainConfig, tokenizer, device: torch.device):
     retention-kl and drift) is loaded once, only when a task needs it."""
     if not cfg.eval_every:
         return None
-    from .evaluate import check_tasks, evaluate
-    from .models import load_model
 
     tasks = cfg.eval_tasks or [f"task-loss:{cfg.dataset}"]
     parsed = check_tasks(tasks, has_base=True)
@@ -458,188 +331,9 @@ def _periodic_eval(cfg: TrainConfig, tokenizer, device: torch.device):
     return run
 
 
-def build_optimizer(wrapped: LoPTModel, lr: float, lr_lower: float | None = None,
-                    weight_decay: float = 0.0, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over ``wrapped.param_groups`` (upper block at ``lr``, lower blocks, embeddings and local
-    heads at ``lr_lower``), with PyTorch's fused kernel where the parameters allow it (CPU and CUDA
-    floating point): besides being faster, the default multi-tensor kernel allocates a temporary the
-    size of all parameters (the square root of the second moment), which made the optimizer step the
-    peak of a whole training step."""
-    groups = wrapped.param_groups(lr, lr_lower, weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    fused = fused and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
-
-
-class Stepper:
-    """One optimizer step of a wrapped model: micro-batches, autocast, gradient accumulation, clipping,
-    the per-block step, the LR schedule. Shared by ``train`` and ``bench`` so both measure one thing."""
-
-    def __init__(self, wrapped: LoPTModel, cfg: TrainConfig, device: torch.device, total_steps: int,
-                 dist: Any = None):
-        # dist: a lopt.distributed.DataParallel for multi-process runs (slices the batches, scales the
-        # losses, synchronises gradients); None in a single process.
-        self.wrapped, self.cfg, self.device, self.dist = wrapped, cfg, device, dist
-        self.optimizer = build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
-        self.amp_dtype = autocast_dtype(cfg.precision, device)
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
-        self.per_block = cfg.per_block_step == "on" or (
-            cfg.per_block_step == "auto" and cfg.method == "lopt" and cfg.schedule == "blockwise"
-            and cfg.grad_accum == 1 and self.scaler is None and not cfg.fsdp)
-        self._block_norms: list[float] = []
-        wrapped.head_grad_in_forward = not cfg.fsdp  # every task loss goes through wrapped.backward below
-        wrapped.after_local_backward = self._step_block if self.per_block else None
-        if dist is not None:
-            wrapped.after_local_backward = dist.local_hook(wrapped.after_local_backward)
-
-    def _step_block(self, block: int, params: list[torch.nn.Parameter]) -> None:
-        # Each lower block is clipped and stepped as soon as its local backward is done, and its
-        # gradients freed, so they never coexist with the upper block's activations. Clipping is
-        # therefore per block (max_grad_norm bounds each block's gradient norm separately).
-        self._block_norms.append(_clip(params, self.cfg.max_grad_norm) or 0.0)
-        self.optimizer.step()  # only this block holds gradients now
-        for p in params:
-            p.grad = None
-
-    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """Forward/backward every micro-batch, then step. Returns loss, aux_loss, lr, grad_norm, tokens."""
-        w, dev = self.wrapped, self.device
-        # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
-        w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
-        loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
-        n = len(micro_batches)
-        if self.dist is not None:
-            micro_batches = self.dist.local_batches(micro_batches)
-        for i, b in enumerate(micro_batches):
-            b = {k: v.to(dev) for k, v in b.items()}
-            scale = self.scaler.scale(torch.ones((), device=dev)).item() if self.scaler else 1.0
-            w.loss_scale = scale / n
-            if self.dist is not None:
-                self.dist.begin_micro(i, n)
-            with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                out = w(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-            w.backward(out)
-            # This rank's share of the global mean (1 in a single process); 0 leaves a NaN out.
-            wl, wa = self.dist.stat_weights(i) if self.dist is not None else (1.0, 1.0)
-            if self.dist is not None:
-                self.dist.end_micro(i, n)
-            if wl:
-                loss_sum += out.loss.item() * wl
-            if out.aux_loss is not None:
-                if wa:
-                    aux_sum += out.aux_loss.item() * wa
-                n_aux += 1
-            tokens += int(b["attention_mask"].sum())
-        if self.dist is not None:
-            self.dist.finish()
-            loss_sum, aux_sum, tokens = self.dist.reduce_stats(loss_sum, aux_sum, tokens)
-        grad_norm, lr = finish_step(self, list(w.parameters()))
-        if self._block_norms:
-            grad_norm = math.sqrt(sum(n * n for n in self._block_norms) + (grad_norm or 0.0) ** 2)
-            self._block_norms.clear()
-        return {"loss": loss_sum / len(micro_batches), "aux_loss": aux_sum / n_aux if n_aux else None,
-                "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
-
-
-def finish_step(stepper: Any, params: list[torch.nn.Parameter]) -> tuple[float | None, float]:
-    """The end of an optimizer step of ``stepper`` (``Stepper`` or the pipeline's, with .optimizer,
-    .scheduler, .scaler, .cfg): unscale, clip ``params``, step, advance the schedule, free the
-    gradients. Returns (gradient norm before clipping, the learning rate the step used)."""
-    opt, scaler = stepper.optimizer, stepper.scaler
-    if scaler is not None:
-        scaler.unscale_(opt)
-    grad_norm = _clip(params, stepper.cfg.max_grad_norm)
-    lr = opt.param_groups[0]["lr"]
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    stepper.scheduler.step()
-    opt.zero_grad(set_to_none=True)
-    return grad_norm, lr
-
-
-def _mean_records(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Average the per-step numbers of a logging window (the last lr)."""
-    out: dict[str, Any] = {}
-    for k in ("loss", "aux_loss", "grad_norm"):
-        vals = [r[k] for r in recs if r[k] is not None]
-        out[k] = sum(vals) / len(vals) if vals else None
-    out["lr"] = recs[-1]["lr"]
-    return out
-
-
-def _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted) -> dict[str, Any]:
-    hist = state.history
-    aux = [h["aux_loss"] for h in hist if h["aux_loss"] is not None]
-    speeds = [h["tokens_per_s"] for h in hist[1:] or hist if h["tokens_per_s"]]  # first step warms up
-    return {"steps": state.step, "total_steps": total_steps, "interrupted": interrupted,
-            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
-            "aux_first": aux[0] if aux else None, "aux_last": aux[-1] if aux else None,
-            "tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,
-            "peak_mem_mb": max((h["peak_mem_mb"] for h in hist), default=None),
-            "data": data_stats, "output_dir": str(out_dir), "method": cfg.method,
-            "block_ranges": wrapped.block_ranges}
-
-
-def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
-    """Clip to ``max_norm`` (None: only measure); returns the norm before clipping."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return None
-    if max_norm is None:
-        if any(hasattr(p.grad, "full_tensor") for p in params):  # FSDP: sharded gradients (DTensor)
-            return _full(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
-def _full(norm: torch.Tensor) -> float:
-    """A norm as a float; under FSDP it is a DTensor, whose value needs the other shards."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _postfix(rec: dict[str, Any]) -> dict[str, str]:
-    d = {"loss": f"{rec['loss']:.3f}"}
-    if rec["aux_loss"] is not None:
-        d["aux"] = f"{rec['aux_loss']:.4f}"
-    if rec["tokens_per_s"]:
-        d["tok/s"] = f"{rec['tokens_per_s']:.0f}"
-    d["mem"] = f"{rec['peak_mem_mb']:.0f}MB"
-    return d
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
-
-
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise LoPTError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(out_dir / "tensorboard"))
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 @torch.no_grad()
 def sample_answer(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy answer of a (wrapped or plain) model to one chat prompt."""
-    from .data import chat_prompt
-
     model.eval()
     enc = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
     device = next(model.parameters()).device

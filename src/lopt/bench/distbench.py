@@ -1,7 +1,7 @@
 """Per-process memory and throughput of the multi-process modes against one process.
 
-    python -m lopt.distbench --json distbench.json
-    python -m lopt.distbench --modes single ddp pipeline --batch-size 4 --seq-len 256 --steps 3
+    python -m lopt.bench.distbench --json distbench.json
+    python -m lopt.bench.distbench --modes single ddp pipeline --batch-size 4 --seq-len 256 --steps 3
 
 Every mode trains the same model (default: the embedded SmolLM2-135M-Instruct) with LoPT on the
 same global batch of random tokens (``--batch-size`` rows of ``--seq-len``, fp32, AdamW, the real
@@ -27,29 +27,30 @@ from typing import Any
 
 import torch
 
+from lopt.bench.runner import _rss_peak_mb
+from lopt.bench.runner import _rss_reset_peak as reset_rss_peak
+from lopt.engine.boundary import wrap
+from lopt.engine.memory import current_rss_mb
+from lopt.models import load_model
+from lopt.parallel.context import init_distributed
+from lopt.parallel.data_parallel import DataParallel
+from lopt.parallel.pipeline import PipelineStepper, build_stage
+from lopt.recipes.sft import TrainConfig
+from lopt.runtime.loop import Stepper, set_seed
+
 MODES = ("single", "ddp", "fsdp", "pipeline")
 
 
 def _vmhwm_mb() -> float:
-    from .bench import _rss_peak_mb
-
     return _rss_peak_mb()
 
 
 def _rss_reset_peak() -> bool:
-    from .bench import _rss_reset_peak as reset
-
-    return reset()
+    return reset_rss_peak()
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one mode's share in this process (under torchrun for the multi-process modes)."""
-    from .boundary import wrap
-    from .distributed import DataParallel, PipelineStepper, build_stage, init_distributed
-    from .memory import current_rss_mb
-    from .models import load_model
-    from .train import Stepper, TrainConfig, set_seed
-
     mode = spec["mode"]
     ctx = init_distributed(None) if mode != "single" else None
     world = ctx.world_size if ctx is not None else 1
@@ -124,11 +125,11 @@ def run_mode(mode: str, spec: dict[str, Any], nproc: int, timeout: float | None 
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     cores = os.cpu_count() or 1
     if mode == "single":
-        cmd = [sys.executable, "-m", "lopt.distbench", "--worker", json.dumps(spec)]
+        cmd = [sys.executable, "-m", "lopt.bench.distbench", "--worker", json.dumps(spec)]
         env["OMP_NUM_THREADS"] = str(cores)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "lopt.distbench", "--worker", json.dumps(spec)]
+               "-m", "lopt.bench.distbench", "--worker", json.dumps(spec)]
         env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     reports = [json.loads(f.read_text()) for f in Path(report_dir).glob("rank*.json")]
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         # One file per rank: the ranks' stdout lines would interleave.
         Path(spec["report_dir"], f"rank{res['rank']}.json").write_text(json.dumps(res))
         return 0
-    p = argparse.ArgumentParser(prog="python -m lopt.distbench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lopt.bench.distbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--modes", nargs="+", default=["single", "ddp", "pipeline"],
                    help=f"any of {', '.join(MODES)}, optionally with options: 'pipeline:b=19,mb=2,gc=all,sel=last-block' "

@@ -1,526 +1,46 @@
-"""LoPT on several processes: data parallel (DDP-style), sharded (FSDP2), and block-parallel.
+"""Block-parallel LoPT (``--pipeline``, WORLD_SIZE = number of blocks).
 
-Launch any of them with ``torchrun --nproc_per_node N -m lopt train ...`` or ``accelerate launch
--m lopt train ...``: both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR, and ``lopt train`` joins
-the process group (gloo on CPU, nccl on CUDA with device ``cuda:LOCAL_RANK``).
-
-**Data parallel** (the default when WORLD_SIZE > 1). Every rank holds the whole model; each global
-batch of ``batch_size x WORLD_SIZE`` rows is cut into contiguous slices, one per rank, so the data
-order is that of one process with the global batch. Plain ``DistributedDataParallel`` cannot be used:
-its reducer expects one backward per forward, and LoPT's blockwise schedule runs the lower block's
-local backward *inside* the forward, then the task backward. ``GradSync`` does the reducer's job per
-LoPT block instead: as soon as a block's backward is over (in the boundary hook for a lower block,
-after the task backward for the last one) its gradients are flattened into one buffer and summed
-across ranks with an asynchronous ``all_reduce``, so the lower block's communication overlaps the
-upper block's compute; the optimizer waits for all of them. Under gradient accumulation only the
-last micro-batch communicates. With the per-block optimizer step (``--per-block-step``, on by
-default for blockwise LoPT without accumulation) the block is synchronised *synchronously* right
-before its own step, so its gradients are still freed before the upper block runs.
-
-**Exact token normalisation.** The task loss is a mean over labelled tokens and the local loss a
-mean over attention-mask tokens; ranks hold different counts. Before the forward, the counts are
-summed across ranks (one small all_reduce per step) and each rank scales its losses by
-``W * n_rank / n_global`` (``LoPTModel.task_loss_scale`` / ``local_loss_scale``), so the averaged
-gradient equals the single-process gradient of the global batch. The scale must be known before the
-forward because the blockwise local backward happens inside it.
-
-**FSDP** (``--fsdp``): PyTorch's ``fully_shard`` (FSDP2) with one unit per decoder layer, one for the
-embeddings, one for the final norm and LM head, one per local head, and the wrapper as root. Works
-with both schedules; see ``shard_model`` for the two things LoPT needs from FSDP2 and why.
-
-**Block-parallel pipeline** (``--pipeline``, WORLD_SIZE = number of blocks): rank r holds block r
-only and trains it from what it sees; block r sends its detached boundary hidden states to rank r+1
-and never waits for a gradient, so all ranks compute at once. See ``PipelineStage``.
-
-Only rank 0 logs, shows progress, writes ``metrics.jsonl`` and saves; checkpoints are the same plain
-transformers checkpoints as a single-process run, and ``--resume`` works for every mode.
+Rank r holds block r only and trains it from what it sees; block r sends its detached boundary hidden
+states to rank r+1 and never waits for a gradient, so all ranks compute at once. Only rank 0 reads
+data, logs and saves; checkpoints are the same plain transformers checkpoints as a single-process
+run, and ``--resume`` works. See ``PipelineStage``.
 """
 from __future__ import annotations
 
-import datetime
 import gc
 import json
 import math
-import os
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
+from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .boundary import LoPTError, LoPTModel
+from lopt.data import Batches, build_sft_dataset
+from lopt.engine.anatomy import (_is_embedding_name, _untie_output_embeddings, find_layers, hidden_size_of,
+                                 split_blocks)
+from lopt.engine.boundary import LoPTModel, wrap
+from lopt.engine.config import LoPTError
+from lopt.engine.heads import ReconstructionHead
+from lopt.engine.memory import peak_memory_mb
+from lopt.models import (EMBEDDED, _prepare_tokenizer, embedded_checkpoint, load_model, resolve_alias,
+                         save_checkpoint)
+from lopt.parallel.context import DistContext
+from lopt.parallel.fsdp import GatheredModel, _leaf_modules_outside_layers
+from lopt.runtime.checkpoints import (CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, _save_plain_into,
+                                      latest_checkpoint, run_info)
+from lopt.runtime.loop import autocast_dtype, build_optimizer, cosine_with_warmup, finish_step, set_seed
+from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
+                                _summary, _tensorboard, install_sigint)
 
-IGNORE_INDEX = -100
-# A second SIGINT this soon after the first is the launcher's forwarded copy (a terminal's Ctrl-C
-# reaches every worker directly, and torchrun forwards it once more), not a request to abort.
-SIGINT_DUPLICATE_S = 5.0
-
-
-# --------------------------------------------------------------------------- process group
-
-
-def launched_distributed() -> bool:
-    """True when a launcher (torchrun, accelerate launch) started more than one process."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
-
-
-@dataclass
-class DistContext:
-    """This process's place in the process group."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-    owns_group: bool = False  # this object initialised the group (and destroys it in close())
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
-        """Sum (or max) a few numbers across ranks; float64 so token counts stay exact."""
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return t.tolist()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is True on any rank (the agreed stop flag)."""
-        return self.all_reduce([1.0 if flag else 0.0], op="max")[0] > 0
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_group = False
-
-
-def init_distributed(device: str | None = None, timeout_min: float | None = None) -> DistContext | None:
-    """Join the process group the launcher describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
-
-    Returns None for a single process. The backend is nccl when the device is CUDA (device
-    ``cuda:LOCAL_RANK`` unless ``device`` names one) and gloo otherwise. ``timeout_min`` bounds how
-    long a collective waits (default 60 min, or ``$LOPT_DIST_TIMEOUT_MIN``): ranks wait there while
-    rank 0 saves a checkpoint.
-    """
-    if not launched_distributed():
-        return None
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if device:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    owns = False
-    if not dist.is_initialized():
-        minutes = timeout_min if timeout_min is not None else float(os.environ.get("LOPT_DIST_TIMEOUT_MIN", "60"))
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=minutes))
-        owns = True
-    if rank != 0:  # one progress bar per run (model loading, checkpoint writing), not one per process
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Processes on one machine share its cores; oversubscribed threads spin and slow everyone.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    return DistContext(rank, world, local_rank, dev, backend, owns)
-
-
-# --------------------------------------------------------------------------- data
-
-
-def shard_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> tuple[dict[str, torch.Tensor], bool]:
-    """This rank's contiguous slice of a global batch (``torch.tensor_split``: sizes differ by at most
-    one row), with the columns that are padding in every row of the slice cut off (right padding, so
-    this changes nothing a causal model computes for the real tokens).
-
-    Returns ``(slice, real)``. When the global batch has fewer rows than ranks, a rank without a row
-    gets a copy of the first row and ``real=False``: it runs the step (the collectives need every
-    rank) with zero loss factors, so it contributes nothing.
-    """
-    rows = batch["input_ids"].shape[0]
-    idx = torch.tensor_split(torch.arange(rows), world)[rank]
-    real = len(idx) > 0
-    if not real:
-        idx = torch.arange(1)
-    out = {k: v[idx] for k, v in batch.items()}
-    mask = out.get("attention_mask")
-    if mask is not None and mask.ndim == 2 and real:
-        width = int(mask.any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
-        if width < mask.shape[1]:
-            out = {k: v[:, :width] if v.ndim == 2 and v.shape[1] == mask.shape[1] else v for k, v in out.items()}
-    return out, real
-
-
-def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(labelled tokens the task loss averages over, attention-mask tokens the local loss averages over)."""
-    labels = batch["labels"]
-    n_lab = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    mask = batch.get("attention_mask")
-    n_mask = int(mask.sum()) if mask is not None else labels.numel()
-    return n_lab, n_mask
-
-
-# --------------------------------------------------------------------------- gradient sync (DDP)
-
-
-class GradSync:
-    """Average gradients across ranks, one coalesced all_reduce per LoPT block.
-
-    ``launch(block)`` copies the block's gradients into one flat buffer (a missing gradient counts
-    as zeros), frees the originals, and starts an asynchronous all_reduce of the buffer; ``wait()``
-    waits for all launched blocks and makes each ``.grad`` a view of the averaged buffer. The buffer
-    also carries one flag per parameter (1 where this rank had a gradient): a parameter that had no
-    gradient on any rank keeps ``.grad = None``, so the optimizer skips it exactly as a single
-    process would.
-    """
-
-    def __init__(self, blocks: list[list[nn.Parameter]], world_size: int):
-        self.blocks = blocks
-        self.world = world_size
-        self.pending: dict[int, tuple[Any, list[tuple[torch.Tensor, list[nn.Parameter]]]]] = {}
-        self.launched: set[int] = set()
-        seen: set[int] = set()
-        for params in blocks:
-            for p in params:
-                if id(p) in seen:
-                    raise LoPTError("a parameter belongs to two LoPT blocks; gradient sync needs disjoint blocks")
-                seen.add(id(p))
-
-    def launch(self, block: int, async_op: bool = True) -> None:
-        if block in self.launched:
-            return
-        self.launched.add(block)
-        params = self.blocks[block]
-        if not params:
-            return
-        buffers = []
-        works = []
-        # One buffer per (dtype, device): gradients are summed in their own precision.
-        groups: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
-        for p in params:
-            groups.setdefault((p.dtype, p.device), []).append(p)
-        for (dtype, device), ps in groups.items():
-            n = sum(p.numel() for p in ps)
-            flat = torch.empty(n + len(ps), dtype=dtype, device=device)
-            off = 0
-            for i, p in enumerate(ps):
-                k = p.numel()
-                if p.grad is None:
-                    flat[off:off + k].zero_()
-                    flat[n + i] = 0
-                else:
-                    flat[off:off + k].copy_(p.grad.reshape(-1))
-                    flat[n + i] = 1
-                    p.grad = None  # the buffer holds it now: no second copy of the block's gradients
-                off += k
-            works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=async_op))
-            buffers.append((flat, ps))
-        self.pending[block] = (works, buffers)
-
-    def wait(self, block: int | None = None) -> None:
-        """Wait for one launched block (or all) and put the averaged gradients in place."""
-        for b in ([block] if block is not None else list(self.pending)):
-            if b not in self.pending:
-                continue
-            works, buffers = self.pending.pop(b)
-            for w in works:
-                if w is not None:
-                    w.wait()
-            for flat, ps in buffers:
-                n = flat.numel() - len(ps)
-                flags = flat[n:].tolist()
-                flat = flat[:n]
-                flat.div_(self.world)
-                off = 0
-                for i, p in enumerate(ps):
-                    k = p.numel()
-                    if flags[i] > 0:
-                        g = flat[off:off + k]
-                        p.grad = g.view(p.shape) if p.is_contiguous() else g.view(p.shape).clone()
-                    off += k
-
-    def reset(self) -> None:
-        self.wait()
-        self.launched.clear()
-
-
-# --------------------------------------------------------------------------- FSDP
-
-
-def _leaf_modules_outside_layers(model: nn.Module, layers_name: str) -> list[tuple[str, nn.Module]]:
-    prefix = layers_name + "."
-    return [(n, m) for n, m in model.named_modules()
-            if n != layers_name and not n.startswith(prefix) and any(True for _ in m.parameters(recurse=False))]
-
-
-def _run_lopt_hooks_last(wrapped: LoPTModel) -> None:
-    """Move LoPT's forward hooks behind the ones registered after them (FSDP's).
-
-    FSDP2's post-forward hook registers the pre-backward hook (which re-gathers a unit's parameters
-    for its backward) on the layer's *output*. LoPT's boundary hook returns that output detached, so
-    it must run after FSDP's, or the lower block's last layer would be backpropagated with its
-    parameters still sharded.
-    """
-    for h in wrapped._hooks:
-        d = h.hooks_dict_ref()
-        if d is not None and h.id in d:
-            d.move_to_end(h.id)
-
-
-def shard_model(wrapped: LoPTModel, ctx: DistContext) -> LoPTModel:
-    """Apply FSDP2 (``fully_shard``) to a wrapped model: one unit per decoder layer, one per local
-    head, one for the embeddings (the lowest block's non-layer parameters), one for everything else
-    outside the layers (final norm, LM head), and the wrapper as the root, which keeps no parameter
-    of its own.
-
-    Why the root must own nothing: at the end of *every* backward FSDP2 runs its root "post-backward
-    final callback", which finishes and reshards every unit that has not done so. Under the
-    blockwise schedule the first backward (the local one) ends in the middle of the forward; a unit
-    that is still to be used in that forward (the final norm, when it sits in the root) would be
-    resharded under the running forward. With every parameter in its own unit, units that have not
-    run yet are untouched by that callback, and units that ran (the lower block's layers and the
-    embeddings) are exactly the ones whose gradients are complete. The second requirement is the
-    hook order (``_run_lopt_hooks_last``).
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    if wrapped.anchors:
-        raise LoPTError("--fsdp does not support --local-objective anchor (its frozen reference blocks "
-                        "would sit in the FSDP root unit); use recon, or data parallel without --fsdp")
-    if wrapped.method == "lora":
-        raise LoPTError("--fsdp does not support --method lora (merging adapters into sharded weights "
-                        "is not implemented); LoRA's optimizer state is small: use data parallel without --fsdp")
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    model = wrapped.model
-    layers = model.get_submodule(wrapped.layers_name)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    for head in wrapped.heads:
-        fully_shard(head, mesh=mesh)
-    lower_ids = {id(p) for p in wrapped.lower_parameters()}
-    outside = _leaf_modules_outside_layers(model, wrapped.layers_name)
-    emb = [m for _, m in outside if any(id(p) in lower_ids for p in m.parameters(recurse=False))]
-    top = [m for _, m in outside if not any(id(p) in lower_ids for p in m.parameters(recurse=False))]
-    for group in (emb, top):
-        if group:
-            fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
-    fully_shard(wrapped, mesh=mesh)
-    _run_lopt_hooks_last(wrapped)
-    wrapped._block_params = None  # fully_shard replaced the parameters by sharded ones
-    return wrapped
-
-
-def full_state_dict(module: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:
-    """The unsharded state dict of an FSDP module, on CPU, on rank 0 (None elsewhere). Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not ctx.is_main:
-        return None
-    # Tied parameters (e2e with tied embeddings) come back as separate tensors under each name; keep
-    # the first name only, as save_pretrained does for a model whose tensors are shared.
-    names: dict[int, list[str]] = {}
-    for n, p in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-    for group in names.values():
-        for dup in group[1:]:
-            sd.pop(dup, None)
-    return sd
-
-
-class GatheredModel:
-    """What ``lopt.models.save_checkpoint`` needs (``save_pretrained``, ``modules``) for a model whose
-    weights live elsewhere (sharded, or on other pipeline ranks): saves ``plain`` with the gathered
-    full ``state_dict``, which gives the same plain transformers checkpoint as a single process."""
-
-    def __init__(self, plain: nn.Module, state_dict: dict[str, torch.Tensor]):
-        self.plain, self.state_dict = plain, state_dict
-
-    def modules(self) -> Iterable[nn.Module]:
-        return self.plain.modules()
-
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
-        self.plain.save_pretrained(save_directory, state_dict=self.state_dict, **kwargs)
-
-
-# --------------------------------------------------------------------------- data parallel step
-
-
-class DataParallel:
-    """What a data-parallel step (DDP-style or FSDP) adds to ``lopt.train.Stepper``.
-
-    The Stepper calls ``local_batches`` (slice + exact loss factors), ``begin_micro`` before each
-    micro-batch's forward, ``local_hook`` (installed as the wrapper's ``after_local_backward``),
-    ``end_micro`` after each micro-batch's backward, ``finish`` before clipping, and
-    ``reduce_stats`` for the logged numbers.
-    """
-
-    def __init__(self, ctx: DistContext, fsdp: bool = False):
-        self.ctx, self.fsdp = ctx, fsdp
-        self.wrapped: LoPTModel | None = None
-        self.sync: GradSync | None = None
-        self._scales: list[tuple[float, float, float, float]] = []
-        self._last = True
-
-    # ---- model
-    def prepare_model(self, wrapped: LoPTModel) -> LoPTModel:
-        """DDP: make every rank start from rank 0's weights (local heads and LoRA adapters are drawn
-        at random). FSDP: shard. Call after loading any resumed extra state, before the optimizer."""
-        self.wrapped = wrapped
-        if self.fsdp:
-            return shard_model(wrapped, self.ctx)
-        with torch.no_grad():
-            for t in list(wrapped.parameters()) + list(wrapped.buffers()):
-                dist.broadcast(t.data, src=0)
-        self.sync = GradSync([wrapped.block_parameters(i) for i in range(len(wrapped.block_ranges))],
-                             self.ctx.world_size)
-        return wrapped
-
-    # ---- batches and loss factors
-    def local_batches(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """This rank's slices of the global micro-batches, and the loss factors that make the averaged
-        gradient that of the global batch (one all_reduce of the token counts)."""
-        W, out, counts = self.ctx.world_size, [], []
-        for b in micro_batches:
-            loc, real = shard_rows(b, self.ctx.rank, W)
-            n_lab, n_mask = token_counts(loc) if real else (0, 0)
-            out.append(loc)
-            counts += [n_lab, n_mask]
-        total = self.ctx.all_reduce(counts)
-        self._scales = []
-        for i in range(len(micro_batches)):
-            n_lab, n_mask, N_lab, N_mask = counts[2 * i], counts[2 * i + 1], total[2 * i], total[2 * i + 1]
-            # With no labelled token in the whole global micro-batch the single-process loss is NaN;
-            # factor 1 keeps that behaviour rather than hiding it.
-            task = W * n_lab / N_lab if N_lab > 0 else 1.0
-            local = W * n_mask / N_mask if N_mask > 0 else 1.0
-            self._scales.append((task, local, n_lab / N_lab if N_lab > 0 else 0.0,
-                                 n_mask / N_mask if N_mask > 0 else 0.0))
-        return out
-
-    def begin_micro(self, i: int, n: int) -> None:
-        w = self.wrapped
-        w.task_loss_scale, w.local_loss_scale = self._scales[i][0], self._scales[i][1]
-        self._last = i == n - 1
-        if self.fsdp:
-            w.set_requires_gradient_sync(self._last)  # FSDP2: reduce-scatter only on the last micro-batch
-
-    def stat_weights(self, i: int) -> tuple[float, float]:
-        """This rank's share of the global mean task loss / local loss for micro-batch ``i``."""
-        return self._scales[i][2], self._scales[i][3]
-
-    # ---- gradient sync
-    def local_hook(self, step_block: Callable[[int, list[nn.Parameter]], None] | None
-                   ) -> Callable[[int, list[nn.Parameter]], None] | None:
-        """The wrapper's ``after_local_backward``: start the lower block's all_reduce (async), or with
-        the per-block step, synchronise it and step it. FSDP reduces inside the backward itself."""
-        if self.fsdp:
-            return step_block
-
-        def hook(block: int, params: list[nn.Parameter]) -> None:
-            if not self._last:
-                return  # accumulating: gradients stay local until the last micro-batch
-            if step_block is not None:
-                self.sync.launch(block, async_op=False)
-                self.sync.wait(block)
-                step_block(block, params)
-            else:
-                self.sync.launch(block)
-        return hook
-
-    def end_micro(self, i: int, n: int) -> None:
-        """After a micro-batch's backward: on the last one, launch every block not launched yet (the
-        last block; all of them under the joint schedule or a method without boundary). Lower blocks
-        that skip this step (``--lower-every``) have no gradient on any rank and are left out."""
-        if self.fsdp or i != n - 1:
-            return
-        w = self.wrapped
-        last = len(w.block_ranges) - 1
-        for b in range(len(w.block_ranges)):
-            if b < last and w.local and not w.update_lower:
-                continue
-            self.sync.launch(b)
-
-    def finish(self) -> None:
-        """Before clipping and the optimizer step: every gradient averaged and in place."""
-        if self.sync is not None:
-            self.sync.reset()
-
-    def reduce_stats(self, loss_sum: float, aux_sum: float, tokens: int) -> tuple[float, float, int]:
-        loss, aux, tok = self.ctx.all_reduce([loss_sum, aux_sum, float(tokens)])
-        return loss, aux, int(tok)
-
-    # ---- checkpoints
-    def saveable(self, wrapped: LoPTModel) -> Any:
-        """What rank 0 passes to ``save_checkpoint``; None on other ranks. Collective under FSDP."""
-        if not self.fsdp:
-            return wrapped if self.ctx.is_main else None
-        sd = full_state_dict(wrapped.model, self.ctx)
-        return GatheredModel(wrapped.plain_model(), sd) if self.ctx.is_main else None
-
-    def optimizer_state(self, wrapped: LoPTModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimizer state to save (full, keyed by parameter names under FSDP). Collective under FSDP."""
-        if not self.fsdp:
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(wrapped, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def load_optimizer_state(self, wrapped: LoPTModel, optimizer: torch.optim.Optimizer,
-                             state: dict[str, Any]) -> None:
-        if not self.fsdp:
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(wrapped, optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
-
-
-def install_sigint(state: Any, ctx: DistContext | None, message: str) -> Any:
-    """Ctrl-C handler for a (possibly distributed) run: the first SIGINT sets ``state.stop_requested``;
-    under a launcher a repeat within SIGINT_DUPLICATE_S seconds is the launcher's forwarded copy and
-    is ignored; a later one aborts. Returns the previous handler."""
-    first: list[float] = []
-
-    def on_sigint(signum, frame):
-        now = time.monotonic()
-        if state.stop_requested:
-            if ctx is not None and first and now - first[0] < SIGINT_DUPLICATE_S:
-                return
-            raise KeyboardInterrupt
-        state.stop_requested = True
-        first.append(now)
-        if ctx is None or ctx.is_main:
-            print(message, file=sys.stderr)
-    return signal.signal(signal.SIGINT, on_sigint)
-
-
-# --------------------------------------------------------------------------- block-parallel pipeline
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
 _TAG_HIDDEN, _TAG_STATS = 0, 1
 
 
@@ -662,8 +182,6 @@ def _checkpoint_tensors(source: Path) -> tuple[dict[str, Path], Callable[[str, P
 def _local_source(cfg: Any, resume_dir: Path | None) -> Path | None:
     """The local safetensors checkpoint the pipeline loads its block from, or None (then the whole
     model is loaded once and the other blocks dropped)."""
-    from .models import EMBEDDED, embedded_checkpoint, resolve_alias
-
     if resume_dir is not None:
         return resume_dir
     if cfg.gguf_file:
@@ -680,9 +198,6 @@ def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> t
     reads the data). See ``PipelineStage`` for how."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .boundary import _is_embedding_name, _untie_output_embeddings, find_layers, split_blocks, wrap
-    from .heads import ReconstructionHead
-    from .models import _prepare_tokenizer, load_model
 
     device = ctx.device
     source = _local_source(cfg, resume_dir)
@@ -817,8 +332,6 @@ def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _hidden_size(model: nn.Module) -> int:
-    from .boundary import hidden_size_of
-
     return hidden_size_of(model)
 
 
@@ -842,8 +355,6 @@ class PipelineStepper:
     block's gradients, AdamW step, LR schedule."""
 
     def __init__(self, stage: PipelineStage, cfg: Any, total_steps: int):
-        from .train import autocast_dtype, build_optimizer, cosine_with_warmup
-
         self.stage, self.cfg = stage, cfg
         w = stage.wrapped
         self.device = stage.ctx.device
@@ -860,8 +371,6 @@ class PipelineStepper:
         """Rank 0 gets the step's micro-batches (the others receive them from the rank before; pass
         None). Returns this rank's numbers (loss on the last rank, aux_loss on the others, grad_norm,
         lr, tokens), or None when rank 0 stopped the run before this step."""
-        from .train import finish_step
-
         st, w, dev = self.stage, self.stage.wrapped, self.device
         w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
         train_block = st.last or w.update_lower
@@ -994,14 +503,9 @@ def _merge_stats(own: dict[str, Any], others: list[list[float]]) -> dict[str, An
 def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[str, Any], Any], None]] | None = None
                    ) -> Any:
     """``lopt train --pipeline``: the block-parallel run (one LoPT block per process). Same outputs as
-    ``lopt.train.train``: ``metrics.jsonl``, ``checkpoint-N/``, the final plain checkpoint (the
+    ``lopt.recipes.sft.train``: ``metrics.jsonl``, ``checkpoint-N/``, the final plain checkpoint (the
     ranks' blocks gathered on rank 0), ``--resume`` and Ctrl-C. Returns a ``TrainResult`` whose
     model is this rank's stage (other blocks inert)."""
-    from .data import Batches, build_sft_dataset
-    from .memory import peak_memory_mb
-    from .models import save_checkpoint
-    from .train import (CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, TrainResult, TrainState, _mean_records,
-                        _postfix, _progress, _summary, _tensorboard, latest_checkpoint, run_info, set_seed)
 
     if cfg.method != "lopt":
         raise LoPTError(f"--pipeline trains LoPT blocks independently; it needs --method lopt, not {cfg.method}")
@@ -1114,7 +618,6 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
             info["pipeline"] = {"processes": ctx.world_size}
             model = GatheredModel(wrapped.plain_model(), full)
             if target is None:  # the final model, into OUT/ itself
-                from .train import _save_plain_into
 
                 _save_plain_into(model, tokenizer, out_dir, info)
             else:
@@ -1179,9 +682,3 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
     if not interrupted:
         gather_and_save(None, run_info(cfg, wrapped, summary) if main else None)
     return TrainResult(summary, wrapped, tokenizer)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

@@ -22,6 +22,13 @@ from typing import Any
 
 import torch
 
+from lopt.engine.boundary import wrap
+from lopt.engine.config import LoPTError
+from lopt.engine.memory import SavedTensorTracker, current_rss_mb, peak_rss_mb
+from lopt.models import load_model
+from lopt.recipes.sft import TrainConfig
+from lopt.runtime.loop import Stepper, resolve_device, set_seed
+
 # name -> TrainConfig overrides. The memory tricks (blockwise, chunked CE, per-block step) are on by
 # default; the "-no-*" variants switch one off for the comparison.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -82,18 +89,12 @@ def _rss_peak_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    from .memory import peak_rss_mb
 
     return peak_rss_mb()
 
 
 def run_one(spec: BenchSpec) -> dict[str, Any]:
     """Measure one configuration in this process (the parent runs it in a fresh child)."""
-    from .boundary import wrap
-    from .memory import SavedTensorTracker, current_rss_mb
-    from .models import load_model
-    from .train import Stepper, TrainConfig, resolve_device, set_seed
-
     set_seed(spec.seed)
     device = resolve_device(spec.device)
     cfg = TrainConfig(model=spec.model, gguf_file=spec.gguf_file, batch_size=spec.batch_size,
@@ -163,7 +164,6 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
     """Run every (configuration, batch size) ``repeats`` times, interleaved, each in a fresh process.
 
     ``table``: name -> TrainConfig overrides to look the names up in (default :data:`CONFIGS`)."""
-    from .boundary import LoPTError
 
     table = CONFIGS if table is None else table
     unknown = [c for c in configs if c not in table]
@@ -306,15 +306,12 @@ def run_bench_cli(ns: argparse.Namespace) -> int:
 
 
 def _worker_main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] != "--worker":  # `python -m lopt.bench [options]`: the bench itself
+        parser = argparse.ArgumentParser(prog="lopt bench")
+        add_bench_arguments(parser)
+        return run_bench_cli(parser.parse_args(argv))
     spec = BenchSpec(**json.loads(argv[1]))
     res = run_one(spec)
     print("LOPT_BENCH_RESULT " + json.dumps(res), flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[1:]))
-    parser = argparse.ArgumentParser(prog="lopt bench")
-    add_bench_arguments(parser)
-    sys.exit(run_bench_cli(parser.parse_args()))

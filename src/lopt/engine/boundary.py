@@ -14,9 +14,9 @@ the largest block rather than of the whole stack. The ``joint`` schedule (the pa
 the local losses and backpropagates everything in one pass at the end. Both give the same
 gradients.
 
-The same wrapper serves the baselines, so every comparison runs one code path: ``e2e`` (no
-boundary), ``freeze-lower`` (boundary, lower half frozen, no head) and ``lora`` (PEFT LoRA over the
-whole depth).
+What each training method changes (which parameters train, whether there is a boundary, how the
+model is saved) comes from ``lopt.methods``: the same wrapper serves every method, so every
+comparison runs one code path.
 """
 from __future__ import annotations
 
@@ -24,91 +24,20 @@ import contextlib
 import copy
 import functools
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .heads import ReconstructionHead, masked_mse
-from .loss import chunked_cross_entropy
-
-METHODS = ("lopt", "e2e", "freeze-lower", "lora")
-SCHEDULES = ("blockwise", "joint")
-LOCAL_OBJECTIVES = ("recon", "anchor")
-# Which layers recompute their activations in the backward (LoPTModel.gradient_checkpointing_enable).
-CHECKPOINT_SCOPES = ("off", "all", "last-block", "lower-blocks")
-
-
-class LoPTError(ValueError):
-    """A bad option or an unsupported model; the message says what is wrong and what to do."""
-
-
-# Default lr_lower / lr under LoPT. The paper uses 1 (the same rate); with AdamW every lower weight then
-# moves about lr per step whatever the size of its small local gradient, and the lower block drifts away
-# from what the upper block was trained on: in docs/RESULTS.md lr_lower = lr made held-out loss 1.2-1.3x
-# end-to-end's and retention KL 1.2-2.7x, lr_lower = lr / 10 gave 1.09x and 0.23x.
-LR_LOWER_RATIO = 0.1
-
-
-@dataclass
-class LoPTConfig:
-    """Everything that defines how a model is trained; saved with each checkpoint."""
-
-    method: str = "lopt"
-    num_blocks: int = 2
-    boundaries: list[int] | None = None  # layer indices where a new block starts; overrides num_blocks
-    lambda_aux: float = 10.0
-    schedule: str = "blockwise"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"
-    local_objective: str = "recon"  # recon: reconstruct the block input; anchor: match the frozen pretrained block
-    lower_every: int = 1  # update the lower blocks only every N-th step (set by the trainer via update_lower)
-    chunked_ce: bool = True  # task loss in chunks, never the full logits (training with labels only)
-    ce_chunk_size: int = 1024
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_options(cls, options: Any, **overrides: Any) -> "LoPTConfig":
-        """The LoPTConfig of a recipe's options (``TrainConfig``, ``RLConfig``: fields of the same
-        names are taken), with ``overrides``."""
-        kw = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
-        return cls(**{**kw, **overrides})
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise LoPTError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.schedule not in SCHEDULES:
-            raise LoPTError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.local_objective not in LOCAL_OBJECTIVES:
-            raise LoPTError(f"unknown local objective {self.local_objective!r}: choose one of "
-                            f"{', '.join(LOCAL_OBJECTIVES)}")
-        if not isinstance(self.lower_every, int) or self.lower_every < 1:
-            raise LoPTError(f"lower_every must be an integer >= 1, got {self.lower_every}")
-        if self.lambda_aux < 0:
-            raise LoPTError(f"lambda_aux must be >= 0, got {self.lambda_aux}")
-
-
-def _keep_matmul_outputs() -> tuple[Any, Any]:
-    """Selective checkpointing policy: a checkpointed layer keeps what its matrix multiplications and
-    attention computed, and recomputes everything else (element-wise, memory-bound, cheap)."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    aten = torch.ops.aten
-    keep = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
-    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
-        if hasattr(aten, name):
-            keep.add(getattr(aten, name).default)
-
-    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
-    return create_selective_checkpoint_contexts(policy)
+from lopt.engine.anatomy import (_find_loss_head, _hidden_of, _is_embedding_name, _untie_output_embeddings,
+                                 find_layers, hidden_size_of, split_blocks)
+from lopt.engine.checkpointing import _keep_matmul_outputs
+from lopt.engine.config import CHECKPOINT_SCOPES, LoPTConfig, LoPTError
+from lopt.engine.heads import ReconstructionHead, masked_mse
+from lopt.engine.loss import causal_lm_loss, chunked_cross_entropy
+from lopt.methods import get_method
 
 
 @dataclass
@@ -120,105 +49,6 @@ class LoPTOutput(CausalLMOutputWithPast):
     """
 
     aux_loss: torch.Tensor | None = None
-
-
-# --------------------------------------------------------------------------- model anatomy
-
-
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return (qualified name, ModuleList) of the decoder layers of a causal LM.
-
-    The layer list is the longest ``nn.ModuleList`` whose children all share one class; when the
-    config states the depth, the list must have exactly that many layers.
-    """
-    cfg = getattr(model, "config", None)
-    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-    depth = None
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        depth = getattr(text_cfg, attr, None) if text_cfg is not None else None
-        if isinstance(depth, int):
-            break
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(m) for m in mod}) != 1:
-            continue
-        if isinstance(depth, int) and len(mod) != depth:
-            continue
-        if best is None or len(mod) > len(best[1]):
-            best = (name, mod)
-    if best is None:
-        raise LoPTError(
-            f"could not find the decoder layers of {type(model).__name__}: lopt needs one nn.ModuleList "
-            f"of identical transformer blocks (like model.layers or transformer.h)"
-            + (f" with {depth} entries (config depth)" if isinstance(depth, int) else "")
-        )
-    return best
-
-
-def split_blocks(num_layers: int, num_blocks: int = 2, boundaries: Sequence[int] | None = None
-                 ) -> list[tuple[int, int]]:
-    """Half-open layer ranges of the blocks.
-
-    ``boundaries`` are the first layer index of every block but the first (``[10, 20]`` on 30 layers
-    gives 0-10, 10-20, 20-30). Otherwise layers are spread as evenly as possible, earlier blocks
-    taking the remainder (30 layers, k=4 -> 8, 8, 7, 7).
-    """
-    if boundaries is not None:
-        b = list(boundaries)
-        if not b:
-            raise LoPTError("boundaries is empty: give at least one layer index, e.g. --boundaries 12")
-        if any(not isinstance(i, int) for i in b):
-            raise LoPTError(f"boundaries must be integers, got {b}")
-        if b != sorted(b) or len(set(b)) != len(b):
-            raise LoPTError(f"boundaries must be strictly increasing, got {b}")
-        if b[0] < 1 or b[-1] > num_layers - 1:
-            raise LoPTError(f"boundaries {b} out of range: each must lie in 1..{num_layers - 1} "
-                            f"(the model has {num_layers} layers)")
-        edges = [0, *b, num_layers]
-        return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
-    if not isinstance(num_blocks, int) or num_blocks < 2 or num_blocks > num_layers:
-        raise LoPTError(f"num_blocks must be between 2 and the number of layers ({num_layers}), "
-                        f"got {num_blocks}")
-    base, extra = divmod(num_layers, num_blocks)
-    ranges, start = [], 0
-    for i in range(num_blocks):
-        size = base + (1 if i < extra else 0)
-        ranges.append((start, start + size))
-        start += size
-    return ranges
-
-
-def hidden_size_of(model: nn.Module) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        if isinstance(getattr(cfg, attr, None), int):
-            return getattr(cfg, attr)
-    raise LoPTError(f"cannot tell the hidden size of {type(model).__name__} from its config")
-
-
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _untie_output_embeddings(model: nn.Module) -> bool:
-    """Give the LM head its own weight when it shares the input embedding's.
-
-    Under LoPT the embedding belongs to the lowest block and the head to the highest; one tensor
-    cannot be on both sides of a gradient boundary. Returns True when something was untied.
-    """
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is None or inp is None or out.weight is not inp.weight:
-        return False
-    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
-    for cfg in {id(model.config): model.config,
-                id(model.config.get_text_config()): model.config.get_text_config()}.values():
-        cfg.tie_word_embeddings = False
-    return True
-
-
-# --------------------------------------------------------------------------- the wrapper
 
 
 class LoPTModel(nn.Module):
@@ -235,21 +65,18 @@ class LoPTModel(nn.Module):
         super().__init__()
         config.validate()
         self.lopt_config = config
-        self.untied = False
-        if config.method in ("lopt", "freeze-lower"):
-            self.untied = _untie_output_embeddings(model)
-        if config.method == "lora":
-            model = _apply_lora(model, config)
-        self.model = model
+        self.method_impl = method = get_method(config.method)(config)
+        self.untied = _untie_output_embeddings(model) if method.boundary else False
+        self.model = model = method.prepare(model)
         self.layers_name, layers = find_layers(model)
         self.num_layers = len(layers)
-        if config.method in ("lopt", "freeze-lower"):
+        if method.boundary:
             self.block_ranges = split_blocks(self.num_layers, config.num_blocks, config.boundaries)
         else:
             self.block_ranges = [(0, self.num_layers)]
         n_lower = len(self.block_ranges) - 1
         hidden = hidden_size_of(model)
-        self.local = config.method == "lopt"  # lower blocks learn from a local loss
+        self.local = method.local_loss  # lower blocks learn from a local loss
         recon = self.local and config.local_objective == "recon"
         self.heads = nn.ModuleList([ReconstructionHead(hidden) for _ in range(n_lower)] if recon else [])
         p = next(model.parameters())
@@ -270,7 +97,7 @@ class LoPTModel(nn.Module):
         # Extra factors on the task loss and on the local losses only (both times loss_scale). Data-
         # parallel training sets them so that each rank's gradient is its share of the global batch's
         # mean: the task loss is a mean over labelled tokens, the local loss over attention-mask tokens,
-        # so the two need separate factors (lopt.distributed). 0 skips that loss's backward.
+        # so the two need separate factors (lopt.parallel.data_parallel). 0 skips that loss's backward.
         self.task_loss_scale: float = 1.0
         self.local_loss_scale: float = 1.0
         # True when the caller always backpropagates the task loss through ``backward()`` (lopt's
@@ -289,9 +116,7 @@ class LoPTModel(nn.Module):
         self._in_local_backward = False
         self._hooks = []
         self._loss_head = _find_loss_head(self.plain_model()) if config.chunked_ce else None
-        if config.method == "freeze-lower":
-            for prm in self.lower_parameters():
-                prm.requires_grad_(False)
+        method.setup(self)
         for i, (start, end) in enumerate(self.block_ranges[:-1]):
             for j in range(start, end):
                 if j == start or self.anchors:
@@ -367,11 +192,11 @@ class LoPTModel(nn.Module):
     def param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0
                      ) -> list[dict[str, Any]]:
         """AdamW parameter groups: the last block, final norm and LM head at ``lr``; the lower blocks,
-        embeddings and local heads at ``lr_lower`` (default: ``lr * LR_LOWER_RATIO`` for
-        ``method="lopt"``, else ``lr``). Biases and norm weights (1-D) get no weight decay. Frozen
+        embeddings and local heads at ``lr_lower`` (default: ``lr`` times the method's
+        ``lr_lower_ratio``: 1/10 for ``method="lopt"``, 1 otherwise). Biases and norm weights (1-D) get no weight decay. Frozen
         parameters are left out."""
         if lr_lower is None:
-            lr_lower = lr * LR_LOWER_RATIO if self.lopt_config.method == "lopt" else lr
+            lr_lower = lr * self.method_impl.lr_lower_ratio
         lower = self._lower_side_ids()
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for p in self.parameters():
@@ -606,72 +431,19 @@ class LoPTModel(nn.Module):
     # ---- saving
     def plain_model(self) -> nn.Module:
         """The underlying transformers model (PEFT's base model for LoRA, adapters unmerged)."""
-        return self.model.get_base_model() if self.method == "lora" else self.model
+        return self.method_impl.plain_model(self.model)
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         """Write a plain transformers checkpoint: no local heads, LoRA merged into the weights."""
-        save_directory = Path(save_directory)
-        if self.method == "lora":
-            self.model.merge_adapter()
-            try:
-                base = self.model.get_base_model()
-                state = _strip_peft_state(base.state_dict())
-                base.save_pretrained(save_directory, state_dict=state, **kwargs)
-            finally:
-                self.model.unmerge_adapter()
-        else:
-            self.model.save_pretrained(save_directory, **kwargs)
+        self.method_impl.save_pretrained(self.model, Path(save_directory), **kwargs)
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable summary: options, block ranges, parameter counts."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"lopt_config": asdict(self.lopt_config), "block_ranges": self.block_ranges,
                 "num_layers": self.num_layers, "layers": self.layers_name, "untied_lm_head": self.untied,
-                "trainable_params": trainable, "head_params": sum(p.numel() for p in self.heads.parameters())}
-
-
-def _find_loss_head(model: nn.Module):
-    """(decoder stack, LM head, softcap) when the model's logits are exactly
-    ``head(decoder(...).last_hidden_state)`` (optionally soft-capped); None otherwise, and the full
-    logits path is used."""
-    cfg = model.config.get_text_config()
-    if getattr(cfg, "logit_scale", None) not in (None, 1.0) or getattr(cfg, "logits_scaling", None) not in (None, 1.0):
-        return None
-    decoder, head = getattr(model, "base_model", None), model.get_output_embeddings()
-    if decoder is None or decoder is model or not isinstance(head, nn.Linear):
-        return None
-    return decoder, head, getattr(cfg, "final_logit_softcapping", None)
-
-
-def _is_embedding_name(name: str) -> bool:
-    leaf = name.rsplit(".", 2)[-2] if "." in name else name
-    return any(k in leaf for k in ("embed", "wte", "wpe"))
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, fp32, mean over labelled tokens (-100 is ignored)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=-100)
-
-
-def _apply_lora(model: nn.Module, config: LoPTConfig) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
-
-
-def _strip_peft_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Turn a LoRA-wrapped (merged) state dict back into the plain model's key names."""
-    clean = {}
-    for k, v in state.items():
-        if "lora_" in k or "lora_magnitude" in k:
-            continue
-        clean[k.replace(".base_layer.", ".")] = v
-    return clean
+                "trainable_params": trainable, "head_params": sum(p.numel() for p in self.heads.parameters()),
+                **self.method_impl.describe()}
 
 
 def wrap(model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, schedule: str = "blockwise",

@@ -110,3 +110,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         return (hidden.sum() * 0.0) / 0.0
     return _ChunkedCE.apply(h, weight, bias, y, chunk_size, softcap, grad_scale)
 
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, fp32, mean over labelled tokens (-100 is ignored)."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=-100)

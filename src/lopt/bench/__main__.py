@@ -1,0 +1,7 @@
+"""``python -m lopt.bench --worker SPEC``: one bench configuration in this process (what
+``lopt bench`` starts for each configuration)."""
+import sys
+
+from lopt.bench.runner import _worker_main
+
+sys.exit(_worker_main(sys.argv[1:]))

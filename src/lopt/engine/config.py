@@ -1,0 +1,63 @@
+"""What defines how a model is trained: ``LoPTConfig`` (saved with every checkpoint), its constants,
+and ``LoPTError``. The method named in ``LoPTConfig.method`` is checked by ``lopt.methods.get_method``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+SCHEDULES = ("blockwise", "joint")
+LOCAL_OBJECTIVES = ("recon", "anchor")
+
+
+# Which layers recompute their activations in the backward (LoPTModel.gradient_checkpointing_enable).
+CHECKPOINT_SCOPES = ("off", "all", "last-block", "lower-blocks")
+
+
+class LoPTError(ValueError):
+    """A bad option or an unsupported model; the message says what is wrong and what to do."""
+
+
+# Default lr_lower / lr under LoPT. The paper uses 1 (the same rate); with AdamW every lower weight then
+# moves about lr per step whatever the size of its small local gradient, and the lower block drifts away
+# from what the upper block was trained on: in docs/RESULTS.md lr_lower = lr made held-out loss 1.2-1.3x
+# end-to-end's and retention KL 1.2-2.7x, lr_lower = lr / 10 gave 1.09x and 0.23x.
+LR_LOWER_RATIO = 0.1
+
+
+@dataclass
+class LoPTConfig:
+    """Everything that defines how a model is trained; saved with each checkpoint."""
+
+    method: str = "lopt"
+    num_blocks: int = 2
+    boundaries: list[int] | None = None  # layer indices where a new block starts; overrides num_blocks
+    lambda_aux: float = 10.0
+    schedule: str = "blockwise"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+    local_objective: str = "recon"  # recon: reconstruct the block input; anchor: match the frozen pretrained block
+    lower_every: int = 1  # update the lower blocks only every N-th step (set by the trainer via update_lower)
+    chunked_ce: bool = True  # task loss in chunks, never the full logits (training with labels only)
+    ce_chunk_size: int = 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, options: Any, **overrides: Any) -> "LoPTConfig":
+        """The LoPTConfig of a recipe's options (``TrainConfig``, ``RLConfig``: fields of the same
+        names are taken), with ``overrides``."""
+        kw = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
+        return cls(**{**kw, **overrides})
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise LoPTError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.local_objective not in LOCAL_OBJECTIVES:
+            raise LoPTError(f"unknown local objective {self.local_objective!r}: choose one of "
+                            f"{', '.join(LOCAL_OBJECTIVES)}")
+        if not isinstance(self.lower_every, int) or self.lower_every < 1:
+            raise LoPTError(f"lower_every must be an integer >= 1, got {self.lower_every}")
+        if self.lambda_aux < 0:
+            raise LoPTError(f"lambda_aux must be >= 0, got {self.lambda_aux}")

@@ -1,0 +1,152 @@
+"""``lopt compare RUN_OR_JSON ...``: the results of several runs side by side as a markdown table, with
+a bar chart (when matplotlib is installed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lopt.eval.common import EVAL_FILE, EvalError
+from lopt.eval.runner import _LOWER_IS_BETTER, _fmt, _headline, _is_embedded
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lopt compare``."""
+    parser.description = ("Print the eval results of several runs side by side (markdown), with the "
+                          "change from the base model where one is among them, and draw a bar chart.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_OR_JSON",
+                        help=f"an eval JSON written by `lopt eval`, or a run dir holding {EVAL_FILE}")
+    parser.add_argument("--baseline", default=None, metavar="NAME_OR_INDEX",
+                        help="the column to take deltas against (default: the run that is the others' "
+                             "--base, if any)")
+    parser.add_argument("--png", default="lopt_compare.png", help="bar chart file ('' for none)")
+
+
+def load_eval_record(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """``(label, record)`` from an eval JSON or a run directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / EVAL_FILE] + sorted(p.glob("eval*.json"))
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise EvalError(f"{p} holds no {EVAL_FILE}; run `lopt eval --model {p} --task ...` first")
+        label, p = p.name, found
+    elif p.is_file():
+        label = p.parent.name if p.name == EVAL_FILE else p.stem
+    else:
+        raise EvalError(f"not found: {path}")
+    try:
+        record = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{p} is not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise EvalError(f"{p} is not an eval result")
+    if "results" not in record:  # a bare {task: metrics} mapping, e.g. evaluate()'s return value
+        record = {"results": record}
+    return label, record
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return False
+    if _is_embedded(a) and _is_embedded(b):
+        return True
+    try:
+        return Path(str(a)).resolve() == Path(str(b)).resolve() or str(a) == str(b)
+    except OSError:
+        return str(a) == str(b)
+
+
+def run_compare_cli(args: argparse.Namespace) -> int:
+    """``lopt compare``: a markdown table of several runs' eval results (with deltas to the base
+    model's column when there is one) and a bar chart PNG when matplotlib is installed."""
+    loaded = [load_eval_record(r) for r in args.runs]
+    labels = _unique_labels([label for label, _ in loaded])
+    records = [rec for _, rec in loaded]
+    base_col = _baseline_column(args.baseline, labels, records)
+    rows: dict[tuple[str, str], list[Any]] = {}  # (task, metric) -> one value per run
+    for col, rec in enumerate(records):
+        for spec, metrics in rec.get("results", {}).items():
+            if not isinstance(metrics, dict):
+                continue
+            for name, value in _headline(spec, metrics).items():
+                rows.setdefault((spec, name), [None] * len(records))[col] = value
+    header = ["task", "metric"] + [f"{lab} (base)" if i == base_col else lab for i, lab in enumerate(labels)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (spec, name), values in rows.items():
+        cells = []
+        for i, v in enumerate(values):
+            if v is None:
+                cells.append("–")
+                continue
+            cell = _fmt(v)
+            ref = values[base_col] if base_col is not None else None
+            if ref is not None and i != base_col:
+                delta = v - ref
+                cell += f" ({delta:+d})" if isinstance(delta, int) else f" ({delta:+.4f})"
+            cells.append(cell)
+        lines.append(f"| {spec} | {name} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    if base_col is not None:
+        print(f"\ndeltas are against {labels[base_col]}; lower is better for "
+              + ", ".join(sorted(_LOWER_IS_BETTER)))
+    if args.png:
+        note = _bar_chart(rows, labels, args.png)
+        print(note)
+    return 0
+
+
+def _unique_labels(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab}#{seen[lab]}")
+    return out
+
+
+def _baseline_column(choice: str | None, labels: list[str], records: list[dict[str, Any]]) -> int | None:
+    if choice is not None:
+        if choice.isdigit() and int(choice) < len(labels):
+            return int(choice)
+        if choice in labels:
+            return labels.index(choice)
+        raise EvalError(f"--baseline {choice!r} is neither a column index nor one of: {', '.join(labels)}")
+    bases = {rec.get("base") for rec in records if rec.get("base")}
+    for i, rec in enumerate(records):
+        if any(_same_model(rec.get("model"), b) for b in bases):
+            return i
+    return None
+
+
+def _bar_chart(rows: dict[tuple[str, str], list[float | None]], labels: list[str], png: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"(no chart: matplotlib is not installed; pip install matplotlib to get {png})"
+    if not rows:
+        return "(no chart: no metrics to plot)"
+    items = list(rows.items())
+    ncols = min(3, len(items))
+    nrows = math.ceil(len(items) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    for ax, ((spec, name), values) in zip(axes.flat, items):
+        xs = [i for i, v in enumerate(values) if v is not None]
+        ax.bar(xs, [values[i] for i in xs], color=[colors[i % len(colors)] for i in xs])
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        direction = "lower is better" if name in _LOWER_IS_BETTER else "higher is better"
+        ax.set_title(f"{spec}\n{name} ({direction})", fontsize=8)
+    for ax in list(axes.flat)[len(items):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return f"chart written to {png}"

@@ -1,0 +1,18 @@
+"""``freeze-lower``: the boundary without a local loss. Everything below the last boundary (lower
+layers and input embeddings) is frozen; the last block, final norm and LM head train on the task.
+The cheapest baseline LoPT has to beat."""
+from __future__ import annotations
+
+from typing import Any
+
+from lopt.methods.base import Method, register
+
+
+@register
+class FreezeLower(Method):
+    name = "freeze-lower"
+    boundary = True
+
+    def setup(self, wrapped: Any) -> None:
+        for p in wrapped.lower_parameters():
+            p.requires_grad_(False)

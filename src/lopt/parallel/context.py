@@ -1,0 +1,101 @@
+"""Joining the process group that a launcher set up (torchrun, ``accelerate launch``): rank, world size,
+device, and the few collectives the trainers need (barrier, any-rank flags).
+
+Launch with ``torchrun --nproc_per_node N -m lopt train ...``: the launcher sets RANK / WORLD_SIZE /
+LOCAL_RANK / MASTER_ADDR, and ``lopt train`` joins the group (gloo on CPU, nccl on CUDA with device
+``cuda:LOCAL_RANK``).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Sequence
+import torch
+import torch.distributed as dist
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (torchrun, accelerate launch) started more than one process."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+@dataclass
+class DistContext:
+    """This process's place in the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    owns_group: bool = False  # this object initialised the group (and destroys it in close())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
+        """Sum (or max) a few numbers across ranks; float64 so token counts stay exact."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any rank (the agreed stop flag)."""
+        return self.all_reduce([1.0 if flag else 0.0], op="max")[0] > 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def init_distributed(device: str | None = None, timeout_min: float | None = None) -> DistContext | None:
+    """Join the process group the launcher describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Returns None for a single process. The backend is nccl when the device is CUDA (device
+    ``cuda:LOCAL_RANK`` unless ``device`` names one) and gloo otherwise. ``timeout_min`` bounds how
+    long a collective waits (default 60 min, or ``$LOPT_DIST_TIMEOUT_MIN``): ranks wait there while
+    rank 0 saves a checkpoint.
+    """
+    if not launched_distributed():
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    owns = False
+    if not dist.is_initialized():
+        minutes = timeout_min if timeout_min is not None else float(os.environ.get("LOPT_DIST_TIMEOUT_MIN", "60"))
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=minutes))
+        owns = True
+    if rank != 0:  # one progress bar per run (model loading, checkpoint writing), not one per process
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Processes on one machine share its cores; oversubscribed threads spin and slow everyone.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    return DistContext(rank, world, local_rank, dev, backend, owns)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,167 @@
+"""The optimizer step shared by every trainer: micro-batches, autocast, accumulation, clipping, the per-block step, the LR schedule.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Callable
+import torch
+
+from lopt.engine.boundary import LoPTModel
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def build_optimizer(wrapped: LoPTModel, lr: float, lr_lower: float | None = None,
+                    weight_decay: float = 0.0, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``wrapped.param_groups`` (upper block at ``lr``, lower blocks, embeddings and local
+    heads at ``lr_lower``), with PyTorch's fused kernel where the parameters allow it (CPU and CUDA
+    floating point): besides being faster, the default multi-tensor kernel allocates a temporary the
+    size of all parameters (the square root of the second moment), which made the optimizer step the
+    peak of a whole training step."""
+    groups = wrapped.param_groups(lr, lr_lower, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = fused and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+class Stepper:
+    """One optimizer step of a wrapped model: micro-batches, autocast, gradient accumulation, clipping,
+    the per-block step, the LR schedule. Shared by ``train`` and ``bench`` so both measure one thing."""
+
+    def __init__(self, wrapped: LoPTModel, cfg: Any, device: torch.device, total_steps: int,
+                 dist: Any = None):
+        # dist: a lopt.parallel.data_parallel.DataParallel for multi-process runs (slices the batches, scales the
+        # losses, synchronises gradients); None in a single process.
+        self.wrapped, self.cfg, self.device, self.dist = wrapped, cfg, device, dist
+        self.optimizer = build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
+        self.amp_dtype = autocast_dtype(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.per_block = cfg.per_block_step == "on" or (
+            cfg.per_block_step == "auto" and wrapped.local and cfg.schedule == "blockwise"
+            and cfg.grad_accum == 1 and self.scaler is None and not cfg.fsdp)
+        self._block_norms: list[float] = []
+        wrapped.head_grad_in_forward = not cfg.fsdp  # every task loss goes through wrapped.backward below
+        wrapped.after_local_backward = self._step_block if self.per_block else None
+        if dist is not None:
+            wrapped.after_local_backward = dist.local_hook(wrapped.after_local_backward)
+
+    def _step_block(self, block: int, params: list[torch.nn.Parameter]) -> None:
+        # Each lower block is clipped and stepped as soon as its local backward is done, and its
+        # gradients freed, so they never coexist with the upper block's activations. Clipping is
+        # therefore per block (max_grad_norm bounds each block's gradient norm separately).
+        self._block_norms.append(_clip(params, self.cfg.max_grad_norm) or 0.0)
+        self.optimizer.step()  # only this block holds gradients now
+        for p in params:
+            p.grad = None
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Forward/backward every micro-batch, then step. Returns loss, aux_loss, lr, grad_norm, tokens."""
+        w, dev = self.wrapped, self.device
+        # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
+        w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
+        loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
+        n = len(micro_batches)
+        if self.dist is not None:
+            micro_batches = self.dist.local_batches(micro_batches)
+        for i, b in enumerate(micro_batches):
+            b = {k: v.to(dev) for k, v in b.items()}
+            scale = self.scaler.scale(torch.ones((), device=dev)).item() if self.scaler else 1.0
+            w.loss_scale = scale / n
+            if self.dist is not None:
+                self.dist.begin_micro(i, n)
+            with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = w(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            w.backward(out)
+            # This rank's share of the global mean (1 in a single process); 0 leaves a NaN out.
+            wl, wa = self.dist.stat_weights(i) if self.dist is not None else (1.0, 1.0)
+            if self.dist is not None:
+                self.dist.end_micro(i, n)
+            if wl:
+                loss_sum += out.loss.item() * wl
+            if out.aux_loss is not None:
+                if wa:
+                    aux_sum += out.aux_loss.item() * wa
+                n_aux += 1
+            tokens += int(b["attention_mask"].sum())
+        if self.dist is not None:
+            self.dist.finish()
+            loss_sum, aux_sum, tokens = self.dist.reduce_stats(loss_sum, aux_sum, tokens)
+        grad_norm, lr = finish_step(self, list(w.parameters()))
+        if self._block_norms:
+            grad_norm = math.sqrt(sum(n * n for n in self._block_norms) + (grad_norm or 0.0) ** 2)
+            self._block_norms.clear()
+        return {"loss": loss_sum / len(micro_batches), "aux_loss": aux_sum / n_aux if n_aux else None,
+                "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+
+def finish_step(stepper: Any, params: list[torch.nn.Parameter]) -> tuple[float | None, float]:
+    """The end of an optimizer step of ``stepper`` (``Stepper`` or the pipeline's, with .optimizer,
+    .scheduler, .scaler, .cfg): unscale, clip ``params``, step, advance the schedule, free the
+    gradients. Returns (gradient norm before clipping, the learning rate the step used)."""
+    opt, scaler = stepper.optimizer, stepper.scaler
+    if scaler is not None:
+        scaler.unscale_(opt)
+    grad_norm = _clip(params, stepper.cfg.max_grad_norm)
+    lr = opt.param_groups[0]["lr"]
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    stepper.scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+    """Clip to ``max_norm`` (None: only measure); returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return None
+    if max_norm is None:
+        if any(hasattr(p.grad, "full_tensor") for p in params):  # FSDP: sharded gradients (DTensor)
+            return _full(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _full(norm: torch.Tensor) -> float:
+    """A norm as a float; under FSDP it is a DTensor, whose value needs the other shards."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -1,0 +1,102 @@
+"""The package layout holds: no import cycles among lopt's modules (function-level imports included),
+and the 0.1 import paths still reach the moved modules."""
+from __future__ import annotations
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lopt"
+
+
+def _module_name(path: Path) -> str:
+    parts = ["lopt", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the lopt modules it imports anywhere in its body. ``from lopt.a import b`` points at
+    ``lopt.a.b`` when that is a module, else at ``lopt.a``; relative imports are resolved. Importing
+    ``lopt.a.b`` from outside ``lopt.a`` also runs ``lopt/a/__init__.py``: an edge to ``lopt.a`` too."""
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                if t in mods and t != name:
+                    graph[name].add(t)
+                    # Importing lopt.a.b first runs lopt/a/__init__.py, unless we are inside lopt.a.
+                    parts = t.split(".")
+                    for i in range(2, len(parts)):
+                        parent = ".".join(parts[:i])
+                        if parent in mods and not name.startswith(parent + ".") and parent != name:
+                            graph[name].add(parent)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_graph_sees_function_level_imports():
+    graph = import_graph()
+    assert "lopt.engine.boundary" in graph["lopt"]
+    assert len(graph) > 30 and sum(len(v) for v in graph.values()) > 60
+
+
+@pytest.mark.parametrize("old, new", [
+    ("lopt.boundary", "lopt.engine.boundary"), ("lopt.train", "lopt.recipes.sft"),
+    ("lopt.evaluate", "lopt.eval"), ("lopt.distributed", "lopt.parallel"),
+    ("lopt.rl", "lopt.recipes.trl_bridge"), ("lopt.memory", "lopt.engine.memory"),
+])
+def test_old_import_paths_still_work(old, new):
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
