@@ -282,6 +282,8 @@ def test_stale_temporaries_of_dead_processes_are_removed(stopped, tmp_path):
                  _junk_dir(out / f".checkpoint-8.tmp-{zombie.pid}"),
                  _junk_dir(out / f".checkpoint-9.tmp-{os.getpid()}")]
         busy = _junk_dir(out / f".checkpoint-7.tmp-{live.pid}")
+        (out / f".metrics.jsonl.tmp-{dead}").write_text("{}\n")  # trim_log's temporary file
+        stale.append(out / f".metrics.jsonl.tmp-{dead}")
         # checkpoint-4 set aside for its replacement, which never arrived: it is put back
         os.replace(out / "checkpoint-4", out / f".checkpoint-4.old-{dead}")
         # checkpoint-2 set aside, and its replacement did arrive: the old one goes
@@ -291,7 +293,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(stopped, tmp_path):
         assert not any(p.exists() for p in stale) and not (out / f".checkpoint-2.old-{dead}").exists()
         assert busy.exists() and other.exists()  # a live writer's, and a name lopt never writes
         assert (out / "checkpoint-4").is_dir() and latest_checkpoint(out).name == "checkpoint-4"
-        assert len(done) == 8
+        assert len(done) == 9
     finally:
         live.kill()
         live.wait()
@@ -304,7 +306,7 @@ def test_a_run_starting_removes_stale_temporaries(tiny_dir, qa_file, tmp_path, c
     stale = _junk_dir(out / f".checkpoint-3.tmp-{_dead_pid()}")
     rc, err = run_cli(cli_args(tiny_dir, qa_file, out, "--max-steps", "1"), capsys)
     assert rc == 0 and not stale.exists()
-    assert "removed 1 temporary directory" in err and stale.name in err
+    assert "removed 1 temporary left" in err and stale.name in err
     assert not any(p.name.startswith(".") for p in out.iterdir())
 
 

@@ -225,7 +225,8 @@ def rotate_checkpoints(output_dir: Path, total_limit: int | None, keep: Path) ->
 
 
 # ``save_checkpoint`` writes ``.NAME.tmp-PID`` and sets the old ``NAME`` aside as ``.NAME.old-PID``;
-# ``_save_plain_into`` writes via ``.final-PID``; ``rotate_checkpoints`` deletes via ``.NAME.deleting-PID``.
+# ``_save_plain_into`` writes via ``.final-PID``; ``rotate_checkpoints`` deletes via ``.NAME.deleting-PID``;
+# ``trim_log`` rewrites metrics.jsonl via the file ``.metrics.jsonl.tmp-PID``.
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|deleting)-(?P<pid>\d+)$|^\.final-(?P<fpid>\d+)$")
 
 
@@ -249,8 +250,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(output_dir: str | Path, quiet: bool = False) -> list[str]:
-    """Remove what an interrupted writer left in ``output_dir``: temporary checkpoint directories of
-    processes that are no longer running. A checkpoint set aside for replacement (``.NAME.old-PID``)
+    """Remove what an interrupted writer left in ``output_dir``: the temporary checkpoint directories
+    (and log rewrites) of processes that are no longer running. A checkpoint set aside for replacement (``.NAME.old-PID``)
     whose replacement never arrived is put back as ``NAME``. Those of a live process are left alone:
     it may be writing them now. Call on the main rank when a run starts. Returns the names handled."""
     out = Path(output_dir)
@@ -259,18 +260,21 @@ def clean_stale_temporaries(output_dir: str | Path, quiet: bool = False) -> list
     handled = []
     for p in sorted(out.iterdir()):
         m = _TEMPORARY.match(p.name)
-        if m is None or not p.is_dir() or _process_alive(int(m["pid"] or m["fpid"])):
+        if m is None or _process_alive(int(m["pid"] or m["fpid"])):
             continue
         target = out / m["name"] if m["name"] else None
         if m["kind"] == "old" and target is not None and checkpoint_step(target) is not None \
-                and not target.exists():
+                and p.is_dir() and not target.exists():
             os.replace(p, target)  # the crash came between setting it aside and renaming its successor in
             handled.append(f"{p.name} (restored as {target.name})")
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         handled.append(p.name)
     if handled and not quiet:
-        print(f"lopt: removed {len(handled)} temporary director{'y' if len(handled) == 1 else 'ies'} left in "
+        print(f"lopt: removed {len(handled)} temporar{'y' if len(handled) == 1 else 'ies'} left in "
               f"{out} by an interrupted run: {', '.join(handled)}", file=sys.stderr)
     return handled
 
