@@ -3,13 +3,16 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
-Each job is ``{"name", "config": {TrainConfig fields}, "stop_on_rank": R, "stop_at": S}``. After a
+Each job is ``{"name", "config": {TrainConfig fields}, "stop_on_rank": R, "stop_at": S}``, optionally
+with ``"copy": [SRC, DST]`` (a directory copied) and ``"truncate": FILE`` (cut to half its size), done
+by rank 0 before the job starts. After a
 job every rank writes ``OUT/rank{r}.pt``: its trainable parameters by name (the pipeline: its own
 block's plain state), so the test can check that the ranks agree and what each rank trained.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +28,12 @@ def main(path: str) -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for job in json.loads(Path(path).read_text()):
+        if rank == 0 and "copy" in job:
+            shutil.copytree(*job["copy"])
+        if rank == 0 and "truncate" in job:
+            f = Path(job["truncate"])
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        dist.barrier()
         cfg = TrainConfig(**job["config"])
         callbacks = []
         if job.get("stop_on_rank") == rank:

@@ -364,7 +364,7 @@ def test_ctrl_c_stops_every_rank_at_the_same_step(setup, tmp_path, mode):
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     ckpt = out / f"checkpoint-{steps[-1]}"
     assert (ckpt / "trainer_state.pt").is_file(), err[-3000:]
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     assert state["step"] == steps[-1] == len(steps)
     if mode == "pipeline":
         assert len(state["ranks"]) == 2 and all(r["optimizer"]["state"] for r in state["ranks"])

@@ -65,7 +65,12 @@ TRAIN_HELP: dict[str, str] = {
     "seed": "random seed (data order, heads, dropout)",
     "log_every": "append to metrics.jsonl every N steps",
     "save_every": "write OUT/checkpoint-N every N steps",
-    "resume": "continue from the latest checkpoint in --output-dir (or from the given checkpoint dir)",
+    "save_total_limit": "keep only the newest N checkpoint-N dirs, deleting older ones once each new "
+                        "checkpoint is complete (unset: keep all)",
+    "save_only_model": "checkpoints hold the weights only, no optimizer or trainer state: smaller, but "
+                       "they cannot be resumed (--resume skips them)",
+    "resume": "continue from the newest complete checkpoint in --output-dir, skipping damaged ones (or "
+              "from the given checkpoint dir); see docs/checkpoints.md",
     "tensorboard": "also log to OUT/tensorboard",
     "progress": "show a progress bar",
     "eval_every": "run --eval-tasks every N steps and at the end; results go to metrics.jsonl",
@@ -88,7 +93,6 @@ RL_HELP: dict[str, str] = {
     "warmup_ratio": "fraction of steps with linear warm-up before the cosine decay",
     "max_grad_norm": "clip gradient norms (per block under LoPT, so the lower blocks' step never depends on "
                      "the task gradient; 0 or none: no clipping)",
-    "resume": "continue from the latest checkpoint in --output-dir (or from the given checkpoint dir)",
     # grpo
     "task": "gsm8k (../shared/data/gsm8k, else the hub), numinamath (hub: AI-MO/NuminaMath-TIR), or a file / "
             "hub dataset with a question column (question, problem, prompt, query) and a reference column "
@@ -131,6 +135,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 # Flag types for the options whose default is None (the others take their default's type).
 _OPTION_TYPES: dict[str, Any] = {"lr_lower": float, "max_steps": int, "limit": int, "save_every": int,
+                                 "save_total_limit": int,
                                  "eval_every": int, "eval_limit": int, "max_prompt_length": int,
                                  "steps_per_generation": int, "max_length": int, "eval_dataset": str}
 _OPTION_CHOICES: dict[str, Sequence[str]] = {

@@ -32,10 +32,12 @@ from lopt.models import (EMBEDDED, _prepare_tokenizer, embedded_checkpoint, load
 from lopt.parallel.context import DistContext
 from lopt.parallel.fsdp import GatheredModel, _leaf_modules_outside_layers
 from lopt.runtime.checkpoints import (CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, _save_plain_into,
-                                      latest_checkpoint, run_info)
+                                      clean_stale_temporaries, rotate_checkpoints, run_info, state_writer,
+                                      stopped_message)
+from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
 from lopt.runtime.loop import autocast_dtype, build_optimizer, cosine_with_warmup, finish_step, set_seed
 from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
-                                _summary, _tensorboard, install_sigint)
+                                _summary, _tensorboard, install_sigint, trim_log)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -500,6 +502,25 @@ def _merge_stats(own: dict[str, Any], others: list[list[float]]) -> dict[str, An
     return rec
 
 
+# The keys a --pipeline run's trainer_state.pt must hold (each of "ranks": optimizer, scheduler, rng, heads).
+PIPELINE_STATE_KEYS = ("pipeline", "ranks", "step", "data")
+
+
+def load_pipeline_state(checkpoint: Path, world_size: int) -> dict[str, Any]:
+    """The resume state of a ``--pipeline`` checkpoint, loaded without running code from it; a
+    CheckpointError when another number of processes (or no pipeline) wrote it."""
+    ts = load_state(checkpoint / STATE_FILE, required=("step",))
+    if ts.get("pipeline") != world_size:
+        raise CheckpointError(f"{checkpoint} was not written by a {world_size}-process --pipeline run; "
+                              f"resume it the way it was started")
+    missing = [k for k in PIPELINE_STATE_KEYS if k not in ts]
+    if not missing and (not isinstance(ts["ranks"], list) or len(ts["ranks"]) != world_size):
+        missing = ["one state per rank"]
+    if missing:
+        raise CorruptStateError(checkpoint / STATE_FILE, f"it lacks {', '.join(missing)}")
+    return ts
+
+
 def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[str, Any], Any], None]] | None = None
                    ) -> Any:
     """``lopt train --pipeline``: the block-parallel run (one LoPT block per process). Same outputs as
@@ -516,12 +537,14 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
                         "with lopt eval after a --pipeline run")
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
-    resume_dir = None
-    if cfg.resume:
-        resume_dir = latest_checkpoint(out_dir) if cfg.resume == "latest" else Path(cfg.resume)
-        if resume_dir is None or not (resume_dir / STATE_FILE).is_file():
-            raise LoPTError(f"nothing to resume: no {CHECKPOINT_PREFIX}N/{STATE_FILE} in "
-                            f"{resume_dir or out_dir}; drop --resume to start afresh")
+    if ctx.is_main:
+        clean_stale_temporaries(out_dir)
+    resume_dir, ts = None, None
+    if cfg.resume:  # rank 0 picks the checkpoint (falling back past incomplete ones); every rank loads it
+        def load(path: Path) -> dict[str, Any]:
+            return load_pipeline_state(path, ctx.world_size)
+        resume_dir, ts = resume_on_all_ranks(ctx, lambda: find_resume(out_dir, cfg.resume, [STATE_FILE], load),
+                                             load)
     stage, tokenizer = build_stage(cfg, ctx, resume_dir)
     wrapped = stage.wrapped
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
@@ -545,11 +568,7 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
     total_steps = sizes[0]
     stepper = PipelineStepper(stage, cfg, total_steps)
     state = TrainState()
-    if resume_dir is not None:
-        ts = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
-        if ts.get("pipeline") != ctx.world_size:
-            raise LoPTError(f"{resume_dir} was not written by a {ctx.world_size}-process --pipeline run; "
-                            f"resume it the way it was started")
+    if ts is not None:
         mine = ts["ranks"][ctx.rank]
         if mine["heads"]:
             wrapped.heads.load_state_dict(mine["heads"], strict=False)
@@ -569,6 +588,8 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_dir is None and metrics_path.exists():
             metrics_path.unlink()
+        elif resume_dir is not None:
+            trim_log(metrics_path, state.step)
     tb = _tensorboard(out_dir) if cfg.tensorboard and main else None
     log_file = metrics_path.open("a") if main else None
     if main:
@@ -610,7 +631,8 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
                 log(r)
         full = stage.gather_state()
         states: list[Any] = [None] * ctx.world_size if main else None
-        dist.gather_object(rank_state() if target is not None else None, states, dst=0)
+        dist.gather_object(rank_state() if target is not None and not cfg.save_only_model else None,
+                           states, dst=0)
         path = None
         if main:
             last = state.history[-1] if state.history else None
@@ -623,8 +645,10 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
             else:
                 ts = {"pipeline": ctx.world_size, "ranks": states, "step": state.step,
                       "history": state.history, "data": batches.state_dict()}
+                write_state = None if cfg.save_only_model else (lambda d: torch.save(ts, d / STATE_FILE))
                 path = save_checkpoint(model, tokenizer, target, extra_json={RUN_FILE: info},
-                                       write_extra=lambda d: torch.save(ts, d / STATE_FILE))
+                                       write_extra=state_writer(state.step, write_state, [STATE_FILE]))
+                rotate_checkpoints(out_dir, cfg.save_total_limit, keep=path)
         ctx.barrier()
         return path
 
@@ -665,8 +689,7 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
         if interrupted:
             path = gather_and_save(out_dir / f"{CHECKPOINT_PREFIX}{state.step}")
             if main:
-                print(f"lopt: stopped at step {state.step}; resume with --resume (checkpoint: {path})",
-                      file=sys.stderr)
+                print(stopped_message(state.step, path, cfg.save_only_model), file=sys.stderr)
     finally:
         if bar:
             bar.close()

@@ -30,11 +30,13 @@ from lopt.models import load_model
 from lopt.parallel.context import init_distributed
 from lopt.parallel.data_parallel import DataParallel
 from lopt.parallel.pipeline import train_pipeline
-from lopt.runtime.checkpoints import (CHECKPOINT_PREFIX, STATE_FILE, _extra_state, _save_plain_into,
-                                      latest_checkpoint, run_info, save_training_checkpoint)
+from lopt.runtime.checkpoints import (STATE_FILE, _extra_state, _save_plain_into, check_save_options,
+                                      clean_stale_temporaries, run_info, save_training_checkpoint,
+                                      stopped_message)
+from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
 from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
-                                _summary, _tensorboard, install_sigint)
+                                _summary, _tensorboard, install_sigint, trim_log)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class TrainConfig:
     # bookkeeping
     log_every: int = 1
     save_every: int | None = None
+    save_total_limit: int | None = None  # keep only the newest N checkpoint-N directories
+    save_only_model: bool = False  # checkpoints without optimizer/trainer state (cannot be resumed)
     resume: str | None = None  # 'latest' or a checkpoint dir
     tensorboard: bool = False
     eval_every: int | None = None  # run eval_tasks every N steps (and at the end)
@@ -105,6 +109,7 @@ class TrainConfig:
                 raise LoPTError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise LoPTError(f"max_steps must be >= 1, got {self.max_steps}")
+        check_save_options(self)
         if self.lr <= 0:
             raise LoPTError(f"lr must be > 0, got {self.lr}")
         if self.fsdp and self.pipeline:
@@ -115,6 +120,23 @@ class TrainConfig:
 
     def lopt_config(self) -> LoPTConfig:
         return LoPTConfig.from_options(self)
+
+
+# The keys a trainer_state.pt of lopt train must hold.
+STATE_KEYS = ("step", "optimizer", "scheduler", "data", "rng", "extra_state")
+
+
+def load_sft_state(checkpoint: Path, fsdp: bool) -> dict[str, Any]:
+    """The resume state of a ``lopt train`` checkpoint, loaded without running code from it; a
+    CheckpointError when it was written by a run of another mode (--fsdp, --pipeline)."""
+    ts = load_state(checkpoint / STATE_FILE, required=("step",))
+    if ts.get("fsdp", False) != fsdp or "pipeline" in ts:
+        raise CheckpointError(f"{checkpoint} was written by a run {'with' if ts.get('fsdp') else 'without'} "
+                              f"--fsdp{' (--pipeline)' if 'pipeline' in ts else ''}: resume it the same way")
+    missing = [k for k in STATE_KEYS if k not in ts]
+    if missing:
+        raise CorruptStateError(checkpoint / STATE_FILE, f"it lacks {', '.join(missing)}")
+    return ts
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -146,12 +168,13 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     device = ctx.device if ctx is not None else resolve_device(cfg.device)
     set_seed(cfg.seed)
 
-    resume_dir = None
-    if cfg.resume:
-        resume_dir = latest_checkpoint(out_dir) if cfg.resume == "latest" else Path(cfg.resume)
-        if resume_dir is None or not (resume_dir / STATE_FILE).is_file():
-            raise LoPTError(f"nothing to resume: no {CHECKPOINT_PREFIX}N/{STATE_FILE} in "
-                            f"{resume_dir or out_dir}; drop --resume to start afresh")
+    if main:
+        clean_stale_temporaries(out_dir)
+    resume_dir, ts = None, None
+    if cfg.resume:  # before the model loads: a bad checkpoint fails in a second
+        def load(path: Path) -> dict[str, Any]:
+            return load_sft_state(path, cfg.fsdp)
+        resume_dir, ts = resume_on_all_ranks(ctx, lambda: find_resume(out_dir, cfg.resume, [STATE_FILE], load), load)
 
     # A resumed LoRA run restarts from the base model (its checkpoint has the adapters merged in, the
     # adapters travel in the trainer state); every other method restarts from the checkpoint's weights.
@@ -166,12 +189,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
 
-    ts = None
-    if resume_dir is not None:
-        ts = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        if ts.get("fsdp", False) != cfg.fsdp or "pipeline" in ts:
-            raise LoPTError(f"{resume_dir} was written by a run {'with' if ts.get('fsdp') else 'without'} "
-                            f"--fsdp{' (--pipeline)' if 'pipeline' in ts else ''}: resume it the same way")
+    if ts is not None:
         missing = wrapped.load_state_dict(ts["extra_state"], strict=False)  # before sharding: plain tensors
         if missing.unexpected_keys:
             raise LoPTError(f"{resume_dir} was written by another method/config "
@@ -209,6 +227,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_dir is None and metrics_path.exists():
             metrics_path.unlink()  # a fresh run starts a fresh log
+        elif resume_dir is not None:
+            trim_log(metrics_path, state.step)
     tb = _tensorboard(out_dir) if cfg.tensorboard and main else None
     run_eval = _periodic_eval(cfg, tokenizer, device) if main else None
     log_file = metrics_path.open("a") if main else open(os.devnull, "w")
@@ -233,11 +253,12 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
         # Called on every rank: under FSDP gathering the full weights and optimizer state is collective.
         last = state.history[-1] if state.history else None
         model_to_save = dp.saveable(wrapped) if dp is not None else wrapped
-        train_state = make_state()
+        train_state = None if cfg.save_only_model else make_state()
         path = None
         if main:
             path = save_training_checkpoint(model_to_save, tokenizer, out_dir, state.step,
-                                            run_info(cfg, wrapped, last), train_state)
+                                            run_info(cfg, wrapped, last), train_state,
+                                            total_limit=cfg.save_total_limit)
         if ctx is not None:
             ctx.barrier()
         return path
@@ -287,8 +308,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
         if interrupted:
             path = checkpoint()
             if main:
-                print(f"lopt: stopped at step {state.step}; resume with --resume (checkpoint: {path})",
-                      file=sys.stderr)
+                print(stopped_message(state.step, path, cfg.save_only_model), file=sys.stderr)
     finally:
         if bar:
             bar.close()

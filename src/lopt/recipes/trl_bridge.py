@@ -21,7 +21,9 @@ How LoPT runs inside TRL's training step:
 * Checkpoints are lopt's: ``OUT/checkpoint-N`` is written whole in a temporary directory and renamed
   (``models.save_checkpoint``); it is a plain transformers checkpoint plus TRL's resume files
   (optimizer, scheduler, RNG, ``trainer_state.json``) and ``lopt_state.pt`` (local heads, anchors,
-  LoRA adapters). TRL's own resume machinery reads them back.
+  LoRA adapters), then lopt's manifest. TRL's own resume machinery reads them back (transformers
+  loads its files with ``weights_only=True``; so does lopt). ``--save-only-model`` leaves out all
+  but ``trainer_state.json``; ``--save-total-limit`` deletes older checkpoints after each save.
 """
 from __future__ import annotations
 
@@ -44,13 +46,22 @@ from lopt.engine.checkpointing import check_checkpointing
 from lopt.engine.config import LoPTConfig, LoPTError
 from lopt.engine.memory import peak_memory_mb
 from lopt.models import load_model, save_checkpoint
-from lopt.runtime.checkpoints import _extra_state, _save_plain_into, versions
+from lopt.runtime import checkpoints as ckpt
+from lopt.runtime.checkpoints import (_extra_state, _save_plain_into, check_save_options, clean_stale_temporaries,
+                                      rotate_checkpoints, state_writer, stopped_message, versions)
+from lopt.runtime.resume import CorruptStateError, find_resume, load_state
 from lopt.runtime.loop import autocast_dtype, cosine_with_warmup
+from lopt.runtime.state import trim_log
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
 LOPT_STATE_FILE = "lopt_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"  # transformers' name, read back by Trainer.train(resume_from_checkpoint)
+# What must be there to resume, as lopt 0.1 checked it (newer checkpoints list every file in their manifest).
+STATE_FILES = (TRAINER_STATE_FILE, LOPT_STATE_FILE)
+# transformers' own resume files (optimizer.pt, scheduler.pt, scaler.pt, rng_state.pth): checked before
+# TRL reads them, so that a damaged one makes --resume fall back instead of failing mid-start.
+TRAINER_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
 RUN_FILE = "lopt_run.json"
 
 
@@ -91,6 +102,8 @@ class RLConfig:
     # bookkeeping
     log_every: int = 1
     save_every: int | None = None
+    save_total_limit: int | None = None  # keep only the newest N checkpoint-N directories
+    save_only_model: bool = False  # checkpoints without optimizer/trainer state (cannot be resumed)
     resume: str | None = None  # 'latest' or a checkpoint dir
     progress: bool = True
     trust_remote_code: bool = False
@@ -105,8 +118,7 @@ class RLConfig:
                 raise LoPTError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise LoPTError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.save_every is not None and self.save_every < 1:
-            raise LoPTError(f"save_every must be >= 1, got {self.save_every}")
+        check_save_options(self)
         if self.lr <= 0:
             raise LoPTError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
@@ -135,28 +147,43 @@ class RLResult:
 
 
 def resolve_resume(cfg: RLConfig) -> Path | None:
-    """The checkpoint to resume from (``latest`` in ``output_dir``, or a given directory), or None."""
+    """Start a run in ``output_dir``: remove the temporaries an interrupted run left there, then pick
+    the checkpoint to resume from (the newest complete one for ``latest``, falling back past damaged
+    ones with a message; or the given directory), or None when not resuming."""
+    clean_stale_temporaries(cfg.output_dir)
     if not cfg.resume:
         return None
-    path = latest_checkpoint(cfg.output_dir) if cfg.resume == "latest" else Path(cfg.resume)
-    if path is None or not _is_checkpoint(path):
-        raise LoPTError(f"nothing to resume: no {CHECKPOINT_PREFIX}N/ with {TRAINER_STATE_FILE} and "
-                        f"{LOPT_STATE_FILE} in {path or cfg.output_dir}; drop --resume to start afresh")
+    path, _ = find_resume(cfg.output_dir, cfg.resume, STATE_FILES, check_rl_state)
     return path
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / TRAINER_STATE_FILE).is_file() and (path / LOPT_STATE_FILE).is_file()
+def _numpy_rng_types() -> list[Any]:
+    """What transformers' rng_state.pth holds beyond plain data: numpy's RNG state (an array and its
+    dtype). The same allowlist transformers uses when it reads the file back."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def check_rl_state(checkpoint: Path) -> dict[str, Any]:
+    """Load ``lopt_state.pt`` and check that every resume file TRL will read loads safely (tensors and
+    plain data only) and that ``trainer_state.json`` parses; returns lopt's state."""
+    state = load_state(checkpoint / LOPT_STATE_FILE)
+    try:
+        json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptStateError(checkpoint / TRAINER_STATE_FILE, f"it is not readable JSON ({type(e).__name__})")
+    for name in TRAINER_TORCH_FILES:
+        if (checkpoint / name).exists():
+            load_state(checkpoint / name, allow=_numpy_rng_types() if name.startswith("rng_state") else ())
+    return state
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The ``checkpoint-N`` with the highest N in ``output_dir`` that holds resumable state."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return None
-    cands = [p for p in out.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and _is_checkpoint(p)]
-    return max(cands, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    """The newest ``checkpoint-N`` in ``output_dir`` whose files are complete and resumable (nothing
+    is loaded; ``resolve_resume`` also loads and falls back)."""
+    return ckpt.latest_checkpoint(output_dir, STATE_FILES)
 
 
 def load_and_wrap(cfg: RLConfig, device: torch.device, with_reference: bool):
@@ -187,6 +214,7 @@ def trl_common_args(cfg: RLConfig, device: torch.device) -> dict[str, Any]:
         max_steps=cfg.max_steps or -1, num_train_epochs=cfg.epochs,
         max_grad_norm=cfg.max_grad_norm or 0.0, logging_steps=cfg.log_every,
         save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
+        save_total_limit=cfg.save_total_limit, save_only_model=cfg.save_only_model,
         report_to="none", bf16=amp == torch.bfloat16, fp16=amp == torch.float16,
         use_cpu=device.type == "cpu", seed=cfg.seed, disable_tqdm=True,
         dataloader_num_workers=0,
@@ -291,9 +319,6 @@ class LoPTTrainerMixin:
         self.store_flos()
 
         def write_trainer_files(d: Path) -> None:
-            self._save_optimizer_and_scheduler(str(d))
-            self._save_scaler(str(d))
-            self._save_rng_state(str(d))
             for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
                 name = cb.__class__.__name__
                 if isinstance(self.state.stateful_callbacks.get(name), list):
@@ -301,16 +326,28 @@ class LoPTTrainerMixin:
                 else:
                     self.state.stateful_callbacks[name] = cb.state()
             self.state.save_to_json(str(d / TRAINER_STATE_FILE))
+
+        def write_resume_files(d: Path) -> None:
+            self._save_optimizer_and_scheduler(str(d))
+            self._save_scaler(str(d))
+            self._save_rng_state(str(d))
             torch.save(lopt_extra_state(self.lopt_model), d / LOPT_STATE_FILE)
+
+        def write_all(d: Path) -> None:
+            write_trainer_files(d)
+            # --save-only-model: trainer_state.json (the log history) stays; nothing to resume from.
+            state_writer(self.state.global_step, None if self.args.save_only_model else write_resume_files,
+                         [*STATE_FILES, *TRAINER_TORCH_FILES])(d)
 
         save_checkpoint(self.lopt_model, self.processing_class, out,
                         extra_json={RUN_FILE: self.lopt_run.info(self.lopt_model, None)},
-                        write_extra=write_trainer_files)
+                        write_extra=write_all)
         self.lopt_run.checkpoints.append(out)
+        rotate_checkpoints(Path(self.args.output_dir), self.args.save_total_limit, keep=out)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         w = self.lopt_model
-        state = torch.load(Path(resume_from_checkpoint) / LOPT_STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_state(Path(resume_from_checkpoint) / LOPT_STATE_FILE)  # tensors and plain data only
         missing = w.load_state_dict(state, strict=False)
         if missing.unexpected_keys:
             raise LoPTError(f"{resume_from_checkpoint} was written by another method/config (unexpected keys "
@@ -464,6 +501,8 @@ def run_trainer(trainer, run: RunState, resume_dir: Path | None) -> bool:
     import threading
 
     main = threading.current_thread() is threading.main_thread()
+    if resume_dir is not None:  # the log continues from the checkpoint's step
+        trim_log(Path(run.cfg.output_dir) / "metrics.jsonl", _checkpoint_global_step(resume_dir))
     old = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         with warnings.catch_warnings():
@@ -474,6 +513,10 @@ def run_trainer(trainer, run: RunState, resume_dir: Path | None) -> bool:
         if old is not None:
             signal.signal(signal.SIGINT, old)
     return run.stop_requested and trainer.state.global_step < trainer.state.max_steps
+
+
+def _checkpoint_global_step(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["global_step"])
 
 
 def finish(run: RunState, trainer, wrapped: LoPTModel, tokenizer, interrupted: bool,
@@ -512,8 +555,7 @@ def train_and_finish(trainer, run: RunState, resume_dir: Path | None, wrapped: L
     interrupted = run_trainer(trainer, run, resume_dir)
     summary = finish(run, trainer, wrapped, tokenizer, interrupted, headline)
     if interrupted:
-        print(f"lopt: stopped at step {summary['steps']}; resume with --resume (checkpoint: "
-              f"{summary['checkpoint']})", file=sys.stderr)
+        print(stopped_message(summary["steps"], summary["checkpoint"], run.cfg.save_only_model), file=sys.stderr)
     return RLResult(summary, wrapped, tokenizer)
 
 

@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 import time
@@ -52,6 +54,28 @@ def _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
             "peak_mem_mb": max((h["peak_mem_mb"] for h in hist), default=None),
             "data": data_stats, "output_dir": str(out_dir), "method": cfg.method,
             "block_ranges": wrapped.block_ranges}
+
+
+def trim_log(path: Path, step: int) -> int:
+    """On resume from step ``step``: drop the records of ``metrics.jsonl`` past that step (logged by a
+    run that went further than its last complete checkpoint) and a last line a crash cut short, so the
+    resumed run's records follow on. Rewritten atomically. Returns the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(errors="replace").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] <= step:
+            keep.append(line)
+    if len(keep) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def _postfix(rec: dict[str, Any]) -> dict[str, str]:
