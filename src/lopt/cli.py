@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .boundary import CHECKPOINT_SCOPES, METHODS, SCHEDULES, LoPTError
+from .runtime_checks import check_output_dir, preflight_train
 
 # Help for every training option; the flag is the field name with dashes (max_steps -> --max-steps).
 TRAIN_HELP: dict[str, str] = {
@@ -223,6 +224,7 @@ def cmd_train(ns: argparse.Namespace, defaults: dict[str, Any] | None = None) ->
     from .train import sample_answer, train
 
     cfg = train_config_from_args(ns, defaults)
+    preflight_train(cfg)  # a bad output path or data file fails now, not after the model has loaded
     t0 = time.perf_counter()
     result = train(cfg)
     s = result.summary
@@ -266,13 +268,17 @@ def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer:
 def cmd_grpo(ns: argparse.Namespace) -> int:
     from .grpo import GRPORunConfig, cmd_grpo as run
 
-    return run(config_from_args(ns, GRPORunConfig, command="grpo"))
+    cfg = config_from_args(ns, GRPORunConfig, command="grpo")
+    check_output_dir(cfg.output_dir)
+    return run(cfg)
 
 
 def cmd_dpo(ns: argparse.Namespace) -> int:
     from .dpo import DPORunConfig, cmd_dpo as run
 
-    return run(config_from_args(ns, DPORunConfig, command="dpo"))
+    cfg = config_from_args(ns, DPORunConfig, command="dpo")
+    check_output_dir(cfg.output_dir)
+    return run(cfg)
 
 
 DEMO_DEFAULTS = {"dataset": "arithmetic", "method": "lopt", "max_steps": 24, "batch_size": 8,

@@ -246,7 +246,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
           ) -> TrainResult:
     """Run supervised post-training; returns the summary (also written to ``lopt_run.json``) and the
     trained (wrapped) model with its tokenizer."""
-    from .data import Batches, build_sft_dataset
+    from .data import Batches, build_sft_dataset, describe_skips
     from .distributed import DataParallel, init_distributed, install_sigint
     from .models import load_model
 
@@ -345,6 +345,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
                  f"{cfg.batch_size * world})" if ctx is not None else ""), file=sys.stderr)
     if data_stats.get("truncated") and main:
         print(f"lopt: {data_stats['truncated']} examples truncated to {cfg.max_length} tokens", file=sys.stderr)
+    if describe_skips(data_stats) and main:
+        print(f"lopt: {describe_skips(data_stats)}", file=sys.stderr)
 
     def make_state() -> dict[str, Any]:
         opt_state = dp.optimizer_state(wrapped, optimizer) if dp is not None else optimizer.state_dict()
