@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ RUN_TIMEOUT_S = 300
 
 # What each kind of trial does: the signal, how many times it is sent, and where it is aimed.
 KINDS = {
-    "sigkill-step": (signal.SIGKILL, 1, "step"),     # any moment after the first checkpoint write began
+    "sigkill-step": (signal.SIGKILL, 1, "step"),     # a random moment after checkpoint-k is complete
     "sigkill-write": (signal.SIGKILL, 1, "write"),   # while checkpoint-k is being written
     "sigint-write": (signal.SIGINT, 1, "write"),     # Ctrl-C during a write: finish, save, exit 130
     "sigint2-write": (signal.SIGINT, 2, "write"),    # Ctrl-C twice: the second aborts the interrupt save
@@ -87,7 +88,7 @@ class Harness:
         self.ref_dir = self.workdir / "reference"
         self.ref_final: dict[str, torch.Tensor] = {}
         self.ref_checkpoints: dict[int, dict[str, torch.Tensor]] = {}
-        self.window_s = 0.0   # first checkpoint write seen -> exit, in the reference run
+        self.period_s = 0.0   # one step plus its checkpoint write, in the reference run (median)
         self.write_s = 0.0    # how long a checkpoint's temporary directory lives (median)
 
     def command(self, out: Path, resume: bool) -> list[str]:
@@ -116,24 +117,25 @@ class Harness:
         shutil.rmtree(self.ref_dir, ignore_errors=True)
         log = self.workdir / "reference.log"
         proc = self.start(self.ref_dir, False, log)
-        first, seen, spans = None, {}, []
+        done, seen, spans = {}, {}, []
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while proc.poll() is None and time.monotonic() < deadline:
             now = time.monotonic()
             temps = {e for e in _temp_entries(self.ref_dir) if e.startswith(f".{CHECKPOINT}")}
-            if temps and first is None:
-                first = now
+            for s in _complete(self.ref_dir):
+                done.setdefault(s, now)
             for t in temps:
                 seen.setdefault(t, now)
             for t in [t for t in seen if t not in temps]:
                 spans.append(now - seen.pop(t))
             time.sleep(POLL_S)
-        end = time.monotonic()
         if proc.wait(max(1.0, deadline - time.monotonic())) != 0:
             raise RuntimeError(f"the reference run failed; see {log}:\n{_tail(log)}")
-        if first is None or not spans:
-            raise RuntimeError("the reference run's checkpoint writes were never seen; cannot aim faults")
-        self.window_s, self.write_s = end - first, statistics.median(spans)
+        times = [done[s] for s in sorted(done)]
+        if len(times) < 2 or not spans:
+            raise RuntimeError("the reference run's checkpoint writes were not seen; cannot aim faults")
+        self.period_s = statistics.median(b - a for a, b in zip(times, times[1:]))
+        self.write_s = statistics.median(spans)
         self.ref_final = load_file(self.ref_dir / WEIGHTS)
         self.ref_checkpoints = {s: load_file(self.ref_dir / f"{CHECKPOINT}{s}" / WEIGHTS)
                                 for s in _complete(self.ref_dir)}
@@ -145,8 +147,10 @@ class Harness:
     def trial(self, index: int, kind: str, rng: random.Random) -> Trial:
         sig, count, aim = KINDS[kind]
         k = rng.randint(1, self.steps - 1)
-        delay = rng.uniform(0, 0.95 * self.window_s) if aim == "step" else rng.uniform(0, 0.5 * self.write_s)
-        t = Trial(index, kind, k if aim == "write" else 0, delay)
+        # 'step': within the next step or its write (after the last checkpoint: the last step, the final
+        # save, the exit); 'write': inside the write, which takes write_s
+        delay = rng.uniform(0, 1.5 * self.period_s) if aim == "step" else rng.uniform(0, 0.5 * self.write_s)
+        t = Trial(index, kind, k, delay)
         out, log = self.workdir / f"trial-{index:03d}", self.workdir / f"trial-{index:03d}.log"
         shutil.rmtree(out, ignore_errors=True)
         log.unlink(missing_ok=True)
@@ -175,12 +179,12 @@ class Harness:
         return t
 
     def _aim(self, proc: subprocess.Popen, out: Path, aim: str, k: int, delay: float) -> None:
-        """Wait until checkpoint-k's write begins ('write') or the first write begins ('step'), then
+        """Wait until checkpoint-k's write begins ('write') or checkpoint-k is complete ('step'), then
         ``delay`` seconds more."""
-        prefix = f".{CHECKPOINT}{k}.tmp-" if aim == "write" else f".{CHECKPOINT}"
+        temp = f".{CHECKPOINT}{k}.tmp-{proc.pid}"
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while proc.poll() is None and time.monotonic() < deadline:
-            if any(e.startswith(prefix) and e.endswith(f".tmp-{proc.pid}") for e in _temp_entries(out)):
+            if (temp in _temp_entries(out)) if aim == "write" else (k in _complete(out)):
                 break
             time.sleep(POLL_S)
         time.sleep(delay)
@@ -263,6 +267,8 @@ def summarize(trials: list[Trial]) -> dict:
         "bitwise_identical_endings": sum(t.bitwise for t in hit),
         "max_abs_diff": max((t.max_abs_diff for t in hit if t.max_abs_diff is not None), default=None),
         "checkpoints_complete_at_fault": sum(len(t.complete_at_fault) for t in hit),
+        # how far each run had got: complete checkpoints when the signal landed -> trials
+        "spread": dict(sorted(Counter(len(t.complete_at_fault) for t in hit).items())),
         "checkpoints_lost": sum(len(t.lost) for t in hit),
         "checkpoints_unequal_to_reference": sum(len(t.mismatched) for t in hit),
         "fresh_restarts": sum(t.fresh_restart for t in hit),
@@ -292,7 +298,7 @@ def run_faults(workdir: Path, kinds: dict[str, int], seed: int = 0, steps: int =
                 f"rc={t.exit_code} complete={t.complete_at_fault} identical={t.identical} lost={t.lost} "
                 f"leftovers={t.leftovers}" + (f" ERROR {t.error}" if t.error else ""))
     figures = summarize(trials)
-    figures.update(seed=seed, steps=steps, reference_window_s=round(h.window_s, 3),
+    figures.update(seed=seed, steps=steps, step_period_s=round(h.period_s, 4),
                    checkpoint_write_s=round(h.write_s, 4), wall_s=round(time.monotonic() - t0, 1))
     if report is not None:
         report.write_text(json.dumps({"figures": figures, "trials": [asdict(t) for t in trials]}, indent=2) + "\n")
