@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -273,8 +274,7 @@ def summarize(trials: list[Trial]) -> dict:
         "checkpoints_unequal_to_reference": sum(len(t.mismatched) for t in hit),
         "fresh_restarts": sum(t.fresh_restart for t in hit),
         "trials_with_leftover_temp_dirs": sum(bool(t.leftovers) for t in hit),
-        "leftover_temp_dirs": sorted({e.split(".tmp-")[0] + ".tmp-PID" if ".tmp-" in e else e
-                                      for t in hit for e in t.leftovers}),
+        "leftover_temp_dirs": sorted({re.sub(r"(final-|tmp-|old-)\d+", r"\1PID", e) for t in hit for e in t.leftovers}),
         "errors": [f"trial {t.index} ({t.kind}): {t.error}" for t in trials if t.error],
     }
 

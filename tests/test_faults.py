@@ -14,7 +14,8 @@ import pytest
 from faults import run_faults
 
 # Until phase 2: nothing removes a .checkpoint-N.tmp-PID directory that a killed run left behind.
-STALE_TEMP = "a SIGKILL during a checkpoint write leaves its .checkpoint-N.tmp-PID directory behind for good"
+STALE_TEMP = ("a SIGKILL during a checkpoint or final-model write leaves its temporary directory "
+              "(.checkpoint-N.tmp-PID, ..final-PID.tmp-PID) behind for good")
 
 
 @pytest.fixture(scope="module")
