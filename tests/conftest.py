@@ -130,3 +130,13 @@ def _deterministic(request):
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The full fault-injection suite takes minutes: only `-m faults` (make test-faults) runs it.
+    if "faults" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="the full fault-injection suite: make test-faults (pytest -m faults)")
+    for item in items:
+        if item.get_closest_marker("faults") is not None:
+            item.add_marker(skip)

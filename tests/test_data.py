@@ -258,14 +258,18 @@ def test_build_max_length_shorter_than_every_prompt(tokenizer, tmp_path):
     assert stats["rows"] == 1 and stats["dropped_no_response_tokens"] == 1
 
 
-def test_build_row_without_response_names_file_and_line(tokenizer, tmp_path):
+def test_build_row_without_response_is_skipped_and_counted_with_its_line(tokenizer, tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n\n"
                     + json.dumps({"question": "c", "answer": ""}) + "\n")
+    examples, stats = build_sft_dataset(str(path), tokenizer)
+    assert len(examples) == stats["rows"] == 1
+    assert stats["skipped"] == {"empty_response": 1} and stats["skipped_first"] == {"empty_response": "line 3"}
+    # only that row: with nothing left it is an error naming the file and the reason
+    path.write_text(json.dumps({"question": "c", "answer": ""}) + "\n")
     with pytest.raises(DataError) as e:
         build_sft_dataset(str(path), tokenizer)
-    msg = str(e.value)
-    assert msg.startswith(f"{path} line 3: no response") and "'answer'" in msg and "\n" not in msg
+    assert str(e.value).startswith(f"{path}: no usable row") and "empty response, first at line 1" in str(e.value)
 
 
 def test_build_arithmetic_all_rows_trained(tokenizer):

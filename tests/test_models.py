@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import save_file
 
 from lopt import models
 from lopt.models import ALIASES, DEFAULT_MODEL, EMBEDDED, ModelError, load_model, save_checkpoint
@@ -147,6 +148,7 @@ def _fake_cache(path: Path, version: int = models.CACHE_VERSION) -> Path:
     path.mkdir(parents=True)
     for name in models._REQUIRED_FILES:
         (path / name).write_text("{}")
+    save_file({"w": torch.zeros(2)}, path / "model.safetensors")  # a sound (tiny) weights file
     (path / models.CACHE_MARKER).write_text(json.dumps({"lopt_cache_version": version}))
     return path
 

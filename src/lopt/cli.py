@@ -19,6 +19,7 @@ from lopt.recipes import dpo, grpo
 from lopt.recipes.dpo import DPORunConfig
 from lopt.recipes.grpo import GRPORunConfig
 from lopt.recipes.sft import TrainConfig, sample_answer, train
+from lopt.runtime.preflight import check_output_dir
 
 
 # Help for every training option; the flag is the field name with dashes (max_steps -> --max-steps).
@@ -272,11 +273,15 @@ def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer:
 
 
 def cmd_grpo(ns: argparse.Namespace) -> int:
-    return grpo.cmd_grpo(config_from_args(ns, GRPORunConfig, command="grpo"))
+    cfg = config_from_args(ns, GRPORunConfig, command="grpo")
+    check_output_dir(cfg.output_dir)
+    return grpo.cmd_grpo(cfg)
 
 
 def cmd_dpo(ns: argparse.Namespace) -> int:
-    return dpo.cmd_dpo(config_from_args(ns, DPORunConfig, command="dpo"))
+    cfg = config_from_args(ns, DPORunConfig, command="dpo")
+    check_output_dir(cfg.output_dir)
+    return dpo.cmd_dpo(cfg)
 
 
 DEMO_DEFAULTS = {"dataset": "arithmetic", "method": "lopt", "max_steps": 24, "batch_size": 8,

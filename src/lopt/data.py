@@ -8,6 +8,28 @@ assistant-only labels, and batch them with dynamic padding.
 A source is a local .jsonl/.json/.parquet/.csv file, a preset name (see ``PRESETS``), any Hugging
 Face Hub dataset id, or ``'arithmetic'``: a small built-in set of word problems that needs no
 download, so demos and tests run offline.
+
+Bad rows. A problem that means the file itself is wrong stops the run with one line naming the
+file and the line (or record/row) and what to do; a problem confined to one row skips that row,
+counted in ``stats["skipped"]`` (reason -> rows, the first place in ``stats["skipped_first"]``), which
+the trainer prints once and writes to ``lopt_run.json``. A dataset left with no usable row is an error.
+
+* error -- text that is not UTF-8 (a stray byte in one line or a whole file in another encoding:
+  re-encode it) or holds an unpaired UTF-16 surrogate escape; a line that is not JSON or not an
+  object; first-row columns that match no format; a value of the wrong kind (a JSON object or a
+  true/false where text belongs, ``messages`` that are not a list of role/content messages, a
+  message without a role).
+* converted -- a number where text belongs is used as its decimal text (an answer of ``42`` is "42").
+* kept -- an empty prompt (a completion-only row is legitimate); a very long line (a 1 MB row is read
+  like any other, then truncated or skipped below); a response longer than ``max_length`` is
+  right-truncated and counted in ``stats["truncated"]``.
+* skipped -- ``missing_field``: the prompt or response column is absent or null; ``empty_response``:
+  the response is blank; ``no_assistant_turn``: a chat with no non-empty assistant message;
+  ``prompt_too_long``: the prompt alone fills ``max_length``, so no response token would be trained
+  (also counted as ``dropped_no_response_tokens``).
+
+``validate_dataset`` runs every check that needs no tokenizer in about the time it takes to read the
+file, so a bad local file fails before a model is loaded.
 """
 from __future__ import annotations
 
@@ -17,8 +39,9 @@ import io
 import json
 import math
 import random
+import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -27,6 +50,18 @@ IGNORE_INDEX = -100  # label value the loss skips (prompt tokens and padding)
 
 class DataError(ValueError):
     """A bad dataset or row. The message is one line naming the source and what to do about it."""
+
+
+class SkipRow(DataError):
+    """One row that training skips (``build_sft_dataset`` counts it under ``reason``); raised by
+    ``to_messages`` for a row without a usable prompt or response."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+SKIP_REASONS = ("missing_field", "empty_response", "no_assistant_turn", "prompt_too_long")
 
 
 PRESETS: dict[str, tuple[str, str | None, str]] = {
@@ -70,10 +105,35 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _decode(path: Path, data: bytes, lineno: int | None = None, offset: int = 0) -> str:
+    """``data`` (the bytes of ``path`` from byte ``offset``, starting on line ``lineno``) as text;
+    a DataError naming the line and byte where it is not UTF-8."""
+    if offset == 0 and data.startswith(_BOM):
+        data, offset = data[len(_BOM):], len(_BOM)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = (lineno or 1) + data.count(b"\n", 0, e.start)
+        where = f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte {offset + e.start})"
+        if offset == 0 and data.startswith(_UTF16_BOMS):
+            raise DataError(f"{where}: the file is UTF-16; re-encode it as UTF-8 "
+                            f"(iconv -f UTF-16 -t UTF-8 {path.name} > utf8-{path.name})") from None
+        raise DataError(f"{where}; re-encode the file as UTF-8 (iconv -f ITS-ENCODING -t UTF-8 "
+                        f"{path.name} > utf8-{path.name}) or fix that line") from None
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     records, where = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    # Bytes, decoded line by line: an encoding error then names its line, like a JSON error does.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(path, raw, lineno, offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -90,7 +150,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path, path.read_bytes())
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -112,15 +172,20 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+    text = _decode(path, path.read_bytes())
     # Some files are ';' or tab separated: pick the delimiter the header line uses most.
     header = text.split("\n", 1)[0]
     delimiter = max(",;\t", key=header.count)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records = [{k: v for k, v in row.items() if k is not None} for row in reader]
+    # The csv module refuses fields over 128 KiB by default; a long document is a legitimate row.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))
+    try:
+        records = [{k: v for k, v in row.items() if k is not None} for row in reader]
+    except csv.Error as e:
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({e}); fix that line") from None
+    finally:
+        csv.field_size_limit(limit)
     return records, [f"row {i}" for i in range(1, len(records) + 1)]
 
 
@@ -164,6 +229,12 @@ def _load_hub(name: str, config: str | None, split: str, limit: int | None,
     return records, [f"row {i}" for i in range(1, len(records) + 1)]
 
 
+def _looks_like_file(source: str) -> bool:
+    suffix = Path(source).suffix.lower()
+    return (suffix in FILE_TYPES or suffix in _OTHER_FILE_TYPES
+            or source.startswith(("/", "./", "../", "~", ".")))
+
+
 def _load(source: str, split: str | None = "train", limit: int | None = None,
           ) -> tuple[list[dict], list[str]]:
     """load_records plus, per record, where it came from ('line 7', 'row 3') for error messages."""
@@ -186,9 +257,12 @@ def _load(source: str, split: str | None = "train", limit: int | None = None,
         if suffix not in _READERS:
             raise DataError(f"{source}: unsupported file type '{path.suffix or '(none)'}'; "
                             f"use one of {', '.join(FILE_TYPES)}")
-        records, where = _READERS[suffix](path)
-    elif (suffix in FILE_TYPES or suffix in _OTHER_FILE_TYPES
-          or source.startswith(("/", "./", "../", "~", "."))):
+        try:
+            records, where = _READERS[suffix](path)
+        except OSError as e:  # unreadable: permissions, a device error, ...
+            raise DataError(f"{source}: cannot read the file ({e.strerror or _one_line(e)}); check its "
+                            f"permissions") from None
+    elif _looks_like_file(source):
         raise DataError(f"{source}: file not found; check the path (relative paths are taken from "
                         f"{Path.cwd()})")
     elif source in PRESETS:
@@ -236,12 +310,30 @@ _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model
                  "chatgpt": "assistant"}
 
 
-def _text(value: Any) -> str:
+_SURROGATE = re.compile("[\ud800-\udfff]")  # from a JSON escape like "\\ud800" with no partner
+
+
+def _missing(record: dict, column: str) -> bool:
+    value = record.get(column)
+    return value is None or (isinstance(value, float) and math.isnan(value))  # NaN: a null in pandas' terms
+
+
+def _text(value: Any, what: str) -> str:
     if value is None:
         return ""
-    if isinstance(value, list):  # OpenAI-style content parts: [{'type': 'text', 'text': ...}]
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in value)
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = str(value)  # a numeric answer is its decimal text
+    elif isinstance(value, list):  # OpenAI-style content parts: [{'type': 'text', 'text': ...}]
+        text = "".join(_text(p.get("text"), what) if isinstance(p, dict) else _text(p, what) for p in value)
+    else:
+        raise DataError(f"'{what}' must be text, got {type(value).__name__} {str(value)[:40]!r}; "
+                        f"store it as a string")
+    if _SURROGATE.search(text):
+        raise DataError(f"'{what}' holds an unpaired UTF-16 surrogate (an escape like \\ud800 without its "
+                        f"partner), which is not text; fix that escape")
+    return text
 
 
 def _chat(value: Any, what: str) -> list[dict]:
@@ -254,49 +346,66 @@ def _chat(value: Any, what: str) -> list[dict]:
         if role is None:
             raise DataError(f"a message in '{what}' has no 'role'; give every message a role and content")
         role = _ROLE_ALIASES.get(str(role).lower(), str(role).lower())
-        out.append({"role": role, "content": _text(m.get("content", m.get("value")))})
+        out.append({"role": role, "content": _text(m.get("content", m.get("value")), f"{what} content")})
     return out
 
 
-def _response_error(column: str) -> DataError:
-    return DataError(f"no response (the '{column}' column is empty or missing); fill it in or drop the row")
+def _check_reply(msgs: list[dict], what: str) -> None:
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise SkipRow(f"no response (no assistant message in '{what}'); end each conversation with the "
+                      f"assistant's reply", "no_assistant_turn")
+    if not msgs[-1]["content"].strip():
+        raise SkipRow(f"no response (the last assistant message in '{what}' is empty); fill it in or drop "
+                      f"the row", "empty_response")
+
+
+def _require(record: dict, column: str, part: str) -> None:
+    if _missing(record, column):
+        raise SkipRow(f"no {part} (the '{column}' column is missing or null); fill it in or drop the row",
+                      "missing_field")
 
 
 def to_messages(record: dict, fmt: str) -> list[dict]:
     """Turn one row of format ``fmt`` into chat messages ``[{'role', 'content'}, ...]`` whose last
     message is the assistant's response. An optional 'system' column becomes a system message.
-    Raises ``DataError`` (without file/row context: the caller adds it) if there is no response."""
+
+    Raises ``SkipRow`` (a ``DataError`` with a ``reason``) for a row without a usable prompt or
+    response, and ``DataError`` for a value of the wrong kind; neither names the file or row (the
+    caller adds that)."""
     if fmt == "messages":
         key = "messages" if "messages" in record else "conversations"
+        _require(record, key, "conversation")
         msgs = _chat(record.get(key), key)
         while msgs and msgs[-1]["role"] != "assistant":  # trailing user turns can't be trained
             msgs.pop()
-        if not msgs or not msgs[-1]["content"].strip():
-            raise DataError(f"no response (no non-empty assistant message in '{key}'); "
-                            f"end each conversation with the assistant's reply")
+        _check_reply(msgs, key)
         return msgs
-    system = _text(record.get("system")).strip()
+    system = _text(record.get("system"), "system").strip()
     head = [{"role": "system", "content": system}] if system else []
     if fmt == "alpaca":
-        prompt, extra = _text(record.get("instruction")), _text(record.get("input")).strip()
+        _require(record, "instruction", "prompt")
+        _require(record, "output", "response")
+        prompt, extra = _text(record["instruction"], "instruction"), _text(record.get("input"), "input").strip()
         if extra:
             prompt = f"{prompt}\n\n{extra}"
-        response, column = _text(record.get("output")), "output"
+        response, column = _text(record["output"], "output"), "output"
     elif fmt in _PAIR_COLUMNS:
         p_col, column = _PAIR_COLUMNS[fmt]
-        prompt, response = record.get(p_col), record.get(column)
+        _require(record, p_col, "prompt")
+        _require(record, column, "response")
+        prompt, response = record[p_col], record[column]
         if fmt == "prompt_completion" and isinstance(prompt, list):
             # TRL's conversational prompt/completion: both sides already messages
             msgs = _chat(prompt, p_col) + (_chat(response, column) if isinstance(response, list) else
-                                           [{"role": "assistant", "content": _text(response)}])
-            if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
-                raise _response_error(column)
+                                           [{"role": "assistant", "content": _text(response, column)}])
+            _check_reply(msgs, column)
             return head + msgs
-        prompt, response = _text(prompt), _text(response)
+        prompt, response = _text(prompt, p_col), _text(response, column)
     else:
         raise DataError(f"unknown format '{fmt}'; expected one of {list(FORMATS)}")
     if not response.strip():
-        raise _response_error(column)
+        raise SkipRow(f"no response (the '{column}' column is empty); fill it in or drop the row",
+                      "empty_response")
     return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
@@ -407,24 +516,107 @@ def tokenize_messages(messages: list[dict], tokenizer, max_length: int) -> dict:
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
 
 
+_SKIP_TEXT = {"missing_field": "a missing prompt or response field", "empty_response": "an empty response",
+              "no_assistant_turn": "no assistant turn", "prompt_too_long": "a prompt longer than max_length"}
+
+
+def _detect(source: str, records: list[dict]) -> str:
+    try:
+        return detect_format(records[0].keys())
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
+
+
+def _skip(stats: dict, reason: str, loc: str) -> None:
+    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+    stats["skipped_first"].setdefault(reason, loc)
+
+
+def _chats(source: str, records: list[dict], where: list[str], fmt: str, stats: dict
+           ) -> Iterator[tuple[list[dict], str]]:
+    """Each usable row's chat messages and location; skipped rows are counted in ``stats``."""
+    for record, loc in zip(records, where):
+        try:
+            msgs = to_messages(record, fmt)
+        except SkipRow as e:
+            _skip(stats, e.reason, loc)
+            continue
+        except DataError as e:
+            raise DataError(f"{source} {loc}: {e}") from None
+        yield msgs, loc
+
+
+def _skip_parts(stats: dict) -> str:
+    return "; ".join(f"{n} with {_SKIP_TEXT.get(r, r)}, first at {stats['skipped_first'][r]}"
+                     for r, n in stats["skipped"].items())
+
+
+def describe_skips(stats: dict) -> str | None:
+    """One line about the rows ``build_sft_dataset`` skipped (``None`` when it skipped none), e.g.
+    "skipped 2 of 40 rows of d.jsonl (2 with an empty response, first at line 4)"."""
+    skipped = sum(stats.get("skipped", {}).values())
+    if not skipped:
+        return None
+    return (f"skipped {skipped} of {stats['rows'] + skipped} rows of {stats['source']} ({_skip_parts(stats)}); "
+            f"the rules are in help(lopt.data)")
+
+
+def _new_stats(source: str, fmt: str) -> dict:
+    return {"source": source, "format": fmt, "rows": 0, "skipped": {}, "skipped_first": {}}
+
+
+def _no_usable_rows(source: str, stats: dict) -> DataError:
+    return DataError(f"{source}: no usable row, every one was skipped ({_skip_parts(stats)}); fix the data")
+
+
+def validate_dataset(source: str, split: str = "train", limit: int | None = None,
+                     max_length: int | None = None) -> dict:
+    """Check a dataset before any model is loaded: the file exists and is readable UTF-8, every line
+    parses, the columns match a format, and at least one row has a usable prompt and response.
+
+    Runs every check of ``build_sft_dataset`` that needs no tokenizer (only ``prompt_too_long`` is
+    left), in about the time it takes to read the file. Local files and the embedded set are
+    checked; a hub dataset or a local folder (read through ``datasets``) is checked when it is loaded.
+
+    Returns ``{'source', 'format', 'rows', 'skipped', 'skipped_first', 'checked'}`` (``rows``: rows that
+    will be tokenized; ``checked`` False for a source left to load time). Raises ``DataError``.
+    """
+    if max_length is not None and max_length < 2:
+        raise DataError(f"max_length must be at least 2 tokens, got {max_length}")
+    path = Path(source).expanduser()
+    if source != EMBEDDED and not path.is_file() and (path.is_dir() or not _looks_like_file(source)):
+        if limit is not None and limit < 1:
+            raise DataError(f"limit must be a positive number of rows, got {limit}")
+        return {"source": source, "checked": False}
+    records, where = _load(source, split, limit)
+    stats = _new_stats(source, _detect(source, records))
+    stats["rows"] = sum(1 for _ in _chats(source, records, where, stats["format"], stats))
+    if not stats["rows"]:
+        raise _no_usable_rows(source, stats)
+    stats["checked"] = True
+    return stats
+
+
 def build_sft_dataset(source: str, tokenizer, max_length: int = 512, split: str = "train",
                       limit: int | None = None) -> tuple[list[dict], dict]:
     """Load ``source``, detect its format, and tokenize every row for SFT.
 
     Returns ``(examples, stats)``: examples are ``{'input_ids', 'labels'}`` lists; stats has
-    'format', 'rows' (examples returned), 'truncated', 'dropped_no_response_tokens' (rows whose
-    whole response fell past ``max_length``) and 'tokens' (sum of example lengths).
+    'format', 'rows' (examples returned), 'truncated', 'skipped' (reason -> rows skipped, see the
+    module docstring) with 'skipped_first' (reason -> where the first one was),
+    'dropped_no_response_tokens' (rows whose whole response fell past ``max_length``, also
+    ``skipped['prompt_too_long']``) and 'tokens' (sum of example lengths).
     """
     if max_length < 2:
         raise DataError(f"max_length must be at least 2 tokens, got {max_length}")
     records, where = _load(source, split, limit)
-    fmt = detect_format(records[0].keys())
+    stats = _new_stats(source, _detect(source, records))
     examples: list[dict] = []
-    truncated = dropped = tokens = label_tokens = 0
+    truncated = tokens = label_tokens = 0
     shortest_prompt: int | None = None
-    for record, loc in zip(records, where):
+    for msgs, loc in _chats(source, records, where, stats["format"], stats):
         try:
-            ids, labels = _tokenize_full(to_messages(record, fmt), tokenizer)
+            ids, labels = _tokenize_full(msgs, tokenizer)
         except DataError as e:
             raise DataError(f"{source} {loc}: {e}") from None
         # Position 0 is never predicted (causal LMs shift labels by one), so it doesn't count.
@@ -432,7 +624,7 @@ def build_sft_dataset(source: str, tokenizer, max_length: int = 512, split: str 
         if first is not None:
             shortest_prompt = first if shortest_prompt is None else min(shortest_prompt, first)
         if first is None or first >= max_length:
-            dropped += 1
+            _skip(stats, "prompt_too_long", loc)
             continue
         truncated += len(ids) > max_length
         ids, labels = ids[:max_length], labels[:max_length]
@@ -440,13 +632,16 @@ def build_sft_dataset(source: str, tokenizer, max_length: int = 512, split: str 
         tokens += len(ids)
         label_tokens += sum(l != IGNORE_INDEX for l in labels[1:])
     if not examples:
-        if shortest_prompt is None:
+        if shortest_prompt is None and "prompt_too_long" in stats["skipped"]:
             raise DataError(f"{source}: no row has any response tokens after tokenizing; check the "
                             f"tokenizer's chat template")
+        if shortest_prompt is None:
+            raise _no_usable_rows(source, stats)
         raise DataError(f"max_length {max_length} is shorter than the prompts of {source} "
                         f"(shortest prompt: {shortest_prompt} tokens); raise --max-length")
-    stats = {"source": source, "format": fmt, "rows": len(examples), "truncated": truncated,
-             "dropped_no_response_tokens": dropped, "tokens": tokens, "label_tokens": label_tokens}
+    stats.update(rows=len(examples), truncated=truncated,
+                 dropped_no_response_tokens=stats["skipped"].get("prompt_too_long", 0), tokens=tokens,
+                 label_tokens=label_tokens)
     return examples, stats
 
 

@@ -110,9 +110,50 @@ def embedded_gguf_path() -> Path:
 # --------------------------------------------------------------------------- the embedded model
 
 
+_MAX_HEADER = 100 * 2 ** 20  # the safetensors format's own bound on its JSON header
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None. Reads only the header, so a
+    truncated or overwritten file is caught in microseconds instead of deep inside loading."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_HEADER):
+                return f"its header claims {n} bytes but the file has {size}"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    except ValueError:  # undecodable or not JSON
+        return "its header is not valid JSON"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return "its header does not describe tensors"
+    if 8 + n + end > size:
+        return f"truncated: {size} bytes, its header needs {8 + n + end}"
+    return None
+
+
+def check_safetensors(directory: str | os.PathLike[str]) -> None:
+    """ModelError naming the first ``*.safetensors`` file in ``directory`` that is truncated or
+    corrupt (header and size only; no tensor is read)."""
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        why = _safetensors_problem(path)
+        if why is not None:
+            raise ModelError(f"{path} is truncated or corrupt ({why}); re-download it or re-save the "
+                             f"checkpoint (save_pretrained)")
+
+
 def _cache_is_valid(path: Path) -> bool:
     if not all((path / f).is_file() for f in _REQUIRED_FILES):
         return False
+    if _safetensors_problem(path / "model.safetensors") is not None:
+        return False  # a damaged cache is rebuilt
     try:
         marker = json.loads((path / CACHE_MARKER).read_text())
     except (OSError, ValueError):
@@ -406,6 +447,10 @@ def _load_pretrained(source: str, label: str, *, dtype: torch.dtype | str, devic
     except (OSError, ValueError, TypeError) as e:
         raise ModelError(f"no usable tokenizer for {label} ({_first_line(e)}); "
                          f"save one next to the weights (tokenizer.save_pretrained)") from e
+    if Path(source).expanduser().is_dir():
+        check_safetensors(Path(source).expanduser())
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=dtype, device_map=_device_map(device),
@@ -413,6 +458,9 @@ def _load_pretrained(source: str, label: str, *, dtype: torch.dtype | str, devic
     except OSError as e:  # missing or unreachable weight files
         raise ModelError(f"could not load the weights of {label} ({_first_line(e)}); check the "
                          f"checkpoint files or your connection to the Hub") from e
+    except SafetensorError as e:  # damaged weights the header check could not see (e.g. in the hub cache)
+        raise ModelError(f"the weights of {label} are corrupt ({_first_line(e)}); re-download them or "
+                         f"re-save the checkpoint") from e
     if gguf_file is not None:
         clear_quantization_marking(model)
     return model, tokenizer
@@ -560,4 +608,4 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase |
 
 __all__ = ["ModelError", "DEFAULT_MODEL", "ALIASES", "EMBEDDED", "CACHE_VERSION", "resolve_alias",
            "cache_dir", "embedded_gguf_path", "embedded_checkpoint", "clear_quantization_marking",
-           "load_model", "save_checkpoint"]
+           "load_model", "save_checkpoint", "check_safetensors"]

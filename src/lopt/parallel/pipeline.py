@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lopt.data import Batches, build_sft_dataset
+from lopt.data import Batches, build_sft_dataset, describe_skips
 from lopt.engine.anatomy import (_is_embedding_name, _untie_output_embeddings, find_layers, hidden_size_of,
                                  split_blocks)
 from lopt.engine.boundary import LoPTModel, wrap
@@ -555,6 +555,8 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
         try:
             examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
                                                      split=cfg.split, limit=cfg.limit)
+            if describe_skips(data_stats):
+                print(f"lopt: {describe_skips(data_stats)}", file=sys.stderr)
             batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
             steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
             total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))

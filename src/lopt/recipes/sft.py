@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any, Callable
 import torch
 
-from lopt.data import Batches, build_sft_dataset, chat_prompt
+from lopt.data import Batches, build_sft_dataset, chat_prompt, describe_skips
 from lopt.engine.boundary import wrap
 from lopt.engine.checkpointing import check_checkpointing
 from lopt.engine.config import LoPTConfig, LoPTError
 from lopt.engine.memory import peak_memory_mb
-from lopt.methods import get_method
 from lopt.eval.runner import evaluate
 from lopt.eval.tasks import check_tasks
+from lopt.methods import get_method
 from lopt.models import load_model
 from lopt.parallel.context import init_distributed
 from lopt.parallel.data_parallel import DataParallel
@@ -35,6 +35,7 @@ from lopt.runtime.checkpoints import (STATE_FILE, _extra_state, _save_plain_into
                                       stopped_message)
 from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
+from lopt.runtime.preflight import preflight_train
 from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
                                 _summary, _tensorboard, install_sigint, trim_log)
 
@@ -149,6 +150,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     trained (wrapped) model with its tokenizer."""
 
     cfg.validate()
+    preflight_train(cfg)  # a bad output path or data file fails now, not after the model has loaded
     ctx = init_distributed(cfg.device)  # None unless a launcher started several processes
     if ctx is None and (cfg.fsdp or cfg.pipeline):
         raise LoPTError(f"--{'fsdp' if cfg.fsdp else 'pipeline'} needs several processes: launch with "
@@ -240,6 +242,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
                  f"{cfg.batch_size * world})" if ctx is not None else ""), file=sys.stderr)
     if data_stats.get("truncated") and main:
         print(f"lopt: {data_stats['truncated']} examples truncated to {cfg.max_length} tokens", file=sys.stderr)
+    if describe_skips(data_stats) and main:
+        print(f"lopt: {describe_skips(data_stats)}", file=sys.stderr)
 
     def make_state() -> dict[str, Any]:
         opt_state = dp.optimizer_state(wrapped, optimizer) if dp is not None else optimizer.state_dict()
