@@ -151,6 +151,9 @@ DDP_CASES = {
     "e2e": {"method": "e2e"},
     "freeze-lower": {"method": "freeze-lower"},
     "lora": {"method": "lora", "lr": 5e-2},
+    # the trainable layers change every step: every rank freezes the same ones and reduces the others
+    "lisa": {"method": "lisa", "lisa_layers": 2, "lisa_interval": 1},
+    "badam": {"method": "badam", "badam_switch_every": 1, "badam_order": "random"},
 }
 
 

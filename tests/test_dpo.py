@@ -174,6 +174,23 @@ def test_open_step_gradients_are_end_to_end(tmp_path):
     assert any(not torch.allclose(local[n], e2e[n], rtol=1e-4, atol=1e-7) for n in lower)
 
 
+@pytest.mark.parametrize("method", ["lisa", "badam"])
+def test_layer_switching_methods_train_only_their_layers(tiny_dir, gsm8k_file, tmp_path, method):
+    """LISA and BAdam switch their layers in TRL's step too (lopt's callback calls Method.begin_step)."""
+    from lopt.methods import get_method
+
+    cfg = config(tiny_dir, f"synthetic-gsm8k:{gsm8k_file}", tmp_path / method, method=method, max_steps=2,
+                 lisa_interval=1, badam_switch_every=1, seed=5)
+    dpo(cfg)
+    impl = get_method(method)(cfg.lopt_config())
+    active = {i for s in range(2) for i in impl.active_layers(s, LAYERS)}
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / method).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    changed = {k for k in got if not torch.equal(got[k], base[k])}
+    assert {_layer(k) for k in changed} - {None} == active
+    assert any(_layer(k) is None for k in changed) == (method == "lisa")  # LISA trains the embeddings too
+
+
 @pytest.mark.parametrize("method", ["lopt", "lora"])
 def test_sigint_and_resume_match_uninterrupted_run(tiny_dir, gsm8k_file, tmp_path, method):
     data = f"synthetic-gsm8k:{gsm8k_file}"
