@@ -43,6 +43,19 @@ def test_bench_two_configurations(tiny_dir, tmp_path):
     assert "| lopt-k2 |" in format_table(res)
 
 
+def test_bench_rows_of_the_new_methods(tiny_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(tiny_dir), "--configs", "lopt-k2-tg4", "lisa", "badam",
+               "--seq-len", "32", "--batch-sizes", "2", "--steps", "4", "--repeats", "1", "--json", str(out)])
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    for r in rows.values():
+        assert r["n_steps"] == 4 and r["first_loss"] == pytest.approx(rows["lisa"]["first_loss"], rel=1e-5)
+        assert r["saved_activation_mb"] > 0
+    # LISA: one layer besides the (tied) embedding and the final norm; BAdam: one layer
+    assert rows["badam"]["trainable_params"] < rows["lisa"]["trainable_params"] < rows["lopt-k2-tg4"]["trainable_params"]
+
+
 def test_unknown_configuration(tiny_dir, capsys):
     assert main(["bench", "--model", str(tiny_dir), "--configs", "nope"]) == 2
     assert "unknown bench configuration" in capsys.readouterr().err

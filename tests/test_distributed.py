@@ -145,9 +145,15 @@ DDP_CASES = {
     "lopt-joint": {"schedule": "joint"},
     "lopt-accum": {"grad_accum": 2},
     "lopt-every2": {"lower_every": 2},  # the lower blocks skip steps 2: nothing of theirs is reduced then
+    # steps 0 and 2 open the boundary (the task gradient reaches the lower blocks, reduced with the
+    # rest at the end); step 1 is a closed LoPT step with the per-block step
+    "lopt-tg2": {"task_grad_every": 2, "lambda_aux": 1.0},
     "e2e": {"method": "e2e"},
     "freeze-lower": {"method": "freeze-lower"},
     "lora": {"method": "lora", "lr": 5e-2},
+    # the trainable layers change every step: every rank freezes the same ones and reduces the others
+    "lisa": {"method": "lisa", "lisa_layers": 2, "lisa_interval": 1},
+    "badam": {"method": "badam", "badam_switch_every": 1, "badam_order": "random"},
 }
 
 
@@ -228,6 +234,7 @@ FSDP_CASES = {
     "lopt-joint": {"schedule": "joint"},
     "lopt-accum": {"grad_accum": 2},
     "lopt-clip": {"per_block_step": "off", "max_grad_norm": 1.0},
+    "lopt-tg2": {"task_grad_every": 2, "lambda_aux": 1.0},  # open steps: FSDP reduces the lower blocks too
     "e2e": {"method": "e2e"},
     "freeze-lower": {"method": "freeze-lower"},
 }

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from lopt.cli import main
 from lopt.recipes.dpo import DPORunConfig, corrupt_final_answer, dpo, synthetic_gsm8k_pairs, wrong_answer
 
-from conftest import save_tiny, write_jsonl
+from conftest import make_tiny_model, make_tokenizer, save_tiny, write_jsonl
 
 LAYERS = 4
 
@@ -147,6 +147,48 @@ def test_lower_gradients_do_not_depend_on_preferences(tiny_dir, tmp_path, method
     # summation order of the local loss differs.
     same = all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-9) for n in lower)
     assert same if method == "lopt" else not same
+
+
+def test_open_step_gradients_are_end_to_end(tmp_path):
+    """--task-grad-every: on an open step (step 0) the DPO loss reaches the lower block through TRL's
+    step; without a local loss every gradient is end-to-end's (untied embeddings, no clipping), with
+    one only the lower block's change."""
+    model_dir = tmp_path / "untied"
+    make_tiny_model("llama", layers=LAYERS, tie=False).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "g.jsonl", synthetic_gsm8k_pairs(write_jsonl(tmp_path / "raw.jsonl", gsm8k_rows(8))))
+    grads = {}
+    for name, kw in (("e2e", {"method": "e2e"}), ("open", {"task_grad_every": 2}),
+                     ("open-local", {"task_grad_every": 2, "lambda_aux": 1.0})):
+        cap = GradCapture()
+        dpo(config(model_dir, data, tmp_path / name, max_steps=1, max_grad_norm=None, batch_size=4, **kw),
+            callbacks=[cap])
+        grads[name] = cap.grads
+    e2e, opened, local = grads["e2e"], grads["open"], grads["open-local"]
+    assert opened.keys() == e2e.keys() == local.keys()
+    for n, g in e2e.items():
+        torch.testing.assert_close(opened[n], g, rtol=1e-5, atol=1e-8, msg=n)
+    lower = [n for n in e2e if (_layer(n) is not None and _layer(n) < LAYERS // 2) or "embed" in n]
+    upper = [n for n in e2e if n not in lower]
+    assert lower and all(torch.allclose(local[n], e2e[n], rtol=1e-5, atol=1e-8) for n in upper)
+    assert any(not torch.allclose(local[n], e2e[n], rtol=1e-4, atol=1e-7) for n in lower)
+
+
+@pytest.mark.parametrize("method", ["lisa", "badam"])
+def test_layer_switching_methods_train_only_their_layers(tiny_dir, gsm8k_file, tmp_path, method):
+    """LISA and BAdam switch their layers in TRL's step too (lopt's callback calls Method.begin_step)."""
+    from lopt.methods import get_method
+
+    cfg = config(tiny_dir, f"synthetic-gsm8k:{gsm8k_file}", tmp_path / method, method=method, max_steps=2,
+                 lisa_interval=1, badam_switch_every=1, seed=5)
+    dpo(cfg)
+    impl = get_method(method)(cfg.lopt_config())
+    active = {i for s in range(2) for i in impl.active_layers(s, LAYERS)}
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / method).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    changed = {k for k in got if not torch.equal(got[k], base[k])}
+    assert {_layer(k) for k in changed} - {None} == active
+    assert any(_layer(k) is None for k in changed) == (method == "lisa")  # LISA trains the embeddings too
 
 
 @pytest.mark.parametrize("method", ["lopt", "lora"])

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from lopt.bench.runner import add_bench_arguments, run_bench_cli
 from lopt.data import load_records
-from lopt.engine.config import CHECKPOINT_SCOPES, LoPTError, SCHEDULES
+from lopt.engine.config import BADAM_ORDERS, CHECKPOINT_SCOPES, LoPTError, SCHEDULES
 from lopt.eval.compare import add_compare_arguments, run_compare_cli
 from lopt.eval.runner import add_eval_arguments, run_eval_cli
 from lopt.methods import METHODS
@@ -36,23 +36,33 @@ TRAIN_HELP: dict[str, str] = {
     "method": f"training method: {', '.join(METHODS)}",
     "num_blocks": "LoPT: number of blocks (2 = boundary at the midpoint)",
     "boundaries": "LoPT: explicit block starts as layer indices, e.g. 10 20 (overrides --num-blocks)",
-    "lambda_aux": "LoPT: weight of the mean local reconstruction loss",
+    "lambda_aux": "LoPT: weight of the mean local reconstruction loss (default: 10; 0 under --task-grad-every)",
     "schedule": f"LoPT backward schedule: {', '.join(SCHEDULES)} (blockwise frees lower activations early)",
     "chunked_ce": "compute the task loss in chunks of tokens, never the full logits tensor (exact)",
     "local_objective": "what the lower blocks learn: recon (reconstruct the block input, the paper's) or "
                        "anchor (keep the block output close to the frozen pretrained block's)",
     "lower_every": "update the lower blocks only every N-th step (their backward is skipped otherwise)",
+    "task_grad_every": "LoPT: open the boundary every N-th step (steps 0, N, 2N, ...): the lower blocks then get the "
+                       "task gradient (plus their local loss if --lambda-aux > 0), recomputed in the backward from "
+                       "each layer's input; 0: never. Default --lr-lower under it: N x --lr",
+    "lisa_layers": "method lisa: decoder layers trained at a time (embeddings, final norm and LM head always train; "
+                   "LMFlow's default 1)",
+    "lisa_interval": "method lisa: steps before the trained layers are drawn again (LMFlow's default 20)",
+    "badam_switch_every": "method badam: steps before the next block trains (LLaMA-Factory's example: 50)",
+    "badam_order": "method badam: order of the blocks: ascending, descending, random",
+    "badam_block_size": "method badam: decoder layers per block (LLaMA-Factory's layer mode: 1)",
     "lora_r": "LoRA rank (method lora)",
     "lora_alpha": "LoRA alpha (method lora)",
     "lr": "learning rate of the last block, final norm and LM head",
-    "lr_lower": "learning rate of the lower blocks, embeddings and local heads (default: --lr / 10 under lopt, the study's finding; = --lr for the other methods)",
+    "lr_lower": "learning rate of the lower blocks, embeddings and local heads (default: --lr / 10 under lopt, the study's finding; N x --lr under --task-grad-every N; = --lr for the other methods)",
     "weight_decay": "AdamW weight decay (not on biases and norms)",
     "batch_size": "examples per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
     "max_steps": "optimizer steps (overrides --epochs)",
     "epochs": "passes over the data when --max-steps is not given",
     "warmup_ratio": "fraction of steps with linear warm-up before the cosine decay",
-    "max_grad_norm": "clip the global gradient norm (0 or none: no clipping)",
+    "max_grad_norm": "clip the global gradient norm (0 or none: no clipping; per block for LoPT's lower blocks "
+                     "under the per-block step)",
     "per_block_step": "auto, on, off: step each lower block's optimizer right after its local backward, "
                       "freeing its gradients early (auto: on for blockwise LoPT without grad accumulation; "
                       "clipping is then per block)",
@@ -135,8 +145,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 # Flag types for the options whose default is None (the others take their default's type).
-_OPTION_TYPES: dict[str, Any] = {"lr_lower": float, "max_steps": int, "limit": int, "save_every": int,
-                                 "save_total_limit": int,
+_OPTION_TYPES: dict[str, Any] = {"lr_lower": float, "lambda_aux": float, "max_steps": int, "limit": int,
+                                 "save_every": int, "save_total_limit": int,
                                  "eval_every": int, "eval_limit": int, "max_prompt_length": int,
                                  "steps_per_generation": int, "max_length": int, "eval_dataset": str}
 _OPTION_CHOICES: dict[str, Sequence[str]] = {
@@ -144,7 +154,7 @@ _OPTION_CHOICES: dict[str, Sequence[str]] = {
     "gradient_checkpointing": CHECKPOINT_SCOPES, "selective_checkpointing": CHECKPOINT_SCOPES,
     "local_objective": ("recon", "anchor"), "per_block_step": ("auto", "on", "off"),
     "precision": ("auto", "fp32", "bf16", "fp16"), "answer_format": ("auto", "gsm8k", "boxed"),
-    "scale_rewards": ("group", "batch", "none"),
+    "scale_rewards": ("group", "batch", "none"), "badam_order": BADAM_ORDERS,
 }
 
 
@@ -186,7 +196,10 @@ def _add_options(p: argparse.ArgumentParser, config_cls: type, helps: dict[str, 
 
 
 def _optional_float(s: str) -> float | None:
-    return None if s.lower() in ("0", "none", "off") else float(s)
+    if s.lower() in ("none", "off"):
+        return None
+    value = float(s)
+    return None if value == 0 else value
 
 
 def train_config_from_args(ns: argparse.Namespace, defaults: dict[str, Any] | None = None):

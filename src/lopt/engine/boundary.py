@@ -91,6 +91,9 @@ class LoPTModel(nn.Module):
         self.anchors.eval()
         # False on the steps that skip the lower blocks' update (lower_every): they run without a graph.
         self.update_lower: bool = True
+        # True on the steps that open the boundary (task_grad_every): see the open_boundary property.
+        self._open = False
+        self._saved_checkpointing: dict[nn.Module, tuple[bool, Any]] = {}
         # Multiplies every loss before its backward (1/grad_accum, a grad scaler's scale...). It must be
         # known before the forward because the blockwise schedule backpropagates inside it.
         self.loss_scale: float = 1.0
@@ -117,6 +120,10 @@ class LoPTModel(nn.Module):
         self._hooks = []
         self._loss_head = _find_loss_head(self.plain_model()) if config.chunked_ce else None
         method.setup(self)
+        if config.task_grad_every and not self._lower_checkpoint_modules():
+            raise LoPTError(f"--task-grad-every recomputes the lower blocks in the backward, and the decoder layers of "
+                            f"{type(model).__name__} do not support gradient checkpointing (transformers' "
+                            f"GradientCheckpointingLayer); train without --task-grad-every")
         for i, (start, end) in enumerate(self.block_ranges[:-1]):
             for j in range(start, end):
                 if j == start or self.anchors:
@@ -177,30 +184,37 @@ class LoPTModel(nn.Module):
             self._block_params = [self._collect_block_parameters(i) for i in range(len(self.block_ranges))]
         return self._block_params[block]
 
+    def _optimizer_ids(self) -> set[int]:
+        return {id(p) for p in self.method_impl.optimizer_parameters(self)}
+
     def _collect_block_parameters(self, block: int) -> list[nn.Parameter]:
+        # Everything the optimizer holds, trainable now or later (LISA, BAdam switch layers on and off).
+        pool = self._optimizer_ids()
         if block == len(self.block_ranges) - 1:
             lower = self._lower_side_ids()
-            return [p for p in self.parameters() if p.requires_grad and id(p) not in lower]
+            return [p for p in self.parameters() if id(p) in pool and id(p) not in lower]
         ids = self._layer_param_ids([self.block_ranges[block]])
         if block == 0:
             layer_ids = self._layer_param_ids(self.block_ranges)
             ids |= {id(p) for p in self.lower_parameters() if id(p) not in layer_ids}
-        params = [p for p in self.model.parameters() if id(p) in ids and p.requires_grad]
+        params = [p for p in self.model.parameters() if id(p) in ids and id(p) in pool]
         head = self.heads[block].parameters() if self.heads else []
-        return params + [p for p in head if p.requires_grad]
+        return params + [p for p in head if id(p) in pool]
 
     def param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0
                      ) -> list[dict[str, Any]]:
         """AdamW parameter groups: the last block, final norm and LM head at ``lr``; the lower blocks,
         embeddings and local heads at ``lr_lower`` (default: ``lr`` times the method's
-        ``lr_lower_ratio``: 1/10 for ``method="lopt"``, 1 otherwise). Biases and norm weights (1-D) get no weight decay. Frozen
-        parameters are left out."""
+        ``lr_lower``: 1/10 for ``method="lopt"``, N under ``task_grad_every`` N, 1 otherwise). Biases and
+        norm weights (1-D) get no weight decay. Frozen parameters are left out, except those the method
+        may unfreeze later (LISA, BAdam: ``Method.optimizer_parameters``)."""
         if lr_lower is None:
-            lr_lower = lr * self.method_impl.lr_lower_ratio
+            lr_lower = self.method_impl.lr_lower(lr)
         lower = self._lower_side_ids()
+        pool = self._optimizer_ids()
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for p in self.parameters():
-            if not p.requires_grad:
+            if id(p) not in pool:
                 continue
             key = ("lower" if id(p) in lower else "upper", p.ndim >= 2)
             groups.setdefault(key, []).append(p)
@@ -209,6 +223,62 @@ class LoPTModel(nn.Module):
             out.append({"params": params, "lr": lr_lower if side == "lower" else lr,
                         "weight_decay": weight_decay if decay else 0.0, "name": f"{side}{'' if decay else '-nodecay'}"})
         return out
+
+    # ---- the open boundary (task_grad_every)
+    @property
+    def open_boundary(self) -> bool:
+        """True on a step whose boundary is open (set by the trainer from the step counter under
+        ``task_grad_every``): the lower blocks' output is not detached, so the task gradient reaches
+        them, and their local loss (when lambda_aux > 0) joins the task loss in one backward. Their
+        activations are not held through the upper block: each lower layer keeps only its input and
+        is recomputed in the backward (checkpointed on this step only)."""
+        return self._open
+
+    @open_boundary.setter
+    def open_boundary(self, value: bool) -> None:
+        value = bool(value)
+        if value and len(self.block_ranges) < 2:
+            raise LoPTError("open_boundary needs a model with a boundary (method lopt)")
+        if value != self._open:
+            self._checkpoint_lower(value)
+        self._open = value
+
+    def lower_trains(self) -> bool:
+        """Whether the lower blocks get a gradient in this step's backward (open boundary, or a local
+        loss that is not skipped)."""
+        return self._open or (self.local and not self._lower_idle())
+
+    def _lower_idle(self) -> bool:
+        """A closed step on which the lower blocks learn nothing: --lower-every skips it, or
+        task_grad_every runs without a local loss (lambda_aux 0). They then run without a graph."""
+        c = self.lopt_config
+        return not self._open and (not self.update_lower or (c.task_grad_every > 0 and c.lambda_aux == 0))
+
+    def _lower_checkpoint_modules(self) -> list[nn.Module]:
+        layers = self.model.get_submodule(self.layers_name)
+        last = self.block_ranges[-1][0]
+        return [m for i in range(last) for m in layers[i].modules() if hasattr(m, "gradient_checkpointing")]
+
+    def _checkpoint_lower(self, on: bool) -> None:
+        """Full checkpointing of the lower layers while the boundary is open; their own setting back
+        afterwards. (transformers checkpoints the layer's forward, not its call, so the boundary hooks
+        on the layers never run again in the recomputation.)"""
+        if on:
+            from torch.utils.checkpoint import checkpoint
+
+            full = functools.partial(checkpoint, use_reentrant=False)
+            for m in self._lower_checkpoint_modules():
+                self._saved_checkpointing[m] = (m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
+                m.gradient_checkpointing = True
+                m._gradient_checkpointing_func = full
+        else:
+            for m, (flag, func) in self._saved_checkpointing.items():
+                m.gradient_checkpointing = flag
+                if func is None:
+                    m.__dict__.pop("_gradient_checkpointing_func", None)
+                else:
+                    m._gradient_checkpointing_func = func
+            self._saved_checkpointing.clear()
 
     # ---- hooks
     def _active(self) -> bool:
@@ -221,7 +291,7 @@ class LoPTModel(nn.Module):
                 return
             step = self._step
             if layer == self.block_ranges[block][0]:
-                if block == 0 and self.local and not self.update_lower:
+                if block == 0 and self.local and self._lower_idle():
                     # This step leaves the lower blocks alone: run them without building a graph.
                     step["skip"] = True
                     torch.set_grad_enabled(False)
@@ -239,6 +309,12 @@ class LoPTModel(nn.Module):
                 if block == len(self.block_ranges) - 2:
                     torch.set_grad_enabled(True)
                     self._step["skip"] = False
+            elif self._open:
+                # The task gradient flows on through the boundary; the local loss (if any) joins the
+                # task loss in one backward, so each lower layer is recomputed once, not twice.
+                if self.local and self.lopt_config.lambda_aux > 0:
+                    self._step["aux"].append(self._local_loss(block, h))
+                return None
             elif self.local:
                 aux = self._local_loss(block, h)
                 if self.lopt_config.schedule == "blockwise":
@@ -446,7 +522,7 @@ class LoPTModel(nn.Module):
                 **self.method_impl.describe()}
 
 
-def wrap(model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, schedule: str = "blockwise",
+def wrap(model: nn.Module, num_blocks: int = 2, lambda_aux: float | None = None, schedule: str = "blockwise",
          *, method: str = "lopt", boundaries: Sequence[int] | None = None, config: LoPTConfig | None = None,
          **options: Any) -> LoPTModel:
     """Wrap a transformers causal LM for LoPT (or a baseline) training.
@@ -455,7 +531,10 @@ def wrap(model: nn.Module, num_blocks: int = 2, lambda_aux: float = 10.0, schedu
     >>> wrapped = lopt.wrap(model, boundaries=[8, 16]) # three blocks
     >>> wrapped = lopt.wrap(model, method="e2e")       # same code path, no boundary
 
-    ``options`` are further ``LoPTConfig`` fields (``lora_r``, ...).
+    >>> wrapped = lopt.wrap(model, task_grad_every=4) # the task gradient reaches the lower half every 4th step
+
+    ``options`` are further ``LoPTConfig`` fields (``lora_r``, ``task_grad_every``, ...). ``lambda_aux``
+    defaults to 10 (0 under ``task_grad_every``).
     """
     if config is None:
         config = LoPTConfig(method=method, num_blocks=num_blocks, lambda_aux=lambda_aux,

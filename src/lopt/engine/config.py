@@ -8,6 +8,7 @@ from typing import Any
 
 SCHEDULES = ("blockwise", "joint")
 LOCAL_OBJECTIVES = ("recon", "anchor")
+BADAM_ORDERS = ("ascending", "descending", "random")  # the order in which BAdam's blocks take turns
 
 
 # Which layers recompute their activations in the backward (LoPTModel.gradient_checkpointing_enable).
@@ -24,6 +25,17 @@ class LoPTError(ValueError):
 # end-to-end's and retention KL 1.2-2.7x, lr_lower = lr / 10 gave 1.09x and 0.23x.
 LR_LOWER_RATIO = 0.1
 
+# Default lambda_aux: the paper's 10, or 0 under task_grad_every. With the task gradient reaching the
+# lower blocks every N-th step they have a signal worth learning from; the reconstruction gradient was
+# found to move them in a direction unrelated to the task (docs/RESULTS.md), and without it the steps
+# in between need no lower backward at all (docs/issue15-results.md).
+LAMBDA_AUX = 10.0
+
+
+def default_lambda_aux(task_grad_every: int) -> float:
+    """``lambda_aux`` when none is given: 10 (the paper's), 0 when ``task_grad_every`` > 0."""
+    return 0.0 if task_grad_every else LAMBDA_AUX
+
 
 @dataclass
 class LoPTConfig:
@@ -32,7 +44,7 @@ class LoPTConfig:
     method: str = "lopt"
     num_blocks: int = 2
     boundaries: list[int] | None = None  # layer indices where a new block starts; overrides num_blocks
-    lambda_aux: float = 10.0
+    lambda_aux: float | None = None  # None: default_lambda_aux(task_grad_every)
     schedule: str = "blockwise"
     lora_r: int = 16
     lora_alpha: int = 32
@@ -42,6 +54,18 @@ class LoPTConfig:
     lower_every: int = 1  # update the lower blocks only every N-th step (set by the trainer via update_lower)
     chunked_ce: bool = True  # task loss in chunks, never the full logits (training with labels only)
     ce_chunk_size: int = 1024
+    # Open the boundary every N-th optimizer step (steps 0, N, 2N, ...): the lower blocks then get the
+    # true task gradient (plus their local loss when lambda_aux > 0). 0: never (the paper's LoPT).
+    task_grad_every: int = 0
+    # LISA (methods/lisa.py): this many decoder layers train, chosen again every lisa_interval steps.
+    lisa_layers: int = 1
+    lisa_interval: int = 20
+    # BAdam (methods/badam.py): blocks of badam_block_size layers, one trains for badam_switch_every
+    # steps, in badam_order.
+    badam_switch_every: int = 50
+    badam_order: str = "ascending"
+    badam_block_size: int = 1
+    seed: int = 0  # the methods' own random choices (LISA's layers, BAdam's random order)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -50,6 +74,10 @@ class LoPTConfig:
         names are taken), with ``overrides``."""
         kw = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
         return cls(**{**kw, **overrides})
+
+    def __post_init__(self) -> None:
+        if self.lambda_aux is None:
+            self.lambda_aux = default_lambda_aux(self.task_grad_every)
 
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -61,3 +89,5 @@ class LoPTConfig:
             raise LoPTError(f"lower_every must be an integer >= 1, got {self.lower_every}")
         if self.lambda_aux < 0:
             raise LoPTError(f"lambda_aux must be >= 0, got {self.lambda_aux}")
+        if not isinstance(self.task_grad_every, int) or self.task_grad_every < 0:
+            raise LoPTError(f"task_grad_every must be an integer >= 0 (0: never), got {self.task_grad_every}")

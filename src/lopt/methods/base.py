@@ -31,9 +31,24 @@ class Method:
     # A resumed run reloads the base model rather than the checkpoint's weights (LoRA: the checkpoint
     # has the adapters merged in; the adapters themselves travel in the trainer state).
     resume_from_base: ClassVar[bool] = False
+    # The trainable set changes during training (begin_step freezes and unfreezes parameters).
+    switches_layers: ClassVar[bool] = False
 
     def __init__(self, config: LoPTConfig):
+        self.check(config)
         self.config = config
+
+    @classmethod
+    def check(cls, config: LoPTConfig) -> None:
+        """LoPTError for options this method cannot honour (called by recipes before loading a model,
+        and again when the model is wrapped)."""
+        if config.task_grad_every:
+            raise LoPTError(f"--task-grad-every opens LoPT's boundary now and then: it needs --method lopt, "
+                            f"not {cls.name}")
+
+    def lr_lower(self, lr: float) -> float:
+        """The default learning rate of the lower blocks, embeddings and local heads."""
+        return lr * self.lr_lower_ratio
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Change the bare model before it is wrapped (LoRA adds its adapters here)."""
@@ -41,6 +56,12 @@ class Method:
 
     def setup(self, wrapped: Any) -> None:
         """Called once the wrapper is built: freeze what this method never trains."""
+
+    def optimizer_parameters(self, wrapped: Any) -> list[nn.Parameter]:
+        """Every parameter the optimizer must hold from the start: by default the trainable ones.
+        Methods that change the trainable set over time (LISA, BAdam) return all that may ever train;
+        a frozen one has no gradient, so AdamW skips it and holds no state for it."""
+        return [p for p in wrapped.parameters() if p.requires_grad]
 
     def begin_step(self, wrapped: Any, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called by the trainers before optimizer step ``step`` (0-based): methods that change the

@@ -3,7 +3,7 @@ learns from the task loss, every lower block only from its local loss (reconstru
 from its output, or stay close to the frozen pretrained block with ``local_objective="anchor"``)."""
 from __future__ import annotations
 
-from lopt.engine.config import LR_LOWER_RATIO
+from lopt.engine.config import LR_LOWER_RATIO, LoPTConfig
 from lopt.methods.base import Method, register
 
 
@@ -13,3 +13,13 @@ class LoPT(Method):
     boundary = True
     local_loss = True
     lr_lower_ratio = LR_LOWER_RATIO
+
+    @classmethod
+    def check(cls, config: LoPTConfig) -> None:
+        pass  # every LoPT option applies
+
+    def lr_lower(self, lr: float) -> float:
+        # Under task_grad_every N the lower blocks see a task gradient once every N steps: at N x lr
+        # they move about as far over N steps as end-to-end's lower half does (docs/issue15-results.md).
+        n = self.config.task_grad_every
+        return lr * n if n else lr * self.lr_lower_ratio

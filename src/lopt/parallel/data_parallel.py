@@ -88,7 +88,9 @@ class GradSync:
         if block in self.launched:
             return
         self.launched.add(block)
-        params = self.blocks[block]
+        # Frozen parameters are left out (LISA and BAdam freeze most layers, and every rank freezes
+        # the same ones: the buffer layout still agrees).
+        params = [p for p in self.blocks[block] if p.requires_grad]
         if not params:
             return
         buffers = []
@@ -226,14 +228,15 @@ class DataParallel:
 
     def end_micro(self, i: int, n: int) -> None:
         """After a micro-batch's backward: on the last one, launch every block not launched yet (the
-        last block; all of them under the joint schedule or a method without boundary). Lower blocks
-        that skip this step (``--lower-every``) have no gradient on any rank and are left out."""
+        last block; all of them under the joint schedule, on a step whose boundary is open
+        (``--task-grad-every``) or under a method without boundary). Lower blocks that learn nothing
+        this step (``--lower-every``) have no gradient on any rank and are left out."""
         if self.fsdp or i != n - 1:
             return
         w = self.wrapped
         last = len(w.block_ranges) - 1
         for b in range(len(w.block_ranges)):
-            if b < last and w.local and not w.update_lower:
+            if b < last and not w.lower_trains():
                 continue
             self.sync.launch(b)
 

@@ -21,7 +21,7 @@ import torch
 from lopt.data import Batches, build_sft_dataset, chat_prompt, describe_skips
 from lopt.engine.boundary import wrap
 from lopt.engine.checkpointing import check_checkpointing
-from lopt.engine.config import LoPTConfig, LoPTError
+from lopt.engine.config import LoPTConfig, LoPTError, default_lambda_aux
 from lopt.engine.memory import peak_memory_mb
 from lopt.eval.runner import evaluate
 from lopt.eval.tasks import check_tasks
@@ -56,13 +56,19 @@ class TrainConfig:
     method: str = "lopt"
     num_blocks: int = 2
     boundaries: list[int] | None = None
-    lambda_aux: float = 10.0
+    lambda_aux: float | None = None  # None: 10, or 0 under task_grad_every (engine.config.default_lambda_aux)
     schedule: str = "blockwise"
     lora_r: int = 16
     lora_alpha: int = 32
     chunked_ce: bool = True  # task loss in chunks, never the full logits tensor
     local_objective: str = "recon"  # recon (the paper's) | anchor (stay close to the frozen pretrained block)
     lower_every: int = 1  # update the lower blocks only every N-th optimizer step
+    task_grad_every: int = 0  # open the boundary every N-th optimizer step (0: never)
+    lisa_layers: int = 1  # method lisa: decoder layers trained at a time (LMFlow's default)
+    lisa_interval: int = 20  # method lisa: steps before the layers are drawn again
+    badam_switch_every: int = 50  # method badam: steps before the next block (LLaMA-Factory's example)
+    badam_order: str = "ascending"  # method badam: ascending | descending | random
+    badam_block_size: int = 1  # method badam: decoder layers per block
     # optimisation
     lr: float = 2e-5
     lr_lower: float | None = None  # default: lr / 10 for method lopt, else lr (LoPTModel.param_groups)
@@ -96,8 +102,23 @@ class TrainConfig:
     sample_prompt: str | None = None  # answered by the trained model in the summary
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        if self.lambda_aux is None:
+            self.lambda_aux = default_lambda_aux(self.task_grad_every)
+
     def validate(self) -> None:
         check_checkpointing(self)
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise LoPTError(f"max_grad_norm must be >= 0 (0 or none: no clipping), got {self.max_grad_norm}")
+        lc = self.lopt_config()
+        lc.validate()
+        get_method(self.method).check(lc)
+        if self.fsdp and get_method(self.method).switches_layers:
+            raise LoPTError(f"--fsdp does not support --method {self.method} (it freezes and unfreezes layers while "
+                            f"training, which FSDP's sharded gradients do not follow); use data parallel without --fsdp")
+        if self.pipeline and self.task_grad_every:
+            raise LoPTError("--pipeline runs each block in its own process, so the task gradient cannot reach the "
+                            "lower blocks: drop --task-grad-every, or train without --pipeline")
         if self.per_block_step not in ("auto", "on", "off"):
             raise LoPTError(f"per_block_step must be auto, on or off, got {self.per_block_step!r}")
         if self.per_block_step == "on" and not (self.method == "lopt" and self.schedule == "blockwise"

@@ -43,7 +43,8 @@ import torch
 from lopt.runtime import loop
 from lopt.engine.boundary import LoPTModel, wrap
 from lopt.engine.checkpointing import check_checkpointing
-from lopt.engine.config import LoPTConfig, LoPTError
+from lopt.engine.config import LoPTConfig, LoPTError, default_lambda_aux
+from lopt.methods import get_method
 from lopt.engine.memory import peak_memory_mb
 from lopt.models import load_model, save_checkpoint
 from lopt.runtime import checkpoints as ckpt
@@ -78,12 +79,18 @@ class RLConfig:
     method: str = "lopt"
     num_blocks: int = 2
     boundaries: list[int] | None = None
-    lambda_aux: float = 10.0
+    lambda_aux: float | None = None  # None: 10, or 0 under task_grad_every
     schedule: str = "blockwise"
     lora_r: int = 16
     lora_alpha: int = 32
     local_objective: str = "recon"
     lower_every: int = 1
+    task_grad_every: int = 0
+    lisa_layers: int = 1
+    lisa_interval: int = 20
+    badam_switch_every: int = 50
+    badam_order: str = "ascending"
+    badam_block_size: int = 1
     # optimisation
     lr: float = 1e-6
     lr_lower: float | None = None
@@ -108,6 +115,10 @@ class RLConfig:
     progress: bool = True
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        if self.lambda_aux is None:
+            self.lambda_aux = default_lambda_aux(self.task_grad_every)
+
     def validate(self) -> None:
         """LoPTError (one line) for an option value that cannot work."""
         check_checkpointing(self)
@@ -123,7 +134,11 @@ class RLConfig:
             raise LoPTError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise LoPTError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        self.lopt_config().validate()
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise LoPTError(f"max_grad_norm must be >= 0 (0 or none: no clipping), got {self.max_grad_norm}")
+        lc = self.lopt_config()
+        lc.validate()
+        get_method(self.method).check(lc)
 
     def lopt_config(self) -> LoPTConfig:
         # TRL computes its own log-probabilities (fused LM head): lopt's chunked CE is never used here.
@@ -289,16 +304,29 @@ class LoPTTrainerMixin:
             n = sum(int(inputs[k].sum()) for k in ("prompt_mask", "completion_mask", "attention_mask")
                     if isinstance(inputs.get(k), torch.Tensor))
             self.lopt_run.tokens += n
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch)
+        w = self.lopt_model
+        live = [a for a in w.routed_aux_losses if a.requires_grad]
+        if w.open_boundary and live and model.training:
+            # An open step: the lower blocks' graph is shared with TRL's loss, so their local loss must
+            # join that loss's one backward (a second backward would find the graph freed). Added as
+            # (x - x.detach()), it changes the gradient, not the loss TRL reports, and gets the same
+            # scaling (accumulation, AMP) as the task loss, as in lopt train's open step.
+            extra = torch.stack(live).sum() * w.lopt_config.lambda_aux
+            extra = extra - extra.detach()
+            w.routed_aux_losses[:] = [a.detach() for a in w.routed_aux_losses]
+            out = (out[0] + extra, *out[1:]) if isinstance(out, tuple) else out + extra
+        return out
 
     def _clip_grad_norm(self, model):
         w, max_norm = self.lopt_model, self.args.max_grad_norm
         if getattr(self.accelerator, "scaler", None) is not None:
             self.accelerator.unscale_gradients()  # fp16: clip the true gradients (accelerate's order)
-        if w.local:
+        if w.local and not w.open_boundary:
             # Each block on its own (like lopt train's per-block step): the lower blocks' update then
-            # depends on their local loss only, never on the size of the task gradient.
+            # depends on their local loss only, never on the size of the task gradient. (On an open
+            # step they have the task gradient too: one global norm, as end-to-end.)
             norms = [_clip([p for p in w.block_parameters(i)], max_norm) for i in range(len(w.block_ranges))]
             return torch.tensor(math.sqrt(sum(n * n for n in norms)))
         return torch.tensor(_clip(list(w.parameters()), max_norm))
@@ -409,14 +437,21 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
             self.t_window = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
+            step = state.global_step  # restored on resume: the schedules below follow it
+            optimizer = kwargs.get("optimizer")
+            # accelerate wraps the optimizer; the method frees state in the torch optimizer inside
+            wrapped.method_impl.begin_step(wrapped, step, getattr(optimizer, "optimizer", optimizer))
             # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
-            wrapped.update_lower = state.global_step % max(1, run.cfg.lower_every) == 0
+            wrapped.update_lower = step % max(1, run.cfg.lower_every) == 0
+            # --task-grad-every N: the boundary opens on steps 0, N, 2N, ...
+            wrapped.open_boundary = loop.is_open_step(step, run.cfg.task_grad_every)
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             # The Trainer zeroes the plain model's gradients only; the local heads' are ours to clear.
             wrapped.heads.zero_grad(set_to_none=True)
 
         def on_step_end(self, args, state, control, **kwargs):
+            wrapped.open_boundary = False
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
             if state.global_step >= state.max_steps:

@@ -92,9 +92,20 @@ class Stepper:
 
     def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Forward/backward every micro-batch, then step. Returns loss, aux_loss, lr, grad_norm, tokens."""
-        w, dev = self.wrapped, self.device
+        w = self.wrapped
+        step = self.scheduler.last_epoch  # restored on resume: the schedules below follow it
+        w.method_impl.begin_step(w, step, self.optimizer)
         # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
-        w.update_lower = self.scheduler.last_epoch % self.cfg.lower_every == 0
+        w.update_lower = step % self.cfg.lower_every == 0
+        # --task-grad-every N: the boundary opens on steps 0, N, 2N, ...
+        w.open_boundary = is_open_step(step, getattr(self.cfg, "task_grad_every", 0))
+        try:
+            return self._step(micro_batches)
+        finally:
+            w.open_boundary = False
+
+    def _step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        w, dev = self.wrapped, self.device
         loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
         n = len(micro_batches)
         if self.dist is not None:
@@ -131,6 +142,11 @@ class Stepper:
                 "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
 
+def is_open_step(step: int, task_grad_every: int) -> bool:
+    """Whether optimizer step ``step`` (0-based) opens the boundary under ``--task-grad-every``."""
+    return task_grad_every > 0 and step % task_grad_every == 0
+
+
 def finish_step(stepper: Any, params: list[torch.nn.Parameter]) -> tuple[float | None, float]:
     """The end of an optimizer step of ``stepper`` (``Stepper`` or the pipeline's, with .optimizer,
     .scheduler, .scaler, .cfg): unscale, clip ``params``, step, advance the schedule, free the
@@ -151,11 +167,11 @@ def finish_step(stepper: Any, params: list[torch.nn.Parameter]) -> tuple[float |
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
-    """Clip to ``max_norm`` (None: only measure); returns the norm before clipping."""
+    """Clip to ``max_norm`` (None or 0: only measure); returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return None
-    if max_norm is None:
+    if not max_norm:  # 0 turns clipping off (it must not scale every gradient to zero)
         if any(hasattr(p.grad, "full_tensor") for p in params):  # FSDP: sharded gradients (DTensor)
             return _full(torch.nn.utils.get_total_norm([p.grad for p in params]))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
