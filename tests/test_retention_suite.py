@@ -370,6 +370,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, files):
     empty.write_text("\n")
     _one_line_error(lambda: suite.run_benchmark("lambada", None, None, empty), "no rows")
     _one_line_error(lambda: suite.run_retention(None, None, paths={"mmlu": missing}), "no retention task")
+    _one_line_error(lambda: suite.run_benchmark("retention", None, None, missing), "takes no path")
 
 
 def test_registry_defaults_point_at_the_shared_data(shared_data):

@@ -54,10 +54,6 @@ class Doc:
     choices: list[str] = field(default_factory=list)
     gold: int | None = None
 
-    @property
-    def n_choices(self) -> int:
-        return max(len(self.contexts), len(self.continuations))
-
 
 # --------------------------------------------------------------------------- prompts
 
@@ -233,7 +229,7 @@ def _token_items(tokenizer, docs: Sequence[Doc]) -> tuple[list[_Item], list[list
     of its own context (not scored) and then the continuation, so the shared part runs once. The
     token sequences are exactly ``tokens(context_i) + continuation tokens``, as if run separately.
     """
-    flat = [(ctx, [doc.continuations[-1]]) if len(doc.contexts) > 1 else (ctx, doc.continuations)
+    flat = [(ctx, [doc.continuations[0]]) if len(doc.contexts) > 1 else (ctx, doc.continuations)
             for doc in docs for ctx in doc.contexts]
     encoded = iter(_encode_pairs(tokenizer, flat))
     items: list[_Item] = []

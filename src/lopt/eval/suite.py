@@ -93,7 +93,13 @@ def run_benchmark(kind: str, model, tokenizer, path: str | Path | None = None, *
     ``limit`` keeps the first N rows in file order. Returns ``{"task", "file", "n", <metric>,
     <metric>_stderr, ..., "primary", "items", "seconds"}``; ``items`` holds one record per row
     (``id``, ``acc``, ``acc_norm``, ``pred``, ``gold``, ``loglik``, ...) for item-by-item comparison.
+    ``kind="retention"`` (no path) is :func:`run_retention`.
     """
+    if kind == "retention":
+        if path is not None:
+            raise EvalError(f"task 'retention' takes no path (got {path}); give a task's own file "
+                            f"with e.g. --task piqa:PATH")
+        return run_retention(model, tokenizer, limit=limit, batch_size=batch_size, progress=progress)
     file = resolve_path(kind, path)
     t0 = time.perf_counter()
     docs = TASKS[kind].loader(file, limit)
