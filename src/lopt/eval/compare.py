@@ -11,6 +11,7 @@ from typing import Any
 
 from lopt.eval.common import EVAL_FILE, EvalError
 from lopt.eval.runner import _LOWER_IS_BETTER, _fmt, _headline, _is_embedded
+from lopt.eval.suite import RETENTION_KINDS, format_differences_table, retention_differences
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,10 +94,37 @@ def run_compare_cli(args: argparse.Namespace) -> int:
     if base_col is not None:
         print(f"\ndeltas are against {labels[base_col]}; lower is better for "
               + ", ".join(sorted(_LOWER_IS_BETTER)))
+    if base_col is not None:
+        for line in _paired_retention(labels, records, base_col):
+            print(line)
     if args.png:
         note = _bar_chart(rows, labels, args.png)
         print(note)
     return 0
+
+
+def _paired_retention(labels: list[str], records: list[dict[str, Any]], base_col: int) -> list[str]:
+    """For retention tasks scored on the same items in the baseline and another run: each task's change
+    of its primary metric with the standard error of the paired difference."""
+    def retention_parts(rec: dict[str, Any]) -> dict[str, Any]:
+        parts: dict[str, Any] = {}
+        for spec, m in rec.get("results", {}).items():
+            if isinstance(m, dict) and isinstance(m.get("tasks"), dict):
+                parts.update({k: v for k, v in m["tasks"].items() if isinstance(v, dict) and "items" in v})
+            elif isinstance(m, dict) and m.get("task") in RETENTION_KINDS and "items" in m:
+                parts[m["task"]] = m
+        return parts
+    base = retention_parts(records[base_col])
+    out: list[str] = []
+    for col, rec in enumerate(records):
+        tuned = retention_parts(rec)
+        common = {k: base[k] for k in base if k in tuned and len(base[k]["items"]) == len(tuned[k]["items"])}
+        if col == base_col or not common:
+            continue
+        diff = retention_differences(common, {k: tuned[k] for k in common})
+        out += ["", f"retention change, {labels[col]} vs {labels[base_col]} (paired over the same items):",
+                format_differences_table(diff)]
+    return out
 
 
 def _unique_labels(labels: list[str]) -> list[str]:

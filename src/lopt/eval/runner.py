@@ -13,8 +13,9 @@ from typing import Any
 
 from lopt.eval.common import EVAL_FILE, EvalError
 # The task families register their kinds on import, in this order (the order --help lists them).
-from lopt.eval import generation, multiple_choice, perplexity, kl, drift, lm_eval_bridge  # noqa: F401,I001
+from lopt.eval import generation, multiple_choice, suite, perplexity, kl, drift, lm_eval_bridge  # noqa: F401,I001
 from lopt.eval.drift import read_boundaries
+from lopt.eval.suite import PRIMARY
 from lopt.eval.tasks import TASKS, TaskRun, check_tasks, parse_task, reads_data, resolve_data, task_kinds
 from lopt.models import load_model
 from lopt.runtime.checkpoints import RUN_FILE
@@ -164,10 +165,12 @@ def _summary_table(results: dict[str, dict[str, Any]]) -> str:
 # The metrics a comparison shows for each kind (the rest stays in the JSON).
 _HEADLINE = {"gsm8k": ("acc", "unparseable"), "mc": ("acc", "acc_norm"), "mmlu-redux": ("acc", "acc_macro"),
              "ppl": ("ppl", "bits_per_byte"), "task-loss": ("loss",), "retention-kl": ("kl", "nll"),
-             "drift": ("mean_cka", "min_cka", "mean_cos")}
+             "drift": ("mean_cka", "min_cka", "mean_cos"), "arc-easy": ("acc", "acc_norm"),
+             "arc-challenge": ("acc", "acc_norm"), "piqa": ("acc", "acc_norm"), "winogrande": ("acc",),
+             "lambada": ("acc", "perplexity")}
 
 
-_LOWER_IS_BETTER = {"unparseable", "ppl", "bits_per_byte", "loss", "kl", "nll"}
+_LOWER_IS_BETTER = {"unparseable", "ppl", "bits_per_byte", "loss", "kl", "nll", "perplexity"}
 
 
 def _headline(spec: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -178,6 +181,11 @@ def _headline(spec: str, metrics: dict[str, Any]) -> dict[str, float]:
     if kind == "lm-eval" and isinstance(metrics.get("results"), dict):
         return {f"{task}/{k}": v for task, m in metrics["results"].items() for k, v in m.items()
                 if isinstance(v, (int, float)) and not k.endswith("_stderr")}
+    if kind == "retention" and isinstance(metrics.get("tasks"), dict):
+        out = {f"{k}/{PRIMARY[k]}": r[PRIMARY[k]] for k, r in metrics["tasks"].items() if k in PRIMARY}
+        if isinstance(metrics.get("macro"), dict) and "value" in metrics["macro"]:
+            out["macro"] = metrics["macro"]["value"]
+        return out
     names = _HEADLINE.get(kind) or [k for k, v in metrics.items()
                                     if isinstance(v, (int, float)) and not isinstance(v, bool)
                                     and k != "seconds"]

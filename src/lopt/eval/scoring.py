@@ -52,10 +52,14 @@ def _encode_pairs(tokenizer, requests: Sequence[tuple[str, Sequence[str]]]
 @torch.inference_mode()
 def mc_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[str]]], *,
                       batch_size: int = 8, share_prefix: bool = True, progress: bool = False,
-                      desc: str = "scoring") -> list[list[float]]:
+                      desc: str = "scoring", return_greedy: bool = False
+                      ) -> list[list[float]] | list[list[tuple[float, bool]]]:
     """Summed log-probability of each continuation given its context.
 
     ``requests`` is a list of ``(context, [continuation, ...])``; the result has the same shape.
+    With ``return_greedy`` each entry is ``(loglik, is_greedy)``, ``is_greedy`` telling whether
+    every continuation token is the argmax of the model's distribution (lm-evaluation-harness's
+    greedy match, e.g. LAMBADA's accuracy).
     Contexts are sorted by length and run ``batch_size`` at a time. Each context is run once: for
     one-token continuations (``" A"``) the scores are read off its last logits; longer ones continue
     from its KV cache, expanded to one row per continuation. With ``share_prefix`` the longest
@@ -70,10 +74,14 @@ def mc_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[s
         if len(ctx) > room:
             pairs[i] = (ctx[-max(1, room):], conts)
     results: list[list[float]] = [[0.0] * len(conts) for _, conts in pairs]
+    greedy = [[True] * len(conts) for _, conts in pairs] if return_greedy else None
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]), reverse=True)
     batches = list(_chunks(order, batch_size))
     for batch in _progress(batches, total=len(batches), desc=desc, enabled=progress):
-        _score_batch(model, [pairs[i] for i in batch], [results[i] for i in batch], share_prefix)
+        _score_batch(model, [pairs[i] for i in batch], [results[i] for i in batch], share_prefix,
+                     greedy=None if greedy is None else [greedy[i] for i in batch])
+    if greedy is not None:
+        return [list(zip(lls, gs)) for lls, gs in zip(results, greedy)]
     return results
 
 
@@ -82,8 +90,14 @@ _CONT_TOKENS_PER_PASS = 2048
 
 
 def _score_batch(model, items: list[tuple[list[int], list[list[int]]]], out: list[list[float]],
-                 share_prefix: bool) -> None:
-    """Fill ``out`` (one list per item) with the continuations' summed log-probabilities."""
+                 share_prefix: bool, *, greedy: list[list[bool]] | None = None,
+                 skips: list[list[int]] | None = None) -> None:
+    """Fill ``out`` (one list per item) with the continuations' summed log-probabilities.
+
+    ``greedy`` (shaped like ``out``), when given, is filled with whether every scored token is the
+    argmax. ``skips`` (shaped like ``out``) gives, per continuation, a number of leading tokens that
+    are run but not scored: they extend the context (WinoGrande's options, whose contexts differ
+    after a shared prefix while the scored continuation is the same)."""
     device = _device(model)
     ctxs = [ctx for ctx, _ in items]
     bsz = len(items)
@@ -111,9 +125,13 @@ def _score_batch(model, items: list[tuple[list[int], list[list[int]]]], out: lis
                                         past_mask=past_mask, start=start, keep="last",
                                         use_cache=multi)
     first = F.log_softmax(last_logits.float(), dim=-1)
+    top = first.argmax(dim=-1) if greedy is not None else None
     for r, (_, conts) in enumerate(items):
         for j, cont in enumerate(conts):
-            out[r][j] = float(first[r, cont[0]]) if cont else 0.0
+            scored = bool(cont) and not (skips and skips[r][j])
+            out[r][j] = float(first[r, cont[0]]) if scored else 0.0
+            if greedy is not None:
+                greedy[r][j] = bool(top[r] == cont[0]) if scored else True
     if not multi:
         return
 
@@ -130,8 +148,13 @@ def _score_batch(model, items: list[tuple[list[int], list[list[int]]]], out: lis
         logp = F.log_softmax(logits.float(), dim=-1)
         for n, (r, j) in enumerate(part):
             cont = items[r][1][j]
-            targets = torch.tensor(cont[1:], device=device)
-            out[r][j] += float(logp[n, torch.arange(len(cont) - 1, device=device), targets].sum())
+            # row k of logp predicts cont[k + 1]; the first `skip` tokens are context, not scored
+            k0 = max(0, skips[r][j] - 1) if skips else 0
+            targets = torch.tensor(cont[1 + k0:], device=device)
+            out[r][j] += float(logp[n, torch.arange(k0, len(cont) - 1, device=device), targets].sum())
+            if greedy is not None:
+                hit = bool((logp[n, k0: len(cont) - 1].argmax(dim=-1) == targets).all())
+                greedy[r][j] = greedy[r][j] and hit
 
 
 def mc_accuracy(loglikelihoods: Sequence[Sequence[float]], choices: Sequence[Sequence[str]],
