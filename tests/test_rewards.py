@@ -6,8 +6,8 @@ import pytest
 from lopt.eval.generation import extract_answer
 from lopt.rewards import (RewardError, boxed_accuracy_reward, boxed_format_reward, completion_text,
                           extract_boxed, gsm8k_accuracy_reward, gsm8k_answer, gsm8k_correct,
-                          gsm8k_format_reward, load_reward, math_answers_equal, normalize_math_answer,
-                          resolve_rewards)
+                          gsm8k_format_reward, load_reward, math_answers_equal, math_verify_available,
+                          math_verify_equal, normalize_math_answer, normalized_answers_equal, resolve_rewards)
 
 # ----------------------------------------------------------------------------- GSM8K
 
@@ -97,7 +97,9 @@ def test_extract_boxed(text, content):
     assert extract_boxed(text) == content
 
 
-@pytest.mark.parametrize("prediction, reference", [
+# (prediction, reference) pairs that both checkers must judge alike; scripts/math_verify_agreement.py
+# reads these lists to count how raw math-verify, lopt's normaliser and lopt's math-verify disagree.
+EQUAL_PAIRS = [
     (r"\frac{1}{2}", "1/2"),
     (r"\frac{1}{2}", "0.5"),
     (r"\dfrac12", ".5"),
@@ -121,13 +123,8 @@ def test_extract_boxed(text, content):
     (r"\pi", r"\pi"),
     (r"2 \sqrt{2}", r"2\sqrt{2}"),
     ("10.0", "10"),
-])
-def test_math_answers_equal(prediction, reference):
-    assert math_answers_equal(prediction, reference)
-    assert math_answers_equal(reference, prediction)
-
-
-@pytest.mark.parametrize("prediction, reference", [
+]
+UNEQUAL_PAIRS = [
     ("0.333", "1/3"),  # a rounded value is not the fraction
     ("2", "3"),
     ("", "0"),
@@ -139,9 +136,96 @@ def test_math_answers_equal(prediction, reference):
     ("12", "1,2"),
     (r"\sqrt{2}", "2"),
     ("-5", "5"),
+]
+needs_math_verify = pytest.mark.skipif(not math_verify_available(), reason="math-verify is not installed")
+CHECKERS = [pytest.param(normalized_answers_equal, id="lopt"),
+            pytest.param(math_verify_equal, id="math-verify", marks=needs_math_verify)]
+
+
+@pytest.mark.parametrize("check", CHECKERS)
+@pytest.mark.parametrize("prediction, reference", EQUAL_PAIRS)
+def test_math_answers_equal(check, prediction, reference):
+    assert check(prediction, reference)
+    assert check(reference, prediction)
+
+
+@pytest.mark.parametrize("check", CHECKERS)
+@pytest.mark.parametrize("prediction, reference", UNEQUAL_PAIRS)
+def test_math_answers_not_equal(check, prediction, reference):
+    assert not check(prediction, reference)
+
+
+# Forms only math-verify reads (lopt's normaliser compares strings and plain numbers), and forms
+# math-verify 0.9 reads wrongly that lopt rewrites first (clean_for_math_verify).
+@needs_math_verify
+@pytest.mark.parametrize("prediction, reference, equal", [
+    # nested fractions
+    (r"\frac{1}{1+\frac{1}{2}}", r"\frac{2}{3}", True),
+    (r"\frac{\frac{3}{4}}{2}", "3/8", True),
+    (r"\dfrac{1}{1+\dfrac{1}{3}}", "0.75", True),
+    (r"\frac{1}{1+\frac{1}{2}}", r"\frac{3}{2}", False),
+    # intervals and unions
+    (r"\left[-2, 3\right)", "[-2,3)", True),
+    (r"(3, \infty) \cup (-\infty, -1)", r"(-\infty,-1)\cup(3,\infty)", True),
+    (r"(-\infty, -1] \cup [3, \infty)", r"(-\infty,-1)\cup(3,\infty)", False),
+    ("(-2, 3]", "[-2, 3]", False),
+    # units
+    (r"12\ \text{meters}", "12", True),
+    (r"7\mbox{ inches}", r"7\text{ inches}", True),
+    (r"13\text{ cm}", "12", False),
+    # \text{}
+    (r"\textbf{(C)}", "C", True),
+    (r"\mathrm{C}", r"\text{(C)}", True),
+    (r"\text{Tuesday}", "Tuesday", True),
+    (r"\text{(B)}", r"\text{(C)}", False),
+    (r"\text{odd}", r"\text{even}", False),
+    # percentages (the percent sign is dropped on both sides)
+    (r"12.5\%", "12.5", True),
+    (r"12.5 \%", r"12.5\%", True),
+    ("12.5%", "12.5", True),
+    ("0.125", r"12.5\%", False),
+    (r"13.5\%", "12.5", False),
+    # other equivalent forms
+    (r"\sqrt{12}", r"2\sqrt{3}", True),
+    (r"\pi/4", r"\frac{\pi}{4}", True),
+    ("-(5)", "-5", True),
+    (r"\{3, 1\}", r"\{1, 3\}", True),
+    (r"4\times 10^{3}", "4000", True),
+    # math-verify 0.9 alone reads "1\,000" as 1*0 and so would accept it for 0
+    (r"1\,000", "0", False),
+    (r"2{,}500", "2500", True),
 ])
-def test_math_answers_not_equal(prediction, reference):
-    assert not math_answers_equal(prediction, reference)
+def test_math_verify_on_tricky_strings(prediction, reference, equal):
+    assert math_answers_equal(prediction, reference) is equal
+
+
+def test_math_verify_handles_what_lopt_alone_does_not():
+    import lopt.rewards as rewards
+
+    assert rewards.boxed_checker() == ("math-verify" if math_verify_available() else "lopt")
+    assert math_answers_equal(r"\sqrt{12}", r"2\sqrt{3}") is math_verify_available()
+    assert not normalized_answers_equal(r"\sqrt{12}", r"2\sqrt{3}")
+
+
+def test_fallback_without_math_verify_says_how_to_install_once(monkeypatch, capsys):
+    import lopt.rewards as rewards
+
+    monkeypatch.setattr(rewards, "_math_verify_cache", {"api": None})
+    assert not rewards.math_verify_available()
+    assert rewards.boxed_checker() == "lopt"
+    assert math_answers_equal(r"\frac{1}{2}", "0.5")
+    assert not math_answers_equal(r"\sqrt{12}", r"2\sqrt{3}")  # lopt's normaliser: a different string
+    assert boxed_accuracy_reward([r"\boxed{\sqrt{12}}"], answer=[r"2\sqrt{3}"]) == [0.0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "math-verify is not installed" in err[0] and 'pip install "lopt[math]"' in err[0]
+    with pytest.raises(RewardError, match="math-verify is not installed"):
+        rewards.math_verify_equal("1", "1")
+
+
+@needs_math_verify
+def test_boxed_reward_goes_through_math_verify():
+    comps = [r"so \boxed{\sqrt{12}}", r"\boxed{\frac{1}{1+\frac{1}{2}}}", r"\boxed{4(x+6)}", r"\boxed{5}"]
+    assert boxed_accuracy_reward(comps, answer=[r"2\sqrt{3}", r"$\boxed{\frac23}$", "4x+24", "6"]) == [1, 1, 1, 0]
 
 
 def test_normalize_math_answer():

@@ -10,14 +10,21 @@ reference answer from the ``answer`` column.
     1250.0
     >>> math_answers_equal("\\\\frac{1}{2}", "0.5")
     True
+
+``\\boxed{}`` answers are compared by math-verify (the checker of TRL's accuracy reward and of
+open-r1) when it is installed (``pip install "lopt[math]"``); lopt's own LaTeX normaliser
+(``normalized_answers_equal``) is the fallback, with a one-time note saying how to install
+math-verify. docs/rewards-math-verify.md measures where the two disagree and which is right.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -254,14 +261,107 @@ def _normalized_equal(a: str, b: str) -> bool:
     return False
 
 
-def math_answers_equal(prediction: str | None, reference: str | None) -> bool:
-    """Do two final math answers mean the same: equal after ``normalize_math_answer``, or both
-    numbers (``\\frac{1}{2}``, ``1/2``, ``0.5``) that are equal, or tuples/intervals equal element by
-    element. An empty or missing prediction is never correct."""
+def normalized_answers_equal(prediction: str | None, reference: str | None) -> bool:
+    """lopt's own checker: do two final math answers mean the same after ``normalize_math_answer``
+    (equal strings, equal numbers such as ``\\frac{1}{2}``, ``1/2`` and ``0.5``, or tuples and
+    intervals equal element by element)? An empty or missing prediction is never correct. What
+    ``math_answers_equal`` uses where math-verify is not installed."""
     if prediction is None or reference is None:
         return False
     a, b = normalize_math_answer(prediction), normalize_math_answer(reference)
     return bool(a) and _normalized_equal(a, b)
+
+
+# --------------------------------------------------------------------------- math-verify
+
+MATH_VERIFY_INSTALL = 'pip install "lopt[math]" (or: pip install "math-verify[antlr4_13_2]")'
+_math_verify_cache: dict[str, Any] = {}
+
+
+def math_verify_available() -> bool:
+    """True when math-verify (with its LaTeX parser) can be imported."""
+    return _math_verify() is not None
+
+
+def _math_verify() -> tuple[Callable, Callable, list] | None:
+    if "api" not in _math_verify_cache:
+        try:
+            from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+        except ImportError:
+            _math_verify_cache["api"] = None
+        else:
+            # The box is the answer: match it first, then a bare expression.
+            _math_verify_cache["api"] = (parse, verify, [LatexExtractionConfig(boxed_match_priority=0),
+                                                         ExprExtractionConfig()])
+    return _math_verify_cache["api"]
+
+
+def _note_fallback_once() -> None:
+    if not _math_verify_cache.get("noted"):
+        _math_verify_cache["noted"] = True
+        print("lopt: math-verify is not installed, so \\boxed{} answers are checked by lopt's own LaTeX "
+              f"normaliser, which accepts fewer equivalent forms; install it with: {MATH_VERIFY_INSTALL}",
+              file=sys.stderr)
+
+
+# Digits grouped by LaTeX spacing: "1\,000", "1\ 000", "1{,}000", "1~000".
+_DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\\[,;: ]|\{,\}|~)(?=\d{3}(?!\d))")
+
+
+def clean_for_math_verify(answer: str) -> str:
+    """Rewrite four spellings that math-verify 0.9 reads wrongly: thousands grouped by LaTeX spacing
+    (it read ``1\\,000`` as 1*0 = 0, which matched a reference of 0), the period that ends a sentence
+    (``3.`` matched nothing), the Unicode degree sign (``90°``) and a final percent sign, which is
+    dropped as lopt's own normaliser drops it (math-verify matched ``50\\%`` with 50 but not
+    ``12.5\\%`` with 12.5; the price: 0.25 no longer matches a reference of ``25\\%``)."""
+    s = _DIGIT_GROUPS.sub("", answer.strip())
+    s = s.replace("°", "^\\circ")
+    s = re.sub(r"\s*\\?%\s*$", "", s)
+    return re.sub(r"(?<=[\d}])\s*\.$", "", s)
+
+
+def math_verify_equal(prediction: str | None, reference: str | None) -> bool:
+    """math-verify's verdict on two final answers (box contents), each passed through
+    ``clean_for_math_verify``. A reference that math-verify cannot read at all is compared by
+    ``normalized_answers_equal``. Raises RewardError when math-verify is not installed."""
+    api = _math_verify()
+    if api is None:
+        raise RewardError(f"math-verify is not installed; {MATH_VERIFY_INSTALL}")
+    if prediction is None or reference is None or not prediction.strip():
+        return False
+    parse, verify, config = api
+    # math-verify's timeouts use signal.alarm, which works only in the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    if timeout is None:  # and then it warns on every call that the timeout is off
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    gold = parse("\\boxed{" + clean_for_math_verify(reference) + "}", extraction_config=config,
+                 parsing_timeout=timeout)
+    if not gold:
+        return normalized_answers_equal(prediction, reference)
+    pred = parse("\\boxed{" + clean_for_math_verify(prediction) + "}", extraction_config=config,
+                 parsing_timeout=timeout)
+    return bool(pred) and bool(verify(gold, pred, timeout_seconds=timeout))
+
+
+def boxed_checker() -> str:
+    """Which checker ``\\boxed{}`` answers go through: ``"math-verify"``, or ``"lopt"`` (after the
+    one-time note on how to install math-verify). For commands to call at startup and to record."""
+    if math_verify_available():
+        return "math-verify"
+    _note_fallback_once()
+    return "lopt"
+
+
+def math_answers_equal(prediction: str | None, reference: str | None) -> bool:
+    """Do two final math answers (``\\boxed{}`` contents) mean the same? math-verify decides when it
+    is installed (``math_verify_equal``), else lopt's ``normalized_answers_equal``, with a one-time
+    note on stderr saying how to install math-verify. An empty or missing prediction is never
+    correct."""
+    if not math_verify_available():
+        _note_fallback_once()
+        return normalized_answers_equal(prediction, reference)
+    return math_verify_equal(prediction, reference)
 
 
 def boxed_reference(solution: str) -> str:
@@ -298,8 +398,8 @@ def gsm8k_format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float
 
 def boxed_accuracy_reward(completions: Sequence[Any], answer: Sequence[Any] | None = None,
                           **kwargs: Any) -> list[float]:
-    """1.0 when the completion's last ``\\boxed{}`` equals the reference (``math_answers_equal``),
-    else 0.0 (also when the completion has no box)."""
+    """1.0 when the completion's last ``\\boxed{}`` equals the reference (``math_answers_equal``:
+    math-verify when installed), else 0.0 (also when the completion has no box)."""
     refs = _references(answer, len(completions), "boxed accuracy")
     return [float(math_answers_equal(extract_boxed(completion_text(c)), boxed_reference(str(r))))
             for c, r in zip(completions, refs)]
@@ -390,6 +490,7 @@ def resolve_rewards(specs: Sequence[str], answer_format: str) -> list[RewardFunc
 
 __all__ = ["RewardError", "ANSWER_FORMATS", "completion_text", "gsm8k_answer", "numbers_equal",
            "gsm8k_correct", "has_gsm8k_format", "extract_boxed", "normalize_math_answer", "math_value",
-           "math_answers_equal", "boxed_reference", "gsm8k_accuracy_reward", "gsm8k_format_reward",
+           "math_answers_equal", "normalized_answers_equal", "math_verify_equal", "math_verify_available",
+           "clean_for_math_verify", "boxed_checker", "MATH_VERIFY_INSTALL", "boxed_reference", "gsm8k_accuracy_reward", "gsm8k_format_reward",
            "boxed_accuracy_reward", "boxed_format_reward", "BUILTIN_REWARDS", "load_reward",
            "resolve_rewards"]

@@ -1,0 +1,352 @@
+"""What autograd keeps for the backward, derived op by op for Llama-family decoder models.
+
+``lopt plan`` predicts activation memory without running the model. Rather than fitting curves to
+measured totals, this module replays the forward of a decoder layer symbolically: every op creates
+symbolic tensors (element count, bytes per element, requires-grad) and saves for the backward exactly
+what PyTorch's autograd formulas save for that op, given which inputs require gradients:
+
+* ``linear``: the input when the weight is trained, the weight when the input needs a gradient;
+  under bf16 autocast both are the bf16 casts (a trained weight's cast is made once per forward);
+* ``mul``: each operand when the *other* one needs a gradient; ``pow``: its input; ``rsqrt``, its output;
+* ``silu``: its input; scaled-dot-product attention (flash kernels): q, k, v, the output and the
+  fp32 log-sum-exp, with grouped-query attention done by the kernel (no repeated k/v copies);
+* additions, views, casts and ``mean`` save nothing.
+
+A tensor saved by several ops is counted once (as ``lopt.memory.SavedTensorTracker`` does), and
+parameters are not activations. ``tests/test_plan.py`` checks the result against the tracker on tiny
+models of every supported architecture, method and precision.
+
+Gradient checkpointing (``torch.utils.checkpoint``, non-reentrant, as lopt uses it):
+
+* full: the layer keeps only its input (``_NoopSaveInputs``, which the tracker sees); the backward
+  rebuilds the layer's saved tensors one layer at a time;
+* selective (lopt's policy): the layer keeps its input plus the outputs of its matrix multiplications
+  and attention, in the checkpoint's own cache (the tracker does not see the cache).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+# Architectures whose decoder layer is the one replayed below (pre-norm RMSNorm, rotary attention
+# through SDPA, gated SiLU MLP); qwen3 adds a per-head RMSNorm on q and k.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+CHECKPOINT_KINDS = ("off", "full", "selective")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The sizes of one decoder layer that decide its activation memory."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qk_norm: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LayerShape":
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, heads=heads,
+                   kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   qk_norm=cfg.model_type == "qwen3")
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of the layer's linear maps, in forward order."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
+
+@dataclass(frozen=True)
+class LayerMode:
+    """How one layer takes part in a step.
+
+    ``trained``: its own weights get gradients. ``lora_r``: LoRA adapters of this rank on every
+    linear map (base weights frozen). ``checkpoint``: off, full or selective."""
+
+    trained: bool = True
+    lora_r: int = 0
+    checkpoint: str = "off"
+
+
+# --------------------------------------------------------------------------- symbolic autograd
+
+
+@dataclass
+class _T:
+    numel: int
+    itemsize: int
+    grad: bool
+    uid: int
+    param: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass
+class Trace:
+    """The saved tensors of a (symbolic) forward: uid -> bytes, in the order they were saved, with
+    the name of what saved them. ``matmul_outputs`` collects what selective checkpointing keeps."""
+
+    amp: bool = False
+    saved: dict[int, int] = field(default_factory=dict)
+    owners: dict[int, str] = field(default_factory=dict)
+    matmul_outputs: dict[int, int] = field(default_factory=dict)
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+    _casts: dict[int, _T] = field(default_factory=dict)
+    owner: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.saved.values())
+
+    def tensor(self, numel: int, itemsize: int, grad: bool, param: bool = False) -> _T:
+        return _T(numel, itemsize, grad, next(self._ids), param)
+
+    def param(self, numel: int, trained: bool) -> _T:
+        return self.tensor(numel, 4, trained, param=True)  # lopt keeps fp32 weights, also under autocast
+
+    def save(self, t: _T) -> None:
+        if t.param or t.uid in self.saved:
+            return
+        self.saved[t.uid] = t.nbytes
+        self.owners[t.uid] = self.owner
+
+    # ---- ops (autograd's saving rules)
+    def _compute(self, t: _T, cached: bool = False) -> _T:
+        """The operand an autocast matmul uses: a bf16 cast of anything that is not bf16 already. A
+        trained weight's cast is cached for the forward (autocast caches casts of leaves that require
+        grad); every other cast is a new tensor."""
+        if not self.amp or t.itemsize == 2:
+            return t
+        if cached and t.param and t.grad:
+            if t.uid not in self._casts:
+                self._casts[t.uid] = self.tensor(t.numel, 2, True)
+            return self._casts[t.uid]
+        return self.tensor(t.numel, 2, t.grad)
+
+    def linear(self, x: _T, w: _T, out_features: int) -> _T:
+        xc, wc = self._compute(x), self._compute(w, cached=True)
+        if wc.grad:
+            self.save(xc)
+        if xc.grad:
+            self.save(wc)
+        rows = x.numel // (w.numel // out_features)
+        out = self.tensor(rows * out_features, xc.itemsize, x.grad or w.grad)
+        self.matmul_outputs[out.uid] = out.nbytes
+        return out
+
+    def mul(self, a: _T, b: _T) -> _T:
+        if a.grad:
+            self.save(b)
+        if b.grad:
+            self.save(a)
+        return self.tensor(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.grad or b.grad)
+
+    def add(self, a: _T, b: _T) -> _T:
+        return self.tensor(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.grad or b.grad)
+
+    def rms_norm(self, x: _T, w: _T, width: int) -> _T:
+        """transformers' LlamaRMSNorm/Qwen3RMSNorm: fp32 math, then weight * normed.to(input dtype)."""
+        x32 = x if x.itemsize == 4 else self.tensor(x.numel, 4, x.grad)
+        if x32.grad:
+            self.save(x32)  # pow(x, 2)
+        r = self.tensor(x.numel // width, 4, x.grad)  # rsqrt(mean + eps): saves its output
+        if r.grad:
+            self.save(r)
+        hs = self.mul(x32, r)
+        hs = hs if x.itemsize == 4 else self.tensor(hs.numel, x.itemsize, hs.grad)
+        return self.mul(w, hs)
+
+    def silu(self, x: _T) -> _T:
+        if x.grad:
+            self.save(x)
+        return self.tensor(x.numel, x.itemsize, x.grad)
+
+    def attention(self, q: _T, k: _T, v: _T, lse_numel: int) -> _T:
+        qc, kc, vc = self._compute(q), self._compute(k), self._compute(v)
+        grad = q.grad or k.grad or v.grad
+        out = self.tensor(q.numel, qc.itemsize, grad)
+        lse = self.tensor(lse_numel, 4, grad)
+        if grad:
+            for t in (qc, kc, vc, out, lse):
+                self.save(t)
+        self.matmul_outputs[out.uid] = out.nbytes
+        self.matmul_outputs[lse.uid] = lse.nbytes
+        return out
+
+    def rotary(self, x: _T, cos: _T, sin: _T) -> _T:
+        # x * cos + rotate_half(x) * sin; cos/sin are fp32 (cast to the residual stream's dtype)
+        a = self.mul(x, cos)
+        rot = self.tensor(x.numel, x.itemsize, x.grad)  # slices, neg, cat: nothing saved
+        return self.add(a, self.mul(rot, sin))
+
+
+# --------------------------------------------------------------------------- one decoder layer
+
+
+def _lora(tr: Trace, x: _T, out: _T, in_f: int, out_f: int, r: int) -> _T:
+    """PEFT's LoRA linear: base(x) + lora_B(lora_A(x)) * scaling (dropout 0 is the identity)."""
+    a = tr.linear(x if x.itemsize == 4 or not tr.amp else tr.tensor(x.numel, 4, x.grad),  # PEFT casts x to fp32
+                  tr.param(in_f * r, True), r)
+    b = tr.linear(a, tr.param(r * out_f, True), out_f)
+    return tr.add(out, b)  # the scaling is a Python number: nothing saved
+
+
+def replay_layer(tr: Trace, shape: LayerShape, tokens: int, batch: int, x: _T, cos: _T, sin: _T,
+                 mode: LayerMode) -> _T:
+    """Replay one decoder layer's forward into ``tr``; returns the layer's output."""
+    s = shape
+    trained = mode.trained and not mode.lora_r
+
+    def lin(inp: _T, name: str) -> _T:
+        _, in_f, out_f = next(t for t in s.linears() if t[0] == name)
+        out = tr.linear(inp, tr.param(in_f * out_f, trained), out_f)
+        return _lora(tr, inp, out, in_f, out_f, mode.lora_r) if mode.lora_r else out
+
+    h = tr.rms_norm(x, tr.param(s.hidden, trained), s.hidden)
+    q, k, v = lin(h, "q_proj"), lin(h, "k_proj"), lin(h, "v_proj")
+    if s.qk_norm:
+        q = tr.rms_norm(q, tr.param(s.head_dim, trained), s.head_dim)
+        k = tr.rms_norm(k, tr.param(s.head_dim, trained), s.head_dim)
+    q, k = tr.rotary(q, cos, sin), tr.rotary(k, cos, sin)
+    o = tr.attention(q, k, v, lse_numel=batch * s.heads * (tokens // batch))
+    x2 = tr.add(x, lin(o, "o_proj"))
+    h2 = tr.rms_norm(x2, tr.param(s.hidden, trained), s.hidden)
+    m = tr.mul(tr.silu(lin(h2, "gate_proj")), lin(h2, "up_proj"))
+    return tr.add(x2, lin(m, "down_proj"))
+
+
+@dataclass
+class LayerMemory:
+    """One layer's activation memory. ``held``: bytes kept from its forward to its backward;
+    ``visible``: the part the saved-tensor tracker sees; ``rebuilt``: bytes a checkpointed layer
+    recomputes transiently in the backward (0 when not checkpointed)."""
+
+    held: int
+    visible: int
+    rebuilt: int = 0
+
+
+def layer_memory(tr: Trace, shape: LayerShape, tokens: int, batch: int, x: _T, cos: _T, sin: _T,
+                 mode: LayerMode) -> tuple[_T, LayerMemory]:
+    """Replay one layer into the phase trace ``tr`` (checkpointing applied); returns its output and
+    its memory. The rotary tables are shared by all layers: their bytes go to whichever layer saves
+    them first."""
+    if mode.checkpoint not in CHECKPOINT_KINDS:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_KINDS}, got {mode.checkpoint!r}")
+    if mode.checkpoint == "off":
+        before = tr.bytes
+        out = replay_layer(tr, shape, tokens, batch, x, cos, sin, mode)
+        return out, LayerMemory(held=tr.bytes - before, visible=tr.bytes - before)
+    inner = Trace(amp=tr.amp, _ids=tr._ids)
+    out = replay_layer(inner, shape, tokens, batch, x, cos, sin, mode)
+    # The checkpoint saves its positional tensor input (the hidden states) whatever its grad flag.
+    kept = 0 if x.uid in tr.saved else x.nbytes
+    tr.saved[x.uid] = x.nbytes
+    cache = sum(inner.matmul_outputs.values()) if mode.checkpoint == "selective" else 0
+    # The layer's output needs a gradient when anything inside could give it one.
+    out = _T(out.numel, out.itemsize, out.grad, out.uid)
+    return out, LayerMemory(held=kept + cache, visible=kept, rebuilt=inner.bytes)
+
+
+# --------------------------------------------------------------------------- a phase of the step
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """A stretch of the model whose forward and backward run together: the whole model for
+    end-to-end training, one block under LoPT's blockwise schedule.
+
+    ``embedding_trained``: the phase starts at a trained embedding (its output needs a gradient and
+    its backward keeps the token ids); otherwise the phase's input needs no gradient (a frozen
+    embedding or a detached boundary). ``top``: ``"ce"`` for the final norm and lopt's chunked
+    cross-entropy, ``"recon"`` for a LoPT reconstruction head."""
+
+    layers: tuple[LayerMode, ...]
+    embedding_trained: bool = False
+    top: str = "ce"
+    final_norm_trained: bool = True
+    head_trained: bool = True
+    head_bias: bool = False
+
+
+@dataclass
+class PhaseMemory:
+    """Activation bytes of one phase: per layer, below the layers (token ids, rotary tables) and on
+    top (final norm and loss, or the local head). ``held``/``visible`` as in ``LayerMemory``."""
+
+    layers: list[LayerMemory]
+    base: int
+    top: int
+    held: int
+    visible: int
+
+
+def phase_memory(spec: PhaseSpec, shape: LayerShape, batch: int, seq: int, vocab: int,
+                 *, amp: bool) -> PhaseMemory:
+    """Replay a phase's forward; the bytes it keeps for its backward at the end of its forward."""
+    tr = Trace(amp=amp)
+    tokens = batch * seq
+    base = 0
+    if spec.embedding_trained:
+        tr.save(tr.tensor(tokens, 8, False))  # embedding backward: the int64 token ids
+        base = tr.bytes
+    x = tr.tensor(tokens * shape.hidden, 4, spec.embedding_trained)
+    # Rotary tables: one row per position, shared by the batch (position ids are (1, T)).
+    cos = tr.tensor(seq * shape.head_dim, 4, False)
+    sin = tr.tensor(seq * shape.head_dim, 4, False)
+    layers, cache = [], 0
+    for mode in spec.layers:
+        x, mem = layer_memory(tr, shape, tokens, batch, x, cos, sin, mode)
+        layers.append(mem)
+        cache += mem.held - mem.visible
+    before = tr.bytes
+    if spec.top == "ce":
+        _ce_top(tr, spec, shape, batch, seq, vocab, x)
+    elif spec.top == "recon":
+        _recon_top(tr, shape, tokens, x)
+    else:
+        raise ValueError(f"top must be 'ce' or 'recon', got {spec.top!r}")
+    top = tr.bytes - before
+    return PhaseMemory(layers=layers, base=base, top=top, held=tr.bytes + cache, visible=tr.bytes)
+
+
+def _ce_top(tr: Trace, spec: PhaseSpec, shape: LayerShape, batch: int, seq: int, vocab: int, x: _T) -> None:
+    """Final RMSNorm and ``lopt.loss.chunked_cross_entropy`` (every position labelled): the index of
+    the labelled rows, the gradient w.r.t. the hidden states and, for a trained head, the head's
+    vocabulary-sized gradient, computed in the forward and kept for the backward."""
+    tr.owner = "final"
+    h = tr.rms_norm(x, tr.param(shape.hidden, spec.final_norm_trained), shape.hidden)
+    n = batch * (seq - 1)
+    if h.grad:
+        tr.save(tr.tensor(n, 8, False))  # index_select's index
+        tr.save(tr.tensor(n * shape.hidden, 4, False))  # grad_h
+    if spec.head_trained:
+        tr.save(tr.tensor(vocab * shape.hidden, 4, False))  # grad_w (fp32)
+        if spec.head_bias:
+            tr.save(tr.tensor(vocab, 4, False))
+
+
+def _recon_top(tr: Trace, shape: LayerShape, tokens: int, h: _T) -> None:
+    """``lopt.heads.ReconstructionHead`` and ``masked_mse``, in fp32 (autocast is off there)."""
+    tr.owner, amp, tr.amp = "head", tr.amp, False
+    width = shape.hidden
+    bottleneck = max(1, width // 4)
+    tr.save(h)  # layer_norm: input, mean, rstd
+    tr.save(tr.tensor(tokens, 4, False))
+    tr.save(tr.tensor(tokens, 4, False))
+    ln = tr.tensor(tokens * width, 4, True)
+    down = tr.linear(ln, tr.param(width * bottleneck, True), bottleneck)
+    pred = tr.linear(tr.silu(down), tr.param(bottleneck * width, True), width)  # gelu saves its input, like silu
+    diff = tr.tensor(pred.numel, 4, True)
+    tr.save(diff)  # pow(2)
+    tr.save(tr.tensor(tokens, 4, False))  # err * mask: the fp32 mask
+    tr.save(tr.tensor(1, 4, False))  # / mask.sum(): the denominator
+    tr.amp = amp
