@@ -5,7 +5,7 @@
 CPU peak RSS also holds what glibc keeps after a free and what a process sets up on its first step.
 This check counts tensors instead: one warm-up step (AdamW state now exists), then one step under
 ``torch.profiler`` with memory profiling; the peak of (bytes allocated - bytes freed) over that step
-is what CUDA's ``max_memory_allocated`` would report above the step's start. ``lopt.planner``
+is what CUDA's ``max_memory_allocated`` would report above the step's start. ``lopt.bench.plan``
 predicts it as ``step_peak - optimizer`` (the state is already resident at the start).
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import subprocess
 
     from lopt.bench import CONFIGS
-    from lopt.planner import plan
+    from lopt.bench.plan import plan
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)

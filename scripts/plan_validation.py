@@ -4,7 +4,7 @@
 
 For each size a random model (SmolLM2's vocabulary size, tied embeddings) is saved once under
 ``--models``; each configuration runs in a fresh process through ``lopt.bench.run_one`` (warm-up
-step, timed step, one step under the saved-tensor tracker) and ``lopt.planner.plan`` predicts it
+step, timed step, one step under the saved-tensor tracker) and ``lopt.bench.plan.plan`` predicts it
 from the saved config.json alone. Prints predicted vs measured saved activations and whole-step
 peak (peak RSS minus the baseline after loading).
 
@@ -96,7 +96,7 @@ def _measure(name: str, model: str, batch: int, seq: int, as_is: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from lopt.bench import CONFIGS
-    from lopt.planner import plan
+    from lopt.bench.plan import plan
 
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--worker":
         return _paged_worker(sys.argv[2])

@@ -9,6 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from lopt.bench.plan import add_plan_arguments, run_plan_cli
 from lopt.bench.runner import add_bench_arguments, run_bench_cli
 from lopt.data import load_records
 from lopt.engine.config import BADAM_ORDERS, CHECKPOINT_SCOPES, LoPTError, SCHEDULES
@@ -334,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="memory and speed of training configurations side by side, each in a fresh process",
         description="Each configuration runs warm-up and timed training steps (AdamW included) in its own "
         "process; configurations are interleaved over repeats. Ratios are against the first configuration."))
+    add_plan_arguments(sub.add_parser(
+        "plan", help="predict the memory of each method before loading any weights",
+        description="Weights, gradients, optimizer state, activations and the peak of every method x "
+        "checkpointing scope, from the model's config on the meta device (no weights are loaded)."))
     add_eval_arguments(sub.add_parser("eval", help="task skill, retention and drift of a model"))
     add_compare_arguments(sub.add_parser("compare", help="eval results of several runs side by side"))
     return parser
@@ -355,14 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "dpo":
             return cmd_dpo(ns)
         if ns.command == "bench":
-
             return run_bench_cli(ns)
         if ns.command == "eval":
-
             return run_eval_cli(ns)
         if ns.command == "compare":
-
             return run_compare_cli(ns)
+        if ns.command == "plan":
+            return run_plan_cli(ns)
     except (LoPTError, ValueError, FileNotFoundError) as e:
         # Our errors (LoPTError, DataError, ModelError, EvalError) are one clear line: no stack trace.
         if not _is_lopt_error(e):

@@ -29,7 +29,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from .plan_activations import (SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
+from lopt.engine.anatomy import find_layers, split_blocks
+from lopt.engine.config import LoPTError
+from lopt.bench.plan_activations import (SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
                                phase_memory)
 
 METHODS = ("e2e", "lopt", "freeze-lower", "lora", "lisa", "badam")
@@ -150,7 +152,6 @@ def count_parameters(config: Any, lora_r: int = LORA_R) -> ParamCounts:
     from torch import nn
     from transformers import AutoModelForCausalLM
 
-    from .boundary import find_layers
 
     try:
         with torch.device("meta"):
@@ -229,7 +230,6 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
                  | None = None) -> MethodSetup:
     """The setup of ``method`` (e2e, lopt, freeze-lower, lora, lisa, badam) on a model;
     ``checkpoint``: layer index -> "full" / "selective" for the checkpointed layers."""
-    from .boundary import LoPTError, split_blocks
 
     ck = checkpoint or {}
     n = len(counts.layers)
@@ -430,7 +430,6 @@ def _scopes(method: str, full: str | None, sel: str | None) -> list[tuple[str, s
 
 
 def _block_ranges(method: str, k: int, n: int) -> list[tuple[int, int]]:
-    from .boundary import LoPTError, split_blocks
 
     if method not in ("lopt", "freeze-lower"):
         return [(0, n)]
