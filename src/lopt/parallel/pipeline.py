@@ -358,7 +358,7 @@ class PipelineStepper:
         self.stage, self.cfg = stage, cfg
         w = stage.wrapped
         self.device = stage.ctx.device
-        self.optimizer = build_optimizer(w, cfg.lr, cfg.lr_lower, cfg.weight_decay)
+        self.optimizer = build_optimizer(w, cfg.lr, cfg.lr_lower, cfg.weight_decay, kind=cfg.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
