@@ -156,6 +156,9 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
             return train_pipeline(cfg, ctx, callbacks)
         finally:
             ctx.close()
+    if ctx is not None and cfg.fsdp and ctx.device.type == "cuda" and ctx.backend != "nccl":
+        raise LoPTError(f"--fsdp needs one GPU per process (NCCL); these {ctx.world_size} processes share "
+                        f"{ctx.device}: launch at most as many processes as GPUs")
     if ctx is not None and cfg.optimizer_in_backward:
         raise LoPTError("--optimizer-in-backward runs in one process only (the gradients would have to be "
                         "averaged across processes before each parameter's step); drop it or the launcher")
