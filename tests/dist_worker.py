@@ -12,6 +12,7 @@ block's plain state), so the test can check that the ranks agree and what each r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,8 +25,12 @@ def main(path: str) -> int:
     from lopt.recipes.sft import TrainConfig, train
 
     torch.set_num_threads(1)
-    # The group is created here, so train() uses it and leaves it open for the next job.
-    dist.init_process_group("gloo")
+    # The group is created here, so train() uses it and leaves it open for the next job. The CUDA
+    # tests ask for NCCL (tests/test_cuda.py), which needs this process's GPU chosen first.
+    backend = os.environ.get("LOPT_TEST_BACKEND", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
     rank = dist.get_rank()
     for job in json.loads(Path(path).read_text()):
         if rank == 0 and "copy" in job:

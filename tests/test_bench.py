@@ -83,3 +83,29 @@ def test_distbench_table_takes_medians_over_repeats():
     pipe = lines[3].split("|")
     assert pipe[5].strip() == "99 (90-120)" and pipe[6].strip() == f"{99 / 110:.2f}"
     assert pipe[7].strip() == "600 / 600 (590-620)" and pipe[8].strip() == f"{610 / 1010:.2f}"
+
+
+def test_trl_peer_row_reports_lopts_fields(tmp_path):
+    """`--peer trl`: TRL's SFTTrainer on the same tiny model and the same batches of a jsonl dataset,
+    in its own process, reporting the fields lopt's rows report; same batch, same first loss."""
+    pytest.importorskip("trl")
+    from conftest import addition_rows, save_tiny, write_jsonl
+
+    tiny = save_tiny(tmp_path / "tiny")
+    data = write_jsonl(tmp_path / "qa.jsonl", addition_rows())
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(tiny), "--configs", "e2e", "--peer", "trl", "--dataset", str(data),
+               "--seq-len", "64", "--batch-sizes", "2", "--steps", "2", "--repeats", "1", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    e2e, trl = res["rows"]
+    assert (e2e["name"], trl["name"]) == ("e2e", "trl") and trl["overrides"]["peer"] == "trl"
+    assert set(trl) == set(e2e)
+    for k in ("step_time_s", "tokens_per_s", "peak_step_mb", "peak_total_mb", "saved_activation_mb",
+              "first_loss", "ratio_tokens_per_s", "trainable_params"):
+        assert trl[k] is not None, k
+    assert trl["n_steps"] == 2 and trl["trainable_params"] == e2e["trainable_params"]
+    # the same padded batches with the prompts unlabelled: the same loss before any update
+    assert trl["first_loss"] == pytest.approx(e2e["first_loss"], rel=1e-5)
+    # real tokens only (the dataset's rows are padded): fewer than batch x length
+    assert e2e["tokens_per_s"] * e2e["step_time_s"] < 2 * 64

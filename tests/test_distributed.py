@@ -376,3 +376,24 @@ def test_ctrl_c_stops_every_rank_at_the_same_step(setup, tmp_path, mode):
     if mode == "pipeline":
         assert len(state["ranks"]) == 2 and all(r["optimizer"]["state"] for r in state["ranks"])
     assert "stopped at step" in err
+
+
+def test_processes_sharing_a_gpu_talk_through_gloo(monkeypatch):
+    """NCCL refuses two ranks on one GPU: init_distributed picks gloo for them, and the pipeline's
+    messages then go through host memory (gloo's send/recv take CPU tensors only)."""
+    from lopt.parallel.context import DistContext, _rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for n_gpu, device, local_rank, local_world, want in [
+            (1, "cuda:0", 1, 2, ("cuda:0", True)),   # a 2-stage pipeline tried out on one card
+            (1, None, 1, 2, ("cuda:0", True)),       # more processes than GPUs: ranks wrap around
+            (2, None, 1, 2, ("cuda:1", False)),      # one GPU each: NCCL
+            (2, "cuda", 1, 2, ("cuda:1", False)),
+            (1, None, 0, 1, ("cuda:0", False)),      # one process
+            (0, "cpu", 1, 2, ("cpu", False))]:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=n_gpu: n)
+        dev, shared = _rank_device(device, local_rank, local_world)
+        assert (str(dev), shared) == want, (n_gpu, device, local_rank, local_world)
+    cuda0 = torch.device("cuda", 0)
+    assert DistContext(0, 2, 0, cuda0, "gloo").comm_device == torch.device("cpu")
+    assert DistContext(0, 2, 0, cuda0, "nccl").comm_device == cuda0

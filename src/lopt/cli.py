@@ -20,6 +20,7 @@ from lopt.recipes import dpo, grpo
 from lopt.recipes.dpo import DPORunConfig
 from lopt.recipes.grpo import GRPORunConfig
 from lopt.recipes.sft import TrainConfig, sample_answer, train
+from lopt.runtime.loop import OPTIMIZERS
 from lopt.runtime.preflight import check_output_dir
 
 
@@ -67,6 +68,12 @@ TRAIN_HELP: dict[str, str] = {
     "per_block_step": "auto, on, off: step each lower block's optimizer right after its local backward, "
                       "freeing its gradients early (auto: on for blockwise LoPT without grad accumulation; "
                       "clipping is then per block)",
+    "optimizer_in_backward": "step the last block's parameters inside the backward, each as soon as its gradient "
+                             "is ready, and free that gradient: no gradient of the last block outlives its "
+                             "backward. max_grad_norm then clips each parameter's gradient separately; needs "
+                             "grad_accum 1, no fp16, one process",
+    "optimizer": "adamw (PyTorch's, fused where possible) or adamw-8bit (bitsandbytes' blockwise 8-bit states: "
+                 "a quarter of the optimizer memory)",
     "gradient_checkpointing": "layers that recompute their activations in the backward: off, all, last-block, "
                               "lower-blocks (all but the last block: the --pipeline's lower ranks have time to spare)",
     "selective_checkpointing": "layers (same choices) that keep their matrix-multiply and attention outputs and "
@@ -153,7 +160,7 @@ _OPTION_TYPES: dict[str, Any] = {"lr_lower": float, "lambda_aux": float, "max_st
 _OPTION_CHOICES: dict[str, Sequence[str]] = {
     "method": METHODS, "schedule": SCHEDULES,
     "gradient_checkpointing": CHECKPOINT_SCOPES, "selective_checkpointing": CHECKPOINT_SCOPES,
-    "local_objective": ("recon", "anchor"), "per_block_step": ("auto", "on", "off"),
+    "local_objective": ("recon", "anchor"), "per_block_step": ("auto", "on", "off"), "optimizer": OPTIMIZERS,
     "precision": ("auto", "fp32", "bf16", "fp16"), "answer_format": ("auto", "gsm8k", "boxed"),
     "scale_rewards": ("group", "batch", "none"), "badam_order": BADAM_ORDERS,
 }

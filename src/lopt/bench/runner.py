@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lopt.bench.peer import PEER_CONFIGS, PEERS
 from lopt.engine.boundary import wrap
 from lopt.engine.config import LoPTError
 from lopt.engine.memory import SavedTensorTracker, current_rss_mb, peak_rss_mb
@@ -53,6 +54,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
     "lisa": {"method": "lisa"},  # LMFlow's defaults: 1 random layer (+ embeddings, norm, head) for 20 steps
     "badam": {"method": "badam"},  # LLaMA-Factory's example: one layer at a time, ascending, 50 steps each
+    # Optimizer-side memory: the last block's step inside the backward, 8-bit AdamW states (bitsandbytes).
+    "e2e+oib": {"method": "e2e", "optimizer_in_backward": True},
+    "lopt-k2+oib": {"method": "lopt", "num_blocks": 2, "optimizer_in_backward": True},
+    "lopt-k4+oib": {"method": "lopt", "num_blocks": 4, "optimizer_in_backward": True},
+    "e2e+8bit": {"method": "e2e", "optimizer": "adamw-8bit"},
+    "lopt-k2+8bit": {"method": "lopt", "num_blocks": 2, "optimizer": "adamw-8bit"},
+    "lopt-k2+oib+8bit": {"method": "lopt", "num_blocks": 2, "optimizer_in_backward": True,
+                         "optimizer": "adamw-8bit"},
 }
 DEFAULT_CONFIGS = ["e2e", "e2e+gc", "e2e+sel", "lopt-k2", "lopt-k2+gc-last", "lopt-k4", "lopt-k2-joint",
                    "freeze-lower", "lora"]
@@ -73,6 +82,8 @@ class BenchSpec:
     measure_saved: bool = True
     device: str | None = None
     seed: int = 0
+    dataset: str | None = None  # None: random tokens; else what lopt train reads (file, preset, ...)
+    limit: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,34 +108,64 @@ def _rss_peak_mb() -> float:
     return peak_rss_mb()
 
 
+def bench_batches(spec: BenchSpec, tokenizer, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """The ``warmup + steps + 1`` batches of a bench run (the last feeds the saved-activation step):
+    random tokens, every one labelled and none padded (no ``spec.dataset``), or the first batches
+    ``lopt train`` would draw from ``spec.dataset`` (prompts unlabelled, rows padded to the longest)."""
+    n = spec.warmup + spec.steps + 1
+    if spec.dataset is None:
+        g = torch.Generator().manual_seed(spec.seed)
+        out = []
+        for _ in range(n):
+            ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=g)
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        return out
+    from lopt.data import Batches, build_sft_dataset
+
+    examples, _ = build_sft_dataset(spec.dataset, tokenizer, max_length=spec.seq_len, limit=spec.limit)
+    it = Batches(examples, spec.batch_size, tokenizer.pad_token_id, seed=spec.seed)
+    return [next(it) for _ in range(n)]
+
+
 def run_one(spec: BenchSpec) -> dict[str, Any]:
     """Measure one configuration in this process (the parent runs it in a fresh child)."""
     set_seed(spec.seed)
     device = resolve_device(spec.device)
-    cfg = TrainConfig(model=spec.model, gguf_file=spec.gguf_file, batch_size=spec.batch_size,
-                      max_length=spec.seq_len, max_steps=spec.warmup + spec.steps + _cycle(spec.overrides), lr=1e-5,
-                      warmup_ratio=0.0, progress=False, device=spec.device, **spec.overrides)
-    cfg.validate()
-    model, _ = load_model(cfg.model, gguf_file=cfg.gguf_file, device=device)
+    peer = spec.overrides.get("peer")
+    cfg = None
+    if peer is None:
+        cfg = TrainConfig(model=spec.model, gguf_file=spec.gguf_file, batch_size=spec.batch_size,
+                          max_length=spec.seq_len, max_steps=spec.warmup + spec.steps + _cycle(spec.overrides), lr=1e-5,
+                          warmup_ratio=0.0, progress=False, device=spec.device, **spec.overrides)
+        cfg.validate()
+    model, tokenizer = load_model(spec.model, gguf_file=spec.gguf_file, device=device)
+    batches = bench_batches(spec, tokenizer, model.get_input_embeddings().weight.shape[0])
+    if peer == "trl":
+        from lopt.bench.peer import run_trl
+
+        res = run_trl(spec, model, tokenizer, batches, device, _rss_reset_peak, _rss_peak_mb, current_rss_mb)
+    elif cfg is not None:
+        res = _run_lopt(spec, cfg, model, batches, device)
+    else:
+        raise LoPTError(f"unknown peer trainer {peer!r}")
+    timed = batches[spec.warmup:spec.warmup + spec.steps]
+    res["tokens_per_step"] = statistics.fmean(int(b["attention_mask"].sum()) for b in timed)
+    return res
+
+
+def _run_lopt(spec: BenchSpec, cfg: TrainConfig, model, batches: list[dict[str, torch.Tensor]],
+              device: torch.device) -> dict[str, Any]:
     wrapped = wrap(model, config=cfg.lopt_config()).to(device)
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
     stepper = Stepper(wrapped, cfg, device, cfg.max_steps)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(spec.seed)
-
-    def make_batch():
-        ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-    batches = [make_batch() for _ in range(spec.warmup + spec.steps)]
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_mb = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else current_rss_mb()
     reset_ok = device.type == "cuda" or _rss_reset_peak()
     times, losses = [], []
-    for i, b in enumerate(batches):
+    for i, b in enumerate(batches[:-1]):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -141,14 +182,13 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
         # A whole cycle of a periodic schedule (--lower-every, --task-grad-every): the peak of its steps.
         with SavedTensorTracker(wrapped.parameters()) as tr:
             for _ in range(_cycle(spec.overrides)):
-                stepper.step([make_batch()])
+                stepper.step([batches[-1]])
         saved = tr.peak_bytes
-    tokens = spec.batch_size * spec.seq_len
     return {"name": spec.name, "overrides": spec.overrides, "batch_size": spec.batch_size,
             "seq_len": spec.seq_len, "step_times": times, "first_loss": losses[0],
             "peak_step_mb": peak_mb - base_mb if reset_ok else None, "peak_total_mb": peak_mb,
             "base_mb": base_mb, "saved_activation_mb": saved / 2**20 if saved is not None else None,
-            "tokens_per_step": tokens, "device": str(device),
+            "device": str(device),
             "trainable_params": sum(p.numel() for p in wrapped.parameters() if p.requires_grad)}
 
 
@@ -171,12 +211,15 @@ def _child(spec: BenchSpec, timeout: float | None) -> dict[str, Any]:
 def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None = None,
               gguf_file: str | None = None, seq_len: int = 256, warmup: int = 1, steps: int = 1,
               repeats: int = 2, device: str | None = None, progress: bool = True,
-              timeout: float | None = None, table: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+              timeout: float | None = None, table: dict[str, dict[str, Any]] | None = None,
+              dataset: str | None = None, limit: int | None = None) -> dict[str, Any]:
     """Run every (configuration, batch size) ``repeats`` times, interleaved, each in a fresh process.
 
-    ``table``: name -> TrainConfig overrides to look the names up in (default :data:`CONFIGS`)."""
+    ``table``: name -> TrainConfig overrides to look the names up in (default :data:`CONFIGS` and the
+    peer trainers' rows, :data:`lopt.bench.peer.PEER_CONFIGS`). ``dataset``: train on the batches
+    ``lopt train`` would draw from it (default: random tokens)."""
 
-    table = CONFIGS if table is None else table
+    table = {**CONFIGS, **PEER_CONFIGS} if table is None else table
     unknown = [c for c in configs if c not in table]
     if unknown:
         raise LoPTError(f"unknown bench configuration(s) {unknown}: choose from {', '.join(table)}")
@@ -188,7 +231,7 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
         for c, b in jobs:
             spec = BenchSpec(name=c, overrides=table[c], model=model, gguf_file=gguf_file, batch_size=b,
                              seq_len=seq_len, warmup=warmup, steps=steps, measure_saved=(r == 0),
-                             device=device)
+                             device=device, dataset=dataset, limit=limit)
             done = sum(len(v) for v in runs.values())
             if progress:
                 print(f"[{done + 1}/{total}] {c} batch {b} (repeat {r + 1}/{repeats}, "
@@ -207,7 +250,7 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
 
     import transformers
 
-    return {"rows": rows, "reference": configs[0], "seq_len": seq_len, "warmup": warmup, "steps": steps,
+    return {"rows": rows, "reference": configs[0], "seq_len": seq_len, "dataset": dataset or "random tokens", "warmup": warmup, "steps": steps,
             "repeats": repeats, "model": model or "smollm2-135m-instruct (embedded)",
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -239,8 +282,8 @@ def _aggregate(name: str, batch: int, runs: list[dict[str, Any]]) -> dict[str, A
 
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table; ratios are against the first configuration at the same batch size."""
-    head = ("| config | batch | step s (min-max) | tokens/s | x ref | peak step MiB | x ref | "
-            "saved act. MiB | x ref | first loss |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| config | batch | step s (min-max) | tokens/s | x ref | peak step MiB | x ref | peak RSS MiB | "
+            "saved act. MiB | x ref | first loss |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
 
     def f(x, fmt):
@@ -251,7 +294,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {r['name']} | {r['batch_size']} | {r['step_time_s']:.2f} ({r['step_time_min_s']:.2f}-"
             f"{r['step_time_max_s']:.2f}) | {r['tokens_per_s']:.0f} | {r['ratio_tokens_per_s']:.2f} | "
             f"{f(r['peak_step_mb'], '{:.0f}')} | {f(r['ratio_peak_step_mb'], '{:.2f}')} | "
-            f"{f(r['saved_activation_mb'], '{:.0f}')} | {f(r['ratio_saved_activation'], '{:.2f}')} | "
+            f"{f(r['peak_total_mb'], '{:.0f}')} | {f(r['saved_activation_mb'], '{:.0f}')} | "
+            f"{f(r['ratio_saved_activation'], '{:.2f}')} | "
             f"{r['first_loss']:.4f} |")
     return "\n".join(lines)
 
@@ -271,7 +315,7 @@ def plot(result: dict[str, Any], path: str | Path) -> bool:
     colours: dict[str, Any] = {}
     for r in result["rows"]:
         mem = r["peak_step_mb"] or r["peak_total_mb"]
-        method = r["overrides"].get("method", "lopt")
+        method = r["overrides"].get("peer") or r["overrides"].get("method", "lopt")
         c = colours.setdefault(method, f"C{len(colours)}")
         ax.scatter(mem, r["tokens_per_s"], color=c, label=method if method not in ax.get_legend_handles_labels()[1] else None)
         ax.annotate(f"{r['name']} b{r['batch_size']}", (mem, r["tokens_per_s"]), fontsize=7,
@@ -292,7 +336,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="NAME",
                    help=f"configurations, the first is the reference for ratios (default: {' '.join(DEFAULT_CONFIGS)}; "
-                        f"all: {' '.join(CONFIGS)})")
+                        f"all: {' '.join([*CONFIGS, *PEER_CONFIGS])})")
+    p.add_argument("--peer", nargs="+", default=[], choices=sorted(PEERS), metavar="TRAINER",
+                   help=f"also run another trainer on the same model, batches and steps: {', '.join(PEERS)} "
+                        f"(rows {', '.join(PEER_CONFIGS)}; name them in --configs to pick)")
+    p.add_argument("--dataset", default=None,
+                   help="train on the batches lopt train would draw from this dataset (file, preset, ...; "
+                        "default: random tokens, every one labelled)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N rows of --dataset")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[4], metavar="B")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
@@ -304,10 +355,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench_cli(ns: argparse.Namespace) -> int:
-    result = run_bench(ns.configs, ns.batch_sizes, model=ns.model, gguf_file=ns.gguf_file, seq_len=ns.seq_len,
-                       warmup=ns.warmup, steps=ns.steps, repeats=ns.repeats, device=ns.device)
+    configs = list(ns.configs) + [c for p in ns.peer for c in PEERS[p] if c not in ns.configs]
+    result = run_bench(configs, ns.batch_sizes, model=ns.model, gguf_file=ns.gguf_file, seq_len=ns.seq_len,
+                       warmup=ns.warmup, steps=ns.steps, repeats=ns.repeats, device=ns.device,
+                       dataset=ns.dataset, limit=ns.limit)
     print(format_table(result))
-    print(f"\nratios against {result['reference']}; {result['repeats']} processes x {result['steps']} timed "
+    print(f"\nratios against {result['reference']}; {result['dataset']}; {result['repeats']} processes x {result['steps']} timed "
           f"steps per configuration; {result['machine']['cpus']} CPUs, torch {result['versions']['torch']}; "
           f"{result['wall_s']:.0f}s")
     if ns.json:

@@ -114,11 +114,12 @@ class PipelineStage:
     def send_hidden(self, h: torch.Tensor) -> None:
         """Send block r's output for the current micro-batch, and the micro-batch, to rank r+1."""
         self.wait_sends()  # at most one step in flight: bounded memory, and rank r never runs far ahead
-        h = h.contiguous()
+        comm = self.ctx.comm_device  # the host under gloo (its send/recv take CPU tensors only)
+        h = h.to(comm).contiguous()
         b = self.batch
         ids = torch.stack([b["input_ids"], b["attention_mask"].to(b["input_ids"].dtype),
-                           b["labels"].to(b["input_ids"].dtype)]).to(device=h.device, dtype=torch.int64)
-        header = torch.tensor([0, *h.shape, _DTYPES.index(h.dtype)], dtype=torch.int64, device=h.device)
+                           b["labels"].to(b["input_ids"].dtype)]).to(device=comm, dtype=torch.int64)
+        header = torch.tensor([0, *h.shape, _DTYPES.index(h.dtype)], dtype=torch.int64, device=comm)
         self._keep = [header, h, ids]
         self._sends = [dist.isend(t, dst=self.rank + 1, tag=_TAG_HIDDEN) for t in self._keep]
 
@@ -127,23 +128,24 @@ class PipelineStage:
         if self.last:
             return
         self.wait_sends()
-        header = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=self.ctx.device)
+        header = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=self.ctx.comm_device)
         dist.send(header, dst=self.rank + 1, tag=_TAG_HIDDEN)
 
     def receive(self) -> dict[str, torch.Tensor] | None:
         """Receive the next hidden states and their micro-batch from rank r-1 (the batch is returned,
         the hidden states wait for the first own layer); None when it sent the stop signal."""
-        header = torch.empty(5, dtype=torch.int64, device=self.ctx.device)
+        comm = self.ctx.comm_device
+        header = torch.empty(5, dtype=torch.int64, device=comm)
         dist.recv(header, src=self.rank - 1, tag=_TAG_HIDDEN)
         if int(header[0]) == 1:
             self.send_stop()
             return None
         shape, dtype = [int(x) for x in header[1:4]], _DTYPES[int(header[4])]
-        h = torch.empty(shape, dtype=dtype, device=self.ctx.device)
+        h = torch.empty(shape, dtype=dtype, device=comm)
         dist.recv(h, src=self.rank - 1, tag=_TAG_HIDDEN)
-        ids = torch.empty((3, *shape[:2]), dtype=torch.int64, device=self.ctx.device)
+        ids = torch.empty((3, *shape[:2]), dtype=torch.int64, device=comm)
         dist.recv(ids, src=self.rank - 1, tag=_TAG_HIDDEN)
-        self._received = h
+        self._received = h.to(self.ctx.device)
         return {"input_ids": ids[0], "attention_mask": ids[1], "labels": ids[2]}
 
     # ---- checkpoint
@@ -360,7 +362,7 @@ class PipelineStepper:
         self.stage, self.cfg = stage, cfg
         w = stage.wrapped
         self.device = stage.ctx.device
-        self.optimizer = build_optimizer(w, cfg.lr, cfg.lr_lower, cfg.weight_decay)
+        self.optimizer = build_optimizer(w, cfg.lr, cfg.lr_lower, cfg.weight_decay, kind=cfg.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
@@ -445,12 +447,12 @@ class _StatsRelay:
             self._sent[0].wait()
         vals = [rec.get(k) for k in self.FIELDS]
         t = torch.tensor([math.nan if v is None else float(v) for v in vals], dtype=torch.float64,
-                         device=self.ctx.device)
+                         device=self.ctx.comm_device)
         self._sent = (dist.isend(t, dst=0, tag=_TAG_STATS), t)
 
     def post(self, own: dict[str, Any]) -> None:
         """Rank 0: expect the other ranks' numbers for this logging window."""
-        bufs = [torch.empty(len(self.FIELDS), dtype=torch.float64, device=self.ctx.device)
+        bufs = [torch.empty(len(self.FIELDS), dtype=torch.float64, device=self.ctx.comm_device)
                 for _ in range(1, self.ctx.world_size)]
         works = [dist.irecv(b, src=i + 1, tag=_TAG_STATS) for i, b in enumerate(bufs)]
         self._posted += 1

@@ -34,7 +34,7 @@ from lopt.runtime.checkpoints import (STATE_FILE, _extra_state, _save_plain_into
                                       clean_stale_temporaries, run_info, save_training_checkpoint,
                                       stopped_message)
 from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
-from lopt.runtime.loop import Stepper, resolve_device, set_seed
+from lopt.runtime.loop import OPTIMIZERS, Stepper, resolve_device, set_seed
 from lopt.runtime.preflight import preflight_train
 from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
                                 _summary, _tensorboard, install_sigint, trim_log)
@@ -80,6 +80,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
     per_block_step: str = "auto"  # auto | on | off: step each lower block right after its local backward
+    optimizer_in_backward: bool = False  # step the last block's parameters one by one inside the backward
+    optimizer: str = "adamw"  # adamw (fused where possible) | adamw-8bit (bitsandbytes)
     gradient_checkpointing: str = "off"  # off | all | last-block | lower-blocks
     selective_checkpointing: str = "off"  # same scopes; those layers keep their matmul outputs
     precision: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16
@@ -124,6 +126,10 @@ class TrainConfig:
         if self.per_block_step == "on" and not (self.method == "lopt" and self.schedule == "blockwise"
                                                 and self.grad_accum == 1 and self.precision != "fp16"):
             raise LoPTError("per_block_step=on needs method lopt, schedule blockwise, grad_accum 1 and no fp16")
+        if self.optimizer not in OPTIMIZERS:
+            raise LoPTError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer_in_backward:
+            check_optimizer_in_backward(self)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("batch_size", "grad_accum", "max_length", "log_every"):
@@ -165,6 +171,19 @@ def load_sft_state(checkpoint: Path, fsdp: bool) -> dict[str, Any]:
         return [f.name for f in fields(cls)]
 
 
+def check_optimizer_in_backward(cfg: Any) -> None:
+    """What ``optimizer_in_backward`` cannot be combined with: everything that needs all gradients
+    before the first parameter steps."""
+    if cfg.grad_accum != 1:
+        raise LoPTError("--optimizer-in-backward needs --grad-accum 1 (each parameter steps as soon as its "
+                        "gradient is ready, so gradients cannot be accumulated over micro-batches)")
+    if cfg.precision == "fp16":
+        raise LoPTError("--optimizer-in-backward does not work with --precision fp16 (the grad scaler checks "
+                        "every gradient for inf before any step); use bf16 or fp32")
+    if cfg.fsdp or cfg.pipeline:
+        raise LoPTError("--optimizer-in-backward runs in one process only: drop --fsdp / --pipeline or it")
+
+
 def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState], None]] | None = None
           ) -> TrainResult:
     """Run supervised post-training; returns the summary (also written to ``lopt_run.json``) and the
@@ -182,6 +201,12 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
             return train_pipeline(cfg, ctx, callbacks)
         finally:
             ctx.close()
+    if ctx is not None and cfg.fsdp and ctx.device.type == "cuda" and ctx.backend != "nccl":
+        raise LoPTError(f"--fsdp needs one GPU per process (NCCL); these {ctx.world_size} processes share "
+                        f"{ctx.device}: launch at most as many processes as GPUs")
+    if ctx is not None and cfg.optimizer_in_backward:
+        raise LoPTError("--optimizer-in-backward runs in one process only (the gradients would have to be "
+                        "averaged across processes before each parameter's step); drop it or the launcher")
     if ctx is not None and cfg.fsdp and cfg.eval_every:
         raise LoPTError("--eval-every is not supported with --fsdp (the sharded model runs only on all "
                         "ranks together); evaluate the saved checkpoint with lopt eval")
@@ -233,7 +258,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
         if dp is not None:
             dp.load_optimizer_state(wrapped, optimizer, ts["optimizer"])
         else:
-            optimizer.load_state_dict(ts["optimizer"])
+            stepper.load_optimizer_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
         batches.load_state_dict(ts["data"])
         if scaler is not None and ts.get("scaler"):
@@ -267,7 +292,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
         print(f"lopt: {describe_skips(data_stats)}", file=sys.stderr)
 
     def make_state() -> dict[str, Any]:
-        opt_state = dp.optimizer_state(wrapped, optimizer) if dp is not None else optimizer.state_dict()
+        opt_state = dp.optimizer_state(wrapped, optimizer) if dp is not None else stepper.optimizer_state_dict()
         return {"step": state.step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "fsdp": cfg.fsdp,
                 "data": batches.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "extra_state": _extra_state(wrapped), "history": state.history,

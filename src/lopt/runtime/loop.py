@@ -8,6 +8,8 @@ from typing import Any, Callable
 import torch
 
 from lopt.engine.boundary import LoPTModel
+from lopt.engine.config import LoPTError
+from lopt.runtime.optim_in_backward import OptimizerInBackward
 
 
 def set_seed(seed: int) -> None:
@@ -45,17 +47,34 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+OPTIMIZERS = ("adamw", "adamw-8bit")
+
+
 def build_optimizer(wrapped: LoPTModel, lr: float, lr_lower: float | None = None,
-                    weight_decay: float = 0.0, fused: bool = True) -> torch.optim.AdamW:
+                    weight_decay: float = 0.0, fused: bool = True, kind: str = "adamw") -> torch.optim.Optimizer:
     """AdamW over ``wrapped.param_groups`` (upper block at ``lr``, lower blocks, embeddings and local
     heads at ``lr_lower``), with PyTorch's fused kernel where the parameters allow it (CPU and CUDA
     floating point): besides being faster, the default multi-tensor kernel allocates a temporary the
     size of all parameters (the square root of the second moment), which made the optimizer step the
-    peak of a whole training step."""
-    groups = wrapped.param_groups(lr, lr_lower, weight_decay)
+    peak of a whole training step. ``kind="adamw-8bit"``: bitsandbytes' blockwise 8-bit AdamW."""
+    return make_optimizer(wrapped.param_groups(lr, lr_lower, weight_decay), kind, fused)
+
+
+def make_optimizer(groups: list[dict[str, Any]], kind: str = "adamw", fused: bool = True) -> torch.optim.Optimizer:
+    """The optimizer ``kind`` (one of ``OPTIMIZERS``) over parameter ``groups`` (each with its lr and
+    weight_decay), betas (0.9, 0.999), eps 1e-8."""
     params = [p for g in groups for p in g["params"]]
+    if kind == "adamw-8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise LoPTError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(groups, lr=groups[0]["lr"], betas=(0.9, 0.999), eps=1e-8)
+    if kind != "adamw":
+        raise LoPTError(f"unknown optimizer {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
     fused = fused and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"] if groups else 1e-3, betas=(0.9, 0.999), eps=1e-8,
+                             fused=fused or None)
 
 
 class Stepper:
@@ -67,7 +86,8 @@ class Stepper:
         # dist: a lopt.parallel.data_parallel.DataParallel for multi-process runs (slices the batches, scales the
         # losses, synchronises gradients); None in a single process.
         self.wrapped, self.cfg, self.device, self.dist = wrapped, cfg, device, dist
-        self.optimizer = build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay)
+        kind = getattr(cfg, "optimizer", "adamw")
+        self.optimizer = build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay, kind=kind)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
         self.amp_dtype = autocast_dtype(cfg.precision, device)
@@ -80,6 +100,22 @@ class Stepper:
         wrapped.after_local_backward = self._step_block if self.per_block else None
         if dist is not None:
             wrapped.after_local_backward = dist.local_hook(wrapped.after_local_backward)
+        # --optimizer-in-backward: the last block's parameters step inside the task backward.
+        self.in_backward: OptimizerInBackward | None = None
+        if getattr(cfg, "optimizer_in_backward", False):
+            self.in_backward = OptimizerInBackward(
+                wrapped.block_parameters(len(wrapped.block_ranges) - 1), self.optimizer,
+                lambda groups: make_optimizer(groups, kind), cfg.max_grad_norm)
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The optimizer state to checkpoint (the same format with or without the optimizer in backward)."""
+        return self.in_backward.state_dict() if self.in_backward else self.optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.in_backward:
+            self.in_backward.load_state_dict(sd)
+        else:
+            self.optimizer.load_state_dict(sd)
 
     def _step_block(self, block: int, params: list[torch.nn.Parameter]) -> None:
         # Each lower block is clipped and stepped as soon as its local backward is done, and its
@@ -105,11 +141,36 @@ class Stepper:
             w.open_boundary = False
 
     def _step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        w, dev = self.wrapped, self.device
-        loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
+        w = self.wrapped
         n = len(micro_batches)
         if self.dist is not None:
             micro_batches = self.dist.local_batches(micro_batches)
+        if self.in_backward is not None:
+            self.in_backward.active = True
+        try:
+            loss_sum, aux_sum, n_aux, tokens = self._forward_backward(micro_batches, n)
+        finally:
+            if self.in_backward is not None:
+                self.in_backward.active = False
+        if self.dist is not None:
+            self.dist.finish()
+            loss_sum, aux_sum, tokens = self.dist.reduce_stats(loss_sum, aux_sum, tokens)
+        grad_norm, lr = finish_step(self, list(w.parameters()))
+        # The whole gradient's norm: the blocks stepped early, what finish_step stepped, and the
+        # parameters stepped in the backward (all before clipping).
+        sq = [n * n for n in self._block_norms] + ([grad_norm * grad_norm] if grad_norm is not None else [])
+        if self.in_backward is not None and (oib := self.in_backward.pop_norm_sq()) is not None:
+            sq.append(oib)
+        if self._block_norms or self.in_backward is not None:
+            grad_norm = math.sqrt(sum(sq)) if sq else None
+            self._block_norms.clear()
+        return {"loss": loss_sum / len(micro_batches), "aux_loss": aux_sum / n_aux if n_aux else None,
+                "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], n: int
+                          ) -> tuple[float, float, int, int]:
+        w, dev = self.wrapped, self.device
+        loss_sum, aux_sum, n_aux, tokens = 0.0, 0.0, 0, 0
         for i, b in enumerate(micro_batches):
             b = {k: v.to(dev) for k, v in b.items()}
             scale = self.scaler.scale(torch.ones((), device=dev)).item() if self.scaler else 1.0
@@ -131,15 +192,7 @@ class Stepper:
                     aux_sum += out.aux_loss.item() * wa
                 n_aux += 1
             tokens += int(b["attention_mask"].sum())
-        if self.dist is not None:
-            self.dist.finish()
-            loss_sum, aux_sum, tokens = self.dist.reduce_stats(loss_sum, aux_sum, tokens)
-        grad_norm, lr = finish_step(self, list(w.parameters()))
-        if self._block_norms:
-            grad_norm = math.sqrt(sum(n * n for n in self._block_norms) + (grad_norm or 0.0) ** 2)
-            self._block_norms.clear()
-        return {"loss": loss_sum / len(micro_batches), "aux_loss": aux_sum / n_aux if n_aux else None,
-                "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        return loss_sum, aux_sum, n_aux, tokens
 
 
 def is_open_step(step: int, task_grad_every: int) -> bool:
