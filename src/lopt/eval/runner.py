@@ -13,7 +13,7 @@ from typing import Any
 
 from lopt.eval.common import EVAL_FILE, EvalError
 # The task families register their kinds on import, in this order (the order --help lists them).
-from lopt.eval import generation, multiple_choice, suite, perplexity, kl, drift, lm_eval_bridge  # noqa: F401,I001
+from lopt.eval import generation, multiple_choice, perplexity, kl, drift, lm_eval_bridge, suite  # noqa: F401,I001
 from lopt.eval.drift import read_boundaries
 from lopt.eval.suite import PRIMARY
 from lopt.eval.tasks import TASKS, TaskRun, check_tasks, parse_task, reads_data, resolve_data, task_kinds
