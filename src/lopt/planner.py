@@ -67,7 +67,7 @@ def _alias_key(name: str) -> str:
 def load_config(source: Any) -> Any:
     """A transformers config from an alias, a checkpoint directory, a ``config.json`` path, a dict or
     a config object. Raises PlanError (one line) when there is none."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
         return source
