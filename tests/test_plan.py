@@ -175,6 +175,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         plan(tiny_config(), batch_size=1, max_length=8, methods=["galore"])
     with pytest.raises(PlanError, match="num_blocks must be"):
         plan(tiny_config(), batch_size=1, max_length=8, methods=["lopt-k9"])
+    with pytest.raises(PlanError, match="sliding-window attention"):
+        plan(tiny_config("mistral") | {"sliding_window": 16}, batch_size=1, max_length=32)
     with pytest.raises(PlanError, match="need a method with a boundary"):
         plan(tiny_config(), batch_size=1, max_length=8, methods=["e2e"], gradient_checkpointing="last-block")
     assert main(["--model", "nope-7b"]) == 2

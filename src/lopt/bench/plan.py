@@ -69,7 +69,7 @@ def _alias_key(name: str) -> str:
 def load_config(source: Any) -> Any:
     """A transformers config from an alias, a checkpoint directory, a ``config.json`` path, a dict or
     a config object. Raises PlanError (one line) when there is none."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
         return source
@@ -403,6 +403,10 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
                         f"layers; this config is {text.model_type!r}")
     if getattr(text, "hidden_act", "silu") not in ("silu", "swish"):
         raise PlanError(f"lopt plan models SiLU-gated MLPs; this config's hidden_act is {text.hidden_act!r}")
+    window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
+    if isinstance(window, int) and max_length > window:
+        raise PlanError(f"this model uses sliding-window attention ({window} tokens) and --max-length {max_length} "
+                        f"is longer: lopt plan models full causal attention only; plan at most {window} tokens")
     counts = count_parameters(text)
     shape = LayerShape.from_config(text)
     amp = precision == "bf16"

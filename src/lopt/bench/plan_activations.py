@@ -251,8 +251,6 @@ def layer_memory(tr: Trace, shape: LayerShape, tokens: int, batch: int, x: _T, c
     kept = 0 if x.uid in tr.saved else x.nbytes
     tr.saved[x.uid] = x.nbytes
     cache = sum(inner.matmul_outputs.values()) if mode.checkpoint == "selective" else 0
-    # The layer's output needs a gradient when anything inside could give it one.
-    out = _T(out.numel, out.itemsize, out.grad, out.uid)
     return out, LayerMemory(held=kept + cache, visible=kept, rebuilt=inner.bytes)
 
 
