@@ -177,8 +177,10 @@ def _add_options(p: argparse.ArgumentParser, config_cls: type, helps: dict[str, 
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
+        text = helps.get(f.name, "")
+        # A help that explains its default itself (lr_lower, lambda_aux: None = "depends") keeps it.
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                              "help": f"{helps.get(f.name, '')} (default: {default})"}
+                              "help": text if "(default:" in text else f"{text} (default: {default})"}
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "boundaries":
