@@ -52,6 +52,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora"},
     # Optimizer-side memory: the last block's step inside the backward, 8-bit AdamW states (bitsandbytes).
     "e2e+oib": {"method": "e2e", "optimizer_in_backward": True},
+    "e2e+gc+oib": {"method": "e2e", "gradient_checkpointing": "all", "optimizer_in_backward": True},
+    "lopt-k2+sel": {"method": "lopt", "num_blocks": 2, "selective_checkpointing": "all"},
+    "lopt-k2+sel+oib": {"method": "lopt", "num_blocks": 2, "selective_checkpointing": "all",
+                        "optimizer_in_backward": True},
+    "lopt-k2+gc+oib": {"method": "lopt", "num_blocks": 2, "gradient_checkpointing": "all",
+                       "optimizer_in_backward": True},
     "lopt-k2+oib": {"method": "lopt", "num_blocks": 2, "optimizer_in_backward": True},
     "lopt-k4+oib": {"method": "lopt", "num_blocks": 4, "optimizer_in_backward": True},
     "e2e+8bit": {"method": "e2e", "optimizer": "adamw-8bit"},
