@@ -59,28 +59,29 @@ VARIANTS: dict[str, Callable[..., Any]] = {"lopt-chunked": _lopt_chunked, "full-
 
 def time_heads(batches: list[dict[str, torch.Tensor]], weight: torch.Tensor, variants: list[str],
                repeats: int = 3) -> list[dict[str, Any]]:
-    """Median forward+backward time of each variant over ``batches`` (one warm-up pass first)."""
+    """Median forward+backward time of each variant over ``batches``, the variants interleaved
+    (one untimed pass of each first), so that machine drift hits them alike."""
     hidden_size = weight.shape[1]
     g = torch.Generator().manual_seed(0)
     hs = [torch.randn(*b["labels"].shape, hidden_size, generator=g) for b in batches]
-    out = []
-    for name in variants:
-        fn = VARIANTS[name]
-        times, projected = [], 0
-        for r in range(repeats + 1):
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    projected: dict[str, int] = {}
+    for r in range(repeats + 1):
+        for name in variants:
             t0 = time.perf_counter()
-            projected = 0
+            n_proj = 0
             for h0, b in zip(hs, batches):
                 h = h0.clone().requires_grad_()
                 w = weight.detach().clone().requires_grad_()
-                loss, n = fn(h, w, b["labels"])
+                loss, n = VARIANTS[name](h, w, b["labels"])
                 loss.backward()
-                projected += n
+                n_proj += n
             if r:
-                times.append(time.perf_counter() - t0)
-        out.append({"variant": name, "seconds_per_batch": statistics.median(times) / len(batches),
-                    "projected_positions_per_batch": projected / len(batches)})
-    return out
+                times[name].append(time.perf_counter() - t0)
+            projected[name] = n_proj
+    return [{"variant": v, "seconds_per_batch": statistics.median(times[v]) / len(batches),
+             "min_s": min(times[v]) / len(batches), "max_s": max(times[v]) / len(batches),
+             "projected_positions_per_batch": projected[v] / len(batches)} for v in variants]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = time_heads(batches, weight, ns.variants, ns.repeats)
     print(f"{ns.dataset or 'random tokens'}: {padded:.0f} padded positions per batch, {real:.0f} real tokens, "
           f"{labelled:.0f} labelled; head {tuple(weight.shape)}; {torch.get_num_threads()} threads")
-    print("| variant | s per batch (fwd+bwd) | positions projected |\n|---|---|---|")
+    print("| variant | s per batch, fwd+bwd (min-max) | positions projected |\n|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['seconds_per_batch']:.3f} | {r['projected_positions_per_batch']:.0f} |")
+        print(f"| {r['variant']} | {r['seconds_per_batch']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | "
+              f"{r['projected_positions_per_batch']:.0f} |")
     if ns.json:
         from pathlib import Path
 

@@ -56,6 +56,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "badam": {"method": "badam"},  # LLaMA-Factory's example: one layer at a time, ascending, 50 steps each
     # Optimizer-side memory: the last block's step inside the backward, 8-bit AdamW states (bitsandbytes).
     "e2e+oib": {"method": "e2e", "optimizer_in_backward": True},
+    "e2e+gc+oib": {"method": "e2e", "gradient_checkpointing": "all", "optimizer_in_backward": True},
+    "lopt-k2+sel": {"method": "lopt", "num_blocks": 2, "selective_checkpointing": "all"},
+    "lopt-k2+sel+oib": {"method": "lopt", "num_blocks": 2, "selective_checkpointing": "all",
+                        "optimizer_in_backward": True},
+    "lopt-k2+gc+oib": {"method": "lopt", "num_blocks": 2, "gradient_checkpointing": "all",
+                       "optimizer_in_backward": True},
     "lopt-k2+oib": {"method": "lopt", "num_blocks": 2, "optimizer_in_backward": True},
     "lopt-k4+oib": {"method": "lopt", "num_blocks": 4, "optimizer_in_backward": True},
     "e2e+8bit": {"method": "e2e", "optimizer": "adamw-8bit"},
