@@ -20,7 +20,7 @@ per-item scores over sqrt(n); perplexity's uses the delta method, ppl * stderr(m
 """
 from __future__ import annotations
 
-import json
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from lopt.eval.common import EvalError, _chunks, _max_positions, _progress
+from lopt.eval.common import EvalError, _chunks, _max_positions, _progress, _read_jsonl
 from lopt.eval.scoring import _encode_pairs, _score_batch
 
 __all__ = [
@@ -85,26 +85,11 @@ def lambada_split(text: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- file readers
 
 
-def _read_jsonl(path: Path, what: str, limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+def _first_rows(path: Path, what: str, limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for the first ``limit`` non-blank lines of a JSONL file."""
     if not path.is_file():
         raise EvalError(f"{what} file not found: {path}; give the path as KIND:PATH")
-    n = 0
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if limit is not None and n >= limit:
-                return
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path} line {lineno}: not valid JSON ({e.msg}); is this the {what} "
-                                f"JSONL file?") from None
-            if not isinstance(row, dict):
-                raise EvalError(f"{path} line {lineno}: expected a JSON object ({what} JSONL)")
-            n += 1
-            yield lineno, row
+    return itertools.islice(_read_jsonl(path, what), limit)
 
 
 def _need_str(row: dict[str, Any], key: str, path: Path, lineno: int, what: str, columns: str) -> str:
@@ -120,7 +105,7 @@ def load_arc(path: str | Path, limit: int | None = None) -> list[Doc]:
     is looked up among the choices' own labels, so letters (A-E) and digits (1-5) both work."""
     path = Path(path)
     docs = []
-    for lineno, row in _read_jsonl(path, "ARC", limit):
+    for lineno, row in _first_rows(path, "ARC", limit):
         question = row.get("question")
         choices = question.get("choices") if isinstance(question, dict) else None
         if (not isinstance(question, dict) or not isinstance(question.get("stem"), str)
@@ -157,7 +142,7 @@ def load_piqa(path: str | Path, limit: int | None = None, labels: str | Path | N
                         f"{piqa_labels_path(path).name} beside the data file)")
     label_lines = labels_path.read_text(encoding="utf-8").splitlines()
     docs = []
-    for n, (lineno, row) in enumerate(_read_jsonl(path, "PIQA", limit)):
+    for n, (lineno, row) in enumerate(_first_rows(path, "PIQA", limit)):
         cols = "goal, sol1, sol2"
         goal, sol1, sol2 = (_need_str(row, k, path, lineno, "PIQA", cols) for k in ("goal", "sol1", "sol2"))
         if n >= len(label_lines):
@@ -180,7 +165,7 @@ def load_winogrande(path: str | Path, limit: int | None = None) -> list[Doc]:
     path = Path(path)
     docs = []
     cols = "sentence, option1, option2, answer"
-    for lineno, row in _read_jsonl(path, "WinoGrande", limit):
+    for lineno, row in _first_rows(path, "WinoGrande", limit):
         sentence, opt1, opt2 = (_need_str(row, k, path, lineno, "WinoGrande", cols)
                                 for k in ("sentence", "option1", "option2"))
         if "_" not in sentence:
@@ -198,7 +183,7 @@ def load_lambada(path: str | Path, limit: int | None = None) -> list[Doc]:
     """LAMBADA rows (``text``): context and last word as :func:`lambada_split` cuts them."""
     path = Path(path)
     docs = []
-    for lineno, row in _read_jsonl(path, "LAMBADA", limit):
+    for lineno, row in _first_rows(path, "LAMBADA", limit):
         text = _need_str(row, "text", path, lineno, "LAMBADA", "text")
         if " " not in text.strip():
             raise EvalError(f"{path} line {lineno}: the text needs at least two words")

@@ -176,7 +176,9 @@ def _chunks(seq: Sequence, size: int) -> Iterator[Sequence]:
         yield seq[i: i + size]
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_jsonl(path: Path, what: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; EvalError names the file and
+    line of a bad one (``what``: the kind of file expected, added to the message as a hint)."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -184,9 +186,11 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise EvalError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+                hint = f"; is this the {what} JSONL file?" if what else ""
+                raise EvalError(f"{path} line {lineno}: not valid JSON ({e.msg}){hint}") from None
             if not isinstance(row, dict):
-                raise EvalError(f"{path} line {lineno}: expected a JSON object")
+                hint = f" ({what} JSONL)" if what else ""
+                raise EvalError(f"{path} line {lineno}: expected a JSON object{hint}")
             yield lineno, row
 
 
