@@ -11,7 +11,6 @@ import gc
 import json
 import math
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from lopt.runtime.checkpoints import (CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, _
 from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
 from lopt.runtime.loop import autocast_dtype, build_optimizer, cosine_with_warmup, finish_step, set_seed
 from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
-                                _summary, _tensorboard, install_sigint, trim_log)
+                                _summary, _tensorboard, close_run, install_sigint, trim_log)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -695,14 +694,7 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[st
             if main:
                 print(stopped_message(state.step, path, cfg.save_only_model), file=sys.stderr)
     finally:
-        if bar:
-            bar.close()
-        if log_file is not None:
-            log_file.close()
-        if tb is not None:
-            tb.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        close_run(bar, log_file, tb, old_handler)
 
     summary = _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
     summary["rank"], summary["world_size"] = ctx.rank, ctx.world_size

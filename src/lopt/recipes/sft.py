@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -37,7 +36,7 @@ from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume,
 from lopt.runtime.loop import OPTIMIZERS, Stepper, resolve_device, set_seed
 from lopt.runtime.preflight import preflight_train
 from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
-                                _summary, _tensorboard, install_sigint, trim_log)
+                                _summary, _tensorboard, close_run, install_sigint, trim_log)
 
 
 @dataclass
@@ -360,13 +359,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
             if main:
                 print(stopped_message(state.step, path, cfg.save_only_model), file=sys.stderr)
     finally:
-        if bar:
-            bar.close()
-        log_file.close()
-        if tb is not None:
-            tb.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+        close_run(bar, log_file, tb, old_handler)
 
     summary = _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
     summary["eval"] = last_eval

@@ -130,3 +130,16 @@ def install_sigint(state: Any, ctx: Any, message: str) -> Any:
         if ctx is None or ctx.is_main:
             print(message, file=sys.stderr)
     return signal.signal(signal.SIGINT, on_sigint)
+
+
+def close_run(bar: Any, log_file: Any, tb: Any, old_handler: Any) -> None:
+    """The end of a training loop, however it ended: close the progress bar, the metrics log and the
+    TensorBoard writer (each may be None) and give Ctrl-C back its previous handler."""
+    if bar:
+        bar.close()
+    if log_file is not None:
+        log_file.close()
+    if tb is not None:
+        tb.close()
+    if old_handler is not None:
+        signal.signal(signal.SIGINT, old_handler)
