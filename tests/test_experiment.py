@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lopt.recipes import experiment as ex
+from lopt.recipes.study import short as ex
 
 
 def test_study_covers_the_issue_configurations():

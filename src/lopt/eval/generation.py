@@ -112,19 +112,20 @@ def _eval_gsm8k(model, tokenizer, path: Path, *, limit, batch_size, progress, ma
                               max_new_tokens=max_new_tokens, batch_size=batch_size,
                               progress=progress, desc="gsm8k")
     correct = unparseable = 0
-    examples = []
-    for r, (_, new) in zip(rows, outputs):
+    examples, items = [], []
+    for i, (r, (_, new)) in enumerate(zip(rows, outputs)):
         text = tokenizer.decode(new, skip_special_tokens=True)
         pred = extract_answer(text)
         unparseable += pred is None
         ok = pred is not None and math.isclose(pred, r["target"], rel_tol=1e-9, abs_tol=1e-6)
         correct += ok
+        items.append({"id": i, "acc": float(ok), "pred": pred})
         if len(examples) < 3:
             examples.append({"question": r["question"], "output": text, "pred": pred,
                              "target": r["target"], "correct": ok})
     n = len(rows)
     return {"acc": correct / n if n else 0.0, "correct": correct, "n": n, "unparseable": unparseable,
-            "max_new_tokens": max_new_tokens, "examples": examples}
+            "max_new_tokens": max_new_tokens, "examples": examples, "items": items}
 
 
 register(Task("gsm8k", "gsm8k[:FILE] generation accuracy on GSM8K-style JSONL", default_data="gsm8k/test.jsonl",

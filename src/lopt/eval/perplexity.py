@@ -70,6 +70,7 @@ def task_loss(model, tokenizer, dataset: str, *, split: str = "test", max_length
     # Similar lengths together: less padding.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
     total, count = 0.0, 0
+    per_item: list[list[float]] = [[0.0, 0] for _ in examples]  # [summed nll, answer tokens], file order
     batches = list(_chunks(order, batch_size))
     for batch in _progress(batches, total=len(batches), desc="task-loss", enabled=progress):
         b = collate([examples[i] for i in batch], _pad_id(tokenizer))
@@ -78,14 +79,19 @@ def task_loss(model, tokenizer, dataset: str, *, split: str = "test", max_length
         logits = out.logits[:, :-1].float()
         labels = b["labels"][:, 1:].to(device)
         keep = labels != -100
-        total += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+        nll = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~keep, 0), reduction="none")
+        nll = (nll * keep).sum(dim=1)
+        for row, i in enumerate(batch):
+            per_item[i] = [float(nll[row]), int(keep[row].sum())]
+        total += float(nll.sum())
         count += int(keep.sum())
     if count == 0:
         raise EvalError(f"task-loss: {dataset!r} has no answer tokens to score")
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "n": len(examples),
             "split": split, "max_length": max_length, "format": stats.get("format"),
-            "truncated": stats.get("truncated")}
+            "truncated": stats.get("truncated"),
+            "items": [{"id": i, "nll": n, "tokens": t} for i, (n, t) in enumerate(per_item)]}
 
 
 def _run_max_length(model) -> int:

@@ -1,0 +1,160 @@
+"""What study v2 runs: its budget, its configurations, and the ``lopt train`` command of every run.
+
+Every configuration trains on the same GSM8K examples in the same order (for a given seed) for the same
+number of optimizer steps; only the method and its options change. The learning rate of the
+full-parameter methods and LoRA's come from a sweep (:mod:`lopt.recipes.study.run`), so a run's
+settings are known only once the sweep is done: ``train_config`` takes them as arguments.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lopt.recipes.sft import TrainConfig
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much every configuration gets, and how each is measured; the same for all of them."""
+
+    # Training: 256 steps x 4 = 1,024 examples, one epoch over the first 1,024 rows of GSM8K train
+    # (order drawn from the seed). The issue's floor is 1,000 examples; with 13 runs, the sweep, the
+    # evaluations and the curves this is what the study's 6-hour budget holds on 2 CPU cores (RESULTS.md).
+    steps: int = 256
+    batch_size: int = 4
+    train_rows: int = 1024
+    max_length: int = 384  # 3% of GSM8K train examples are longer with the chat template (cut at the end)
+    warmup_ratio: float = 0.05
+    # The forgetting curves read the checkpoints at these fractions of the steps (0 is the base, 1 the
+    # final model, whose evaluation includes the curve's items).
+    curve_fractions: tuple[float, ...] = (0.25, 0.5)
+    # The learning-rate sweep: e2e (for every full-parameter method) and LoRA, a quarter of the steps
+    # each, scored by answer loss on the last rows of the train file (never trained on).
+    sweep_steps: int = 64
+    sweep_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4)
+    sweep_lora_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    sweep_val_rows: int = 200
+    # Evaluation of every final model.
+    eval_questions: int = 300  # held-out answer loss on the first N GSM8K test questions
+    # Greedy accuracy on the first N of them: at 135M it is a few percent, and generating 256 tokens
+    # for 300 questions would cost ~6 minutes a model.
+    acc_questions: int = 100
+    gsm8k_new_tokens: int = 256
+    # First N rows of each retention file (None: the whole files, 27 minutes a model on 2 cores).
+    retention_rows: int | None = 400
+    # The curve points' subsets: prefixes of the final evaluation's items, so that the base and the
+    # final model's points are read off their full evaluations.
+    curve_questions: int = 100
+    curve_retention_rows: int = 80  # x 5 tasks = 400 items
+    kl_prompts: int = 32  # general prompts answered by the base (retention KL and drift)
+    kl_new_tokens: int = 48
+    eval_batch_size: int = 32
+    # Cost: `lopt bench` in fresh processes.
+    bench_steps: int = 4
+    bench_repeats: int = 2
+    bench_seq_len: int = 256
+    seeds: tuple[int, ...] = (0, 1)  # SEEDED configurations run once per seed
+
+    @property
+    def curve_steps(self) -> list[int]:
+        return [max(1, round(self.steps * f)) for f in self.curve_fractions]
+
+
+V2 = Budget()
+QUICK = Budget(steps=4, batch_size=2, train_rows=8, max_length=256, sweep_steps=2, sweep_lrs=(1e-4, 1e-3),
+               sweep_lora_lrs=(1e-3,), sweep_val_rows=4, eval_questions=4, acc_questions=2, curve_questions=2,
+               gsm8k_new_tokens=8, retention_rows=6, curve_retention_rows=2, kl_prompts=3, kl_new_tokens=6,
+               eval_batch_size=4, bench_steps=1, bench_repeats=1, bench_seq_len=32)
+
+
+def configs() -> dict[str, dict[str, Any]]:
+    """Study name -> TrainConfig overrides. ``lr_lower_ratio`` (lr_lower / lr) and ``lambda_aux`` are
+    always explicit so that a run stays what it says when a library default changes."""
+    return {
+        "e2e": {"method": "e2e"},
+        "freeze-lower": {"method": "freeze-lower"},
+        "lora": {"method": "lora"},
+        # The paper's setting: boundary at the midpoint, reconstruction loss weight 10, lr_lower = lr.
+        "lopt-paper": {"method": "lopt", "num_blocks": 2, "lambda_aux": 10.0, "lr_lower_ratio": 1.0},
+        # lopt's default since study v1: lr_lower = lr / 10.
+        "lopt-default": {"method": "lopt", "num_blocks": 2, "lambda_aux": 10.0, "lr_lower_ratio": 0.1},
+        # The task gradient through the boundary every 4th step, at its defaults (lambda 0, lr_lower = 4 lr).
+        "lopt-tg4": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4, "lambda_aux": 0.0,
+                     "lr_lower_ratio": 4.0},
+        "lisa": {"method": "lisa"},  # LMFlow's defaults: 1 layer, drawn again every 20 steps
+        "badam": {"method": "badam"},  # LLaMA-Factory's example: 1 layer, 50 steps, ascending
+    }
+
+
+SEEDED = ("e2e", "lopt-tg4")  # run with every seed in Budget.seeds: the run-to-run noise
+QUICK_CONFIGS = ("e2e", "lopt-tg4", "lora")
+
+# Settings that change what a step costs (memory, time); the rest (lambda, lr) only change numbers.
+COST_KEYS = ("method", "num_blocks", "boundaries", "local_objective", "lower_every", "task_grad_every")
+
+
+def runs(names: list[str], budget: Budget) -> list[tuple[str, str, int]]:
+    """``(run, configuration, seed)`` in the order the study trains them: every configuration with the
+    first seed, then the seeded ones again with the others."""
+    out = [(n, n, budget.seeds[0]) for n in names]
+    out += [(f"{n}-seed{s}", n, s) for s in budget.seeds[1:] for n in names if n in SEEDED]
+    return out
+
+
+def train_config(overrides: dict[str, Any], seed: int, budget: Budget, *, lr: float, model: str | None,
+                 dataset: str, run_dir: Path, steps: int | None = None) -> TrainConfig:
+    """The TrainConfig of one run: the budget, the configuration's options and the swept ``lr``."""
+    o = dict(overrides)
+    ratio = o.pop("lr_lower_ratio", 1.0)
+    steps = steps or budget.steps
+    return TrainConfig(model=model, dataset=dataset, limit=budget.train_rows, max_length=budget.max_length,
+                       output_dir=str(run_dir), lr=lr, lr_lower=lr * ratio, batch_size=budget.batch_size,
+                       max_steps=steps, warmup_ratio=budget.warmup_ratio, seed=seed, progress=False,
+                       log_every=1, **o)
+
+
+# Written out even at their defaults, so that the commands stay the study's if a default changes.
+_PINNED = ("method", "lr", "lr_lower", "batch_size", "seed", "max_steps", "limit", "max_length")
+_PINNED_LOPT = ("num_blocks", "lambda_aux", "task_grad_every")
+_NOT_OPTIONS = ("progress", "log_every")
+
+
+def train_command(cfg: TrainConfig) -> str:
+    """The ``lopt train`` command line of ``cfg``: every option that differs from the default, plus
+    the pinned ones."""
+    default = TrainConfig()
+    dataset = cfg.dataset
+    if os.path.isabs(dataset):
+        try:
+            dataset = os.path.relpath(dataset)
+        except ValueError:  # another drive (Windows)
+            pass
+    args = ["lopt train"]
+    for f in fields(TrainConfig):
+        value = dataset if f.name == "dataset" else getattr(cfg, f.name)
+        pinned = f.name in _PINNED or (cfg.method == "lopt" and f.name in _PINNED_LOPT)
+        if value is None or f.name in _NOT_OPTIONS or (value == getattr(default, f.name) and not pinned):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            args.append(f"{flag} {' '.join(map(str, value))}")
+        elif isinstance(value, float):
+            args.append(f"{flag} {value:g}")
+        else:
+            args.append(f"{flag} {value}")
+    return " ".join(args)
+
+
+def describe(overrides: dict[str, Any] | None) -> str:
+    """A short human description of a configuration (its method and the options it sets)."""
+    if not overrides:
+        return "-"
+    names = {"num_blocks": "k", "lambda_aux": "lambda", "lr_lower_ratio": "lr_lower = lr x",
+             "task_grad_every": "task gradient every", "lower_every": "lower every"}
+    parts = [f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
+             for k, v in overrides.items() if k != "method"]
+    return overrides["method"] + (": " + ", ".join(parts) if parts else "")

@@ -1,0 +1,75 @@
+"""The study's records: one JSON file per finished piece of work (a sweep point, a training run, an
+evaluation, a curve point, the bench), written whole under a temporary name and renamed into place.
+
+A piece is redone only when its record is missing or was made with other settings (its ``spec``), so
+an interrupted study resumes where it stopped and a record is committed as soon as it exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def same_spec(a: Any, b: Any) -> bool:
+    """Compare as JSON sees it: a tuple in a budget comes back from the file as a list."""
+    return json.loads(json.dumps(a, default=float)) == json.loads(json.dumps(b, default=float))
+
+
+class Records:
+    """The folder of records: ``get(name, spec)`` returns a finished record made with ``spec``, else
+    None; ``put(name, spec, record)`` stores one. ``name`` is a relative path without ``.json``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def get(self, name: str, spec: Any) -> dict[str, Any] | None:
+        try:
+            rec = json.loads(self.path(name).read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if same_spec(rec.get("spec"), spec) else None
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        """The record, whatever its spec (for the report)."""
+        try:
+            return json.loads(self.path(name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, name: str, spec: Any, record: dict[str, Any]) -> dict[str, Any]:
+        rec = {"spec": spec, **record}
+        write_json(self.path(name), rec)
+        return rec
+
+
+def machine() -> dict[str, Any]:
+    """The machine and versions a record was made on."""
+    import transformers
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average when a piece starts: a loaded machine makes its timings slower."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None

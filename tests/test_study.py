@@ -1,0 +1,173 @@
+"""Study v2 (make experiment): its plan, its records, its report, and the whole --quick pipeline on a
+tiny model."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from conftest import save_tiny
+from lopt.recipes.study import plan
+from lopt.recipes.study.records import Records
+from lopt.recipes.study.report import write_report
+from lopt.recipes.study.run import run_study
+
+
+def test_the_plan_has_every_run_the_issue_asks_for():
+    names = list(plan.configs())
+    runs = plan.runs(names, plan.V2)
+    got = {r for r, _, _ in runs}
+    for r in ("e2e", "e2e-seed1", "freeze-lower", "lora", "lopt-paper", "lopt-default", "lopt-tg4",
+              "lopt-tg4-seed1", "lisa", "badam"):
+        assert r in got
+    c = plan.configs()
+    assert c["lopt-paper"]["lambda_aux"] == 10 and c["lopt-paper"]["lr_lower_ratio"] == 1.0
+    assert c["lopt-default"]["lr_lower_ratio"] == 0.1
+    assert c["lopt-tg4"]["task_grad_every"] == 4 and c["lopt-tg4"]["lr_lower_ratio"] == 4.0
+    # every configuration trains on the same rows, for the same steps: at least 1,000 examples
+    assert plan.V2.steps * plan.V2.batch_size >= 1000 and plan.V2.train_rows == plan.V2.steps * plan.V2.batch_size
+    assert plan.V2.curve_steps == [64, 128]
+
+
+def test_the_commands_are_the_runs_configs():
+    from lopt.cli import build_parser, train_config_from_args
+
+    for name, overrides in plan.configs().items():
+        want = plan.train_config(overrides, 1, plan.V2, lr=3e-5, model=None, dataset="data/train.jsonl",
+                                 run_dir=Path("runs") / name)
+        line = plan.train_command(want)
+        assert line.startswith("lopt train ")
+        got = train_config_from_args(build_parser().parse_args(line.split()[1:]))
+        for field in ("method", "num_blocks", "lambda_aux", "lr", "lr_lower", "batch_size", "max_steps", "limit",
+                      "max_length", "warmup_ratio", "seed", "task_grad_every", "dataset", "output_dir"):
+            assert getattr(got, field) == getattr(want, field), (name, field)
+
+
+def test_records_are_redone_when_their_settings_change(tmp_path):
+    rec = Records(tmp_path)
+    rec.put("a/train", {"steps": 2, "seeds": (0, 1)}, {"x": 1})
+    assert rec.get("a/train", {"steps": 2, "seeds": (0, 1)})["x"] == 1  # a tuple survives the JSON round trip
+    assert rec.get("a/train", {"steps": 3, "seeds": (0, 1)}) is None
+    assert rec.get("missing", {}) is None
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _retention(scores: dict[str, list[float]]) -> dict:
+    from lopt.eval.suite import PRIMARY
+
+    tasks = {k: {"items": [{"id": i, PRIMARY[k]: v} for i, v in enumerate(vals)], PRIMARY[k]: sum(vals) / len(vals)}
+             for k, vals in scores.items()}
+    macro = sum(t[PRIMARY[k]] for k, t in tasks.items()) / len(tasks)
+    return {"tasks": tasks, "macro": {"value": macro, "stderr": 0.01}}
+
+
+def _eval(loss: float, scores: dict[str, list[float]], kl: float) -> dict:
+    layers = [{"cos": 1.0 - 0.01 * i, "cka": 1.0} for i in range(5)]
+    return {"task_loss": {"loss": loss}, "retention": _retention(scores), "retention_kl": {"kl": kl},
+            "gsm8k": {"acc": 0.05}, "drift": {"layers": layers, "boundaries": [2]}, "seconds": 60.0}
+
+
+def test_the_report_reads_drops_goals_and_curves_off_the_records(tmp_path):
+    b = plan.QUICK
+    rec = Records(tmp_path / "results")
+    kinds = ("arc-easy", "arc-challenge", "piqa", "winogrande", "lambada")
+    base = {k: [1, 1, 0, 0] for k in kinds}
+    e2e = {k: [1, 0, 0, 0] for k in kinds}  # one item of four lost on every task: a drop of 25 points
+    tg4 = {k: [1, 1, 0, 0] for k in kinds}  # nothing lost
+    meta = {"budget": json.loads(json.dumps(asdict(b))),
+            "quick": True, "configs": {n: plan.configs()[n] for n in plan.QUICK_CONFIGS}, "model": "m",
+            "num_layers": 4, "dataset": "train.jsonl",
+            "machine": {"cpus": 2, "platform": "p", "torch": "t", "transformers": "x", "python": "3", "threads": 2}}
+    rec.put("meta", None, meta)
+    rec.put("base/eval", {}, {"eval": _eval(2.0, base, 0.0)})
+    rec.put("e2e/train", {"config": "e2e", "seed": 0}, {"command": "lopt train --method e2e", "train_seconds": 600})
+    rec.put("e2e/eval", {"config": "e2e", "seed": 0}, {"eval": _eval(1.0, e2e, 0.04)})
+    rec.put("lopt-tg4/train", {"config": "lopt-tg4", "seed": 0}, {"command": "lopt train --task-grad-every 4",
+                                                                  "train_seconds": 500})
+    rec.put("lopt-tg4/eval", {"config": "lopt-tg4", "seed": 0}, {"eval": _eval(1.01, tg4, 0.01)})
+    for step in b.curve_steps:
+        rec.put(f"e2e/curve-{step}", {}, {"step": step, "eval": _eval(1.5, e2e, 0.02)})
+    rec.put("bench", {}, {"rows": [{"name": "e2e", "peak_step_mb": 1000.0, "tokens_per_s": 100.0},
+                                   {"name": "lopt-tg4", "peak_step_mb": 700.0, "tokens_per_s": 125.0}],
+                          "wall_s": 120.0})
+    text = write_report(tmp_path).read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| e2e | e2e |"))
+    assert "| +25.0 ± " in row  # the macro drop, with its paired standard error
+    goal = next(ln for ln in text.splitlines() if ln.startswith("| lopt-tg4 | 1.010 |"))
+    assert goal.endswith("| yes |") and "| 0.00 | 1.25 | 0.70 |" in goal
+    assert "**Partial report**" in text and "lora" in text.split("**Partial report**")[1].splitlines()[0]
+    curve = next(ln for ln in text.splitlines() if ln.startswith("| e2e | 2.000 / +0.0 |"))
+    assert curve.count("/ +50.0 ± ") == 3  # the first 2 items of each task: 1,1 then 1,0; both checkpoints and the final
+    assert "| **total** | **0.42** |" in text  # 600 + 500 s training, 3 x 60 s evaluations, 2 x 60 s curves, 120 s bench
+    for png in ("curves.png", "loss-vs-retention.png", "memory-vs-speed.png", "drift.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_quick_study_runs_the_whole_pipeline_and_resumes(shared_data, tmp_path, monkeypatch):
+    model = save_tiny(tmp_path / "tiny")
+    monkeypatch.setenv("LOPT_EXPERIMENT_RUNS", str(tmp_path / "runs"))
+    out = tmp_path / "out"
+    run_study(out, quick=True, model=str(model), data_dir=shared_data, progress=False)
+    rec = Records(out / "results")
+    b = plan.QUICK
+    for lr in b.sweep_lrs:
+        assert rec.read(f"sweep/e2e-lr{lr:g}")["val"]["loss"] > 0
+    base = rec.read("base/eval")["eval"]
+    assert abs(base["retention_kl"]["kl"]) < 1e-6
+    assert {k: t["n"] for k, t in base["retention"]["tasks"].items()} == dict.fromkeys(
+        ("arc-easy", "arc-challenge", "piqa", "winogrande", "lambada"), b.retention_rows)
+    for run, name, _ in plan.runs(list(plan.QUICK_CONFIGS), b):
+        train = rec.read(f"{run}/train")
+        assert train["summary"]["steps"] == b.steps and train["command"].startswith("lopt train")
+        ev = rec.read(f"{run}/eval")["eval"]
+        assert ev["retention_kl"]["kl"] > 0 and len(ev["task_loss"]["items"]) == b.eval_questions
+        for step in b.curve_steps:
+            point = rec.read(f"{run}/curve-{step}")
+            assert point["step"] == step
+            assert {t["n"] for t in point["eval"]["retention"]["tasks"].values()} == {b.curve_retention_rows}
+    assert {r["name"] for r in rec.read("bench")["rows"]} == set(plan.QUICK_CONFIGS)
+    text = (out / "RESULTS.md").read_text()
+    assert "Partial report" not in text and "## Forgetting curves" in text and "## Wall time" in text
+    for png in ("curves.png", "loss-vs-retention.png", "memory-vs-speed.png", "drift.png"):
+        assert (out / "results" / png).stat().st_size > 1000
+    assert not (tmp_path / "runs" / "e2e").exists()  # records are kept, weights are not
+    # a second call finds every record and redoes nothing
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json") if p.name != "meta.json"}
+    run_study(out, quick=True, model=str(model), data_dir=shared_data, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json") if p.name != "meta.json"} == stamps
+
+
+@pytest.mark.slow
+def test_a_killed_run_continues_from_its_checkpoint(shared_data, tmp_path, monkeypatch):
+    """A run whose training was interrupted after a checkpoint continues from it: the record says so and
+    the curve point at that step is still measured."""
+    from lopt.recipes.sft import train
+    from lopt.recipes.study.run import Study
+
+    model = save_tiny(tmp_path / "tiny")
+    monkeypatch.setenv("LOPT_EXPERIMENT_RUNS", str(tmp_path / "runs"))
+    study = Study(tmp_path / "out", quick=True, model=str(model), data_dir=shared_data, keep_models=False,
+                  progress=False)
+    b = study.budget
+    run_dir = tmp_path / "runs" / "e2e"
+    cfg = plan.train_config(plan.configs()["e2e"], 0, b, lr=1e-3, model=str(model), dataset=str(study.data.train),
+                            run_dir=run_dir)
+    cfg.save_every = 1
+    train(cfg)
+    # What a kill right after checkpoint-2 leaves: no final model, no later checkpoint.
+    for p in run_dir.iterdir():
+        if p.is_file() and p.name != "metrics.jsonl":
+            p.unlink()
+        elif p.is_dir() and int(p.name.split("-")[1]) > b.curve_steps[-1]:
+            shutil.rmtree(p)
+    study.run("e2e", "e2e", 0, 1e-3)
+    rec = study.records.read("e2e/train")
+    assert rec["resumed_from"] == f"checkpoint-{b.curve_steps[-1]}"
+    assert rec["summary"]["steps"] == b.steps
+    assert [h["step"] for h in rec["history"]] == list(range(1, b.steps + 1))
+    assert study.records.read(f"e2e/curve-{b.curve_steps[0]}")["eval"]["task_loss"]["loss"] > 0
+    assert not run_dir.exists()
