@@ -38,7 +38,6 @@ test-faults: install
 demo: install
 	$(VENV)/bin/lopt demo
 
-# The study behind docs/RESULTS.md (about 80 minutes on 2 CPU cores; resumes where it stopped).
 # Study v2 into docs/ (resumable: run it again to continue). `make experiment ARGS=--quick` runs the whole
 # pipeline in minutes into runs/experiment-quick; `ARGS="--budget short"` is study v1 (docs/short-budget).
 experiment: install
