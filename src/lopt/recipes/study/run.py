@@ -221,7 +221,8 @@ class Study:
             history = [json.loads(ln) for ln in hist.read_text().splitlines() if ln.strip()] if hist.is_file() else []
             done["train"] = self.records.put(f"{run}/train", spec, {
                 "command": plan.train_command(cfg), "train_seconds": round(seconds, 1),
-                "resumed_from": ckpt.name if ckpt else None, "load_average": load, "summary": summary,
+                "resumed_from": ckpt.name if ckpt else None, "load_average": load,
+                "load_average_end": load_average(), "summary": summary,
                 "history": [{k: h.get(k) for k in ("step", "loss", "aux_loss", "grad_norm")} for h in history
                             if "loss" in h]})
             self.say(f"{run}: trained in {seconds:.0f}s")
