@@ -145,6 +145,12 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
                           warmup_ratio=0.0, progress=False, device=spec.device, **spec.overrides)
         cfg.validate()
     model, tokenizer = load_model(spec.model, gguf_file=spec.gguf_file, device=device)
+    if device.type == "cpu":
+        # transformers maps safetensors files without reading them; unread weight pages would become
+        # resident during the first step, after the baseline, and count as the step's memory.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sum()
     batches = bench_batches(spec, tokenizer, model.get_input_embeddings().weight.shape[0])
     if peer == "trl":
         from lopt.bench.peer import run_trl
@@ -204,7 +210,10 @@ def _cycle(overrides: dict[str, Any]) -> int:
 
 
 def _child(spec: BenchSpec, timeout: float | None) -> dict[str, Any]:
+    # A fixed mmap threshold stops glibc from raising it after each large free, after which freed
+    # activation-sized blocks stay resident in its heap and RSS overstates live memory.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     proc = subprocess.run([sys.executable, "-m", "lopt.bench", "--worker", json.dumps(spec.__dict__)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     for line in proc.stdout.splitlines():
