@@ -72,9 +72,12 @@ def test_a_changed_budget_redoes_the_record(tmp_path):
 
 @pytest.mark.slow
 def test_quick_study_end_to_end(shared_data, tmp_path, monkeypatch):
+    from conftest import save_tiny
+
+    model = str(save_tiny(tmp_path / "tiny"))
     monkeypatch.setenv("LOPT_EXPERIMENT_RUNS", str(tmp_path / "runs"))
     out = tmp_path / "out"
-    res = ex.run_study(out, quick=True, data_dir=shared_data, progress=False)
+    res = ex.run_study(out, quick=True, model=model, data_dir=shared_data, progress=False)
     text = (out / "RESULTS.md").read_text()
     for run in ("base", *ex.QUICK_CONFIGS):
         assert f"| {run} |" in text
@@ -92,13 +95,13 @@ def test_quick_study_end_to_end(shared_data, tmp_path, monkeypatch):
     frozen = recs["freeze-lower"]
     b = frozen["boundaries"][0]
     assert all(layer["cka"] > 0.9999 for layer in frozen["eval"]["drift"]["layers"][: b + 1])
-    assert recs["lopt-k2"]["boundaries"] == [15]
+    assert recs["lopt-k2"]["boundaries"] == [2]  # the midpoint of the tiny model's 4 layers
     bench = json.loads((out / "results" / "bench.json").read_text())
     assert {row["name"] for row in bench["rows"]} == set(ex.QUICK_CONFIGS)
     assert not list((tmp_path / "runs").rglob("*.safetensors"))  # the study keeps records, not weights
     # a second call resumes: nothing is trained or measured again
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")}
-    ex.run_study(out, quick=True, data_dir=shared_data, progress=False)
+    ex.run_study(out, quick=True, model=model, data_dir=shared_data, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").glob("*.json")} == stamps
     assert res["report"] == str(out / "RESULTS.md")
 
