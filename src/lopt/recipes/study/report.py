@@ -178,6 +178,7 @@ def write_report(out: Path) -> Path:
                   f"({', '.join(missing)}). The study resumes where it stopped.", ""]
     lines += _setup(meta, records)
     lines += _results_table(runs, expected, cost, e2e, base, configs)
+    lines += _cost_table(rows, bench)
     lines += _retention_table(runs, expected)
     lines += _noise(runs, expected)
     lines += _goal(runs, expected, cost, e2e, configs)
@@ -274,6 +275,23 @@ def _results_table(runs, expected, cost, e2e, base, configs) -> list[str]:
               "for runs without a boundary). Memory and speed come from the bench; runs that differ only in "
               "lambda or learning rate share a row.", ""]
     return lines
+
+
+def _cost_table(rows: dict[str, Any], bench: dict[str, Any] | None) -> list[str]:
+    if not rows:
+        return []
+    ref = rows.get("e2e")
+    lines = ["### Cost: `lopt bench`", "",
+             f"Load average {_fmt((bench or {}).get('load_average'), '{:.1f}')} when the bench started.", "",
+             "| configuration | step s | tokens/s | x e2e | whole-step peak MiB | x e2e | saved activations MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {_fmt(r.get('step_time_s'), '{:.2f}')} | {_fmt(r.get('tokens_per_s'), '{:.0f}')} | "
+                     f"{_fmt(r['tokens_per_s'] / ref['tokens_per_s'] if ref else None, '{:.2f}')} | "
+                     f"{_fmt(r.get('peak_step_mb'), '{:.0f}')} | "
+                     f"{_fmt(r['peak_step_mb'] / ref['peak_step_mb'] if ref and r.get('peak_step_mb') else None, '{:.2f}')} | "
+                     f"{_fmt(r.get('saved_activation_mb'), '{:.0f}')} |")
+    return lines + [""]
 
 
 def _retention_table(runs, expected) -> list[str]:
@@ -397,10 +415,25 @@ def _plots(results_dir: Path, runs: dict[str, Run], expected: list[str], rows) -
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    made = []
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for name, r in rows.items():
+            if r.get("peak_step_mb") is None:
+                continue
+            ax.scatter(r["tokens_per_s"], r["peak_step_mb"], s=22)
+            ax.annotate(name, (r["tokens_per_s"], r["peak_step_mb"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel("tokens/s (higher: faster)")
+        ax.set_ylabel("whole-step peak memory, MiB (lower: leaner)")
+        ax.set_title("Memory against speed")
+        fig.tight_layout()
+        fig.savefig(results_dir / "memory-vs-speed.png", dpi=110)
+        plt.close(fig)
+        made.append(("memory against tokens/s", "memory-vs-speed.png"))
     done = [r for r in expected if runs[r].done]
     if not done:
-        return []
-    made = []
+        return made
     style = {"lopt": "-", "freeze-lower": "--", "e2e": "-", "lora": ":", "lisa": "-.", "badam": "-."}
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
@@ -435,21 +468,6 @@ def _plots(results_dir: Path, runs: dict[str, Run], expected: list[str], rows) -
     plt.close(fig)
     made.append(("final task loss against retention drop", "loss-vs-retention.png"))
 
-    if rows:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for name, r in rows.items():
-            if r.get("peak_step_mb") is None:
-                continue
-            ax.scatter(r["tokens_per_s"], r["peak_step_mb"], s=22)
-            ax.annotate(name, (r["tokens_per_s"], r["peak_step_mb"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xlabel("tokens/s (higher: faster)")
-        ax.set_ylabel("whole-step peak memory, MiB (lower: leaner)")
-        ax.set_title("Memory against speed")
-        fig.tight_layout()
-        fig.savefig(results_dir / "memory-vs-speed.png", dpi=110)
-        plt.close(fig)
-        made.append(("memory against tokens/s", "memory-vs-speed.png"))
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in done:
