@@ -20,8 +20,7 @@ class Budget:
     """How much every configuration gets, and how each is measured; the same for all of them."""
 
     # Training: 256 steps x 4 = 1,024 examples, one epoch over the first 1,024 rows of GSM8K train
-    # (order drawn from the seed). The issue's floor is 1,000 examples; with 13 runs, the sweep, the
-    # evaluations and the curves this is what the study's 6-hour budget holds on 2 CPU cores (RESULTS.md).
+    # (order drawn from the seed). That is the issue's floor (1,000 examples), not more: see BUDGET_NOTE.
     steps: int = 256
     batch_size: int = 4
     train_rows: int = 1024
@@ -63,6 +62,18 @@ class Budget:
 
 
 V2 = Budget()
+
+# Why the budget is what it is; the report quotes it.
+BUDGET_NOTE = (
+    "The issue asks for at least 1,000 examples per run and for 12 training runs; it also budgets 6 hours "
+    "of this 2-core machine. Those do not fit together: an e2e step of 4 GSM8K examples takes 6.2 s here "
+    "(measured in the sweep), so the 12 runs alone need about 4.2 hours of training, and the evaluations "
+    "(about 9 minutes a model, most of it the 2,000 retention items and 100 greedy answers), the curve "
+    "points, the sweep and the bench bring the estimate to about 7.5 hours. So the budget is the smallest "
+    "the issue allows (1,024 examples), the retention suite runs on the first 400 rows of each file "
+    "rather than all 11,806 (27 minutes a model), and greedy accuracy on 100 questions; nothing larger "
+    "fits. Two 1-thread processes in parallel were no faster than one 2-thread process (5.8 s a step "
+    "against 2 x 11.5 s), so the runs go one after another.")
 QUICK = Budget(steps=4, batch_size=2, train_rows=8, max_length=256, sweep_steps=2, sweep_lrs=(1e-4, 1e-3),
                sweep_lora_lrs=(1e-3,), sweep_val_rows=4, eval_questions=4, acc_questions=2, curve_questions=2,
                gsm8k_new_tokens=8, retention_rows=6, curve_retention_rows=2, kl_prompts=3, kl_new_tokens=6,
