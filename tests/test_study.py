@@ -171,3 +171,14 @@ def test_a_killed_run_continues_from_its_checkpoint(shared_data, tmp_path, monke
     assert [h["step"] for h in rec["history"]] == list(range(1, b.steps + 1))
     assert study.records.read(f"e2e/curve-{b.curve_steps[0]}")["eval"]["task_loss"]["loss"] > 0
     assert not run_dir.exists()
+
+
+def test_a_wider_sweep_grid_or_another_bench_keeps_finished_records():
+    from dataclasses import replace
+
+    from lopt.recipes.study.run import budget_spec
+
+    b = plan.V2
+    assert budget_spec(replace(b, sweep_lrs=(1e-5, 3e-5, 1e-4, 3e-4), bench_repeats=3)) == budget_spec(b)
+    assert budget_spec(replace(b, steps=128)) != budget_spec(b)  # what a record depends on still counts
+    assert budget_spec(replace(b, retention_rows=200)) != budget_spec(b)

@@ -36,6 +36,15 @@ from lopt.runtime.checkpoints import latest_checkpoint
 
 Say = Callable[[str], None]
 
+# Budget fields no record's content depends on (the sweep's grid: a sweep point depends on its own lr;
+# the bench's settings: the bench record has its own spec), left out of every spec so that changing
+# them does not redo finished work.
+_NOT_IN_SPECS = ("sweep_lrs", "sweep_lora_lrs", "bench_steps", "bench_repeats", "bench_seq_len")
+
+
+def budget_spec(budget: Budget) -> dict[str, Any]:
+    return {k: v for k, v in asdict(budget).items() if k not in _NOT_IN_SPECS}
+
 
 class StudyData:
     """The study's files: GSM8K train and test and the five retention files, under ``data_dir``
@@ -69,7 +78,7 @@ class Study:
                                             "runs/study-quick" if quick else "runs/study"))
         self.base, self.tokenizer = load_model(model, device="cpu" if not torch.cuda.is_available() else None)
         self.num_layers = self.base.config.num_hidden_layers
-        self.common = {"budget": asdict(self.budget), "model": model}
+        self.common = {"budget": budget_spec(self.budget), "model": model}
         self._continuations = None
 
     def say(self, msg: str) -> None:
