@@ -34,7 +34,8 @@ class Budget:
     sweep_steps: int = 64
     # 3e-4 was added when 1e-4 came out best at the edge of the first grid (1e-5, 3e-5, 1e-4).
     sweep_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)
-    sweep_lora_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    # 3e-3 was added when 1e-3 came out best at the edge of the first LoRA grid.
+    sweep_lora_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3)
     sweep_val_rows: int = 200
     # Evaluation of every final model.
     eval_questions: int = 300  # held-out answer loss on the first N GSM8K test questions
