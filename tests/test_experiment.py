@@ -64,7 +64,7 @@ def test_report_ratios_and_boundary_cka(tmp_path):
 
 def test_a_changed_budget_redoes_the_record(tmp_path):
     path = tmp_path / "r.json"
-    ex._write_json(path, {"spec": {"name": "a", "budget": {"steps": 2}}, "eval": {}})
+    ex.write_json(path, {"spec": {"name": "a", "budget": {"steps": 2}}, "eval": {}})
     assert ex._load_record(path, {"name": "a", "budget": {"steps": 2}}) is not None
     assert ex._load_record(path, {"name": "a", "budget": {"steps": 3}}) is None
     assert ex._load_record(tmp_path / "missing.json", {}) is None
@@ -108,7 +108,7 @@ def test_quick_study_end_to_end(shared_data, tmp_path, monkeypatch):
 
 def test_the_cost_budget_does_not_invalidate_training_records(tmp_path):
     path = tmp_path / "r.json"
-    ex._write_json(path, {"spec": {"name": "a", "budget": {"steps": 2, "bench_repeats": 1}}})
+    ex.write_json(path, {"spec": {"name": "a", "budget": {"steps": 2, "bench_repeats": 1}}})
     assert ex._load_record(path, {"name": "a", "budget": {"steps": 2, "bench_repeats": 2}}) is not None
 
 
@@ -116,7 +116,7 @@ def test_a_record_survives_its_json_round_trip(tmp_path):
     # tuples in the budget come back from the file as lists; the record is still the same run
     path = tmp_path / "r.json"
     spec = {"name": "a", "budget": {"steps": 2, "seeds": (0, 1)}}
-    ex._write_json(path, {"spec": spec})
+    ex.write_json(path, {"spec": spec})
     assert ex._load_record(path, spec) is not None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lopt.recipes.sft import TrainConfig
 
@@ -138,9 +138,15 @@ _PINNED_LOPT = ("num_blocks", "lambda_aux", "task_grad_every")
 _NOT_OPTIONS = ("progress", "log_every")
 
 
-def train_command(cfg: TrainConfig) -> str:
+def study_pinned(cfg: TrainConfig) -> Callable[[str], bool]:
+    """Study v2's rule for which options a command spells out even at their defaults."""
+    return lambda name: name in _PINNED or (cfg.method == "lopt" and name in _PINNED_LOPT)
+
+
+def train_command(cfg: TrainConfig, pinned: Callable[[str], bool] | None = None) -> str:
     """The ``lopt train`` command line of ``cfg``: every option that differs from the default, plus
-    the pinned ones."""
+    those ``pinned(name)`` names (study v2's rule when not given)."""
+    pinned = pinned or study_pinned(cfg)
     default = TrainConfig()
     dataset = cfg.dataset
     if os.path.isabs(dataset):
@@ -151,8 +157,7 @@ def train_command(cfg: TrainConfig) -> str:
     args = ["lopt train"]
     for f in fields(TrainConfig):
         value = dataset if f.name == "dataset" else getattr(cfg, f.name)
-        pinned = f.name in _PINNED or (cfg.method == "lopt" and f.name in _PINNED_LOPT)
-        if value is None or f.name in _NOT_OPTIONS or (value == getattr(default, f.name) and not pinned):
+        if value is None or f.name in _NOT_OPTIONS or (value == getattr(default, f.name) and not pinned(f.name)):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):

@@ -150,7 +150,6 @@ def write_report(out: Path) -> Path:
     if meta is None:
         raise FileNotFoundError(f"{records.path('meta')}: no study records to report on")
     runs, expected = _load_runs(records, meta)
-    b = meta["budget"]
     bench = records.read("bench")
     rows = {r["name"]: r for r in (bench or {}).get("rows", [])}
     configs = meta["configs"]
@@ -408,6 +407,30 @@ def _reproduce(runs, expected, records: Records) -> list[str]:
     return lines + ["```", ""]
 
 
+def memory_speed_plot(results_dir: Path, rows: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """Scatter each bench row's tokens/s against its whole-step peak memory into memory-vs-speed.png
+    (study v2 and the short-budget study share it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, r in rows.items():
+        if r.get("peak_step_mb") is None:
+            continue
+        ax.scatter(r["tokens_per_s"], r["peak_step_mb"], s=22)
+        ax.annotate(name, (r["tokens_per_s"], r["peak_step_mb"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("tokens/s (higher: faster)")
+    ax.set_ylabel("whole-step peak memory, MiB (lower: leaner)")
+    ax.set_title("Memory against speed")
+    fig.tight_layout()
+    fig.savefig(results_dir / "memory-vs-speed.png", dpi=110)
+    plt.close(fig)
+    return ("memory against tokens/s", "memory-vs-speed.png")
+
+
 def _plots(results_dir: Path, runs: dict[str, Run], expected: list[str], rows) -> list[tuple[str, str]]:
     try:
         import matplotlib
@@ -418,20 +441,7 @@ def _plots(results_dir: Path, runs: dict[str, Run], expected: list[str], rows) -
         return []
     made = []
     if rows:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for name, r in rows.items():
-            if r.get("peak_step_mb") is None:
-                continue
-            ax.scatter(r["tokens_per_s"], r["peak_step_mb"], s=22)
-            ax.annotate(name, (r["tokens_per_s"], r["peak_step_mb"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xlabel("tokens/s (higher: faster)")
-        ax.set_ylabel("whole-step peak memory, MiB (lower: leaner)")
-        ax.set_title("Memory against speed")
-        fig.tight_layout()
-        fig.savefig(results_dir / "memory-vs-speed.png", dpi=110)
-        plt.close(fig)
-        made.append(("memory against tokens/s", "memory-vs-speed.png"))
+        made.append(memory_speed_plot(results_dir, rows))
     done = [r for r in expected if runs[r].done]
     if not done:
         return made

@@ -159,9 +159,8 @@ class Study:
                                             dataset=str(self.data.train), run_dir=run_dir, steps=b.sweep_steps)
                     load = load_average()
                     t0 = time.perf_counter()
-                    result = train(cfg)
+                    train(cfg)  # its result holds the model: not kept, so that memory is freed
                     seconds = time.perf_counter() - t0
-                    del result
                     gc.collect()
                     model, tok = load_model(str(run_dir), device="cpu" if not torch.cuda.is_available() else None)
                     with torch.no_grad():

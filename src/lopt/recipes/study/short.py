@@ -18,10 +18,9 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,9 @@ from lopt.eval.perplexity import task_loss
 from lopt.eval.tasks import resolve_data
 from lopt.models import load_model
 from lopt.recipes.sft import TrainConfig, train
+from lopt.recipes.study.plan import train_command as plan_train_command
+from lopt.recipes.study.records import machine, write_json
+from lopt.recipes.study.report import memory_speed_plot
 
 
 @dataclass(frozen=True)
@@ -127,27 +129,13 @@ def train_command(name: str, overrides: dict[str, Any], seed: int, budget: Budge
                   dataset: str, run_dir: Path) -> str:
     """The ``lopt train`` command line of one study run: every option that differs from the default."""
 
-    cfg, default = _train_config(name, overrides, seed, budget, model=model, dataset=dataset, run_dir=run_dir), TrainConfig()
-    if os.path.isabs(cfg.dataset):
-        try:
-            cfg.dataset = os.path.relpath(cfg.dataset)
-        except ValueError:  # another drive (Windows)
-            pass
-    args = ["lopt train"]
-    for f in fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        pinned = f.name in _PINNED and not (f.name == "num_blocks" and cfg.boundaries) and (
-            cfg.method == "lopt" or f.name not in _LOPT_ONLY)
-        if value is None or f.name in ("progress", "log_every") or (value == getattr(default, f.name) and not pinned):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, (list, tuple)):
-            args.append(f"{flag} {' '.join(map(str, value))}")
-        else:
-            args.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
-    return " ".join(args)
+    cfg = _train_config(name, overrides, seed, budget, model=model, dataset=dataset, run_dir=run_dir)
+
+    def pinned(field: str) -> bool:
+        return (field in _PINNED and not (field == "num_blocks" and cfg.boundaries)
+                and (cfg.method == "lopt" or field not in _LOPT_ONLY))
+
+    return plan_train_command(cfg, pinned)
 
 
 def evaluate_model(model, tokenizer, base, continuations, boundaries: list[int] | None, budget: Budget,
@@ -197,12 +185,6 @@ def _load_record(path: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     return rec if _spec_key(rec.get("spec")) == wanted else None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- the study
 
 
@@ -239,7 +221,7 @@ def run_study(out: Path, *, quick: bool = False, model: str | None = None, only:
     seeds = budget.seeds if not quick else budget.seeds[:1]
     runs = [(n, s) for s in seeds for n in names if s == seeds[0] or n in NOISE_CONFIGS]
     meta = {"budget": asdict(budget), "quick": quick, "model": model or "smollm2-135m-instruct (embedded)",
-            "num_layers": num_layers, "dataset": str(gsm8k_train), "machine": _machine()}
+            "num_layers": num_layers, "dataset": str(gsm8k_train), "machine": machine()}
     say(f"{len(runs)} training runs + the base; records in {results_dir}")
 
     continuations = None
@@ -271,7 +253,7 @@ def run_study(out: Path, *, quick: bool = False, model: str | None = None, only:
             rec = {"spec": spec, "name": "base", "seed": None,
                    "eval": evaluate_model(base, tokenizer, base, conts(), [num_layers // 2], budget,
                                           gsm8k_test=gsm8k_test, mmlu_dir=mmlu_dir)}
-            _write_json(path, rec)
+            write_json(path, rec)
         records["base"] = rec
 
     for i, (name, seed) in enumerate(runs):
@@ -302,7 +284,7 @@ def run_study(out: Path, *, quick: bool = False, model: str | None = None, only:
                "train": summary, "history": [{k: h.get(k) for k in ("step", "loss", "aux_loss", "grad_norm")}
                                              for h in history],
                "boundaries": boundaries, "eval": ev}
-        _write_json(path, rec)
+        write_json(path, rec)
         records[run] = rec
         del result, wrapped
         gc.collect()
@@ -348,17 +330,8 @@ def _bench_phase(results_dir: Path, configs: dict[str, dict[str, Any]], budget: 
     res = run_bench(list(table), [budget.batch_size], model=model, seq_len=budget.bench_seq_len, warmup=1,
                     steps=budget.bench_steps, repeats=budget.bench_repeats, progress=True, table=table)
     rec = {"spec": spec, **res}
-    _write_json(path, rec)
+    write_json(path, rec)
     return rec
-
-
-def _machine() -> dict[str, Any]:
-    import transformers
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 # --------------------------------------------------------------------------- the report
@@ -595,18 +568,5 @@ def _plots(results_dir: Path, m, records, bench_rows, configs) -> list[tuple[str
     made.append(("task loss against retention", "loss-vs-retention.png"))
 
     if bench_rows:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        for name, r in bench_rows.items():
-            if r.get("peak_step_mb") is None:
-                continue
-            ax.scatter(r["tokens_per_s"], r["peak_step_mb"], s=20)
-            ax.annotate(name, (r["tokens_per_s"], r["peak_step_mb"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xlabel("tokens/s (higher: faster)")
-        ax.set_ylabel("peak memory of a step, MiB (lower: leaner)")
-        ax.set_title("Memory against speed")
-        fig.tight_layout()
-        fig.savefig(results_dir / "memory-vs-speed.png", dpi=110)
-        plt.close(fig)
-        made.append(("memory against tokens/s", "memory-vs-speed.png"))
+        made.append(memory_speed_plot(results_dir, bench_rows))
     return made
