@@ -97,13 +97,36 @@ def test_the_report_reads_drops_goals_and_curves_off_the_records(tmp_path):
     row = next(ln for ln in text.splitlines() if ln.startswith("| e2e | e2e |"))
     assert "| +25.0 ± " in row  # the macro drop, with its paired standard error
     goal = next(ln for ln in text.splitlines() if ln.startswith("| lopt-tg4 | 1.010 |"))
-    assert goal.endswith("| yes |") and "| 0.00 | 1.25 | 0.70 |" in goal
+    assert goal.endswith("| yes |") and "| 0.00 | 0.25 | 1.25 | 0.70 |" in goal  # drop, KL, speed, memory x e2e
+    assert "The retention test used the suite's drop" in text
     assert "**Partial report**" in text and "lora" in text.split("**Partial report**")[1].splitlines()[0]
     curve = next(ln for ln in text.splitlines() if ln.startswith("| e2e | 2.000 / +0.0 |"))
     assert curve.count("/ +50.0 ± ") == 3  # the first 2 items of each task: 1,1 then 1,0; both checkpoints and the final
     assert "| **total** | **0.42** |" in text  # 600 + 500 s training, 3 x 60 s evaluations, 2 x 60 s curves, 120 s bench
     for png in ("curves.png", "loss-vs-retention.png", "memory-vs-speed.png", "drift.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
+
+
+def test_the_goal_falls_back_to_retention_kl_when_e2e_lost_nothing(tmp_path):
+    b = plan.QUICK
+    rec = Records(tmp_path / "results")
+    kinds = ("arc-easy", "arc-challenge", "piqa", "winogrande", "lambada")
+    configs = {n: plan.configs()[n] for n in ("e2e", "lopt-tg4", "lopt-tg2")}
+    rec.put("meta", None, {"budget": json.loads(json.dumps(asdict(b))), "quick": True, "configs": configs,
+                           "model": "m", "num_layers": 4, "dataset": "train.jsonl",
+                           "machine": {"cpus": 2, "platform": "p", "torch": "t", "transformers": "x", "python": "3"}})
+    rec.put("base/eval", {}, {"eval": _eval(2.0, {k: [1, 0, 0, 0] for k in kinds}, 0.0)})
+    # e2e gains an item on every task, so it has no drop to halve; the runs differ only in retention KL
+    for run, kl in (("e2e", 0.04), ("lopt-tg4", 0.01), ("lopt-tg2", 0.03)):
+        rec.put(f"{run}/eval", {"config": run, "seed": 0}, {"eval": _eval(1.0, {k: [1, 1, 0, 0] for k in kinds}, kl)})
+    rec.put("bench", {}, {"rows": [{"name": n, "peak_step_mb": 700.0 if n != "e2e" else 1000.0,
+                                    "tokens_per_s": 125.0 if n != "e2e" else 100.0} for n in configs]})
+    text = write_report(tmp_path).read_text()
+    tg4 = next(ln for ln in text.splitlines() if ln.startswith("| lopt-tg4 | 1.000 |"))
+    tg2 = next(ln for ln in text.splitlines() if ln.startswith("| lopt-tg2 | 1.000 |"))
+    assert tg4.endswith("| - | 0.25 | 1.25 | 0.70 | yes |")
+    assert tg2.endswith("| - | 0.75 | 1.25 | 0.70 | no (retention) |")
+    assert "e2e did not lose retention on the suite (its drop: -25.0 points)" in text
 
 
 @pytest.mark.slow

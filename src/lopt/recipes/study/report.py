@@ -330,27 +330,37 @@ def _goal(runs, expected, cost, e2e, configs) -> list[str]:
     if not e2e or not e2e.done:
         return []
     ref = cost(e2e)
-    e2e_drop = e2e.drop()[0]
+    e2e_drop, e2e_kl = e2e.drop()[0], e2e.kl()
+    # The goal's retention test halves e2e's drop. When e2e lost nothing on the suite there is nothing
+    # to halve, so the test falls back to retention KL (how far the model's own answers to general
+    # prompts moved), the measure that still sees e2e move; the table says which one was used.
+    by_drop = bool(e2e_drop and e2e_drop > 0)
     lines = ["## The goal, checked for every boundary-based run", "",
              f"Goal: held-out loss <= {GOAL['loss']}x e2e's, retention drop <= {GOAL['drop']}x e2e's, tokens/s "
              f">= {GOAL['speed']}x, peak memory <= {GOAL['memory']}x. Every LoPT run is listed, not only the best.", "",
-             "| run | loss x e2e | drop x e2e's | tokens/s x e2e | memory x e2e | meets the goal |",
-             "|---|---|---|---|---|---|"]
+             "| run | loss x e2e | drop x e2e's | retention KL x e2e's | tokens/s x e2e | memory x e2e | meets the goal |",
+             "|---|---|---|---|---|---|---|"]
     for r in expected:
         run = runs[r]
         if not run.done or configs.get(run.config, {}).get("method") not in ("lopt", "freeze-lower"):
             continue
         c = cost(run)
         loss = run.loss() / e2e.loss()
-        drop = run.drop()[0] / e2e_drop if e2e_drop and e2e_drop > 0 else None
+        drop = run.drop()[0] / e2e_drop if by_drop else None
+        kl = run.kl() / e2e_kl if e2e_kl else None
+        kept = drop if by_drop else kl
         speed = c["tokens_per_s"] / ref["tokens_per_s"] if c and ref else None
         mem = c["peak_step_mb"] / ref["peak_step_mb"] if c and ref else None
-        checks = [loss <= GOAL["loss"], drop is not None and drop <= GOAL["drop"],
+        checks = [loss <= GOAL["loss"], kept is not None and kept <= GOAL["drop"],
                   speed is not None and speed >= GOAL["speed"], mem is not None and mem <= GOAL["memory"]]
-        lines.append(f"| {r} | {loss:.3f} | {_fmt(drop, '{:.2f}')} | {_fmt(speed, '{:.2f}')} | {_fmt(mem, '{:.2f}')} | "
-                     f"{'yes' if all(checks) else 'no (' + ', '.join(n for n, ok in zip(('loss', 'drop', 'speed', 'memory'), checks) if not ok) + ')'} |")
-    lines += ["", "freeze-lower is listed as the boundary-based method without a lower-block update; "
-              "\"drop x e2e's\" is blank (and fails) when e2e did not lose retention.", ""]
+        failed = [n for n, ok in zip(("loss", "retention", "speed", "memory"), checks) if not ok]
+        lines.append(f"| {r} | {loss:.3f} | {_fmt(drop, '{:.2f}')} | {_fmt(kl, '{:.2f}')} | {_fmt(speed, '{:.2f}')} | "
+                     f"{_fmt(mem, '{:.2f}')} | {'yes' if not failed else 'no (' + ', '.join(failed) + ')'} |")
+    lines += ["", "freeze-lower is listed as the boundary-based method without a lower-block update. "
+              + ("The retention test used the suite's drop (e2e lost retention)." if by_drop else
+                 f"e2e did not lose retention on the suite (its drop: {_fmt(e2e_drop * 100 if e2e_drop is not None else None, '{:+.1f}')} "
+                 "points), so \"drop x e2e's\" is blank and the retention test used retention KL <= "
+                 f"{GOAL['drop']}x e2e's instead."), ""]
     return lines
 
 
