@@ -47,6 +47,9 @@ TRAIN_HELP: dict[str, str] = {
     "task_grad_every": "LoPT: open the boundary every N-th step (steps 0, N, 2N, ...): the lower blocks then get the "
                        "task gradient (plus their local loss if --lambda-aux > 0), recomputed in the backward from "
                        "each layer's input; 0: never. Default --lr-lower under it: N x --lr",
+    "tied_head": "lopt / freeze-lower: keep a tied LM head tied to the input embedding (by default the boundary "
+                 "unties it): the shared matrix trains with the last block, from the task loss only; saves the "
+                 "head's copy, gradient and AdamW state (4 x vocab x hidden floats)",
     "lisa_layers": "method lisa: decoder layers trained at a time (embeddings, final norm and LM head always train; "
                    "LMFlow's default 1)",
     "lisa_interval": "method lisa: steps before the trained layers are drawn again (LMFlow's default 20)",

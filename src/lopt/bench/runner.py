@@ -50,6 +50,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lopt-k2-every4": {"method": "lopt", "num_blocks": 2, "lower_every": 4},
     # the task gradient reaches the lower half every 4th step (lambda_aux 0 and lr_lower 4 x lr by default)
     "lopt-k2-tg4": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4},
+    # the LM head kept tied to the input embedding across the boundary: no head copy, gradient or state
+    "lopt-k2+tied": {"method": "lopt", "num_blocks": 2, "tied_head": True},
+    "lopt-k2-tg4+tied": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4, "tied_head": True},
+    "freeze-lower+tied": {"method": "freeze-lower", "tied_head": True},
     "freeze-lower": {"method": "freeze-lower"},
     "lora": {"method": "lora"},
     "lisa": {"method": "lisa"},  # LMFlow's defaults: 1 random layer (+ embeddings, norm, head) for 20 steps

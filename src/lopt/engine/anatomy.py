@@ -86,6 +86,12 @@ def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _is_tied(model: nn.Module) -> bool:
+    """Whether the LM head's weight is the input embedding's tensor."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    return inp is not None and out is not None and out.weight is inp.weight
+
+
 def _untie_output_embeddings(model: nn.Module) -> bool:
     """Give the LM head its own weight when it shares the input embedding's.
 

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lopt.engine.anatomy import (_find_loss_head, _hidden_of, _is_embedding_name, _untie_output_embeddings,
-                                 find_layers, hidden_size_of, split_blocks)
+from lopt.engine.anatomy import (_find_loss_head, _hidden_of, _is_embedding_name, _is_tied,
+                                 _untie_output_embeddings, find_layers, hidden_size_of, split_blocks)
 from lopt.engine.checkpointing import _keep_matmul_outputs
 from lopt.engine.config import CHECKPOINT_SCOPES, LoPTConfig, LoPTError
 from lopt.engine.heads import ReconstructionHead, masked_mse
@@ -66,7 +66,13 @@ class LoPTModel(nn.Module):
         config.validate()
         self.lopt_config = config
         self.method_impl = method = get_method(config.method)(config)
-        self.untied = _untie_output_embeddings(model) if method.boundary else False
+        # The LM head shares the input embedding's matrix and stays shared (config.tied_head): the
+        # matrix belongs to the last block, and the lower blocks see it through a detached lookup.
+        self.tied = bool(method.boundary and config.tied_head)
+        if self.tied and not _is_tied(model):
+            raise LoPTError(f"--tied-head: the LM head of {type(model).__name__} is not tied to its input embedding "
+                            f"(config.tie_word_embeddings is off), so there is nothing to keep tied; drop --tied-head")
+        self.untied = _untie_output_embeddings(model) if method.boundary and not self.tied else False
         self.model = model = method.prepare(model)
         self.layers_name, layers = find_layers(model)
         self.num_layers = len(layers)
@@ -130,6 +136,8 @@ class LoPTModel(nn.Module):
                     self._hooks.append(layers[j].register_forward_pre_hook(
                         self._make_input_hook(i, j), with_kwargs=True))
             self._hooks.append(layers[end - 1].register_forward_hook(self._make_boundary_hook(i)))
+        if self.tied:
+            self._hooks.append(self.model.get_input_embeddings().register_forward_hook(self._tied_lookup_hook))
 
     def train(self, mode: bool = True) -> "LoPTModel":
         super().train(mode)
@@ -327,6 +335,15 @@ class LoPTModel(nn.Module):
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return hook
 
+    def _tied_lookup_hook(self, module, args, output):
+        # Under tied_head the embedding matrix is the LM head, trained by the last block. Its lookup is
+        # cut from the graph except on an open boundary (where the task gradient goes through it, as
+        # in e2e), so no local loss reaches the head, and a frozen lower half (freeze-lower) builds
+        # no graph just because the matrix under it trains.
+        if self._active() and not self._open:
+            return output.detach()
+        return None
+
     def _local_loss(self, block: int, h: torch.Tensor) -> torch.Tensor:
         x = self._step["inputs"].pop(block)
         mask = self._step["mask"]
@@ -518,6 +535,7 @@ class LoPTModel(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"lopt_config": asdict(self.lopt_config), "block_ranges": self.block_ranges,
                 "num_layers": self.num_layers, "layers": self.layers_name, "untied_lm_head": self.untied,
+                "tied_lm_head": self.tied,
                 "trainable_params": trainable, "head_params": sum(p.numel() for p in self.heads.parameters()),
                 **self.method_impl.describe()}
 

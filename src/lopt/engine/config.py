@@ -57,6 +57,11 @@ class LoPTConfig:
     # Open the boundary every N-th optimizer step (steps 0, N, 2N, ...): the lower blocks then get the
     # true task gradient (plus their local loss when lambda_aux > 0). 0: never (the paper's LoPT).
     task_grad_every: int = 0
+    # Keep a tied LM head tied to the input embedding across the boundary (by default LoPT unties it:
+    # one tensor cannot sit on both sides). The shared matrix then trains with the last block, from the
+    # task loss (on an open boundary also through the embedding lookup); no local loss reaches it. It
+    # saves the head's copy, its gradient and its AdamW state: 4 x vocab x hidden floats.
+    tied_head: bool = False
     # LISA (methods/lisa.py): this many decoder layers train, chosen again every lisa_interval steps.
     lisa_layers: int = 1
     lisa_interval: int = 20

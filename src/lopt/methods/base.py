@@ -45,6 +45,9 @@ class Method:
         if config.task_grad_every:
             raise LoPTError(f"--task-grad-every opens LoPT's boundary now and then: it needs --method lopt, "
                             f"not {cls.name}")
+        if config.tied_head and not cls.boundary:
+            raise LoPTError(f"--tied-head keeps a tied LM head tied across LoPT's boundary; --method {cls.name} "
+                            f"has no boundary and never unties it: drop --tied-head")
 
     def lr_lower(self, lr: float) -> float:
         """The default learning rate of the lower blocks, embeddings and local heads."""

@@ -1,6 +1,7 @@
 """``freeze-lower``: the boundary without a local loss. Everything below the last boundary (lower
 layers and input embeddings) is frozen; the last block, final norm and LM head train on the task.
-The cheapest baseline LoPT has to beat."""
+The cheapest baseline LoPT has to beat. With ``tied_head`` the input embedding is the LM head, so it
+trains with the head (from the task loss only)."""
 from __future__ import annotations
 
 from typing import Any

@@ -63,6 +63,7 @@ class TrainConfig:
     local_objective: str = "recon"  # recon (the paper's) | anchor (stay close to the frozen pretrained block)
     lower_every: int = 1  # update the lower blocks only every N-th optimizer step
     task_grad_every: int = 0  # open the boundary every N-th optimizer step (0: never)
+    tied_head: bool = False  # keep a tied LM head tied to the input embedding across the boundary
     lisa_layers: int = 1  # method lisa: decoder layers trained at a time (LMFlow's default)
     lisa_interval: int = 20  # method lisa: steps before the layers are drawn again
     badam_switch_every: int = 50  # method badam: steps before the next block (LLaMA-Factory's example)
@@ -117,6 +118,9 @@ class TrainConfig:
         if self.fsdp and get_method(self.method).switches_layers:
             raise LoPTError(f"--fsdp does not support --method {self.method} (it freezes and unfreezes layers while "
                             f"training, which FSDP's sharded gradients do not follow); use data parallel without --fsdp")
+        if self.tied_head and (self.pipeline or self.fsdp):
+            raise LoPTError(f"--tied-head is not supported with --{'pipeline' if self.pipeline else 'fsdp'} (the shared "
+                            f"matrix would have to live in two processes' shards); drop one of them")
         if self.pipeline and self.task_grad_every:
             raise LoPTError("--pipeline runs each block in its own process, so the task gradient cannot reach the "
                             "lower blocks: drop --task-grad-every, or train without --pipeline")

@@ -86,6 +86,7 @@ class RLConfig:
     local_objective: str = "recon"
     lower_every: int = 1
     task_grad_every: int = 0
+    tied_head: bool = False  # keep a tied LM head tied to the input embedding across the boundary
     lisa_layers: int = 1
     lisa_interval: int = 20
     badam_switch_every: int = 50
