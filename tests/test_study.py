@@ -27,6 +27,9 @@ def test_the_plan_has_every_run_the_issue_asks_for():
     assert c["lopt-paper"]["lambda_aux"] == 10 and c["lopt-paper"]["lr_lower_ratio"] == 1.0
     assert c["lopt-default"]["lr_lower_ratio"] == 0.1
     assert c["lopt-tg4"]["task_grad_every"] == 4 and c["lopt-tg4"]["lr_lower_ratio"] == 4.0
+    # the best configuration found differs from tg4 only by the tied head, which the bench sees
+    assert {k: v for k, v in c["lopt-tg4-tied"].items() if k != "tied_head"} == c["lopt-tg4"]
+    assert c["lopt-tg4-tied"]["tied_head"] and "tied_head" in plan.COST_KEYS
     # every configuration trains on the same rows, for the same steps: at least 1,000 examples
     assert plan.V2.steps * plan.V2.batch_size >= 1000 and plan.V2.train_rows == plan.V2.steps * plan.V2.batch_size
     assert plan.V2.curve_steps == [64, 128]
@@ -42,7 +45,7 @@ def test_the_commands_are_the_runs_configs():
         assert line.startswith("lopt train ")
         got = train_config_from_args(build_parser().parse_args(line.split()[1:]))
         for field in ("method", "num_blocks", "lambda_aux", "lr", "lr_lower", "batch_size", "max_steps", "limit",
-                      "max_length", "warmup_ratio", "seed", "task_grad_every", "dataset", "output_dir"):
+                      "max_length", "warmup_ratio", "seed", "task_grad_every", "tied_head", "dataset", "output_dir"):
             assert getattr(got, field) == getattr(want, field), (name, field)
 
 

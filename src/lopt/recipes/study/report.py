@@ -222,6 +222,7 @@ def _setup(meta: dict[str, Any], records: Records) -> list[str]:
         f"same examples in the same order (drawn from s); seeds {', '.join(map(str, b['seeds']))} "
         f"({', '.join(plan.SEEDED)} with each).",
         f"- Budget: {plan.BUDGET_NOTE}",
+        f"- The best configuration (`lopt-tg4-tied`): {plan.BEST_NOTE}",
         f"- Learning rates: swept on e2e (used by every full-parameter method) and on LoRA, "
         f"{b['sweep_steps']} steps each, scored by answer loss on the last {b['sweep_val_rows']} rows of the "
         f"train file (no run trains on them): " + ("; ".join(sweep) if sweep else "not run yet") + ".",
