@@ -132,6 +132,14 @@ def test_the_goal_falls_back_to_retention_kl_when_e2e_lost_nothing(tmp_path):
     assert tg4.endswith("| - | 0.25 | 1.25 | 0.70 | yes |")
     assert tg2.endswith("| - | 0.75 | 1.25 | 0.70 | no (retention) |")
     assert "e2e did not lose retention on the suite (its drop: -25.0 points)" in text
+    # a run the bench has not measured yet is not said to fail on speed or memory
+    rec.put("lopt-paper/eval", {"config": "lopt-paper", "seed": 0},
+            {"eval": _eval(1.1, {k: [1, 1, 0, 0] for k in kinds}, 0.01)})
+    meta = rec.read("meta")
+    meta["configs"]["lopt-paper"] = plan.configs()["lopt-paper"]
+    rec.put("meta", None, {k: v for k, v in meta.items() if k != "spec"})
+    paper = next(ln for ln in write_report(tmp_path).read_text().splitlines() if ln.startswith("| lopt-paper | 1.100 |"))
+    assert paper.endswith("| - | - | no (loss); cost not benched yet |")
 
 
 @pytest.mark.slow

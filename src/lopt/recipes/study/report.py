@@ -354,9 +354,12 @@ def _goal(runs, expected, cost, e2e, configs) -> list[str]:
         mem = c["peak_step_mb"] / ref["peak_step_mb"] if c and ref else None
         checks = [loss <= GOAL["loss"], kept is not None and kept <= GOAL["drop"],
                   speed is not None and speed >= GOAL["speed"], mem is not None and mem <= GOAL["memory"]]
-        failed = [n for n, ok in zip(("loss", "retention", "speed", "memory"), checks) if not ok]
+        failed = [n for n, ok in zip(("loss", "retention", "speed", "memory"), checks) if not ok and
+                  (c is not None or n in ("loss", "retention"))]
+        verdict = ("yes" if not failed else "no (" + ", ".join(failed) + ")") if c is not None else (
+            ("no (" + ", ".join(failed) + "); " if failed else "") + "cost not benched yet")
         lines.append(f"| {r} | {loss:.3f} | {_fmt(drop, '{:.2f}')} | {_fmt(kl, '{:.2f}')} | {_fmt(speed, '{:.2f}')} | "
-                     f"{_fmt(mem, '{:.2f}')} | {'yes' if not failed else 'no (' + ', '.join(failed) + ')'} |")
+                     f"{_fmt(mem, '{:.2f}')} | {verdict} |")
     lines += ["", "freeze-lower is listed as the boundary-based method without a lower-block update. "
               + ("The retention test used the suite's drop (e2e lost retention)." if by_drop else
                  f"e2e did not lose retention on the suite (its drop: {_fmt(e2e_drop * 100 if e2e_drop is not None else None, '{:+.1f}')} "
