@@ -98,9 +98,9 @@ def _untie_output_embeddings(model: nn.Module) -> bool:
     Under LoPT the embedding belongs to the lowest block and the head to the highest; one tensor
     cannot be on both sides of a gradient boundary. Returns True when something was untied.
     """
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is None or inp is None or out.weight is not inp.weight:
+    if not _is_tied(model):
         return False
+    out = model.get_output_embeddings()
     out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
     for cfg in {id(model.config): model.config,
                 id(model.config.get_text_config()): model.config.get_text_config()}.values():
