@@ -37,7 +37,7 @@ from lopt.eval.tasks import resolve_data
 from lopt.models import load_model
 from lopt.recipes.sft import TrainConfig, train
 from lopt.recipes.study.plan import train_command as plan_train_command
-from lopt.recipes.study.records import machine, write_json
+from lopt.recipes.study.records import machine, same_spec, write_json
 from lopt.recipes.study.report import memory_speed_plot
 
 
@@ -180,9 +180,7 @@ def _load_record(path: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    # Compare as JSON sees it: a tuple in the budget (seeds) comes back from the file as a list.
-    wanted = json.loads(json.dumps(_spec_key(spec)))
-    return rec if _spec_key(rec.get("spec")) == wanted else None
+    return rec if same_spec(_spec_key(rec.get("spec")), _spec_key(spec)) else None
 
 
 # --------------------------------------------------------------------------- the study
