@@ -54,13 +54,13 @@ def _macro(tasks: dict[str, Any]) -> float:
 class Run:
     """One run's records, and the numbers the report reads off them."""
 
-    def __init__(self, name: str, records: Records, budget: Budget, base: "Run | None"):
+    def __init__(self, name: str, records: Records, budget: Budget, base: "Run | None", config: str | None = None):
         self.name = name
         self.train = records.read(f"{name}/train")
         self.eval_rec = records.read(f"{name}/eval")
         self.curves = {s: records.read(f"{name}/curve-{s}") for s in budget.curve_steps}
         spec = (self.eval_rec or self.train or {}).get("spec") or {}
-        self.config = spec.get("config", name)
+        self.config = spec.get("config", config or name)
         self.seed = spec.get("seed")
         self.budget, self.base = budget, base
 
@@ -137,23 +137,16 @@ def _load_runs(records: Records, meta: dict[str, Any]) -> tuple[dict[str, Run], 
     base = Run("base", records, budget, None)
     base.base = base
     runs = {"base": base}
-    expected = [r for r, _, _ in plan.runs(list(meta["configs"]), budget)]
-    for r in expected:
-        runs[r] = Run(r, records, budget, base)
+    planned = plan.runs(list(meta["configs"]), budget)
+    for r, name, _ in planned:
+        runs[r] = Run(r, records, budget, base, config=name)
+    expected = [r for r, _, _ in planned]
     return runs, expected
 
 
-def write_report(out: Path) -> Path:
-    """Write ``out/RESULTS.md`` (and its plots into ``out/results``) from the records in ``out/results``."""
-    records = Records(out / "results")
-    meta = records.read("meta")
-    if meta is None:
-        raise FileNotFoundError(f"{records.path('meta')}: no study records to report on")
-    runs, expected = _load_runs(records, meta)
-    bench = records.read("bench")
-    rows = {r["name"]: r for r in (bench or {}).get("rows", [])}
-    configs = meta["configs"]
-
+def _cost_lookup(configs: dict[str, Any], rows: dict[str, Any]):
+    """``cost(run)``: the bench row measuring the run's configuration (runs that differ only in lambda or
+    learning rate share one), or None when the bench has not measured it."""
     def cost(run: Run) -> dict[str, Any] | None:
         o = configs.get(run.config)
         if o is None:
@@ -163,9 +156,74 @@ def write_report(out: Path) -> Path:
             if name in configs and {k: configs[name][k] for k in plan.COST_KEYS if k in configs[name]} == key:
                 return row
         return None
+    return cost
 
+
+def _read(out: Path):
+    records = Records(out / "results")
+    meta = records.read("meta")
+    if meta is None:
+        raise FileNotFoundError(f"{records.path('meta')}: no study records to report on")
+    runs, expected = _load_runs(records, meta)
+    bench = records.read("bench")
+    rows = {r["name"]: r for r in (bench or {}).get("rows", [])}
+    return records, meta, runs, expected, bench, rows
+
+
+HEADLINE_START = "<!-- study-v2 headline: generated from docs/results by lopt.recipes.study.report; do not edit -->"
+HEADLINE_END = "<!-- /study-v2 headline -->"
+
+
+def headline(out: Path) -> list[str]:
+    """The study's one-table summary (every run, against e2e seed 0), read from ``out/results``: the table
+    at the top of RESULTS.md, which the README carries too."""
+    records, meta, runs, expected, bench, rows = _read(out)
+    cost = _cost_lookup(meta["configs"], rows)
+    e2e = runs.get("e2e")
+    ref = cost(e2e) if e2e else None
+    e2e_ok = bool(e2e and e2e.done)
+    lines = ["| run | what it is | held-out loss (x e2e) | retention KL (x e2e) | retention drop from base, pt "
+             "| tokens/s x e2e | peak memory x e2e |", "|---|---|---|---|---|---|---|"]
+    for r in ["base", *expected]:
+        run = runs[r]
+        what = "untrained" if r == "base" else plan.describe(meta["configs"].get(run.config))
+        if not run.done:
+            lines.append(f"| {r} | {what} | not run yet |  |  |  |  |")
+            continue
+        c = cost(run) if r != "base" else None
+        loss = f"{run.loss():.3f}" + (f" ({run.loss() / e2e.loss():.3f})" if e2e_ok else "")
+        kl = f"{run.kl():.3f}" + (f" ({run.kl() / e2e.kl():.2f})" if e2e_ok and e2e.kl() else "")
+        lines.append(f"| {r} | {what} | {loss} | {kl} | {_pt(*run.drop())} | "
+                     f"{_fmt(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} | "
+                     f"{_fmt(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} |")
+    return lines
+
+
+def sync_readme(readme: Path, table: list[str]) -> bool:
+    """Replace the README's headline block (between HEADLINE_START and HEADLINE_END) with ``table``; a
+    README without the markers is left alone. Returns whether it was rewritten."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if HEADLINE_START not in text or HEADLINE_END not in text:
+        return False
+    head, rest = text.split(HEADLINE_START, 1)
+    _, tail = rest.split(HEADLINE_END, 1)
+    new = head + HEADLINE_START + "\n" + "\n".join(table) + "\n" + HEADLINE_END + tail
+    if new != text:
+        tmp = readme.with_name(readme.name + ".tmp")
+        tmp.write_text(new)
+        os.replace(tmp, readme)
+    return True
+
+
+def write_report(out: Path, readme: Path | None = None) -> Path:
+    """Write ``out/RESULTS.md`` (and its plots into ``out/results``) from the records in ``out/results``;
+    with ``readme``, also refresh the headline table in that README (if it has the markers)."""
+    records, meta, runs, expected, bench, rows = _read(out)
+    configs = meta["configs"]
+    cost = _cost_lookup(configs, rows)
     e2e, base = runs.get("e2e"), runs["base"]
-    e2e_drop = e2e.drop()[0] if e2e and e2e.done else None
     lines = ["# Study v2: LoPT against the methods users would weigh, at 1,024 examples", ""]
     if meta["quick"]:
         lines += ["**This is a `--quick` run: a tiny budget that exercises the pipeline. Its numbers mean nothing.**", ""]
@@ -176,6 +234,9 @@ def write_report(out: Path) -> Path:
         lines += [f"**Partial report**: {len(missing)} of {len(expected) + 1} runs have no evaluation record yet "
                   f"({', '.join(missing)}). The study resumes where it stopped.", ""]
     lines += _setup(meta, records)
+    lines += ["## At a glance", "", *headline(out), "",
+              "x e2e: against e2e seed 0. Drop: positive means the run forgot (± the paired standard error). Cost "
+              "from the study's bench (below); \"-\": not benched yet.", ""]
     lines += _results_table(runs, expected, cost, e2e, base, configs)
     lines += _cost_table(rows, bench)
     lines += _retention_table(runs, expected)
@@ -195,11 +256,12 @@ def write_report(out: Path) -> Path:
         lines += ["## Appendix: the short budget (study v1)", "",
                   "The first study (20 steps of 4 examples, 14 configurations) is kept as it was: "
                   "[short-budget/RESULTS.md](short-budget/RESULTS.md) (`make experiment ARGS=\"--budget short\"`).", ""]
-    del e2e_drop
     path = out / "RESULTS.md"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
+    if readme is not None:
+        sync_readme(readme, headline(out))
     return path
 
 

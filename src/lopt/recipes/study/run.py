@@ -313,6 +313,7 @@ def run_study(out: Path, *, quick: bool = False, model: str | None = None, only:
         study.run(run, name, seed, lr)
     if bench and (not only or "bench" in only):
         study.bench(names)
-    report = write_report(study.out)
+    # The study's own README (beside docs/) carries its headline table; quick runs leave it alone.
+    report = write_report(study.out, readme=None if quick else study.out.parent / "README.md")
     study.say(f"report written to {report}")
     return {"report": str(report), "out": str(study.out)}
