@@ -248,7 +248,7 @@ def write_report(out: Path, readme: Path | None = None) -> Path:
         lines += ["## Plots", ""] + [f"![{t}](results/{p})" for t, p in plots] + [""]
     notes = out / "results" / "notes.md"
     if notes.is_file():
-        lines += [notes.read_text().strip(), ""]
+        lines += ["## Discussion", "", notes.read_text().strip(), ""]
     lines += _times(runs, expected, records, meta, bench)
     lines += _reproduce(runs, expected, records)
     short = out / "short-budget" / "RESULTS.md"
