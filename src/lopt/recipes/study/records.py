@@ -15,11 +15,16 @@ from typing import Any
 import torch
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary name, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def same_spec(a: Any, b: Any) -> bool:

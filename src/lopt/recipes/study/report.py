@@ -6,14 +6,13 @@ partial report: runs without records are listed as missing, never guessed.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from lopt.eval.suite import PRIMARY, RETENTION_KINDS, retention_differences
 from lopt.recipes.study import plan
 from lopt.recipes.study.plan import Budget
-from lopt.recipes.study.records import Records
+from lopt.recipes.study.records import Records, write_text
 
 # The project's goal for a boundary-based configuration, against e2e (issue 16).
 GOAL = {"loss": 1.02, "drop": 0.5, "speed": 1.2, "memory": 0.8}
@@ -177,8 +176,11 @@ HEADLINE_END = "<!-- /study-v2 headline -->"
 def headline(out: Path) -> list[str]:
     """The study's one-table summary (every run, against e2e seed 0), read from ``out/results``: the table
     at the top of RESULTS.md, which the README carries too."""
-    records, meta, runs, expected, bench, rows = _read(out)
-    cost = _cost_lookup(meta["configs"], rows)
+    _, meta, runs, expected, _, rows = _read(out)
+    return _headline(runs, expected, meta["configs"], _cost_lookup(meta["configs"], rows))
+
+
+def _headline(runs, expected, configs, cost) -> list[str]:
     e2e = runs.get("e2e")
     ref = cost(e2e) if e2e else None
     e2e_ok = bool(e2e and e2e.done)
@@ -186,7 +188,7 @@ def headline(out: Path) -> list[str]:
              "| tokens/s x e2e | peak memory x e2e |", "|---|---|---|---|---|---|---|"]
     for r in ["base", *expected]:
         run = runs[r]
-        what = "untrained" if r == "base" else plan.describe(meta["configs"].get(run.config))
+        what = "untrained" if r == "base" else plan.describe(configs.get(run.config))
         if not run.done:
             lines.append(f"| {r} | {what} | not run yet |  |  |  |  |")
             continue
@@ -211,9 +213,7 @@ def sync_readme(readme: Path, table: list[str]) -> bool:
     _, tail = rest.split(HEADLINE_END, 1)
     new = head + HEADLINE_START + "\n" + "\n".join(table) + "\n" + HEADLINE_END + tail
     if new != text:
-        tmp = readme.with_name(readme.name + ".tmp")
-        tmp.write_text(new)
-        os.replace(tmp, readme)
+        write_text(readme, new)
     return True
 
 
@@ -234,7 +234,8 @@ def write_report(out: Path, readme: Path | None = None) -> Path:
         lines += [f"**Partial report**: {len(missing)} of {len(expected) + 1} runs have no evaluation record yet "
                   f"({', '.join(missing)}). The study resumes where it stopped.", ""]
     lines += _setup(meta, records)
-    lines += ["## At a glance", "", *headline(out), "",
+    table = _headline(runs, expected, configs, cost)
+    lines += ["## At a glance", "", *table, "",
               "x e2e: against e2e seed 0. Drop: positive means the run forgot (± the paired standard error). Cost "
               "from the study's bench (below); \"-\": not benched yet.", ""]
     lines += _results_table(runs, expected, cost, e2e, base, configs)
@@ -257,11 +258,9 @@ def write_report(out: Path, readme: Path | None = None) -> Path:
                   "The first study (20 steps of 4 examples, 14 configurations) is kept as it was: "
                   "[short-budget/RESULTS.md](short-budget/RESULTS.md) (`make experiment ARGS=\"--budget short\"`).", ""]
     path = out / "RESULTS.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines))
     if readme is not None:
-        sync_readme(readme, headline(out))
+        sync_readme(readme, table)
     return path
 
 

@@ -37,7 +37,7 @@ from lopt.eval.tasks import resolve_data
 from lopt.models import load_model
 from lopt.recipes.sft import TrainConfig, train
 from lopt.recipes.study.plan import train_command as plan_train_command
-from lopt.recipes.study.records import machine, same_spec, write_json
+from lopt.recipes.study.records import machine, same_spec, write_json, write_text
 from lopt.recipes.study.report import memory_speed_plot
 
 
@@ -448,9 +448,7 @@ def write_report(out: Path, records: dict[str, dict[str, Any]], bench: dict[str,
                                        run_dir=Path("runs/experiment") / run))
     lines += ["```", ""]
     path = out / "RESULTS.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines))
     return path
 
 
