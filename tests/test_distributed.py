@@ -44,8 +44,10 @@ def setup(tmp_path_factory):
 
 def base(setup, out: Path, **kw) -> dict:
     _, tiny, data = setup
+    # task_grad_every 0, head untied: the cases test the paper's mechanism unless they say otherwise
+    # ("lopt-default")
     cfg = dict(model=str(tiny), dataset=str(data), output_dir=str(out), lr=1e-2, warmup_ratio=0.0,
-               progress=False, max_steps=3, max_grad_norm=None, seed=0)
+               progress=False, max_steps=3, max_grad_norm=None, seed=0, task_grad_every=0, tied_head=False)
     cfg.update(kw)
     return cfg
 
@@ -148,6 +150,8 @@ DDP_CASES = {
     # steps 0 and 2 open the boundary (the task gradient reaches the lower blocks, reduced with the
     # rest at the end); step 1 is a closed LoPT step with the per-block step
     "lopt-tg2": {"task_grad_every": 2, "lambda_aux": 1.0},
+    # lopt train's default: the boundary opens every 4th step, the tied LM head stays tied
+    "lopt-default": {"task_grad_every": None, "tied_head": None},
     "e2e": {"method": "e2e"},
     "freeze-lower": {"method": "freeze-lower"},
     "lora": {"method": "lora", "lr": 5e-2},

@@ -40,6 +40,7 @@ def gsm8k_file(tmp_path_factory):
 def config(tiny_dir, dataset, out, **kw) -> DPORunConfig:
     opts = dict(model=str(tiny_dir), dataset=str(dataset), output_dir=str(out), batch_size=2, max_steps=2,
                 lr=1e-3, progress=False)
+    opts.setdefault("task_grad_every", 0)  # the paper's mechanism unless a test says otherwise
     opts.update(kw)
     return DPORunConfig(**opts)
 

@@ -47,6 +47,7 @@ def reward_file(tmp_path_factory):
 def config(tiny_dir, qa_file, out, **kw) -> GRPORunConfig:
     opts = dict(model=str(tiny_dir), task=str(qa_file), output_dir=str(out), batch_size=4, num_generations=4,
                 max_completion_length=8, max_steps=2, lr=1e-3, progress=False, beta=0.04)
+    opts.setdefault("task_grad_every", 0)  # the paper's mechanism unless a test says otherwise
     opts.update(kw)
     return GRPORunConfig(**opts)
 
@@ -75,19 +76,22 @@ def split_by_layer(grads: dict[str, torch.Tensor], boundary: int):
     return lower, upper
 
 
-@pytest.mark.parametrize("method", ["lopt", "e2e", "freeze-lower", "lora"])
+@pytest.mark.parametrize("method", ["lopt", "lopt-default", "e2e", "freeze-lower", "lora"])
 def test_grpo_step_and_plain_checkpoint(tiny_dir, qa_file, reward_file, tmp_path, method):
     out = tmp_path / method
+    # lopt-default: grpo's default under --method lopt (the boundary opens every 4th step, no local loss)
+    extra = {"task_grad_every": None} if method == "lopt-default" else {}
+    method = method.split("-default")[0]
     # The built-in rewards are 0 for every completion of a random model (no advantage, no policy
     # gradient); a length reward gives one, and the format reward rides along.
-    res = grpo(config(tiny_dir, qa_file, out, method=method, reward=[f"{reward_file}:by_length", "format"]))
+    res = grpo(config(tiny_dir, qa_file, out, method=method, reward=[f"{reward_file}:by_length", "format"], **extra))
     m = read_metrics(out)
     assert [r["step"] for r in m] == [1, 2]
     for r in m:
         assert {"reward", "reward_std", "kl", "loss", "aux_loss", "tokens_per_s", "peak_mem_mb", "lr",
                 "grad_norm"} <= set(r)
         assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0
-    assert (m[0]["aux_loss"] is not None) == (method == "lopt")
+    assert (m[0]["aux_loss"] is not None) == (method == "lopt" and not extra)
     info = json.loads((out / "lopt_run.json").read_text())
     assert info["command"] == "grpo" and info["method"] == method and info["versions"]["trl"]
     assert res.summary["steps"] == 2 and not res.summary["interrupted"]
@@ -139,7 +143,7 @@ def test_sigint_checkpoint_and_resume_match_uninterrupted_run(tiny_dir, qa_file,
     part = tmp_path / "part"
     args = ["grpo", "--model", str(tiny_dir), "--task", str(qa_file), "--output-dir", str(part),
             "--batch-size", "4", "--num-generations", "4", "--max-completion-length", "8", "--max-steps", "3",
-            "--lr", "1e-3", "--no-progress", "--beta", "0.04"]
+            "--lr", "1e-3", "--no-progress", "--beta", "0.04", "--task-grad-every", "0"]
     from lopt.recipes.grpo import GRPORunConfig as Cfg, cmd_grpo
     from lopt.cli import build_parser, config_from_args
 

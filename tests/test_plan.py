@@ -37,7 +37,8 @@ def run_step(cfg: dict, method: str, precision: str = "fp32", gc: str = "off", s
     model, the stepper and the tracker's peak of saved activations."""
     model = build(cfg)
     base, k = ("lopt", int(method[6:])) if method.startswith("lopt-k") else ({"lisa": "e2e", "badam": "e2e"}.get(method, method), 2)
-    tc = TrainConfig(method=base, num_blocks=k, batch_size=B, max_length=T, precision=precision, progress=False,
+    # lopt-kN: the paper's mechanism (task_grad_every 0), which lopt plan models
+    tc = TrainConfig(method=base, num_blocks=k, batch_size=B, max_length=T, precision=precision, progress=False, task_grad_every=0,
                      max_steps=3, warmup_ratio=0.0, gradient_checkpointing=gc, selective_checkpointing=sel)
     wrapped = wrap(model, config=tc.lopt_config())
     if method in ("lisa", "badam"):

@@ -119,7 +119,7 @@ def test_the_boundary_opens_on_steps_0_n_2n_and_the_closed_steps_skip_the_lower_
     w = lopt.wrap(model, config=cfg.lopt_config())
     w.train()
     stepper = Stepper(w, cfg, torch.device("cpu"), total_steps=7)
-    assert {g["name"]: g["lr"] for g in stepper.optimizer.param_groups}["lower"] == pytest.approx(3e-3)
+    assert {g["name"]: g["lr"] for g in stepper.optimizer.param_groups}["lower"] == pytest.approx(1e-3)  # the lower half at lr
     ids, mask, labels = batch()
     lower = w.lower_parameters()
     moved = []

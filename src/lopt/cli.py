@@ -38,7 +38,8 @@ TRAIN_HELP: dict[str, str] = {
     "method": f"training method: {', '.join(METHODS)}",
     "num_blocks": "LoPT: number of blocks (2 = boundary at the midpoint)",
     "boundaries": "LoPT: explicit block starts as layer indices, e.g. 10 20 (overrides --num-blocks)",
-    "lambda_aux": "LoPT: weight of the mean local reconstruction loss (default: 10; 0 under --task-grad-every)",
+    "lambda_aux": "LoPT: weight of the mean local reconstruction loss (default: 0 under --task-grad-every, as by "
+                  "default; 10, the paper's, with --task-grad-every 0)",
     "schedule": f"LoPT backward schedule: {', '.join(SCHEDULES)} (blockwise frees lower activations early)",
     "chunked_ce": "compute the task loss in chunks of tokens, never the full logits tensor (exact)",
     "local_objective": "what the lower blocks learn: recon (reconstruct the block input, the paper's) or "
@@ -46,10 +47,13 @@ TRAIN_HELP: dict[str, str] = {
     "lower_every": "update the lower blocks only every N-th step (their backward is skipped otherwise)",
     "task_grad_every": "LoPT: open the boundary every N-th step (steps 0, N, 2N, ...): the lower blocks then get the "
                        "task gradient (plus their local loss if --lambda-aux > 0), recomputed in the backward from "
-                       "each layer's input; 0: never. Default --lr-lower under it: N x --lr",
-    "tied_head": "lopt / freeze-lower: keep a tied LM head tied to the input embedding (by default the boundary "
+                       "each layer's input; 0: never, the paper's pure local learning (default: 4 for --method "
+                       "lopt, 0 with --pipeline; study v2 in docs/RESULTS.md says why). --lr-lower under it: --lr",
+    "tied_head": "lopt / freeze-lower: keep a tied LM head tied to the input embedding (otherwise the boundary "
                  "unties it): the shared matrix trains with the last block, from the task loss only; saves the "
-                 "head's copy, gradient and AdamW state (4 x vocab x hidden floats)",
+                 "head's copy, gradient and AdamW state (4 x vocab x hidden floats) (default: on for --method "
+                 "lopt with --task-grad-every when the model ties its head, without --fsdp / --pipeline; "
+                 "--no-tied-head turns it off)",
     "lisa_layers": "method lisa: decoder layers trained at a time (embeddings, final norm and LM head always train; "
                    "LMFlow's default 1)",
     "lisa_interval": "method lisa: steps before the trained layers are drawn again (LMFlow's default 20)",
@@ -157,7 +161,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 # Flag types for the options whose default is None (the others take their default's type).
 _OPTION_TYPES: dict[str, Any] = {"lr_lower": float, "lambda_aux": float, "max_steps": int, "limit": int,
-                                 "save_every": int, "save_total_limit": int,
+                                 "save_every": int, "save_total_limit": int, "task_grad_every": int,
                                  "eval_every": int, "eval_limit": int, "max_prompt_length": int,
                                  "steps_per_generation": int, "max_length": int, "eval_dataset": str}
 _OPTION_CHOICES: dict[str, Sequence[str]] = {
@@ -184,7 +188,7 @@ def _add_options(p: argparse.ArgumentParser, config_cls: type, helps: dict[str, 
         # A help that explains its default itself (lr_lower, lambda_aux: None = "depends") keeps it.
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                               "help": text if "(default:" in text else f"{text} (default: {default})"}
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.name == "tied_head":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "boundaries":
             p.add_argument(flag, type=int, nargs="+", metavar="LAYER", **kw)
@@ -311,14 +315,14 @@ def cmd_dpo(ns: argparse.Namespace) -> int:
 
 
 DEMO_DEFAULTS = {"dataset": "arithmetic", "method": "lopt", "max_steps": 24, "batch_size": 8,
-                 "lr": 1e-4, "lr_lower": 1e-5, "max_length": 256, "output_dir": "runs/demo",
-                 "warmup_ratio": 0.1}
+                 "lr": 1e-4, "max_length": 256, "output_dir": "runs/demo", "warmup_ratio": 0.1}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lopt", description="Local-Learning Post-Training (LoPT) of Hugging Face causal LMs: the "
-        "upper block learns the task, the lower block only a local reconstruction loss.")
+        prog="lopt", description="Local-Learning Post-Training (LoPT) of Hugging Face causal LMs: a gradient "
+        "boundary at the midpoint; the upper block learns the task, the lower block gets the task gradient "
+        "every 4th step (--task-grad-every 0: only the paper's local reconstruction loss).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="supervised post-training (SFT) with LoPT or a baseline",
                        description="Supervised post-training. Every option can also be set in a YAML "

@@ -24,7 +24,7 @@ import torch
 
 from lopt.bench.peer import PEER_CONFIGS, PEERS
 from lopt.engine.boundary import wrap
-from lopt.engine.config import LoPTError
+from lopt.engine.config import LoPTError, engine_defaults
 from lopt.engine.memory import SavedTensorTracker, current_rss_mb, peak_rss_mb
 from lopt.models import load_model
 from lopt.recipes.sft import TrainConfig
@@ -146,7 +146,8 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
     if peer is None:
         cfg = TrainConfig(model=spec.model, gguf_file=spec.gguf_file, batch_size=spec.batch_size,
                           max_length=spec.seq_len, max_steps=spec.warmup + spec.steps + _cycle(spec.overrides), lr=1e-5,
-                          warmup_ratio=0.0, progress=False, device=spec.device, **spec.overrides)
+                          warmup_ratio=0.0, progress=False, device=spec.device,
+                          **engine_defaults(spec.overrides))
         cfg.validate()
     model, tokenizer = load_model(spec.model, gguf_file=spec.gguf_file, device=device)
     if device.type == "cpu":

@@ -68,7 +68,7 @@ class LoPTModel(nn.Module):
         self.method_impl = method = get_method(config.method)(config)
         # The LM head shares the input embedding's matrix and stays shared (config.tied_head): the
         # matrix belongs to the last block, and the lower blocks see it through a detached lookup.
-        self.tied = bool(method.boundary and config.tied_head)
+        self.tied = bool(method.boundary and (config.tied_head or (config.tied_head is None and _is_tied(model))))
         if self.tied and not _is_tied(model):
             raise LoPTError(f"--tied-head: the LM head of {type(model).__name__} is not tied to its input embedding "
                             f"(config.tie_word_embeddings is off), so there is nothing to keep tied; drop --tied-head")
@@ -83,7 +83,10 @@ class LoPTModel(nn.Module):
         n_lower = len(self.block_ranges) - 1
         hidden = hidden_size_of(model)
         self.local = method.local_loss  # lower blocks learn from a local loss
-        recon = self.local and config.local_objective == "recon"
+        # Under task_grad_every with lambda 0 no local loss is ever computed: no heads, no anchors (heads
+        # that never get a gradient would also have no optimizer state to save or restore).
+        has_local = self.local and not (config.task_grad_every and config.lambda_aux == 0)
+        recon = has_local and config.local_objective == "recon"
         self.heads = nn.ModuleList([ReconstructionHead(hidden) for _ in range(n_lower)] if recon else [])
         p = next(model.parameters())
         self.heads.to(device=p.device, dtype=torch.float32)  # local losses are computed in fp32
@@ -92,7 +95,7 @@ class LoPTModel(nn.Module):
         # once more in memory and one extra no-grad forward of them per step).
         self.anchors = nn.ModuleList(
             [nn.ModuleList(copy.deepcopy(layers[i]) for i in range(s, e)) for s, e in self.block_ranges[:-1]]
-            if self.local and config.local_objective == "anchor" else [])
+            if has_local and config.local_objective == "anchor" else [])
         self.anchors.requires_grad_(False)
         self.anchors.eval()
         # False on the steps that skip the lower blocks' update (lower_every): they run without a graph.

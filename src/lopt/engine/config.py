@@ -21,8 +21,9 @@ class LoPTError(ValueError):
 
 # Default lr_lower / lr under LoPT. The paper uses 1 (the same rate); with AdamW every lower weight then
 # moves about lr per step whatever the size of its small local gradient, and the lower block drifts away
-# from what the upper block was trained on: in docs/RESULTS.md lr_lower = lr made held-out loss 1.2-1.3x
-# end-to-end's and retention KL 1.2-2.7x, lr_lower = lr / 10 gave 1.09x and 0.23x.
+# from what the upper block was trained on: at 20 steps (study v1, docs/short-budget/RESULTS.md)
+# lr_lower = lr made held-out loss 1.2-1.3x end-to-end's and retention KL 1.2-2.7x, lr_lower = lr / 10
+# gave 1.09x and 0.23x. Over 256 steps (study v2) lr / 10 drifts too (see RECIPE_TASK_GRAD_EVERY).
 LR_LOWER_RATIO = 0.1
 
 # Default lambda_aux: the paper's 10, or 0 under task_grad_every. With the task gradient reaching the
@@ -35,6 +36,36 @@ LAMBDA_AUX = 10.0
 def default_lambda_aux(task_grad_every: int) -> float:
     """``lambda_aux`` when none is given: 10 (the paper's), 0 when ``task_grad_every`` > 0."""
     return 0.0 if task_grad_every else LAMBDA_AUX
+
+
+# The training recipes' default (lopt train, grpo, dpo) under method lopt: the task gradient through the
+# boundary every 4th step, the lower half at lr, a tied LM head kept tied. Study v2 (docs/RESULTS.md,
+# 256 steps) found the paper's pure local learning unusable over a whole run: the reconstruction loss
+# alone turns the lower half's output away from what the upper half was trained on (boundary cosine to
+# the base 0.55 after 256 steps at lr / 10; docs/results/lower-alone/), and the held-out loss ended above
+# the untrained model's. This configuration was the study's best boundary-based run (1.03x end-to-end's
+# held-out loss at 0.84x its retention KL, 1.24x its tokens/s, 0.77x its memory). The engine itself
+# (lopt.wrap, LoPTConfig) keeps task_grad_every 0: opening the boundary is the training loop's job.
+RECIPE_TASK_GRAD_EVERY = 4
+
+
+def recipe_task_grad_every(method: str, pipeline: bool = False) -> int:
+    """``task_grad_every`` when a recipe is given none: 4 under method lopt (0 with ``--pipeline``, whose
+    blocks live in separate processes and cannot pass the task gradient down), else 0."""
+    return RECIPE_TASK_GRAD_EVERY if method == "lopt" and not pipeline else 0
+
+
+def recipe_tied_head(method: str, task_grad_every: int, sharded: bool = False) -> bool | None:
+    """``tied_head`` when a recipe is given none: None ("keep it tied if the model ties it") under method
+    lopt with the boundary opening and no sharding (--fsdp / --pipeline), else False."""
+    return None if method == "lopt" and task_grad_every and not sharded else False
+
+
+def engine_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the engine's own ``task_grad_every`` (0) and ``tied_head`` (False) where they are
+    not given: for configurations that name every mechanism they use (the bench's, the studies'), so
+    that the recipes' defaults add none."""
+    return {"task_grad_every": 0, "tied_head": False, **options}
 
 
 @dataclass
@@ -60,8 +91,9 @@ class LoPTConfig:
     # Keep a tied LM head tied to the input embedding across the boundary (by default LoPT unties it:
     # one tensor cannot sit on both sides). The shared matrix then trains with the last block, from the
     # task loss (on an open boundary also through the embedding lookup); no local loss reaches it. It
-    # saves the head's copy, its gradient and its AdamW state: 4 x vocab x hidden floats.
-    tied_head: bool = False
+    # saves the head's copy, its gradient and its AdamW state: 4 x vocab x hidden floats. None: keep it
+    # tied if the model ties it (the recipes' default under method lopt, recipe_tied_head).
+    tied_head: bool | None = False
     # LISA (methods/lisa.py): this many decoder layers train, chosen again every lisa_interval steps.
     lisa_layers: int = 1
     lisa_interval: int = 20

@@ -20,7 +20,8 @@ import torch
 from lopt.data import Batches, build_sft_dataset, chat_prompt, describe_skips
 from lopt.engine.boundary import wrap
 from lopt.engine.checkpointing import check_checkpointing
-from lopt.engine.config import LoPTConfig, LoPTError, default_lambda_aux
+from lopt.engine.config import (LoPTConfig, LoPTError, default_lambda_aux, recipe_task_grad_every,
+                                recipe_tied_head)
 from lopt.engine.memory import peak_memory_mb
 from lopt.eval.runner import evaluate
 from lopt.eval.tasks import check_tasks
@@ -62,8 +63,8 @@ class TrainConfig:
     chunked_ce: bool = True  # task loss in chunks, never the full logits tensor
     local_objective: str = "recon"  # recon (the paper's) | anchor (stay close to the frozen pretrained block)
     lower_every: int = 1  # update the lower blocks only every N-th optimizer step
-    task_grad_every: int = 0  # open the boundary every N-th optimizer step (0: never)
-    tied_head: bool = False  # keep a tied LM head tied to the input embedding across the boundary
+    task_grad_every: int | None = None  # open the boundary every N-th step (0: never); None: 4 for lopt
+    tied_head: bool | None = None  # keep a tied LM head tied across the boundary; None: lopt's default
     lisa_layers: int = 1  # method lisa: decoder layers trained at a time (LMFlow's default)
     lisa_interval: int = 20  # method lisa: steps before the layers are drawn again
     badam_switch_every: int = 50  # method badam: steps before the next block (LLaMA-Factory's example)
@@ -71,7 +72,7 @@ class TrainConfig:
     badam_block_size: int = 1  # method badam: decoder layers per block
     # optimisation
     lr: float = 2e-5
-    lr_lower: float | None = None  # default: lr / 10 for method lopt, else lr (LoPTModel.param_groups)
+    lr_lower: float | None = None  # default: lr / 10 for lopt with task_grad_every 0, else lr (param_groups)
     weight_decay: float = 0.0
     batch_size: int = 4
     grad_accum: int = 1
@@ -105,6 +106,10 @@ class TrainConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        if self.task_grad_every is None:
+            self.task_grad_every = recipe_task_grad_every(self.method, self.pipeline)
+        if self.tied_head is None:
+            self.tied_head = recipe_tied_head(self.method, self.task_grad_every, self.pipeline or self.fsdp)
         if self.lambda_aux is None:
             self.lambda_aux = default_lambda_aux(self.task_grad_every)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from lopt.engine.config import engine_defaults
 from lopt.recipes.sft import TrainConfig
 
 
@@ -152,12 +153,12 @@ def train_config(overrides: dict[str, Any], seed: int, budget: Budget, *, lr: fl
     return TrainConfig(model=model, dataset=dataset, limit=budget.train_rows, max_length=budget.max_length,
                        output_dir=str(run_dir), lr=lr, lr_lower=lr * ratio, batch_size=budget.batch_size,
                        max_steps=steps, warmup_ratio=budget.warmup_ratio, seed=seed, progress=False,
-                       log_every=1, **o)
+                       log_every=1, **engine_defaults(o))
 
 
 # Written out even at their defaults, so that the commands stay the study's if a default changes.
 _PINNED = ("method", "lr", "lr_lower", "batch_size", "seed", "max_steps", "limit", "max_length")
-_PINNED_LOPT = ("num_blocks", "lambda_aux", "task_grad_every")
+_PINNED_LOPT = ("num_blocks", "lambda_aux", "task_grad_every", "tied_head")
 _NOT_OPTIONS = ("progress", "log_every")
 
 
@@ -171,6 +172,12 @@ def train_command(cfg: TrainConfig, pinned: Callable[[str], bool] | None = None)
     those ``pinned(name)`` names (study v2's rule when not given)."""
     pinned = pinned or study_pinned(cfg)
     default = TrainConfig()
+    # Defaults that depend on other options (lopt's task_grad_every on the method; tied_head and
+    # lambda_aux on task_grad_every) are compared with what the command's own options resolve to.
+    placed = dict(method=cfg.method, pipeline=cfg.pipeline, fsdp=cfg.fsdp)
+    dependent = {"task_grad_every": TrainConfig(**placed),
+                 "tied_head": TrainConfig(**placed, task_grad_every=cfg.task_grad_every)}
+    dependent["lambda_aux"] = dependent["tied_head"]
     dataset = cfg.dataset
     if os.path.isabs(dataset):
         try:
@@ -180,7 +187,8 @@ def train_command(cfg: TrainConfig, pinned: Callable[[str], bool] | None = None)
     args = ["lopt train"]
     for f in fields(TrainConfig):
         value = dataset if f.name == "dataset" else getattr(cfg, f.name)
-        if value is None or f.name in _NOT_OPTIONS or (value == getattr(default, f.name) and not pinned(f.name)):
+        if value is None or f.name in _NOT_OPTIONS or (
+                value == getattr(dependent.get(f.name, default), f.name) and not pinned(f.name)):
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lopt.bench.runner import run_bench
-from lopt.engine.config import LoPTError
+from lopt.engine.config import LoPTError, engine_defaults
 from lopt.eval.drift import drift
 from lopt.eval.generation import _eval_gsm8k
 from lopt.eval.kl import base_continuations, retention_kl
@@ -116,13 +116,13 @@ def _train_config(name: str, overrides: dict[str, Any], seed: int, budget: Budge
     return TrainConfig(model=model, dataset=dataset, max_length=budget.max_length, output_dir=str(run_dir),
                        lr=lr, lr_lower=lr * (1.0 if ratio is None else ratio), batch_size=budget.batch_size,
                        max_steps=budget.steps, warmup_ratio=budget.warmup_ratio, seed=seed, progress=False,
-                       log_every=1, **o)
+                       log_every=1, **engine_defaults(o))
 
 
 # Written out even at their defaults, so the commands stay the study's if a default changes.
-_PINNED = ("method", "num_blocks", "lambda_aux", "local_objective", "lower_every", "batch_size", "lr", "lr_lower",
-           "seed")
-_LOPT_ONLY = ("num_blocks", "lambda_aux", "local_objective", "lower_every")
+_PINNED = ("method", "num_blocks", "lambda_aux", "local_objective", "lower_every", "task_grad_every", "batch_size",
+           "lr", "lr_lower", "seed")
+_LOPT_ONLY = ("num_blocks", "lambda_aux", "local_objective", "lower_every", "task_grad_every")
 
 
 def train_command(name: str, overrides: dict[str, Any], seed: int, budget: Budget, *, model: str | None,
