@@ -45,7 +45,7 @@ def test_bench_two_configurations(tiny_dir, tmp_path):
 
 def test_bench_rows_of_the_new_methods(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", str(tiny_dir), "--configs", "lopt-k2-tg4", "lisa", "badam",
+    rc = main(["bench", "--model", str(tiny_dir), "--configs", "lopt-k2-tg4", "lopt-default", "lisa", "badam",
                "--seq-len", "32", "--batch-sizes", "2", "--steps", "4", "--repeats", "1", "--json", str(out)])
     assert rc == 0
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
@@ -54,6 +54,11 @@ def test_bench_rows_of_the_new_methods(tiny_dir, tmp_path):
         assert r["saved_activation_mb"] > 0
     # LISA: one layer besides the (tied) embedding and the final norm; BAdam: one layer
     assert rows["badam"]["trainable_params"] < rows["lisa"]["trainable_params"] < rows["lopt-k2-tg4"]["trainable_params"]
+    # lopt train's default keeps the tiny model's tied head tied: one matrix fewer to train than untied tg4
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    assert cfg["tie_word_embeddings"]
+    one_matrix = cfg["vocab_size"] * cfg["hidden_size"]
+    assert rows["lopt-k2-tg4"]["trainable_params"] - rows["lopt-default"]["trainable_params"] == one_matrix
 
 
 def test_unknown_configuration(tiny_dir, capsys):

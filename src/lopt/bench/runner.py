@@ -36,6 +36,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "e2e": {"method": "e2e"},
     "e2e+gc": {"method": "e2e", "gradient_checkpointing": "all"},
     "e2e+sel": {"method": "e2e", "selective_checkpointing": "all"},
+    # lopt train's default under --method lopt (the boundary opens every 4th step, a tied head stays tied)
+    "lopt-default": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4, "tied_head": None},
     "lopt-k2": {"method": "lopt", "num_blocks": 2},
     "lopt-k2+gc-last": {"method": "lopt", "num_blocks": 2, "gradient_checkpointing": "last-block"},
     "lopt-k2+gc": {"method": "lopt", "num_blocks": 2, "gradient_checkpointing": "all"},
@@ -48,7 +50,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "e2e-full-logits": {"method": "e2e", "chunked_ce": False},
     "lopt-k2-anchor": {"method": "lopt", "num_blocks": 2, "local_objective": "anchor"},
     "lopt-k2-every4": {"method": "lopt", "num_blocks": 2, "lower_every": 4},
-    # the task gradient reaches the lower half every 4th step (lambda_aux 0 and lr_lower 4 x lr by default)
+    # the task gradient reaches the lower half every 4th step (lambda_aux 0 by default)
     "lopt-k2-tg4": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4},
     # the LM head kept tied to the input embedding across the boundary: no head copy, gradient or state
     "lopt-k2+tied": {"method": "lopt", "num_blocks": 2, "tied_head": True},
@@ -73,7 +75,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lopt-k2+oib+8bit": {"method": "lopt", "num_blocks": 2, "optimizer_in_backward": True,
                          "optimizer": "adamw-8bit"},
 }
-DEFAULT_CONFIGS = ["e2e", "e2e+gc", "e2e+sel", "lopt-k2", "lopt-k2+gc-last", "lopt-k4", "lopt-k2-joint",
+DEFAULT_CONFIGS = ["e2e", "e2e+gc", "e2e+sel", "lopt-default", "lopt-k2", "lopt-k2+gc-last", "lopt-k4", "lopt-k2-joint",
                    "freeze-lower", "lora"]
 
 
