@@ -59,7 +59,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     per_rank = rows // world if mode in ("ddp", "fsdp") else rows
     total = spec["warmup"] + spec["steps"]
     cfg = TrainConfig(model=spec.get("model"), batch_size=per_rank, max_length=spec["seq_len"], grad_accum=mb,
-                      max_steps=total, lr=1e-5, warmup_ratio=0.0, progress=False, method="lopt", task_grad_every=0, tied_head=False,
+                      max_steps=total, lr=1e-5, warmup_ratio=0.0, progress=False, method="lopt",
+                      task_grad_every=0, tied_head=False,
                       num_blocks=spec.get("num_blocks", 2), boundaries=spec.get("boundaries"),
                       fsdp=mode == "fsdp", pipeline=mode == "pipeline",
                       gradient_checkpointing=spec.get("gradient_checkpointing", "off"),

@@ -16,8 +16,8 @@ without a mask and the loss covers B x (T-1) tokens); lopt's defaults otherwise 
 chunks of 1024 tokens, SDPA attention, LoRA r=16 on all linear layers, LoPT's reconstruction heads
 and per-block optimizer step). ``lopt-kN`` is the paper's pure local learning (``--task-grad-every 0``);
 lopt train's default (``--task-grad-every 4``) runs three such steps, minus the local loss, for every
-step whose boundary is open, which holds the lower blocks' layer inputs for a recomputing backward. fp32 weights, gradients and AdamW state in both precisions; ``bf16``
-is lopt's autocast. CUDA's context (about 0.5 GiB) and allocator slack are not in the peak: the fit
+step whose boundary is open, which holds the lower blocks' layer inputs for a recomputing backward.
+fp32 weights, gradients and AdamW state in both precisions; ``bf16`` is lopt's autocast. CUDA's context (about 0.5 GiB) and allocator slack are not in the peak: the fit
 column keeps ``headroom`` free for them.
 """
 from __future__ import annotations

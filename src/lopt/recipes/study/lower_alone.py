@@ -28,12 +28,10 @@ from torch import nn
 
 from lopt.data import Batches, build_sft_dataset, collate
 from lopt.engine.heads import ReconstructionHead, masked_mse
+from lopt.eval.tasks import resolve_data
 from lopt.models import load_model
 from lopt.recipes.study.records import write_json
 from lopt.runtime.loop import cosine_with_warmup
-
-DATA = Path(__file__).resolve().parents[4].parent / "shared" / "data" / "gsm8k"
-
 
 def cut_at(model: nn.Module, boundary: int) -> nn.Module:
     """The decoder stack of ``model`` keeping layers [0, boundary) and no final norm: its
@@ -112,8 +110,9 @@ def run(name: str, lr_lower: float, lr_head: float, steps: int, total_steps: int
     base.requires_grad_(False).eval()
     stack.train()
     head = ReconstructionHead(stack.config.hidden_size)
-    examples, _ = build_sft_dataset(str(DATA / "train.jsonl"), tok, max_length=max_length, limit=rows)
-    held_out, _ = build_sft_dataset(str(DATA / "test.jsonl"), tok, max_length=max_length, limit=probe_rows)
+    gsm8k = resolve_data("gsm8k", None).parent  # ../shared/data/gsm8k, as the study reads it
+    examples, _ = build_sft_dataset(str(gsm8k / "train.jsonl"), tok, max_length=max_length, limit=rows)
+    held_out, _ = build_sft_dataset(str(gsm8k / "test.jsonl"), tok, max_length=max_length, limit=probe_rows)
     probe = [collate(held_out[i:i + 8], tok.pad_token_id) for i in range(0, len(held_out), 8)]
     trace = [{"step": 0, "loss": None, "cos": boundary_cosine(stack, base, probe), "rel_change": 0.0}]
     losses: list[float] = []
