@@ -93,7 +93,8 @@ def configs() -> dict[str, dict[str, Any]]:
         "lora": {"method": "lora"},
         # The paper's setting: boundary at the midpoint, reconstruction loss weight 10, lr_lower = lr.
         "lopt-paper": {"method": "lopt", "num_blocks": 2, "lambda_aux": 10.0, "lr_lower_ratio": 1.0},
-        # lopt's default since study v1: lr_lower = lr / 10.
+        # lopt's default from study v1 until this study (lr_lower = lr / 10, no task gradient): it broke
+        # down here, and the recipes' defaults changed (engine.config.RECIPE_TASK_GRAD_EVERY).
         "lopt-default": {"method": "lopt", "num_blocks": 2, "lambda_aux": 10.0, "lr_lower_ratio": 0.1},
         # The task gradient through the boundary every 4th step, at its defaults (lambda 0, lr_lower = 4 lr).
         "lopt-tg4": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4, "lambda_aux": 0.0,
@@ -210,4 +211,6 @@ def describe(overrides: dict[str, Any] | None) -> str:
              "task_grad_every": "task gradient every", "lower_every": "lower every", "tied_head": "LM head tied"}
     parts = [names.get(k, k) if v is True else f"{names.get(k, k)} {v:g}" if isinstance(v, float)
              else f"{names.get(k, k)} {v}" for k, v in overrides.items() if k != "method"]
+    if overrides["method"] == "lopt" and not overrides.get("task_grad_every"):
+        parts.append("no task gradient")  # the runs pin task_grad_every 0 (engine_defaults)
     return overrides["method"] + (": " + ", ".join(parts) if parts else "")
