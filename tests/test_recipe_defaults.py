@@ -80,3 +80,12 @@ def test_commands_spell_out_what_the_defaults_would_change():
     cfg = plan.train_config(plan.configs()["lopt-tg4"], 0, plan.V2, lr=1e-4, model=None, dataset="d.jsonl",
                             run_dir=plan.Path("r"))
     assert cfg.tied_head is False and "--no-tied-head" in plan.train_command(cfg)
+
+
+@pytest.mark.parametrize("option", [{"local_objective": "anchor"}, {"lower_every": 2}])
+def test_local_loss_options_without_a_local_loss_are_refused(option):
+    (key, value), = option.items()
+    with pytest.raises(lopt.LoPTError, match=f"--{key.replace('_', '-')} {value} has no effect"):
+        TrainConfig(**option).validate()  # lopt's default: lambda 0 under --task-grad-every 4
+    TrainConfig(task_grad_every=0, **option).validate()  # the paper's local learning takes them
+    TrainConfig(lambda_aux=1.0, **option).validate()  # so does a local loss beside the open steps

@@ -128,3 +128,13 @@ class LoPTConfig:
             raise LoPTError(f"lambda_aux must be >= 0, got {self.lambda_aux}")
         if not isinstance(self.task_grad_every, int) or self.task_grad_every < 0:
             raise LoPTError(f"task_grad_every must be an integer >= 0 (0: never), got {self.task_grad_every}")
+        if self.method == "lopt" and self.task_grad_every and self.lambda_aux == 0:
+            # No local loss is ever computed then (lopt train's default): these options would do nothing.
+            if self.local_objective != "recon":
+                raise LoPTError(f"--local-objective {self.local_objective} has no effect under --task-grad-every "
+                                f"{self.task_grad_every} with --lambda-aux 0 (no local loss): give --lambda-aux > 0, "
+                                "or --task-grad-every 0 for the paper's local learning")
+            if self.lower_every > 1:
+                raise LoPTError(f"--lower-every {self.lower_every} has no effect under --task-grad-every "
+                                f"{self.task_grad_every} with --lambda-aux 0 (the lower blocks only learn on the open "
+                                "steps): give --lambda-aux > 0, or --task-grad-every 0")
