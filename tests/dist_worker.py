@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
 Each job is ``{"name", "config": {TrainConfig fields}, "stop_on_rank": R, "stop_at": S}``, optionally
-with ``"copy": [SRC, DST]`` (a directory copied) and ``"truncate": FILE`` (cut to half its size), done
+with ``"ctrl_c_in_reduce": [R, S]`` (on rank R, a Ctrl-C lands while the ranks agree whether to stop
+after step S: the flag is set after this rank has read it), ``"copy": [SRC, DST]`` (a directory copied) and ``"truncate": FILE`` (cut to half its size), done
 by rank 0 before the job starts. After a
 job every rank writes ``OUT/rank{r}.pt``: its trainable parameters by name (the pipeline: its own
 block's plain state), so the test can check that the ranks agree and what each rank trained.
@@ -19,6 +20,33 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+_PATCHES: list = []
+
+
+def ctrl_c_in_reduce(at: int):
+    """A callback that sees the run's state and makes DistContext.any set ``stop_requested`` during the
+    reduce after step ``at``, as lopt's SIGINT handler does when Ctrl-C arrives while a rank waits there."""
+    from lopt.parallel.context import DistContext
+
+    seen, orig = {}, DistContext.any
+
+    def any_(self, flag):
+        out = orig(self, flag)
+        state = seen.get("state")
+        if state is not None and state.step == at and not seen.get("fired"):
+            seen["fired"] = state.stop_requested = True
+        return out
+
+    DistContext.any = any_
+    _PATCHES.append(lambda: setattr(DistContext, "any", orig))
+    return lambda rec, state: seen.setdefault("state", state)
+
+
+def _undo_patches() -> None:
+    while _PATCHES:
+        _PATCHES.pop()()
 
 
 def main(path: str) -> int:
@@ -46,7 +74,12 @@ def main(path: str) -> int:
                 if rec["step"] >= at:
                     state.stop_requested = True  # only this rank asks; the ranks must agree to stop
             callbacks.append(stop)
-        res = train(cfg, callbacks)
+        if job.get("ctrl_c_in_reduce", [None])[0] == rank:
+            callbacks.append(ctrl_c_in_reduce(job["ctrl_c_in_reduce"][1]))
+        try:
+            res = train(cfg, callbacks)
+        finally:
+            _undo_patches()
         if cfg.pipeline:  # this rank's block: the plain model's trainable (non-meta) entries
             own = {n: p.detach().clone() for n, p in res.model.plain_model().named_parameters()
                    if p.requires_grad}

@@ -172,6 +172,9 @@ def ddp_runs(setup):
     # Only rank 1 asks to stop after step 2: both must stop there and rank 0 must save checkpoint-2.
     jobs.append({"config": base(setup, root / "ddp" / "stop", batch_size=2, max_steps=5),
                  "stop_on_rank": 1, "stop_at": 2})
+    # Rank 1's Ctrl-C lands while the ranks agree on step 2: it is acted on after step 3, not lost.
+    jobs.append({"config": base(setup, root / "ddp" / "ctrl-c", batch_size=2, max_steps=6),
+                 "ctrl_c_in_reduce": [1, 2]})
     jobs.append({"config": base(setup, root / "ddp" / "full", batch_size=2, max_steps=4, save_every=2)})
     jobs.append({"config": base(setup, root / "ddp" / "resumed", batch_size=2, max_steps=4,
                                 resume=str(root / "ddp" / "full" / "checkpoint-2"))})
@@ -189,6 +192,14 @@ def test_ddp_matches_one_process(setup, ddp_runs, tmp_path, name):
     got = [json.loads(x)["loss"] for x in (ddp_runs / name / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_ctrl_c_during_the_stop_reduce_is_not_lost(ddp_runs):
+    out = ddp_runs / "ctrl-c"
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert (out / "checkpoint-3" / "trainer_state.pt").is_file()
+    assert [torch.load(out / f"rank{r}.pt")["summary"]["steps"] for r in (0, 1)] == [3, 3]
 
 
 def test_ddp_ranks_stop_together(ddp_runs):

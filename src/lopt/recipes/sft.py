@@ -329,8 +329,12 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
     bar = _progress(total_steps, state.step, cfg.progress and main)
     t_window, tok_window, loss_window = time.perf_counter(), 0, []
     last_eval = None
+    # The agreed decision to stop. state.stop_requested is only ever read here, never overwritten: the
+    # Ctrl-C handler may set it while ctx.any() is waiting, and writing the reduced value back over it
+    # lost that Ctrl-C (the ranks trained on until torchrun killed them).
+    stop = state.stop_requested if ctx is None else ctx.any(state.stop_requested)
     try:
-        while state.step < total_steps and not state.stop_requested:
+        while state.step < total_steps and not stop:
             rec = stepper.step([next(batches) for _ in range(cfg.grad_accum)])
             state.step += 1
             tok_window += rec.pop("tokens")
@@ -354,15 +358,16 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[dict[str, Any], TrainState
                     bar.set_postfix(_postfix(rec), refresh=False)
                 for cb in callbacks or []:
                     cb(rec, state)
+            stop = state.stop_requested
             if ctx is not None:  # every rank stops after the same step (Ctrl-C reaches them at different times)
-                state.stop_requested = ctx.any(state.stop_requested)
+                stop = ctx.any(stop)
             if run_eval and (state.step % cfg.eval_every == 0 or state.step == total_steps):
                 last_eval = run_eval(wrapped.model)
                 log_file.write(json.dumps({"step": state.step, "eval": last_eval}, default=str) + "\n")
                 log_file.flush()
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                 checkpoint()
-        interrupted = state.stop_requested and state.step < total_steps
+        interrupted = stop and state.step < total_steps
         if interrupted:
             path = checkpoint()
             if main:
