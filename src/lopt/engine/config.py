@@ -49,16 +49,20 @@ def default_lambda_aux(task_grad_every: int) -> float:
 RECIPE_TASK_GRAD_EVERY = 4
 
 
-def recipe_task_grad_every(method: str, pipeline: bool = False) -> int:
-    """``task_grad_every`` when a recipe is given none: 4 under method lopt (0 with ``--pipeline``, whose
-    blocks live in separate processes and cannot pass the task gradient down), else 0."""
-    return RECIPE_TASK_GRAD_EVERY if method == "lopt" and not pipeline else 0
-
-
-def recipe_tied_head(method: str, task_grad_every: int, sharded: bool = False) -> bool | None:
-    """``tied_head`` when a recipe is given none: None ("keep it tied if the model ties it") under method
-    lopt with the boundary opening and no sharding (--fsdp / --pipeline), else False."""
-    return None if method == "lopt" and task_grad_every and not sharded else False
+def fill_recipe_defaults(cfg: Any, sharded: bool = False) -> None:
+    """Fill a recipe config's unset (None) ``task_grad_every``, ``tied_head`` and ``lambda_aux`` with the
+    recipes' defaults. Under method lopt: the boundary opens every RECIPE_TASK_GRAD_EVERY steps (never
+    with ``pipeline``, whose blocks live in separate processes and cannot pass the task gradient down);
+    with it open and the model unsharded (``sharded``: --fsdp / --pipeline), ``tied_head`` None ("keep
+    the LM head tied if the model ties it"). Other methods: 0 and False. ``lambda_aux``: see
+    default_lambda_aux."""
+    opens = cfg.method == "lopt" and not getattr(cfg, "pipeline", False)
+    if cfg.task_grad_every is None:
+        cfg.task_grad_every = RECIPE_TASK_GRAD_EVERY if opens else 0
+    if cfg.tied_head is None:
+        cfg.tied_head = None if cfg.method == "lopt" and cfg.task_grad_every and not sharded else False
+    if cfg.lambda_aux is None:
+        cfg.lambda_aux = default_lambda_aux(cfg.task_grad_every)
 
 
 def engine_defaults(options: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +96,7 @@ class LoPTConfig:
     # one tensor cannot sit on both sides). The shared matrix then trains with the last block, from the
     # task loss (on an open boundary also through the embedding lookup); no local loss reaches it. It
     # saves the head's copy, its gradient and its AdamW state: 4 x vocab x hidden floats. None: keep it
-    # tied if the model ties it (the recipes' default under method lopt, recipe_tied_head).
+    # tied if the model ties it (the recipes' default under method lopt, fill_recipe_defaults).
     tied_head: bool | None = False
     # LISA (methods/lisa.py): this many decoder layers train, chosen again every lisa_interval steps.
     lisa_layers: int = 1

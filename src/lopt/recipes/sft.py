@@ -20,8 +20,7 @@ import torch
 from lopt.data import Batches, build_sft_dataset, chat_prompt, describe_skips
 from lopt.engine.boundary import wrap
 from lopt.engine.checkpointing import check_checkpointing
-from lopt.engine.config import (LoPTConfig, LoPTError, default_lambda_aux, recipe_task_grad_every,
-                                recipe_tied_head)
+from lopt.engine.config import LoPTConfig, LoPTError, fill_recipe_defaults
 from lopt.engine.memory import peak_memory_mb
 from lopt.eval.runner import evaluate
 from lopt.eval.tasks import check_tasks
@@ -106,12 +105,7 @@ class TrainConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if self.task_grad_every is None:
-            self.task_grad_every = recipe_task_grad_every(self.method, self.pipeline)
-        if self.tied_head is None:
-            self.tied_head = recipe_tied_head(self.method, self.task_grad_every, self.pipeline or self.fsdp)
-        if self.lambda_aux is None:
-            self.lambda_aux = default_lambda_aux(self.task_grad_every)
+        fill_recipe_defaults(self, sharded=self.pipeline or self.fsdp)
 
     def validate(self) -> None:
         check_checkpointing(self)

@@ -43,8 +43,7 @@ import torch
 from lopt.runtime import loop
 from lopt.engine.boundary import LoPTModel, wrap
 from lopt.engine.checkpointing import check_checkpointing
-from lopt.engine.config import (LoPTConfig, LoPTError, default_lambda_aux, recipe_task_grad_every,
-                                recipe_tied_head)
+from lopt.engine.config import LoPTConfig, LoPTError, fill_recipe_defaults
 from lopt.methods import get_method
 from lopt.engine.memory import peak_memory_mb
 from lopt.models import load_model, save_checkpoint
@@ -86,7 +85,7 @@ class RLConfig:
     lora_alpha: int = 32
     local_objective: str = "recon"
     lower_every: int = 1
-    task_grad_every: int | None = None  # None: 4 for lopt (engine.config.recipe_task_grad_every)
+    task_grad_every: int | None = None  # None: 4 for lopt (engine.config.fill_recipe_defaults)
     tied_head: bool | None = None  # keep a tied LM head tied across the boundary; None: lopt's default
     lisa_layers: int = 1
     lisa_interval: int = 20
@@ -118,12 +117,7 @@ class RLConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if self.task_grad_every is None:
-            self.task_grad_every = recipe_task_grad_every(self.method)
-        if self.tied_head is None:
-            self.tied_head = recipe_tied_head(self.method, self.task_grad_every)
-        if self.lambda_aux is None:
-            self.lambda_aux = default_lambda_aux(self.task_grad_every)
+        fill_recipe_defaults(self)
 
     def validate(self) -> None:
         """LoPTError (one line) for an option value that cannot work."""
