@@ -5,8 +5,8 @@
 
 Each job is ``{"name", "config": {TrainConfig fields}, "stop_on_rank": R, "stop_at": S}``, optionally
 with ``"ctrl_c_in_reduce": [R, S]`` (on rank R, a Ctrl-C lands while the ranks agree whether to stop
-after step S: the flag is set after this rank has read it), ``"copy": [SRC, DST]`` (a directory copied) and ``"truncate": FILE`` (cut to half its size), done
-by rank 0 before the job starts. After a
+after step S: the flag is set after this rank has read it), ``"copy": [SRC, DST]`` (a directory
+copied) and ``"truncate": FILE`` (cut to half its size), done by rank 0 before the job starts. After a
 job every rank writes ``OUT/rank{r}.pt``: its trainable parameters by name (the pipeline: its own
 block's plain state), so the test can check that the ranks agree and what each rank trained.
 """

@@ -43,8 +43,9 @@ def default_lambda_aux(task_grad_every: int) -> float:
 # 256 steps) found the paper's pure local learning unusable over a whole run: the reconstruction loss
 # alone turns the lower half's output away from what the upper half was trained on (boundary cosine to
 # the base 0.57 after 128 steps at lr / 10 in docs/results/lower-alone/, 0.47 at the end of the 256-step
-# run), and the held-out loss ended above the untrained model's. This configuration was the study's best boundary-based run (1.03x end-to-end's
-# held-out loss at 0.84x its retention KL, 1.24x its tokens/s, 0.77x its memory). The engine itself
+# run), and the held-out loss ended above the untrained model's. This configuration was the study's
+# best boundary-based run (1.03x end-to-end's held-out loss at 0.84x its retention KL, 1.19x its
+# tokens/s, 0.77x its memory). The engine itself
 # (lopt.wrap, LoPTConfig) keeps task_grad_every 0: opening the boundary is the training loop's job.
 RECIPE_TASK_GRAD_EVERY = 4
 
