@@ -35,6 +35,10 @@ def test_the_plan_has_every_run_the_issue_asks_for():
     # every configuration trains on the same rows, for the same steps: at least 1,000 examples
     assert plan.V2.steps * plan.V2.batch_size >= 1000 and plan.V2.train_rows == plan.V2.steps * plan.V2.batch_size
     assert plan.V2.curve_steps == [64, 128]
+    # e2e at half the swept rate: its whole model, lower half included, at lr / 2
+    half = plan.train_config(c["e2e-half-lr"], 0, plan.V2, lr=1e-4, model=None, dataset="d.jsonl", run_dir=Path("r"))
+    assert (half.method, half.lr, half.lr_lower) == ("e2e", 5e-5, 5e-5)
+    assert "lr = swept lr x 0.5" in plan.describe(c["e2e-half-lr"])
 
 
 def test_the_commands_are_the_runs_configs():
