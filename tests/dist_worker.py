@@ -16,18 +16,18 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 
-_PATCHES: list = []
-
-
-def ctrl_c_in_reduce(at: int):
-    """A callback that sees the run's state and makes DistContext.any set ``stop_requested`` during the
-    reduce after step ``at``, as lopt's SIGINT handler does when Ctrl-C arrives while a rank waits there."""
+@contextmanager
+def ctrl_c_in_reduce(callbacks: list, at: int):
+    """While the run lasts, DistContext.any sets ``stop_requested`` during the reduce after step ``at``,
+    as lopt's SIGINT handler does when Ctrl-C arrives while a rank waits there (a callback added to
+    ``callbacks`` hands it the run's state)."""
     from lopt.parallel.context import DistContext
 
     seen, orig = {}, DistContext.any
@@ -39,14 +39,12 @@ def ctrl_c_in_reduce(at: int):
             seen["fired"] = state.stop_requested = True
         return out
 
+    callbacks.append(lambda rec, state: seen.setdefault("state", state))
     DistContext.any = any_
-    _PATCHES.append(lambda: setattr(DistContext, "any", orig))
-    return lambda rec, state: seen.setdefault("state", state)
-
-
-def _undo_patches() -> None:
-    while _PATCHES:
-        _PATCHES.pop()()
+    try:
+        yield
+    finally:
+        DistContext.any = orig
 
 
 def main(path: str) -> int:
@@ -74,12 +72,9 @@ def main(path: str) -> int:
                 if rec["step"] >= at:
                     state.stop_requested = True  # only this rank asks; the ranks must agree to stop
             callbacks.append(stop)
-        if job.get("ctrl_c_in_reduce", [None])[0] == rank:
-            callbacks.append(ctrl_c_in_reduce(job["ctrl_c_in_reduce"][1]))
-        try:
+        rank_at = job.get("ctrl_c_in_reduce")
+        with ctrl_c_in_reduce(callbacks, rank_at[1]) if rank_at and rank_at[0] == rank else nullcontext():
             res = train(cfg, callbacks)
-        finally:
-            _undo_patches()
         if cfg.pipeline:  # this rank's block: the plain model's trainable (non-meta) entries
             own = {n: p.detach().clone() for n, p in res.model.plain_model().named_parameters()
                    if p.requires_grad}

@@ -50,16 +50,17 @@ def default_lambda_aux(task_grad_every: int) -> float:
 RECIPE_TASK_GRAD_EVERY = 4
 
 
-def fill_recipe_defaults(cfg: Any, sharded: bool = False) -> None:
+def fill_recipe_defaults(cfg: Any) -> None:
     """Fill a recipe config's unset (None) ``task_grad_every``, ``tied_head`` and ``lambda_aux`` with the
     recipes' defaults. Under method lopt: the boundary opens every RECIPE_TASK_GRAD_EVERY steps (never
     with ``pipeline``, whose blocks live in separate processes and cannot pass the task gradient down);
-    with it open and the model unsharded (``sharded``: --fsdp / --pipeline), ``tied_head`` None ("keep
-    the LM head tied if the model ties it"). Other methods: 0 and False. ``lambda_aux``: see
-    default_lambda_aux."""
-    opens = cfg.method == "lopt" and not getattr(cfg, "pipeline", False)
+    with it open and the model unsharded (no ``fsdp`` or ``pipeline``), ``tied_head`` None ("keep the LM
+    head tied if the model ties it"). Other methods: 0 and False. ``lambda_aux``: see
+    default_lambda_aux. Configs without ``pipeline``/``fsdp`` fields (RLConfig) count as unsharded."""
+    pipeline = getattr(cfg, "pipeline", False)
+    sharded = pipeline or getattr(cfg, "fsdp", False)
     if cfg.task_grad_every is None:
-        cfg.task_grad_every = RECIPE_TASK_GRAD_EVERY if opens else 0
+        cfg.task_grad_every = RECIPE_TASK_GRAD_EVERY if cfg.method == "lopt" and not pipeline else 0
     if cfg.tied_head is None:
         cfg.tied_head = None if cfg.method == "lopt" and cfg.task_grad_every and not sharded else False
     if cfg.lambda_aux is None:

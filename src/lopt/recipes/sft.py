@@ -105,7 +105,7 @@ class TrainConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        fill_recipe_defaults(self, sharded=self.pipeline or self.fsdp)
+        fill_recipe_defaults(self)
 
     def validate(self) -> None:
         check_checkpointing(self)
