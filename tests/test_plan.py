@@ -201,8 +201,16 @@ def test_cli_table_and_json(tmp_path, capsys):
                                            "--gpu-memory", "2GB"])) == 0
     out = capsys.readouterr().out
     assert out.startswith("| method | checkpointing |") and "| lopt-k4 | full last-block |" in out
+    assert "GiB" not in out and " MiB |" in out  # tables in MiB
     assert run_plan_cli(parser.parse_args(["--model", str(tmp_path), "--method", "lopt", "--num-blocks", "3",
-                                           "--gradient-checkpointing", "last-block", "--json"])) == 0
-    data = json.loads(capsys.readouterr().out)
+                                           "--gradient-checkpointing", "last-block", "--json", "-"])) == 0
+    data = json.loads(capsys.readouterr().out)  # `--json -`: standard output holds the JSON only
+    assert data["units"]["memory"] == "bytes"
     assert [(r["method"], r["checkpointing"]) for r in data["rows"]] == [("lopt-k3", "full last-block")]
     assert data["rows"][0]["step_peak"] == data["rows"][0]["peak"] - data["rows"][0]["weights"]
+    # --json PATH writes the same JSON to a file and still prints the table
+    out_file = tmp_path / "sub" / "plan.json"
+    assert run_plan_cli(parser.parse_args(["--model", str(tmp_path), "--method", "lopt", "--num-blocks", "3",
+                                           "--gradient-checkpointing", "last-block", "--json", str(out_file)])) == 0
+    assert capsys.readouterr().out.startswith("| method |")
+    assert json.loads(out_file.read_text()) == data

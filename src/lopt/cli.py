@@ -32,6 +32,8 @@ TRAIN_HELP: dict[str, str] = {
     "dataset": "local .jsonl/.json/.parquet/.csv, a preset (gsm8k, metamathqa, alpaca, tulu3), a hub "
                "dataset id, or 'arithmetic' (embedded, offline)",
     "split": "dataset split",
+    "data_dir": "local data folder for the gsm8k preset (DIR/gsm8k/SPLIT.jsonl) and the eval tasks' default "
+                "files (default: $LOPT_DATA_DIR; with neither, presets come from the hub)",
     "limit": "use only the first N rows",
     "max_length": "truncate examples to this many tokens",
     "output_dir": "where checkpoints, metrics.jsonl and the final model go",
@@ -120,9 +122,9 @@ RL_HELP: dict[str, str] = {
     "max_grad_norm": "clip gradient norms (per block under LoPT, so the lower blocks' step never depends on "
                      "the task gradient; 0 or none: no clipping)",
     # grpo
-    "task": "gsm8k (../shared/data/gsm8k, else the hub), numinamath (hub: AI-MO/NuminaMath-TIR), or a file / "
-            "hub dataset with a question column (question, problem, prompt, query) and a reference column "
-            "(answer, solution, ...)",
+    "task": "gsm8k (DIR/gsm8k/SPLIT.jsonl with --data-dir or $LOPT_DATA_DIR, else the hub), numinamath (hub: "
+            "AI-MO/NuminaMath-TIR), or a file / hub dataset with a question column (question, problem, prompt, "
+            "query) and a reference column (answer, solution, ...)",
     "answer_format": "how answers are checked: gsm8k (number after ####, else the last number), boxed (last "
                      "\\boxed{}), auto (from the task / the first reference)",
     "instruction": "text appended to every question (default: asks for '#### N' or \\boxed{} depending on "
@@ -146,7 +148,7 @@ RL_HELP: dict[str, str] = {
     # dpo
     "dataset": "preference data: a file or hub dataset with prompt/chosen/rejected (strings or chat messages), "
                "or synthetic-gsm8k[:PATH] (chosen = GSM8K reference solution, rejected = same solution with a "
-               "wrong final answer; default file ../shared/data/gsm8k/train.jsonl)",
+               "wrong final answer; default file gsm8k/train.jsonl in --data-dir or $LOPT_DATA_DIR)",
     "max_length": "prompt + completion tokens at most (longer pairs are cut at the end)",
     "eval_dataset": "held-out preference pairs (same forms as --dataset), scored after the last step and every "
                     "--eval-every steps: eval loss, reward margin and accuracy go to metrics.jsonl",
@@ -284,16 +286,24 @@ def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer:
     def f(x, fmt="{:.4f}"):
         return "-" if x is None else fmt.format(x)
 
+    def first_last(a, b):
+        return None if a is None and b is None else f"{f(a)} -> {f(b)}"
+
+    def opt(x, fmt):
+        return None if x is None else fmt.format(x)
+
     rows = [
         ("method", f"{s['method']} (blocks {s['block_ranges']})"),
         ("steps", f"{s['steps']}/{s['total_steps']}" + (" (interrupted)" if s["interrupted"] else "")),
-        ("task loss first -> last", f"{f(s['loss_first'])} -> {f(s['loss_last'])}"),
-        ("aux loss first -> last", f"{f(s['aux_first'])} -> {f(s['aux_last'])}"),
-        ("tokens/s (median)", f(s["tokens_per_s"], "{:.0f}")),
-        ("peak memory", f(s["peak_mem_mb"], "{:.0f} MiB")),
+        ("task loss first -> last", first_last(s.get("loss_first"), s.get("loss_last"))),
+        # only when a local (auxiliary) loss was computed: the default recipe has none
+        ("aux loss first -> last", first_last(s.get("aux_first"), s.get("aux_last"))),
+        ("tokens/s (median)", opt(s.get("tokens_per_s"), "{:.0f}")),
+        ("peak memory", opt(s.get("peak_mem_mb"), "{:.0f} MiB")),
         ("wall time", f"{seconds:.0f} s"),
-        ("checkpoint", s["output_dir"]),
+        ("checkpoint", s.get("output_dir") or None),
     ]
+    rows = [(k, v) for k, v in rows if v is not None]  # only the rows that apply
     w = max(len(r[0]) for r in rows)
     print("\n| " + "what".ljust(w) + " | value |\n|" + "-" * (w + 2) + "|-------|")
     for k, v in rows:

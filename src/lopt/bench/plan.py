@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 from lopt.engine.anatomy import find_layers, split_blocks
 from lopt.engine.config import LoPTError
+from lopt.jsonout import json_help, write_json
 from lopt.bench.plan_activations import (SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
                                phase_memory)
 
@@ -45,6 +46,7 @@ LORA_R = 16  # LoPTConfig.lora_r
 LISA_LAYERS = 1  # LMFlow's run_finetuning_with_lisa.sh: lisa_activated_layers=1 (interval 20 steps)
 BADAM_LAYERS_PER_BLOCK = 1  # LLaMA-Factory's BAdam example: badam_mode=layer, one decoder layer a block
 DEFAULT_HEADROOM = 1 << 30  # CUDA context + allocator slack kept free by the fit column
+PLAN_UNITS = {"memory": "bytes", "parameters": "count"}  # the units of `lopt plan --json`
 
 
 class PlanError(ValueError):
@@ -484,7 +486,8 @@ def parse_size(value: str | int) -> int:
 
 
 def format_size(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+    """Bytes as MiB, the unit of every printed table (JSON keeps bytes)."""
+    return f"{n / (1 << 20):,.0f} MiB"
 
 
 def format_table(rows: list[PlanRow]) -> str:
@@ -521,26 +524,32 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="plan only this selective-checkpointing scope")
     p.add_argument("--gpu-memory", default=None, help="e.g. 80GB: add a fits column")
     p.add_argument("--headroom", default="1GiB", help="kept free for the CUDA context and allocator (default 1GiB)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--json", default=None, metavar="PATH", help=json_help("the rows"))
 
 
 def run_plan_cli(ns: argparse.Namespace) -> int:
-    """``lopt plan``: print the table (or JSON) for the parsed options."""
+    """``lopt plan``: print the table for the parsed options; ``--json PATH`` also writes the rows
+    (sizes in bytes) to PATH, ``-`` to standard output instead of the table."""
     rows = plan(ns.model, batch_size=ns.batch_size, max_length=ns.max_length, precision=ns.precision,
                 methods=ns.method, num_blocks=ns.num_blocks, gradient_checkpointing=ns.gradient_checkpointing,
                 selective_checkpointing=ns.selective_checkpointing, gpu_memory=ns.gpu_memory,
                 headroom=parse_size(ns.headroom))
+    out = sys.stderr if ns.json == "-" else sys.stdout  # `--json -`: stdout holds the JSON only
     if ns.json:
-        print(json.dumps({"model": ns.model or "smollm2-135m", "batch_size": ns.batch_size,
-                          "max_length": ns.max_length, "precision": ns.precision,
-                          "gpu_memory": parse_size(ns.gpu_memory) if ns.gpu_memory else None,
-                          "rows": [asdict(r) | {"step_peak": r.step_peak} for r in rows]}, indent=2))
-        return 0
-    print(format_table(rows))
+        where = write_json(ns.json, {
+            "model": ns.model or "smollm2-135m", "batch_size": ns.batch_size, "max_length": ns.max_length,
+            "precision": ns.precision, "units": PLAN_UNITS,
+            "gpu_memory": parse_size(ns.gpu_memory) if ns.gpu_memory else None,
+            "rows": [asdict(r) | {"step_peak": r.step_peak} for r in rows]})
+        if ns.json == "-":
+            return 0
+    print(format_table(rows), file=out)
     print(f"\n{ns.model or 'smollm2-135m'}, batch {ns.batch_size} x {ns.max_length} tokens, {ns.precision}; "
           "weights, gradients and AdamW state in fp32; peak = weights + optimizer + the most gradients, "
           "activations and temporaries alive at once"
-          + (f"; fits = peak + {ns.headroom} headroom <= {ns.gpu_memory}" if ns.gpu_memory else ""))
+          + (f"; fits = peak + {ns.headroom} headroom <= {ns.gpu_memory}" if ns.gpu_memory else ""), file=out)
+    if ns.json:
+        print(f"rows written to {where}", file=out)
     return 0
 
 

@@ -48,6 +48,7 @@ class TrainConfig:
     gguf_file: str | None = None
     dataset: str = "arithmetic"  # file, preset, hub id, or the embedded 'arithmetic'
     split: str = "train"
+    data_dir: str | None = None  # local data folder for presets (else $LOPT_DATA_DIR, else the hub)
     limit: int | None = None  # use only the first N rows
     max_length: int = 512
     output_dir: str = "runs/lopt"

@@ -73,6 +73,7 @@ class RLConfig:
     model: str | None = None  # hub id, local dir, .gguf file, alias; None = embedded SmolLM2-135M-Instruct
     gguf_file: str | None = None
     split: str = "train"
+    data_dir: str | None = None  # local data folder for presets (else $LOPT_DATA_DIR, else the hub)
     limit: int | None = None  # use only the first N rows
     output_dir: str = "runs/rl"
     # method
@@ -607,19 +608,26 @@ def print_summary(summary: dict[str, Any], seconds: float, headline: dict[str, s
     def f(x, fmt="{:.4f}"):
         return "-" if x is None else fmt.format(x)
 
+    def first_last(a, b):  # None (the row is left out) when neither end was logged
+        return None if a is None and b is None else f"{f(a)} -> {f(b)}"
+
+    def opt(x, fmt):
+        return None if x is None else fmt.format(x)
+
     rows = [("method", f"{summary['method']} (blocks {summary['block_ranges']})"),
             ("steps", f"{summary['steps']}/{summary['total_steps']}"
              + (" (interrupted)" if summary["interrupted"] else ""))]
-    rows += [(f"{name} first -> last", f"{f(summary[f'{name}_first'])} -> {f(summary[f'{name}_last'])}")
+    rows += [(f"{name} first -> last", first_last(summary.get(f"{name}_first"), summary.get(f"{name}_last")))
              for name in headline]
     if summary.get("eval"):
         shown = {k: v for k, v in summary["eval"].items() if k in ("loss", "rewards/margins", "rewards/accuracies")}
         rows.append(("held-out eval (last)", ", ".join(f"{k} {v:.4f}" for k, v in shown.items())))
-    rows += [("aux loss first -> last", f"{f(summary['aux_first'])} -> {f(summary['aux_last'])}"),
-             ("tokens/s (median)", f(summary["tokens_per_s"], "{:.0f}")),
-             ("peak memory", f(summary["peak_mem_mb"], "{:.0f} MiB")),
+    rows += [("aux loss first -> last", first_last(summary.get("aux_first"), summary.get("aux_last"))),
+             ("tokens/s (median)", opt(summary.get("tokens_per_s"), "{:.0f}")),
+             ("peak memory", opt(summary.get("peak_mem_mb"), "{:.0f} MiB")),
              ("wall time", f"{seconds:.0f} s"),
-             ("checkpoint", summary["checkpoint"] or summary["output_dir"])]
+             ("checkpoint", summary.get("checkpoint") or summary.get("output_dir") or None)]
+    rows = [(k, v) for k, v in rows if v is not None]  # only the rows that apply
     w = max(len(r[0]) for r in rows)
     print("\n| " + "what".ljust(w) + " | value |\n|" + "-" * (w + 2) + "|-------|")
     for k, v in rows:
