@@ -38,10 +38,10 @@ test-faults: install
 demo: install
 	$(VENV)/bin/lopt demo
 
-# Study v2 into docs/ (resumable: run it again to continue). `make experiment ARGS=--quick` runs the whole
-# pipeline in minutes into runs/experiment-quick; `ARGS="--budget short"` is study v1 (docs/short-budget).
+# Study v2 into records/study-v2/ and the README's cost table (resumable: run it again to continue).
+# `make experiment ARGS=--quick` runs the whole pipeline in minutes into runs/experiment-quick.
 experiment: install
-	$(PY) -m lopt.recipes.experiment $(ARGS)
+	LOPT_DATA_DIR=$(CURDIR)/../shared/data $(PY) -m lopt.recipes.experiment $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

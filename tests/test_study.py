@@ -12,7 +12,8 @@ import pytest
 from conftest import save_tiny
 from lopt.recipes.study import plan
 from lopt.recipes.study.records import Records
-from lopt.recipes.study.report import HEADLINE_END, HEADLINE_START, headline, sync_readme, write_report
+from lopt.recipes.study.report import (HEADLINE_END, HEADLINE_START, headline, readme_table, sync_readme,
+                                       write_report)
 from lopt.recipes.study.run import run_study
 
 
@@ -114,26 +115,39 @@ def test_the_report_reads_drops_goals_and_curves_off_the_records(tmp_path):
     assert "| **total** | **0.42** |" in text  # 600 + 500 s training, 3 x 60 s evaluations, 2 x 60 s curves, 120 s bench
     for png in ("curves.png", "loss-vs-retention.png", "memory-vs-speed.png", "drift.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
-    # the one-table summary, at the top of the report and in a README that has its markers
+    # the one-table summary, at the top of the report
     table = headline(tmp_path)
     assert any(ln.startswith("| lopt-tg4 | lopt: k 2, task gradient every 4") and
                ln.endswith("| 1.010 (1.010) | 0.010 (0.25) | +0.0 ± 0.0 | 1.25 | 0.70 |") for ln in table)
     assert any(ln.startswith("| lora | lora | not run yet |") for ln in table)
     assert "\n".join(table) in text
+    # the README's cost table, refreshed in a README that has its markers
+    short = readme_table(tmp_path)
+    assert "| lopt-tg4 | 1.010 (1.01) | 0.010 (0.25) | 1.25 | 0.70 |" in short
+    assert "| lora | not run yet |  |  |  |" in short and not any(ln.startswith("| base ") for ln in short)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{HEADLINE_START}\nstale\n{HEADLINE_END}\n\nafter\n")
     write_report(tmp_path, readme=readme)
-    assert readme.read_text() == f"# x\n\n{HEADLINE_START}\n" + "\n".join(table) + f"\n{HEADLINE_END}\n\nafter\n"
+    assert readme.read_text() == f"# x\n\n{HEADLINE_START}\n" + "\n".join(short) + f"\n{HEADLINE_END}\n\nafter\n"
     readme.write_text("no markers\n")
-    assert not sync_readme(readme, table) and readme.read_text() == "no markers\n"
+    assert not sync_readme(readme, short) and readme.read_text() == "no markers\n"
 
 
-def test_the_readme_headline_is_the_studys_records():
-    """Every figure in the README's study table is read off docs/results (write_report keeps it so)."""
+def test_the_readme_table_is_the_studys_records():
+    """Every figure in the README's cost table is read off records/study-v2 (write_report keeps it so), and
+    the committed report is the one the records give."""
     root = Path(__file__).resolve().parents[1]
+    study = root / "records" / "study-v2"
     text = (root / "README.md").read_text()
+    assert text.count(HEADLINE_START) == 1 and text.count(HEADLINE_END) == 1
     block = text.split(HEADLINE_START, 1)[1].split(HEADLINE_END, 1)[0].strip().splitlines()
-    assert block == headline(root / "docs")
+    assert block == readme_table(study)
+    report = (study / "RESULTS.md").read_text()
+    assert "\n".join(headline(study)) in report
+    assert "records/study-v2/results/" in report and "docs/" not in report
+    assert "[../study-v1/RESULTS.md](../study-v1/RESULTS.md)" in report  # the appendix finds study v1
+    for link in ("results/memory-vs-speed.png", "results/curves.png", "results/drift.png"):
+        assert f"]({link})" in report and (study / link).is_file()
 
 
 def test_the_goal_falls_back_to_retention_kl_when_e2e_lost_nothing(tmp_path):

@@ -1,9 +1,11 @@
-"""``make experiment``: the project's study of LoPT against its baselines, written to docs/RESULTS.md.
+"""``make experiment``: the project's study of LoPT against its baselines (study v2), written to
+records/study-v2/ (its records in results/, the report RESULTS.md) and the README's headline table.
 
-    python -m lopt.recipes.experiment                    # study v2 (resumes from docs/results/)
+    python -m lopt.recipes.experiment                    # study v2 (resumes from records/study-v2/results/)
     python -m lopt.recipes.experiment --only e2e lisa    # some runs; the report uses every record
-    python -m lopt.recipes.experiment --quick            # the whole v2 pipeline in minutes; not a result
-    python -m lopt.recipes.experiment --budget short     # study v1 (20 steps), docs/short-budget/
+    python -m lopt.recipes.experiment --quick            # the whole pipeline in minutes; not a result
+
+Study v1 (20 steps) is kept as it was, frozen, in records/study-v1/.
 """
 from __future__ import annotations
 
@@ -15,22 +17,25 @@ import torch
 
 from lopt.engine.config import LoPTError
 from lopt.recipes.study import run as v2
-from lopt.recipes.study import short
+
+# Where the study writes by default, relative to the repository root (``make experiment`` runs there).
+DEFAULT_OUT = Path("records/study-v2")
+QUICK_OUT = Path("runs/experiment-quick")
+# The README whose headline table a full study refreshes (between lopt.recipes.study.report's markers).
+README = Path("README.md")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lopt.recipes.experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", choices=("v2", "short"), default="v2",
-                   help="v2: 256 steps x 4 examples per run, retention suite, forgetting curves (default); "
-                        "short: study v1, 20 steps")
     p.add_argument("--quick", action="store_true", help="a tiny budget that runs the whole pipeline in minutes "
                    "(its numbers mean nothing)")
-    p.add_argument("--out", default=None, help="where RESULTS.md and results/ go (default: docs, "
-                   "docs/short-budget with --budget short, runs/experiment-quick with --quick)")
+    p.add_argument("--out", default=None, help=f"where RESULTS.md and results/ go (default: {DEFAULT_OUT}, "
+                   f"{QUICK_OUT} with --quick); the README's headline table is refreshed only for the default")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="run only these runs or configurations ('base', 'bench' too); the report uses every record")
-    p.add_argument("--data-dir", default=None, help="the shared data folder (default: ../shared/data)")
+    p.add_argument("--data-dir", default=None,
+                   help="the data folder holding gsm8k/, arc/, piqa/, winogrande/ and lambada/")
     p.add_argument("--keep-models", action="store_true", help="keep each run's checkpoints")
     p.add_argument("--no-bench", dest="bench", action="store_false", help="skip the memory/speed phase")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -38,15 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     data_dir = Path(ns.data_dir) if ns.data_dir else None
+    out = Path(ns.out) if ns.out else (QUICK_OUT if ns.quick else DEFAULT_OUT)
+    readme = README if ns.out is None and not ns.quick and README.is_file() else None
     try:
-        if ns.budget == "short":
-            out = Path(ns.out or ("runs/experiment-quick-short" if ns.quick else "docs/short-budget"))
-            short.run_study(out, quick=ns.quick, model=ns.model, only=ns.only, data_dir=data_dir,
-                            keep_models=ns.keep_models, bench=ns.bench)
-        else:
-            out = Path(ns.out or ("runs/experiment-quick" if ns.quick else "docs"))
-            v2.run_study(out, quick=ns.quick, model=ns.model, only=ns.only, data_dir=data_dir,
-                         keep_models=ns.keep_models, bench=ns.bench)
+        v2.run_study(out, quick=ns.quick, model=ns.model, only=ns.only, data_dir=data_dir,
+                     keep_models=ns.keep_models, bench=ns.bench, readme=readme)
     except LoPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
-"""The project's own study of LoPT against its baselines (``make experiment``).
+"""The project's own study of LoPT against its baselines (study v2, ``make experiment``).
 
 ``plan`` says what runs (budget, configurations, commands), ``run`` runs it in resumable pieces,
-``records`` keeps one JSON record per finished piece, ``report`` writes docs/RESULTS.md and the plots
-from the records. ``short`` is study v1, the 20-step budget kept as an appendix.
+``records`` keeps one JSON record per finished piece, ``report`` writes records/study-v2/RESULTS.md,
+its plots and the README's cost table from the records; ``lower_alone`` replays LoPT's lower half on
+its local loss alone. Study v1 (20 steps) is kept only as frozen records in records/study-v1/.
 """

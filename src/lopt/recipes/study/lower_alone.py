@@ -9,9 +9,9 @@ the objective, not from a fault in the engine.
 
     python -m lopt.recipes.study.lower_alone --name default --lr-lower 1e-5 --lr-head 1e-5
 
-Records go to ``docs/results/lower-alone/NAME.json``: every ``--every`` steps the local loss, the
-mean cosine of the boundary hidden state to the base model's on held-out GSM8K questions, and the
-relative change of the lower half's weights.
+Records go to ``records/study-v2/results/lower-alone/NAME.json``: every ``--every`` steps the local
+loss, the mean cosine of the boundary hidden state to the base model's on held-out GSM8K questions,
+and the relative change of the lower half's weights.
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def train_lower(stack: nn.Module, head: nn.Module, batches: Iterator[dict[str, t
 
 def run(name: str, lr_lower: float, lr_head: float, steps: int, total_steps: int = 256, batch_size: int = 4,
         max_length: int = 384, rows: int = 1024, warmup_ratio: float = 0.05, every: int = 16,
-        probe_rows: int = 16, seed: int = 0, out_dir: Path = Path("docs/results/lower-alone")) -> dict[str, Any]:
+        probe_rows: int = 16, seed: int = 0,
+        out_dir: Path = Path("records/study-v2/results/lower-alone")) -> dict[str, Any]:
     """The study's first ``steps`` steps of the lower half (same data, order and schedule as
     ``lopt train`` in the study), traced every ``every`` steps; writes ``out_dir/NAME.json``."""
     torch.manual_seed(seed)
@@ -110,7 +111,7 @@ def run(name: str, lr_lower: float, lr_head: float, steps: int, total_steps: int
     base.requires_grad_(False).eval()
     stack.train()
     head = ReconstructionHead(stack.config.hidden_size)
-    gsm8k = resolve_data("gsm8k", None).parent  # ../shared/data/gsm8k, as the study reads it
+    gsm8k = resolve_data("gsm8k", None).parent  # DIR/gsm8k of $LOPT_DATA_DIR, as the study reads it
     examples, _ = build_sft_dataset(str(gsm8k / "train.jsonl"), tok, max_length=max_length, limit=rows)
     held_out, _ = build_sft_dataset(str(gsm8k / "test.jsonl"), tok, max_length=max_length, limit=probe_rows)
     probe = [collate(held_out[i:i + 8], tok.pad_token_id) for i in range(0, len(held_out), 8)]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lopt.engine.config import engine_defaults
-from lopt.recipes.sft import TrainConfig
+from lopt.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def configs() -> dict[str, dict[str, Any]]:
         # The task gradient through the boundary every 4th step, at its defaults (lambda 0, lr_lower = 4 lr).
         "lopt-tg4": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4, "lambda_aux": 0.0,
                      "lr_lower_ratio": 4.0},
-        # The best N of the 20-step search (docs/issue15-results.md: N in 2, 4, 8 at lr_lower = N x lr;
+        # The best N of the 20-step search (records/study-v1/task-grad-every.md: N in 2, 4, 8 at N x lr;
         # N = 2 came closest to e2e's held-out loss).
         "lopt-tg2": {"method": "lopt", "num_blocks": 2, "task_grad_every": 2, "lambda_aux": 0.0,
                      "lr_lower_ratio": 2.0},
@@ -126,16 +126,16 @@ COST_KEYS = ("method", "num_blocks", "boundaries", "local_objective", "lower_eve
 # How "the best configuration" was found; the report quotes it.
 BEST_NOTE = (
     "The search for the best boundary-based configuration, stated: (1) the lower-block signal. Study v1 "
-    "(docs/short-budget/RESULTS.md) tried the reconstruction loss at lr_lower = lr and lr / 10, the anchor "
+    "(records/study-v1/RESULTS.md) tried the reconstruction loss at lr_lower = lr and lr / 10, the anchor "
     "objective and updating the lower blocks every 4th step; none beat freeze-lower. The 20-step check of "
-    "docs/issue15-results.md tried the task gradient through the boundary every N steps, N in 2, 4, 8 at "
-    "lr_lower = N x lr, and N = 4 at lr_lower = lr: N = 2 and 4 beat freeze-lower on held-out loss, "
+    "records/study-v1/task-grad-every.md tried the task gradient through the boundary every N steps, "
+    "N in 2, 4, 8 at lr_lower = N x lr, and N = 4 at lr_lower = lr: N = 2 and 4 beat freeze-lower on held-out loss, "
     "N x lr beat lr. (2) Speed: only N >= 4 reaches the goal's 1.2x e2e's tokens/s (the study's first "
     "bench: N = 2 1.07x, N = 4 1.25x; its final bench, quieter, has N = 4 at 1.15x), so N = 4. (3) Memory: "
     "every LoPT configuration peaked at 0.84-0.85x e2e's, above the "
     "goal's 0.8x, because at batch 4 the step's memory is weights, gradients and AdamW state. The largest "
     "piece LoPT adds is the LM head it unties from the embedding (its copy, gradient and AdamW state); "
-    "--tied-head keeps it tied (0.77x in docs/bench-tied-head.json). (4) The lower blocks' rate: in this "
+    "--tied-head keeps it tied (0.77x in records/bench/tied-head.json). (4) The lower blocks' rate: in this "
     "study lopt-tg4 (lr_lower = 4 x lr) reached 1.05x e2e's held-out loss but moved the model further than "
     "e2e did (retention KL 0.450 against 0.289, mean cosine to the base 0.948 against 0.976), while at 20 "
     "steps lr_lower = lr had cost only 1% of held-out loss against 4 x lr. So the candidate is N = 4, the "

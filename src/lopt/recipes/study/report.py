@@ -1,4 +1,5 @@
-"""docs/RESULTS.md of study v2, and its plots, from the records alone (:mod:`lopt.recipes.study.run`).
+"""records/study-v2/RESULTS.md, and its plots, from the records alone (:mod:`lopt.recipes.study.run`);
+also the README's cost table (:func:`readme_table`), kept in step by :func:`sync_readme`.
 
 The report is regenerated from whatever records exist, so a study that is still running has a true,
 partial report: runs without records are listed as missing, never guessed.
@@ -9,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lopt.bench.runner import load_bench_json
 from lopt.eval.suite import PRIMARY, RETENTION_KINDS, retention_differences
 from lopt.recipes.study import plan
 from lopt.recipes.study.plan import Budget
@@ -164,12 +166,13 @@ def _read(out: Path):
     if meta is None:
         raise FileNotFoundError(f"{records.path('meta')}: no study records to report on")
     runs, expected = _load_runs(records, meta)
-    bench = records.read("bench")
+    bench = load_bench_json(records.read("bench"))  # MiB, from either unit on disk
     rows = {r["name"]: r for r in (bench or {}).get("rows", [])}
     return records, meta, runs, expected, bench, rows
 
 
-HEADLINE_START = "<!-- study-v2 headline: generated from docs/results by lopt.recipes.study.report; do not edit -->"
+HEADLINE_START = ("<!-- study-v2 headline: generated from records/study-v2 by lopt.recipes.study.report; "
+                  "do not edit -->")
 HEADLINE_END = "<!-- /study-v2 headline -->"
 
 
@@ -178,6 +181,33 @@ def headline(out: Path) -> list[str]:
     at the top of RESULTS.md, which the README carries too."""
     _, meta, runs, expected, _, rows = _read(out)
     return _headline(runs, expected, meta["configs"], _cost_lookup(meta["configs"], rows))
+
+
+def readme_table(out: Path) -> list[str]:
+    """The README's one table: every trained run's held-out loss, retention KL, tokens/s and peak memory,
+    each against e2e seed 0, read from ``out/results``."""
+    _, meta, runs, expected, _, rows = _read(out)
+    return _readme_table(runs, expected, _cost_lookup(meta["configs"], rows))
+
+
+def _readme_table(runs, expected, cost) -> list[str]:
+    e2e = runs.get("e2e")
+    ref = cost(e2e) if e2e else None
+    e2e_ok = bool(e2e and e2e.done)
+    lines = ["| run | held-out loss (x e2e) | retention KL (x e2e) | tokens/s x e2e | peak memory x e2e |",
+             "|---|---|---|---|---|"]
+    for r in expected:
+        run = runs[r]
+        if not run.done:
+            lines.append(f"| {r} | not run yet |  |  |  |")
+            continue
+        c = cost(run)
+        loss = f"{run.loss():.3f}" + (f" ({run.loss() / e2e.loss():.2f})" if e2e_ok else "")
+        kl = f"{run.kl():.3f}" + (f" ({run.kl() / e2e.kl():.2f})" if e2e_ok and e2e.kl() else "")
+        lines.append(f"| {r} | {loss} | {kl} | "
+                     f"{_fmt(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} | "
+                     f"{_fmt(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} |")
+    return lines
 
 
 def _headline(runs, expected, configs, cost) -> list[str]:
@@ -219,7 +249,7 @@ def sync_readme(readme: Path, table: list[str]) -> bool:
 
 def write_report(out: Path, readme: Path | None = None) -> Path:
     """Write ``out/RESULTS.md`` (and its plots into ``out/results``) from the records in ``out/results``;
-    with ``readme``, also refresh the headline table in that README (if it has the markers)."""
+    with ``readme``, also refresh the README's table (:func:`readme_table`) between its markers."""
     records, meta, runs, expected, bench, rows = _read(out)
     configs = meta["configs"]
     cost = _cost_lookup(configs, rows)
@@ -252,15 +282,15 @@ def write_report(out: Path, readme: Path | None = None) -> Path:
         lines += ["## Discussion", "", notes.read_text().strip(), ""]
     lines += _times(runs, expected, records, meta, bench)
     lines += _reproduce(runs, expected, records)
-    short = out / "short-budget" / "RESULTS.md"
-    if short.is_file():
+    v1 = out.parent / "study-v1" / "RESULTS.md"
+    if v1.is_file():
         lines += ["## Appendix: the short budget (study v1)", "",
-                  "The first study (20 steps of 4 examples, 14 configurations) is kept as it was: "
-                  "[short-budget/RESULTS.md](short-budget/RESULTS.md) (`make experiment ARGS=\"--budget short\"`).", ""]
+                  "The first study (20 steps of 4 examples, 14 configurations) is kept as it was, frozen: "
+                  "[../study-v1/RESULTS.md](../study-v1/RESULTS.md).", ""]
     path = out / "RESULTS.md"
     write_text(path, "\n".join(lines))
     if readme is not None:
-        sync_readme(readme, table)
+        sync_readme(readme, _readme_table(runs, expected, cost))
     return path
 
 
@@ -474,7 +504,8 @@ def _times(runs, expected, records: Records, meta, bench) -> list[str]:
 
 
 def _reproduce(runs, expected, records: Records) -> list[str]:
-    lines = ["## Reproduce", "", "```", "make experiment                                   # the whole study; resumes from docs/results/",
+    lines = ["## Reproduce", "", "```",
+             "make experiment                                   # the whole study; resumes from records/study-v2/results/",
              "python -m lopt.recipes.experiment --only e2e lopt-tg4   # some runs (with all their seeds)", "```", "",
              "Each run is this `lopt train` command (the study calls the same function, saves a checkpoint every "
              "curve step, then evaluates the saved models):", "", "```"]
@@ -486,7 +517,7 @@ def _reproduce(runs, expected, records: Records) -> list[str]:
 
 def memory_speed_plot(results_dir: Path, rows: dict[str, dict[str, Any]]) -> tuple[str, str]:
     """Scatter each bench row's tokens/s against its whole-step peak memory into memory-vs-speed.png
-    (study v2 and the short-budget study share it)."""
+    (study v2's report draws it; so did study v1's)."""
     import matplotlib
 
     matplotlib.use("Agg")

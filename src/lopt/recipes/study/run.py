@@ -26,7 +26,7 @@ from lopt.eval.generation import _eval_gsm8k
 from lopt.eval.kl import base_continuations, retention_kl
 from lopt.eval.perplexity import task_loss
 from lopt.eval.suite import RETENTION_KINDS, TASKS, run_retention
-from lopt.eval.tasks import resolve_data
+from lopt.data import data_dir as find_data_dir
 from lopt.models import load_model
 from lopt.recipes.sft import train
 from lopt.recipes.study import plan
@@ -48,20 +48,24 @@ def budget_spec(budget: Budget) -> dict[str, Any]:
 
 class StudyData:
     """The study's files: GSM8K train and test and the five retention files, under ``data_dir``
-    (default: ``../shared/data``)."""
+    (default: ``$LOPT_DATA_DIR``, as :func:`lopt.data.data_dir` resolves it)."""
 
     def __init__(self, data_dir: Path | None):
-        if data_dir is None:
-            self.train = resolve_data("gsm8k", None).with_name("train.jsonl")
-        else:
-            self.train = Path(data_dir) / "gsm8k" / "train.jsonl"
+        try:
+            root = find_data_dir(data_dir)
+        except ValueError as e:  # a folder named that does not exist
+            raise LoPTError(str(e)) from None
+        if root is None:
+            raise LoPTError("the study reads its data from a folder: pass --data-dir or set LOPT_DATA_DIR (the "
+                            "folder that holds gsm8k/, arc/, piqa/, winogrande/ and lambada/)")
+        self.train = root / "gsm8k" / "train.jsonl"
         self.test = self.train.with_name("test.jsonl")
         root = self.train.parent.parent
         self.retention = {k: root / TASKS[k].default for k in RETENTION_KINDS}
         for p in (self.train, self.test, *self.retention.values()):
             if not p.exists():
-                raise LoPTError(f"study data not found: {p}; put ../shared/data beside the repository or "
-                                "pass --data-dir")
+                raise LoPTError(f"study data not found: {p}; pass --data-dir (the folder that holds "
+                                "gsm8k/, arc/, piqa/, winogrande/ and lambada/)")
 
 
 class Study:
@@ -258,7 +262,7 @@ class Study:
 
     def bench(self, names: list[str]) -> dict[str, Any]:
         """Peak memory and tokens/s of every distinct step cost, each in a fresh process."""
-        from lopt.bench.runner import run_bench
+        from lopt.bench.runner import bench_json, run_bench
 
         b = self.budget
         table: dict[str, dict[str, Any]] = {}
@@ -275,18 +279,19 @@ class Study:
             load = load_average()
             res = run_bench(list(table), [b.batch_size], model=self.model_name, seq_len=b.bench_seq_len, warmup=1,
                             steps=b.bench_steps, repeats=b.bench_repeats, progress=self.progress, table=table)
-            rec = self.records.put("bench", spec, {**res, "load_average": load})
+            rec = self.records.put("bench", spec, bench_json({**res, "load_average": load}))  # bytes
         return rec
 
 
 def run_study(out: Path, *, quick: bool = False, model: str | None = None, only: list[str] | None = None,
               data_dir: Path | None = None, keep_models: bool = False, bench: bool = True,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, readme: Path | None = None) -> dict[str, Any]:
     """Run (or resume) study v2; write ``out/results/**.json`` and ``out/RESULTS.md``.
 
     ``only``: run names (``e2e``, ``e2e-seed1``, ...), configuration names (all their seeds), ``base``
     or ``bench``; the sweep runs whenever a selected run needs its learning rate. The report always
-    uses every record present.
+    uses every record present. ``readme``: a README whose headline table (between the report's
+    markers) is refreshed from the records; never for a ``quick`` run.
     """
     from lopt.recipes.study.report import write_report
 
@@ -313,7 +318,6 @@ def run_study(out: Path, *, quick: bool = False, model: str | None = None, only:
         study.run(run, name, seed, lr)
     if bench and (not only or "bench" in only):
         study.bench(names)
-    # The study's own README (beside docs/) carries its headline table; quick runs leave it alone.
-    report = write_report(study.out, readme=None if quick else study.out.parent / "README.md")
+    report = write_report(study.out, readme=None if quick else readme)
     study.say(f"report written to {report}")
     return {"report": str(report), "out": str(study.out)}
