@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lopt.engine.boundary import wrap
+from lopt.methods import wrap
 from lopt.engine.loss import causal_lm_loss, chunked_cross_entropy
 from lopt.methods import METHODS
 from lopt.recipes.sft import TrainConfig, train
@@ -154,13 +154,14 @@ def test_chunked_loss_matches_full_logits_on_cuda(dtype, softcap):
 
 
 def test_bench_reports_max_allocated_on_gpu(files, tmp_path):
+    from lopt.bench.runner import load_bench_json
     from lopt.cli import main
 
     tiny, _ = files
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(tiny), "--configs", "e2e", "lopt-k2", "lopt-k2+oib", "--device", "cuda",
                  "--seq-len", "64", "--batch-sizes", "4", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
-    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = {r["name"]: r for r in load_bench_json(out)["rows"]}  # the file is in bytes; read back in MiB
     for name, r in rows.items():
         # max_memory_allocated minus what the loaded model held: AdamW's two fp32 states are made
         # inside the measured steps, so the step's peak holds at least them.

@@ -1,5 +1,5 @@
 """The package layout holds: no import cycles among lopt's modules (function-level imports included),
-and the 0.1 import paths still reach the moved modules."""
+every import goes down the package order, and the 0.1 import paths still reach the moved modules."""
 from __future__ import annotations
 
 import ast
@@ -72,6 +72,63 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (found := visit(node)):
             return found
     return None
+
+
+# The package order: a module may import from its own package, from a lower level, or from the
+# foundation (modules that import nothing of lopt's but each other). Same-level packages are
+# independent of each other.
+FOUNDATION = {"_compat", "version", "jsonout", "data", "models", "prompts"}
+LEVELS = {
+    "engine": 1,     # the gradient boundary
+    "methods": 2,    # what trains, from which signal (and wrap, LoPTConfig)
+    "config": 3,     # every recipe's options
+    "runtime": 4,    # the step loop, checkpoints, run state
+    "eval": 5, "parallel": 5,
+    "rewards": 6, "plan": 6,
+    "bench": 7,      # may use the planner; not the recipes
+    "recipes": 8,
+    "cli": 9,
+    "__main__": 10, "lopt": 10,  # lopt/__init__.py: the public API, imported by nobody inside lopt
+}
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "lopt"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every edge ``a -> b`` that breaks the package order, as 'a -> b'."""
+    bad = []
+    for a, targets in graph.items():
+        pa = package_of(a)
+        for b in targets:
+            pb = package_of(b)
+            if pa == pb or pb in FOUNDATION:
+                continue
+            if pa in FOUNDATION or LEVELS[pb] >= LEVELS[pa]:
+                bad.append(f"{a} -> {b}")
+    return sorted(bad)
+
+
+def test_every_package_has_a_level():
+    packages = {package_of(m) for m in import_graph()}
+    assert packages <= FOUNDATION | set(LEVELS), sorted(packages - FOUNDATION - set(LEVELS))
+
+
+def test_imports_go_down_the_package_order():
+    assert upward_imports(import_graph()) == []
+
+
+@pytest.mark.parametrize("edge", [("lopt.engine.boundary", "lopt.methods"),  # the engine picking its method
+                                  ("lopt.bench.runner", "lopt.recipes.sft"),  # bench reading a recipe's config
+                                  ("lopt.parallel.pipeline", "lopt.recipes"),  # the pipeline's own loop
+                                  ("lopt.runtime.checkpoints", "lopt"),  # the version from the API package
+                                  ("lopt.data", "lopt.engine.config")])  # the foundation leaning on the engine
+def test_order_check_sees_an_upward_import(edge):
+    graph = import_graph()
+    graph[edge[0]] = graph[edge[0]] | {edge[1]}
+    assert f"{edge[0]} -> {edge[1]}" in upward_imports(graph)
 
 
 def test_no_import_cycles():

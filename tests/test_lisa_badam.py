@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import lopt
 from lopt import LoPTError
-from lopt.engine.config import LoPTConfig
+from lopt import LoPTConfig
 from lopt.engine.memory import SavedTensorTracker
 from lopt.methods.badam import BAdam
 from lopt.methods.lisa import LISA

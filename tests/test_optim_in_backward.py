@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from lopt.engine.boundary import wrap
+from lopt.methods import wrap
 from lopt.engine.config import LoPTError
 from lopt.recipes.sft import TrainConfig, train
 from lopt.runtime.loop import Stepper

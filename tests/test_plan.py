@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from lopt.boundary import wrap
+from lopt import wrap
 from lopt.memory import SavedTensorTracker
-from lopt.bench.plan import PlanError, add_plan_arguments, aliases, load_config, main, parse_size, plan, run_plan_cli
+from lopt.plan.planner import PlanError, add_plan_arguments, aliases, load_config, main, parse_size, plan, run_plan_cli
 from lopt.train import Stepper, TrainConfig
 
 B, T, VOCAB = 2, 24, 300

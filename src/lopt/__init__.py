@@ -2,6 +2,7 @@
 
     import lopt
     wrapped = lopt.wrap(model)              # gradient boundary at the midpoint
+    wrapped.begin_step(step)                # before each optimizer step
     out = wrapped(input_ids, attention_mask=mask, labels=labels)
     wrapped.backward(out)                   # lower half: local loss only; upper half: task loss
     optimizer.step()
@@ -14,16 +15,16 @@ study; ``parallel/`` data parallel, FSDP and the pipeline; ``eval/`` one module 
 ``bench/`` measured cost. ``data``, ``models``, ``rewards`` and ``cli`` are thin layers on top.
 """
 from lopt._compat import install_moved_module_aliases
+from lopt.version import __version__
 from lopt.engine.anatomy import find_layers, split_blocks
-from lopt.engine.boundary import LoPTModel, LoPTOutput, wrap
-from lopt.engine.config import SCHEDULES, LoPTConfig, LoPTError
+from lopt.engine.boundary import LoPTModel, LoPTOutput
+from lopt.engine.config import SCHEDULES, LoPTError
 from lopt.engine.heads import ReconstructionHead
-from lopt.methods import METHODS
+from lopt.methods import METHODS, LoPTConfig, Method, get_method, register, wrap
 
-__version__ = "0.2.0"
 
-__all__ = ["wrap", "LoPTConfig", "LoPTModel", "LoPTOutput", "LoPTError", "ReconstructionHead",
-           "find_layers", "split_blocks", "METHODS", "SCHEDULES", "__version__"]
+__all__ = ["wrap", "LoPTConfig", "LoPTModel", "LoPTOutput", "LoPTError", "ReconstructionHead", "Method",
+           "get_method", "register", "find_layers", "split_blocks", "METHODS", "SCHEDULES", "__version__"]
 
 
 install_moved_module_aliases()

@@ -24,6 +24,10 @@ MOVED = {
     "lopt.distributed": "lopt.parallel",
     "lopt.evaluate": "lopt.eval",
     "lopt.distbench": "lopt.bench.distbench",
+    # 0.3: the memory planner got its own package; engine.checkpointing says what it checkpoints.
+    "lopt.bench.plan": "lopt.plan.planner",
+    "lopt.bench.plan_activations": "lopt.plan.activations",
+    "lopt.engine.checkpointing": "lopt.engine.activation_checkpointing",
 }
 
 

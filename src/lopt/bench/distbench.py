@@ -27,15 +27,16 @@ from typing import Any
 
 import torch
 
-from lopt.bench.runner import _rss_peak_mb
+from lopt.bench.runner import _rss_peak_mb, bench_json
+from lopt.jsonout import json_help, write_json
 from lopt.bench.runner import _rss_reset_peak as reset_rss_peak
-from lopt.engine.boundary import wrap
+from lopt.methods import wrap
 from lopt.engine.memory import current_rss_mb
 from lopt.models import load_model
 from lopt.parallel.context import init_distributed
 from lopt.parallel.data_parallel import DataParallel
 from lopt.parallel.pipeline import PipelineStepper, build_stage
-from lopt.recipes.sft import TrainConfig
+from lopt.config import TrainConfig
 from lopt.runtime.loop import Stepper, set_seed
 
 MODES = ("single", "ddp", "fsdp", "pipeline")
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="run the list of modes this many times, interleaved (the table shows medians and ranges)")
     p.add_argument("--reference", default="ddp", help="mode the ratios are against")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, metavar="PATH", help=json_help("the rows"))
     ns = p.parse_args(argv)
     t_start = time.perf_counter()
     specs = []
@@ -242,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"rows": rows, "args": vars(ns), "wall_s": time.perf_counter() - t_start,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "versions": {"torch": torch.__version__}}
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(result, indent=2))
+    if ns.json:  # memory in bytes, as every --json; load_bench_json reads it back in MiB
+        write_json(ns.json, bench_json(result))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -23,11 +24,12 @@ from typing import Any
 import torch
 
 from lopt.bench.peer import PEER_CONFIGS, PEERS
-from lopt.engine.boundary import wrap
+from lopt.jsonout import MIB, json_help, write_json
+from lopt.methods import wrap
 from lopt.engine.config import LoPTError, engine_defaults
 from lopt.engine.memory import SavedTensorTracker, current_rss_mb, peak_rss_mb
 from lopt.models import load_model
-from lopt.recipes.sft import TrainConfig
+from lopt.config import TrainConfig
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
 
 # name -> TrainConfig overrides. The memory tricks (blockwise, chunked CE, per-block step) are on by
@@ -96,6 +98,7 @@ class BenchSpec:
     seed: int = 0
     dataset: str | None = None  # None: random tokens; else what lopt train reads (file, preset, ...)
     limit: int | None = None
+    data_dir: str | None = None  # the data folder for a preset --dataset (else $LOPT_DATA_DIR)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,7 +137,8 @@ def bench_batches(spec: BenchSpec, tokenizer, vocab: int) -> list[dict[str, torc
         return out
     from lopt.data import Batches, build_sft_dataset
 
-    examples, _ = build_sft_dataset(spec.dataset, tokenizer, max_length=spec.seq_len, limit=spec.limit)
+    examples, _ = build_sft_dataset(spec.dataset, tokenizer, max_length=spec.seq_len, limit=spec.limit,
+                                    data_dir=spec.data_dir)
     it = Batches(examples, spec.batch_size, tokenizer.pad_token_id, seed=spec.seed)
     return [next(it) for _ in range(n)]
 
@@ -234,12 +238,17 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
               gguf_file: str | None = None, seq_len: int = 256, warmup: int = 1, steps: int = 1,
               repeats: int = 2, device: str | None = None, progress: bool = True,
               timeout: float | None = None, table: dict[str, dict[str, Any]] | None = None,
-              dataset: str | None = None, limit: int | None = None) -> dict[str, Any]:
+              dataset: str | None = None, limit: int | None = None,
+              data_dir: str | None = None) -> dict[str, Any]:
     """Run every (configuration, batch size) ``repeats`` times, interleaved, each in a fresh process.
 
     ``table``: name -> TrainConfig overrides to look the names up in (default :data:`CONFIGS` and the
     peer trainers' rows, :data:`lopt.bench.peer.PEER_CONFIGS`). ``dataset``: train on the batches
-    ``lopt train`` would draw from it (default: random tokens)."""
+    ``lopt train`` would draw from it (default: random tokens); ``data_dir``: the data folder for a
+    preset ``dataset`` (default ``$LOPT_DATA_DIR``, else the hub).
+
+    The result is in MiB (``units``, :data:`BENCH_UNITS`), as the table prints it; the JSON file of
+    ``lopt bench --json`` is in bytes (:func:`bench_json`), and :func:`load_bench_json` reads either."""
 
     table = {**CONFIGS, **PEER_CONFIGS} if table is None else table
     unknown = [c for c in configs if c not in table]
@@ -253,7 +262,7 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
         for c, b in jobs:
             spec = BenchSpec(name=c, overrides=table[c], model=model, gguf_file=gguf_file, batch_size=b,
                              seq_len=seq_len, warmup=warmup, steps=steps, measure_saved=(r == 0),
-                             device=device, dataset=dataset, limit=limit)
+                             device=device, dataset=dataset, limit=limit, data_dir=data_dir)
             done = sum(len(v) for v in runs.values())
             if progress:
                 print(f"[{done + 1}/{total}] {c} batch {b} (repeat {r + 1}/{repeats}, "
@@ -272,7 +281,8 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
 
     import transformers
 
-    return {"rows": rows, "reference": configs[0], "seq_len": seq_len, "dataset": dataset or "random tokens", "warmup": warmup, "steps": steps,
+    return {"units": dict(BENCH_UNITS), "rows": rows, "reference": configs[0], "seq_len": seq_len,
+            "dataset": dataset or "random tokens", "warmup": warmup, "steps": steps,
             "repeats": repeats, "model": model or "smollm2-135m-instruct (embedded)",
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -300,6 +310,61 @@ def _aggregate(name: str, batch: int, runs: list[dict[str, Any]]) -> dict[str, A
                                          if r["saved_activation_mb"] is not None), None),
             "first_loss": runs[0]["first_loss"], "first_losses": [r["first_loss"] for r in runs],
             "trainable_params": runs[0]["trainable_params"], "n_steps": len(times)}
+
+
+# --------------------------------------------------------------------------- the bench JSON
+
+# run_bench's result (and the table) has memory in MiB under keys ending in _mb; the JSON file has it
+# in bytes under _bytes keys, and says so in "units". Ratios (ratio_*) have no unit.
+BENCH_UNITS = {"memory": "MiB", "time": "seconds", "throughput": "tokens/s"}
+JSON_UNITS = {"memory": "bytes", "time": "seconds", "throughput": "tokens/s"}
+_MEMORY_KEY = re.compile(r"^(?!ratio_)(.*)_(mb|bytes)(_.*)?$")
+
+
+def _memory(obj: Any, to: str) -> Any:
+    """``obj`` with every memory value moved to ``to`` ("bytes": _mb keys become _bytes, in bytes;
+    "mb": the reverse, in MiB), at any depth."""
+    if isinstance(obj, list):
+        return [_memory(v, to) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        m = _MEMORY_KEY.match(k) if isinstance(k, str) else None
+        if m and m.group(2) != to and not isinstance(v, (dict, bool)):
+            def conv(x):
+                if not isinstance(x, (int, float)) or isinstance(x, bool):
+                    return x
+                return int(round(x * MIB)) if to == "bytes" else x / MIB
+            out[f"{m.group(1)}_{to}{m.group(3) or ''}"] = [conv(x) for x in v] if isinstance(v, list) else conv(v)
+        else:
+            out[k] = _memory(v, to)
+    return out
+
+
+def bench_json(result: dict[str, Any]) -> dict[str, Any]:
+    """A ``run_bench`` result as ``lopt bench --json`` writes it: memory in bytes (``*_bytes`` keys),
+    ``units`` first."""
+    rec = _memory({k: v for k, v in result.items() if k != "units"}, "bytes")
+    return {"units": dict(JSON_UNITS), **rec}
+
+
+def load_bench_json(source: str | Path | dict[str, Any] | None) -> dict[str, Any] | None:
+    """A bench record (a path, or the parsed JSON) in ``run_bench``'s form: memory in MiB under ``*_mb``
+    keys, ``units`` = :data:`BENCH_UNITS`. Reads the JSON of ``lopt bench --json`` (bytes, with
+    ``units``) and the older records written before it said its units (MiB, no ``units``). None
+    stays None."""
+    if source is None:
+        return None
+    data = json.loads(Path(source).read_text()) if isinstance(source, (str, Path)) else source
+    if not isinstance(data, dict):
+        raise LoPTError(f"{source} is not a bench record (a JSON object with rows)")
+    memory = (data.get("units") or {}).get("memory", "MiB")  # older records: MiB, no units
+    if memory not in ("MiB", "bytes"):
+        raise LoPTError(f"bench record with memory in {memory!r}: only bytes and MiB are known")
+    rec = _memory({k: v for k, v in data.items() if k != "units"}, "mb") if memory == "bytes" else \
+        {k: v for k, v in data.items() if k != "units"}
+    return {"units": dict(BENCH_UNITS), **rec}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -366,13 +431,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on the batches lopt train would draw from this dataset (file, preset, ...; "
                         "default: random tokens, every one labelled)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows of --dataset")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the data folder for a preset --dataset (gsm8k reads DIR/gsm8k/train.jsonl; default: "
+                        "$LOPT_DATA_DIR, else the hub)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[4], metavar="B")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
     p.add_argument("--steps", type=int, default=1, help="timed steps per process")
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per configuration, interleaved")
     p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--json", default=None, metavar="PATH", help=json_help("the full results"))
     p.add_argument("--plot", default=None, help="write the tokens/s vs memory plot (PNG) here")
 
 
@@ -380,13 +448,16 @@ def run_bench_cli(ns: argparse.Namespace) -> int:
     configs = list(ns.configs) + [c for p in ns.peer for c in PEERS[p] if c not in ns.configs]
     result = run_bench(configs, ns.batch_sizes, model=ns.model, gguf_file=ns.gguf_file, seq_len=ns.seq_len,
                        warmup=ns.warmup, steps=ns.steps, repeats=ns.repeats, device=ns.device,
-                       dataset=ns.dataset, limit=ns.limit)
-    print(format_table(result))
+                       dataset=ns.dataset, limit=ns.limit, data_dir=getattr(ns, "data_dir", None))
+    out = sys.stderr if ns.json == "-" else sys.stdout  # `--json -`: standard output holds the JSON only
+    print(format_table(result), file=out)
     print(f"\nratios against {result['reference']}; {result['dataset']}; {result['repeats']} processes x {result['steps']} timed "
           f"steps per configuration; {result['machine']['cpus']} CPUs, torch {result['versions']['torch']}; "
-          f"{result['wall_s']:.0f}s")
+          f"{result['wall_s']:.0f}s", file=out)
     if ns.json:
-        Path(ns.json).write_text(json.dumps(result, indent=2))
+        where = write_json(ns.json, bench_json(result))
+        if ns.json != "-":
+            print(f"results written to {where} (memory in bytes)", file=out)
     if ns.plot:
         plot(result, ns.plot)
     return 0

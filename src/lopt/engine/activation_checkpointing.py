@@ -6,10 +6,9 @@ from typing import Any
 import torch
 
 from lopt.engine.config import CHECKPOINT_SCOPES, LoPTError
-from lopt.methods import get_method, method_names
 
 
-def _keep_matmul_outputs() -> tuple[Any, Any]:
+def keep_matmul_outputs() -> tuple[Any, Any]:
     """Selective checkpointing policy: a checkpointed layer keeps what its matrix multiplications and
     attention computed, and recomputes everything else (element-wise, memory-bound, cheap)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -24,14 +23,3 @@ def _keep_matmul_outputs() -> tuple[Any, Any]:
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
     return create_selective_checkpoint_contexts(policy)
-
-
-def check_checkpointing(cfg: Any) -> None:
-    """LoPTError for a gradient_checkpointing / selective_checkpointing value that cannot work."""
-    for name in ("gradient_checkpointing", "selective_checkpointing"):
-        value = getattr(cfg, name)
-        if value not in CHECKPOINT_SCOPES:
-            raise LoPTError(f"{name} must be one of {', '.join(CHECKPOINT_SCOPES)}, got {value!r}")
-        if value in ("last-block", "lower-blocks") and not get_method(cfg.method).boundary:
-            with_boundary = ", ".join(m for m in method_names() if get_method(m).boundary)
-            raise LoPTError(f"{name}={value} needs a method with a boundary ({with_boundary})")

@@ -33,11 +33,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lopt.engine.anatomy import (_find_loss_head, _hidden_of, _is_embedding_name, _is_tied,
                                  _untie_output_embeddings, find_layers, hidden_size_of, split_blocks)
-from lopt.engine.checkpointing import _keep_matmul_outputs
-from lopt.engine.config import CHECKPOINT_SCOPES, LoPTConfig, LoPTError
+from lopt.engine.activation_checkpointing import keep_matmul_outputs
+from lopt.engine.config import CHECKPOINT_SCOPES, EngineConfig, LoPTError
 from lopt.engine.heads import ReconstructionHead, masked_mse
 from lopt.engine.loss import causal_lm_loss, chunked_cross_entropy
-from lopt.methods import get_method
 
 
 @dataclass
@@ -61,11 +60,13 @@ class LoPTModel(nn.Module):
     model's.
     """
 
-    def __init__(self, model: nn.Module, config: LoPTConfig):
+    def __init__(self, model: nn.Module, method: Any):
+        """``method``: a ``lopt.methods.Method`` built on its ``LoPTConfig`` (``lopt.wrap`` makes both)."""
         super().__init__()
+        config: EngineConfig = method.config
         config.validate()
         self.lopt_config = config
-        self.method_impl = method = get_method(config.method)(config)
+        self.method_impl = method
         # The LM head shares the input embedding's matrix and stays shared (config.tied_head): the
         # matrix belongs to the last block, and the lower blocks see it through a detached lookup.
         self.tied = bool(method.boundary and (config.tied_head or (config.tied_head is None and _is_tied(model))))
@@ -253,6 +254,16 @@ class LoPTModel(nn.Module):
         if value != self._open:
             self._checkpoint_lower(value)
         self._open = value
+
+    def begin_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Set the model up for optimizer step ``step`` (0-based; call it before the step's first
+        forward): the method switches its trainable layers (LISA, BAdam: give the ``optimizer`` so the
+        switched-off layers' state is freed), the lower blocks update only on every ``lower_every``-th
+        step, and under ``task_grad_every`` N the boundary opens on steps 0, N, 2N, ..."""
+        c = self.lopt_config
+        self.method_impl.begin_step(self, step, optimizer)
+        self.update_lower = step % max(1, c.lower_every) == 0
+        self.open_boundary = bool(c.task_grad_every) and step % c.task_grad_every == 0
 
     def lower_trains(self) -> bool:
         """Whether the lower blocks get a gradient in this step's backward (open boundary, or a local
@@ -505,7 +516,7 @@ class LoPTModel(nn.Module):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         from torch.utils.checkpoint import checkpoint
 
-        keep_matmuls = functools.partial(checkpoint, use_reentrant=False, context_fn=_keep_matmul_outputs)
+        keep_matmuls = functools.partial(checkpoint, use_reentrant=False, context_fn=keep_matmul_outputs)
         for i, layer in enumerate(layers):
             for m in layer.modules():
                 if not hasattr(m, "gradient_checkpointing"):
@@ -541,31 +552,6 @@ class LoPTModel(nn.Module):
                 "tied_lm_head": self.tied,
                 "trainable_params": trainable, "head_params": sum(p.numel() for p in self.heads.parameters()),
                 **self.method_impl.describe()}
-
-
-def wrap(model: nn.Module, num_blocks: int = 2, lambda_aux: float | None = None, schedule: str = "blockwise",
-         *, method: str = "lopt", boundaries: Sequence[int] | None = None, config: LoPTConfig | None = None,
-         **options: Any) -> LoPTModel:
-    """Wrap a transformers causal LM for LoPT (or a baseline) training.
-
-    >>> wrapped = lopt.wrap(model)                     # LoPT, boundary at the midpoint
-    >>> wrapped = lopt.wrap(model, boundaries=[8, 16]) # three blocks
-    >>> wrapped = lopt.wrap(model, method="e2e")       # same code path, no boundary
-
-    >>> wrapped = lopt.wrap(model, task_grad_every=4) # the task gradient reaches the lower half every 4th step
-
-    ``options`` are further ``LoPTConfig`` fields (``lora_r``, ``task_grad_every``, ...). ``lambda_aux``
-    defaults to 10 (0 under ``task_grad_every``).
-    """
-    if config is None:
-        config = LoPTConfig(method=method, num_blocks=num_blocks, lambda_aux=lambda_aux,
-                            schedule=schedule, boundaries=list(boundaries) if boundaries is not None else None,
-                            **options)
-    if isinstance(model, LoPTModel):
-        raise LoPTError("this model is already wrapped by lopt.wrap; wrap the plain model (wrapped.model)")
-    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "config")):
-        raise LoPTError(f"lopt.wrap expects a transformers causal LM, got {type(model).__name__}")
-    return LoPTModel(model, config)
 
 
 def load_run_info(path: str | Path) -> dict[str, Any]:

@@ -1,14 +1,14 @@
-"""What defines how a model is trained: ``LoPTConfig`` (saved with every checkpoint), its constants,
-and ``LoPTError``. The method named in ``LoPTConfig.method`` is checked by ``lopt.methods.get_method``."""
+"""What defines how the gradient boundary trains a model: ``EngineConfig`` (the engine's part of
+``lopt.methods.LoPTConfig``, saved with every checkpoint), ``option`` (a field that is also a flag),
+the recipes' defaults and ``LoPTError``. Methods and their options live in ``lopt.methods``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 
 SCHEDULES = ("blockwise", "joint")
 LOCAL_OBJECTIVES = ("recon", "anchor")
-BADAM_ORDERS = ("ascending", "descending", "random")  # the order in which BAdam's blocks take turns
 
 
 # Which layers recompute their activations in the backward (LoPTModel.gradient_checkpointing_enable).
@@ -74,47 +74,61 @@ def engine_defaults(options: dict[str, Any]) -> dict[str, Any]:
     return {"task_grad_every": 0, "tied_head": False, **options}
 
 
-@dataclass
-class LoPTConfig:
-    """Everything that defines how a model is trained; saved with each checkpoint."""
+def option(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None,
+           **cli: Any) -> Any:
+    """A dataclass field that is also a command-line flag and a YAML key: ``help`` is its ``--help``
+    text; ``cli`` holds argparse settings the field's type does not give (``choices``, ``nargs``,
+    ``metavar``, ``type``, ``action``, ``const``), ``group`` (the ``--help`` section) or ``cli=False``
+    (an option of the Python API only)."""
+    metadata = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
-    method: str = "lopt"
-    num_blocks: int = 2
-    boundaries: list[int] | None = None  # layer indices where a new block starts; overrides num_blocks
-    lambda_aux: float | None = None  # None: default_lambda_aux(task_grad_every)
-    schedule: str = "blockwise"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"
-    local_objective: str = "recon"  # recon: reconstruct the block input; anchor: match the frozen pretrained block
-    lower_every: int = 1  # update the lower blocks only every N-th step (set by the trainer via update_lower)
-    chunked_ce: bool = True  # task loss in chunks, never the full logits (training with labels only)
-    ce_chunk_size: int = 1024
-    # Open the boundary every N-th optimizer step (steps 0, N, 2N, ...): the lower blocks then get the
-    # true task gradient (plus their local loss when lambda_aux > 0). 0: never (the paper's LoPT).
-    task_grad_every: int = 0
-    # Keep a tied LM head tied to the input embedding across the boundary (by default LoPT unties it:
-    # one tensor cannot sit on both sides). The shared matrix then trains with the last block, from the
-    # task loss (on an open boundary also through the embedding lookup); no local loss reaches it. It
-    # saves the head's copy, its gradient and its AdamW state: 4 x vocab x hidden floats. None: keep it
-    # tied if the model ties it (the recipes' default under method lopt, fill_recipe_defaults).
-    tied_head: bool | None = False
-    # LISA (methods/lisa.py): this many decoder layers train, chosen again every lisa_interval steps.
-    lisa_layers: int = 1
-    lisa_interval: int = 20
-    # BAdam (methods/badam.py): blocks of badam_block_size layers, one trains for badam_switch_every
-    # steps, in badam_order.
-    badam_switch_every: int = 50
-    badam_order: str = "ascending"
-    badam_block_size: int = 1
-    seed: int = 0  # the methods' own random choices (LISA's layers, BAdam's random order)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+_BOUNDARY = "method: the boundary (lopt, freeze-lower)"
+
+
+@dataclass
+class EngineConfig:
+    """The gradient boundary's own options, the part of ``LoPTConfig`` that ``lopt.engine`` reads;
+    each method adds its own (``Method.options``) in ``lopt.methods.LoPTConfig``."""
+
+    method: str = option("lopt", "training method (lopt.methods.METHODS)", group="method")
+    num_blocks: int = option(2, "LoPT: number of blocks (2 = boundary at the midpoint)", group=_BOUNDARY)
+    boundaries: list[int] | None = option(
+        None, "LoPT: explicit block starts as layer indices, e.g. 10 20 (overrides --num-blocks)",
+        nargs="+", type=int, metavar="LAYER", group=_BOUNDARY)
+    lambda_aux: float | None = option(
+        None, "LoPT: weight of the mean local reconstruction loss (default: 0 under --task-grad-every; 10, the "
+        "paper's, with --task-grad-every 0)", type=float, group=_BOUNDARY)
+    schedule: str = option("blockwise", "LoPT backward schedule: blockwise frees lower activations early",
+                           choices=SCHEDULES, group=_BOUNDARY)
+    local_objective: str = option(
+        "recon", "what the lower blocks learn: recon (reconstruct the block input, the paper's) or anchor (keep "
+        "the block output close to the frozen pretrained block's)", choices=LOCAL_OBJECTIVES, group=_BOUNDARY)
+    lower_every: int = option(1, "update the lower blocks only every N-th step (their backward is skipped "
+                                 "otherwise)", group=_BOUNDARY)
+    chunked_ce: bool = option(True, "compute the task loss in chunks of tokens, never the full logits tensor "
+                                    "(exact)", group="memory")
+    ce_chunk_size: int = option(1024, "tokens per chunk of the chunked task loss", cli=False)
+    task_grad_every: int = option(
+        0, "LoPT: open the boundary every N-th step (steps 0, N, 2N, ...): the lower blocks then get the task "
+        "gradient (plus their local loss if --lambda-aux > 0), recomputed in the backward from each layer's "
+        "input; 0: never, the paper's pure local learning", type=int, group=_BOUNDARY)
+    # One tensor cannot sit on both sides of the boundary, so LoPT unties a tied head by default.
+    tied_head: bool | None = option(
+        False, "keep a tied LM head tied to the input embedding across the boundary: the shared matrix trains "
+        "with the last block, from the task loss only; saves the head's copy, gradient and AdamW state "
+        "(4 x vocab x hidden floats). None: keep it tied if the model ties it", group=_BOUNDARY)
+    seed: int = option(0, "random seed (data order, heads, dropout, the methods' own random choices)",
+                       group="optimisation")
+    extra: dict[str, Any] = option(help="free-form notes saved with the run", factory=dict, cli=False)
 
     @classmethod
-    def from_options(cls, options: Any, **overrides: Any) -> "LoPTConfig":
-        """The LoPTConfig of a recipe's options (``TrainConfig``, ``RLConfig``: fields of the same
-        names are taken), with ``overrides``."""
+    def from_options(cls, options: Any, **overrides: Any) -> Any:
+        """This config class filled from a recipe's options (``TrainConfig``, ``RLConfig``: fields of
+        the same names are taken), with ``overrides``."""
         kw = {f.name: getattr(options, f.name) for f in fields(cls) if hasattr(options, f.name)}
         return cls(**{**kw, **overrides})
 

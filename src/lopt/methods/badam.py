@@ -16,21 +16,40 @@ docs/issue15-results.md for the measurement).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lopt.engine.config import BADAM_ORDERS, LoPTConfig, LoPTError
-from lopt.methods.base import register
+from lopt.engine.config import LoPTError, option
+from lopt.methods.base import Trains, register
 from lopt.methods.switching import LayerSwitching
+
+BADAM_ORDERS = ("ascending", "descending", "random")  # the order in which the blocks take turns
+_GROUP = "method: badam"
+
+
+@dataclass
+class BAdamOptions:
+    badam_switch_every: int = option(50, "steps before the next block trains (LLaMA-Factory's example: 50)",
+                                     group=_GROUP)
+    badam_order: str = option("ascending", "order of the blocks", choices=BADAM_ORDERS, group=_GROUP)
+    badam_block_size: int = option(1, "decoder layers per block (LLaMA-Factory's layer mode: 1)", group=_GROUP)
 
 
 @register
 class BAdam(LayerSwitching):
     name = "badam"
+    options = BAdamOptions
 
     @classmethod
-    def check(cls, config: LoPTConfig) -> None:
+    def trains(cls, num_layers: int, config: Any) -> Trains:
+        # Embedding, head and final norm stay frozen, as BAdam's default.
+        return Trains(layers=tuple(range(min(config.badam_block_size, num_layers))), embedding=False, head=False,
+                      final_norm=False)
+
+    @classmethod
+    def check(cls, config: Any) -> None:
         super().check(config)
         for key in ("badam_switch_every", "badam_block_size"):
             value = getattr(config, key)

@@ -3,19 +3,45 @@
 A method says which parameters train, from which signal, and how its model is saved. The wrapper
 (``lopt.engine.boundary.LoPTModel``) asks the method at a few fixed points and does the rest the
 same way for every method, so all comparisons run one code path. A new method is one new file in
-this folder: subclass ``Method``, decorate it with ``@register``, import it in ``__init__.py``.
+this folder: subclass ``Method``, give it its options (a dataclass of ``option`` fields, named with
+the method's prefix: they become ``LoPTConfig`` fields, ``lopt train`` flags and YAML keys), say what
+it trains for the memory planner (``trains``), decorate it with ``@register`` and import it in
+``__init__.py``. A method in another package registers through the entry-point group
+``lopt.methods`` instead of the import (``load_plugins``).
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lopt.engine.config import LoPTConfig, LoPTError
+from lopt.engine.config import LoPTError
 
 _REGISTRY: dict[str, type["Method"]] = {}
+PLUGIN_GROUP = "lopt.methods"
+
+
+@dataclass(frozen=True)
+class Trains:
+    """What a method trains on a model of ``n`` decoder layers, as ``lopt plan`` costs it. Methods that
+    switch layers describe their worst case (the lowest layers active: every layer above passes the
+    gradient down)."""
+
+    layers: tuple[int, ...]  # decoder layers whose weights train in full
+    embedding: bool = True
+    head: bool = True  # the LM head (with its bias)
+    final_norm: bool = True  # and whatever else sits outside the layers, embedding and head
+    lora_r: int = 0  # adapters of this rank on every linear map of every layer, the base frozen
+    # A gradient boundary: the blocks as (start, end) layer ranges. The LM head is untied; the lower
+    # blocks learn from local reconstruction heads when ``local_heads``, else they are frozen.
+    blocks: tuple[tuple[int, int], ...] | None = None
+    local_heads: bool = False
+    label: str = ""  # the plan row's name when it is not the method's
 
 
 class Method:
@@ -33,13 +59,16 @@ class Method:
     resume_from_base: ClassVar[bool] = False
     # The trainable set changes during training (begin_step freezes and unfreezes parameters).
     switches_layers: ClassVar[bool] = False
+    # The method's own options: a dataclass of ``lopt.engine.config.option`` fields, each named with
+    # the method's prefix (lisa_layers). None: the method has none.
+    options: ClassVar[type | None] = None
 
-    def __init__(self, config: LoPTConfig):
+    def __init__(self, config: Any):
         self.check(config)
         self.config = config
 
     @classmethod
-    def check(cls, config: LoPTConfig) -> None:
+    def check(cls, config: Any) -> None:
         """LoPTError for options this method cannot honour (called by recipes before loading a model,
         and again when the model is wrapped)."""
         if config.task_grad_every:
@@ -48,6 +77,12 @@ class Method:
         if config.tied_head and not cls.boundary:
             raise LoPTError(f"--tied-head keeps a tied LM head tied across LoPT's boundary; --method {cls.name} "
                             f"has no boundary and never unties it: drop --tied-head")
+
+    @classmethod
+    def trains(cls, num_layers: int, config: Any) -> Trains:
+        """What this method trains on a ``num_layers``-layer model under ``config`` (a ``LoPTConfig``),
+        for the memory planner; by default everything."""
+        return Trains(layers=tuple(range(num_layers)))
 
     def lr_lower(self, lr: float) -> float:
         """The default learning rate of the lower blocks, embeddings and local heads."""
@@ -91,8 +126,24 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available as ``--method cls.name``."""
     if not cls.name:
         raise TypeError(f"{cls.__name__} needs a name")
+    old = _REGISTRY.get(cls.name)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise TypeError(f"method {cls.name!r} is registered twice ({old.__module__} and "
+                        f"{cls.__module__})")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def load_plugins() -> None:
+    """Import the methods other packages register under the entry-point group ``lopt.methods``
+    (``[project.entry-points."lopt.methods"] mymethod = "mypackage.mymethod"``): importing the module
+    registers its method."""
+    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # one broken plugin must not take lopt down; say which and why
+            warnings.warn(f"lopt method plugin {ep.name!r} ({ep.value}) failed to load: {e}; its method is "
+                          f"not available (uninstall the package that provides it to silence this)", stacklevel=2)
 
 
 def method_names() -> tuple[str, ...]:

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from lopt.methods.base import Method, register
+from lopt.engine.anatomy import split_blocks
+from lopt.methods.base import Method, Trains, register
 
 
 @register
 class FreezeLower(Method):
     name = "freeze-lower"
     boundary = True
+
+    @classmethod
+    def trains(cls, num_layers: int, config: Any) -> Trains:
+        blocks = tuple(split_blocks(num_layers, config.num_blocks, config.boundaries))
+        return Trains(layers=tuple(range(blocks[-1][0], num_layers)), embedding=False, blocks=blocks)
 
     def setup(self, wrapped: Any) -> None:
         for p in wrapped.lower_parameters():

@@ -11,20 +11,36 @@ The draw is a pure function of (seed, step // lisa_interval), so ``--resume`` dr
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
-from lopt.engine.config import LoPTConfig, LoPTError
-from lopt.methods.base import register
+from lopt.engine.config import LoPTError, option
+from lopt.methods.base import Trains, register
 from lopt.methods.switching import LayerSwitching
+
+_GROUP = "method: lisa"
+
+
+@dataclass
+class LISAOptions:
+    lisa_layers: int = option(1, "decoder layers trained at a time (embeddings, final norm and LM head always "
+                                 "train; LMFlow's default 1)", group=_GROUP)
+    lisa_interval: int = option(20, "steps before the trained layers are drawn again (LMFlow's default 20)",
+                                group=_GROUP)
 
 
 @register
 class LISA(LayerSwitching):
     name = "lisa"
     train_outside_layers = True
+    options = LISAOptions
 
     @classmethod
-    def check(cls, config: LoPTConfig) -> None:
+    def trains(cls, num_layers: int, config: Any) -> Trains:
+        return Trains(layers=tuple(range(min(config.lisa_layers, num_layers))))
+
+    @classmethod
+    def check(cls, config: Any) -> None:
         super().check(config)
         for key in ("lisa_layers", "lisa_interval"):
             value = getattr(config, key)

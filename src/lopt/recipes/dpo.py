@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopt.data import DataError, load_records
-from lopt.engine.config import LoPTError
+from lopt.data import DataError, data_file, load_records
+from lopt.engine.config import LoPTError, option
 from lopt.eval.common import EvalError
 from lopt.eval.generation import load_gsm8k
-from lopt.recipes.grpo import _shared_gsm8k
 from lopt.recipes.trl_bridge import (LoPTTrainerMixin, RLConfig, RLResult, RunState, build_optimizer,
                                      load_and_wrap, prepare_trainer, resolve_resume, run_command,
                                      train_and_finish, trl_common_args)
@@ -32,6 +31,7 @@ SYNTHETIC = "synthetic-gsm8k"
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 HEADLINE = {"margin": "rewards/margins", "accuracy": "rewards/accuracies", "loss": "loss"}
+_DPO, _RUN = "dpo", "bookkeeping"
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
@@ -39,14 +39,21 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 class DPORunConfig(RLConfig):
     """Every option of ``lopt dpo`` (the shared ones are ``RLConfig``'s)."""
 
-    output_dir: str = "runs/dpo"
-    dataset: str = SYNTHETIC  # file, hub id, or synthetic-gsm8k[:PATH]
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    max_length: int | None = 1024  # prompt + completion tokens; longer pairs are cut at the end
-    eval_dataset: str | None = None  # held-out preference pairs (same forms as dataset)
-    eval_limit: int | None = 64
-    eval_every: int | None = None  # evaluate every N steps; with eval_dataset, always at the end
+    output_dir: str = option("runs/dpo", "where checkpoints, metrics.jsonl and the final model go", group=_RUN)
+    dataset: str = option(
+        SYNTHETIC, "preference data: a file or hub dataset with prompt/chosen/rejected (strings or chat messages), "
+        "or synthetic-gsm8k[:PATH] (chosen = GSM8K reference solution, rejected = same solution with a wrong "
+        "final answer; default file gsm8k/train.jsonl in --data-dir or $LOPT_DATA_DIR)", group=_DPO)
+    beta: float = option(0.1, "the DPO beta", group=_DPO)
+    loss_type: str = option("sigmoid", f"DPO loss: {', '.join(LOSS_TYPES)}", group=_DPO)
+    max_length: int | None = option(1024, "prompt + completion tokens at most (longer pairs are cut at the end)",
+                                    type=int, group=_DPO)
+    eval_dataset: str | None = option(
+        None, "held-out preference pairs (same forms as --dataset), scored after the last step and every "
+        "--eval-every steps: eval loss, reward margin and accuracy go to metrics.jsonl", group="evaluation")
+    eval_limit: int | None = option(64, "use the first N held-out pairs", type=int, group="evaluation")
+    eval_every: int | None = option(None, "also evaluate every N steps (needs --eval-dataset)", type=int,
+                                    group="evaluation")
 
     def validate(self) -> None:
         super().validate()
@@ -122,22 +129,20 @@ def synthetic_gsm8k_pairs(path: str | Path, limit: int | None = None, seed: int 
     return pairs
 
 
-def load_preferences(source: str, tokenizer, split: str = "train", limit: int | None = None, seed: int = 0
-                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def load_preferences(source: str, tokenizer, split: str = "train", limit: int | None = None, seed: int = 0,
+                     data_dir: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference rows ``{'prompt', 'chosen', 'rejected'}`` for TRL, and stats. String columns become
-    chat messages when the tokenizer has a chat template (as ``lopt train`` formats SFT data)."""
+    chat messages when the tokenizer has a chat template (as ``lopt train`` formats SFT data).
+    ``synthetic-gsm8k`` without a path reads ``gsm8k/SPLIT.jsonl`` in the data folder (``data_dir``,
+    else ``$LOPT_DATA_DIR``)."""
     if source == SYNTHETIC or source.startswith(SYNTHETIC + ":"):
         path = source.partition(":")[2]
         if not path:
-
-            found = _shared_gsm8k(split)
-            if found is None:
-                raise DataError(f"{SYNTHETIC}: no GSM8K file at ../shared/data/gsm8k/{split}.jsonl; give "
-                                f"{SYNTHETIC}:PATH to a GSM8K-format .jsonl")
-            path = str(found)
+            path = str(data_file(f"gsm8k/{split}.jsonl", data_dir, what=SYNTHETIC,
+                                 alternative=f"; or give {SYNTHETIC}:PATH to a GSM8K-format .jsonl"))
         rows = synthetic_gsm8k_pairs(path, limit, seed)
         return rows, {"source": f"{SYNTHETIC}:{path}", "rows": len(rows), "synthetic": True}
-    records = load_records(source, split=split, limit=limit)
+    records = load_records(source, split=split, limit=limit, data_dir=data_dir)
     cols = set(records[0])
     missing = [c for c in ("chosen", "rejected") if c not in cols]
     if missing:
@@ -191,10 +196,11 @@ def dpo(cfg: DPORunConfig, callbacks: list | None = None) -> RLResult:
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)
     wrapped, tokenizer, reference = load_and_wrap(cfg, device, with_reference=True)
-    rows, data_stats = load_preferences(cfg.dataset, tokenizer, cfg.split, cfg.limit, cfg.seed)
+    rows, data_stats = load_preferences(cfg.dataset, tokenizer, cfg.split, cfg.limit, cfg.seed, cfg.data_dir)
     eval_rows = None
     if cfg.eval_dataset:
-        eval_rows, eval_stats = load_preferences(cfg.eval_dataset, tokenizer, "test", cfg.eval_limit, cfg.seed)
+        eval_rows, eval_stats = load_preferences(cfg.eval_dataset, tokenizer, "test", cfg.eval_limit, cfg.seed,
+                                                 cfg.data_dir)
         data_stats["eval"] = eval_stats
 
     import datasets

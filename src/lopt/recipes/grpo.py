@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopt.data import DataError, chat_prompt, load_records
-from lopt.engine.config import LoPTError
-from lopt.eval.common import _shared_data_candidates
+from lopt.data import DataError, chat_prompt, load_records, local_preset
+from lopt.engine.config import LoPTError, option
 from lopt.recipes.trl_bridge import (LoPTTrainerMixin, RLConfig, RLResult, RunState, build_optimizer,
                                      load_and_wrap, prepare_trainer, resolve_resume, run_command,
                                      train_and_finish, trl_common_args)
@@ -37,31 +36,48 @@ INSTRUCTIONS = {
     "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
 }
 HEADLINE = {"reward": "reward", "kl": "kl"}
+_GRPO, _RUN = "grpo", "bookkeeping"
 
 
 @dataclass
 class GRPORunConfig(RLConfig):
     """Every option of ``lopt grpo`` (the shared ones are ``RLConfig``'s)."""
 
-    output_dir: str = "runs/grpo"
-    task: str = "gsm8k"  # gsm8k | numinamath | a file or hub dataset id
-    answer_format: str = "auto"  # auto | gsm8k | boxed
-    instruction: str | None = None  # appended to every question; None: the answer format's default; '' none
-    reward: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    reward_weights: list[float] | None = None
-    num_generations: int = 4
-    max_prompt_length: int | None = 512  # longer prompts are dropped (never cut)
-    max_completion_length: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.04  # KL to the frozen base; 0 skips the reference model
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
-    epsilon: float = 0.2
-    num_iterations: int = 1
-    steps_per_generation: int | None = None  # default: grad_accum
-    use_vllm: bool = False
-    log_completions: bool = False
+    output_dir: str = option("runs/grpo", "where checkpoints, metrics.jsonl and the final model go", group=_RUN)
+    task: str = option(
+        "gsm8k", "gsm8k (DIR/gsm8k/SPLIT.jsonl with --data-dir or $LOPT_DATA_DIR, else the hub), numinamath (hub: "
+        "AI-MO/NuminaMath-TIR), or a file / hub dataset with a question column (question, problem, prompt, query) "
+        "and a reference column (answer, solution, ...)", group=_GRPO)
+    answer_format: str = option(
+        "auto", "how answers are checked: gsm8k (number after ####, else the last number), boxed (last "
+        "\\boxed{}), auto (from the task / the first reference)", choices=("auto", *ANSWER_FORMATS), group=_GRPO)
+    instruction: str | None = option(
+        None, "text appended to every question (default: asks for '#### N' or \\boxed{} depending on the answer "
+        "format; '' for none)", group=_GRPO)
+    reward: list[str] = option(
+        help="reward function, repeatable: accuracy, format (built-ins for the answer format) or module:function / "
+        "file.py:function (TRL signature: fn(completions, answer, **kw) -> list[float])",
+        factory=lambda: ["accuracy", "format"], action="append", metavar="REWARD", group=_GRPO)
+    reward_weights: list[float] | None = option(None, "one weight per --reward (default: 1 each)", type=float,
+                                                nargs="+", metavar="WEIGHT", group=_GRPO)
+    num_generations: int = option(4, "completions sampled per prompt (the GRPO group)", group=_GRPO)
+    max_prompt_length: int | None = option(512, "drop prompts longer than this many tokens (they are never cut)",
+                                           type=int, group=_GRPO)
+    max_completion_length: int = option(256, "tokens generated per completion at most", group=_GRPO)
+    temperature: float = option(1.0, "sampling temperature", group=_GRPO)
+    top_p: float = option(1.0, "nucleus sampling threshold", group=_GRPO)
+    beta: float = option(0.04, "KL coefficient to the frozen base (0: no reference model)", group=_GRPO)
+    loss_type: str = option("dapo", f"GRPO loss: {', '.join(LOSS_TYPES)}", group=_GRPO)
+    scale_rewards: str = option("group", "advantage scaling: group (std within a prompt's group), batch, none",
+                                choices=("group", "batch", "none"), group=_GRPO)
+    epsilon: float = option(0.2, "PPO-style clipping range of the importance ratio", group=_GRPO)
+    num_iterations: int = option(1, "optimisation passes over each generated batch (mu in the GRPO paper)",
+                                 group=_GRPO)
+    steps_per_generation: int | None = option(
+        None, "optimizer micro-steps served by one generation round (default: --grad-accum)", type=int, group=_GRPO)
+    use_vllm: bool = option(False, "generate with vLLM (needs the vllm package and a GPU)", group=_GRPO)
+    log_completions: bool = option(False, "also write the sampled completions to OUT/completions/*.parquet",
+                                   group=_GRPO)
 
     def validate(self) -> None:
         super().validate()
@@ -97,28 +113,22 @@ class GRPORunConfig(RLConfig):
 # --------------------------------------------------------------------------- data
 
 
-def _shared_gsm8k(split: str) -> Path | None:
-    return next((c for c in _shared_data_candidates(f"gsm8k/{split}.jsonl") if c.is_file()), None)
-
-
-def load_task(task: str, split: str = "train", limit: int | None = None, answer_format: str = "auto"
-              ) -> tuple[list[dict[str, str]], str, dict[str, Any]]:
+def load_task(task: str, split: str = "train", limit: int | None = None, answer_format: str = "auto",
+              data_dir: str | Path | None = None) -> tuple[list[dict[str, str]], str, dict[str, Any]]:
     """Questions and reference answers of a GRPO task.
 
-    ``task`` is ``gsm8k`` (``../shared/data/gsm8k/{split}.jsonl`` when present, else the hub's
-    openai/gsm8k), ``numinamath`` (hub: AI-MO/NuminaMath-TIR) or a file / hub dataset id with a
+    ``task`` is ``gsm8k`` (``DIR/gsm8k/{split}.jsonl`` when a data folder is given, ``data_dir`` or
+    ``$LOPT_DATA_DIR``, else the hub's openai/gsm8k; see :func:`lopt.data.data_dir`), ``numinamath`` (hub: AI-MO/NuminaMath-TIR) or a file / hub dataset id with a
     question column (question, problem, prompt, query, instruction) and a reference column (answer,
     solution, response, output, completion). Returns ``(rows, answer_format, stats)`` where a row is
     ``{'question', 'answer'}``, ``answer`` being the reference *final* answer (a number for gsm8k,
     the boxed expression for boxed). Rows whose reference has no final answer are dropped (counted).
     """
-    source = task
-    if task == "gsm8k":
-        local = _shared_gsm8k(split)
-        source = str(local) if local is not None else "gsm8k"
-    elif task == "numinamath":
-        source = NUMINAMATH
-    records = load_records(source, split=split, limit=limit)
+    source = NUMINAMATH if task == "numinamath" else task
+    if task == "gsm8k":  # the data folder's file when one is given (named in the stats), else the hub
+        local = local_preset("gsm8k", split, data_dir)
+        source = str(local) if local is not None else source
+    records = load_records(source, split=split, limit=limit, data_dir=data_dir)
     cols = set(records[0])
     q_col = next((c for c in PROMPT_COLUMNS if c in cols), None)
     a_col = next((c for c in REFERENCE_COLUMNS if c in cols), None)
@@ -231,7 +241,7 @@ def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
 
     cfg.validate()
     resume_dir = resolve_resume(cfg)
-    rows, fmt, data_stats = load_task(cfg.task, cfg.split, cfg.limit, cfg.answer_format)
+    rows, fmt, data_stats = load_task(cfg.task, cfg.split, cfg.limit, cfg.answer_format, cfg.data_dir)
     reward_funcs = resolve_rewards(cfg.reward, fmt)  # fails before the model is loaded
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)

@@ -34,21 +34,21 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lopt.runtime import loop
-from lopt.engine.boundary import LoPTModel, wrap
-from lopt.engine.checkpointing import check_checkpointing
-from lopt.engine.config import LoPTConfig, LoPTError, fill_recipe_defaults
-from lopt.methods import get_method
+from lopt.config import RLConfig  # noqa: F401  (re-exported: lopt.recipes.trl_bridge's name)
+from lopt.engine.boundary import LoPTModel
+from lopt.engine.config import LoPTError
+from lopt.methods import wrap
 from lopt.engine.memory import peak_memory_mb
 from lopt.models import load_model, save_checkpoint
 from lopt.runtime import checkpoints as ckpt
-from lopt.runtime.checkpoints import (_extra_state, _save_plain_into, check_save_options, clean_stale_temporaries,
+from lopt.runtime.checkpoints import (_extra_state, _save_plain_into, clean_stale_temporaries,
                                       rotate_checkpoints, state_writer, stopped_message, versions)
 from lopt.runtime.resume import CorruptStateError, find_resume, load_state
 from lopt.runtime.loop import autocast_dtype, cosine_with_warmup
@@ -64,90 +64,6 @@ STATE_FILES = (TRAINER_STATE_FILE, LOPT_STATE_FILE)
 # TRL reads them, so that a damaged one makes --resume fall back instead of failing mid-start.
 TRAINER_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
 RUN_FILE = "lopt_run.json"
-
-
-@dataclass
-class RLConfig:
-    """Options shared by ``lopt grpo`` and ``lopt dpo`` (CLI flags and YAML keys have these names)."""
-
-    model: str | None = None  # hub id, local dir, .gguf file, alias; None = embedded SmolLM2-135M-Instruct
-    gguf_file: str | None = None
-    split: str = "train"
-    data_dir: str | None = None  # local data folder for presets (else $LOPT_DATA_DIR, else the hub)
-    limit: int | None = None  # use only the first N rows
-    output_dir: str = "runs/rl"
-    # method
-    method: str = "lopt"
-    num_blocks: int = 2
-    boundaries: list[int] | None = None
-    lambda_aux: float | None = None  # None: 10, or 0 under task_grad_every
-    schedule: str = "blockwise"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    local_objective: str = "recon"
-    lower_every: int = 1
-    task_grad_every: int | None = None  # None: 4 for lopt (engine.config.fill_recipe_defaults)
-    tied_head: bool | None = None  # keep a tied LM head tied across the boundary; None: lopt's default
-    lisa_layers: int = 1
-    lisa_interval: int = 20
-    badam_switch_every: int = 50
-    badam_order: str = "ascending"
-    badam_block_size: int = 1
-    # optimisation
-    lr: float = 1e-6
-    lr_lower: float | None = None
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: float = 1.0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    gradient_checkpointing: str = "off"  # off | all | last-block | lower-blocks
-    selective_checkpointing: str = "off"
-    precision: str = "auto"
-    device: str | None = None
-    seed: int = 0
-    # bookkeeping
-    log_every: int = 1
-    save_every: int | None = None
-    save_total_limit: int | None = None  # keep only the newest N checkpoint-N directories
-    save_only_model: bool = False  # checkpoints without optimizer/trainer state (cannot be resumed)
-    resume: str | None = None  # 'latest' or a checkpoint dir
-    progress: bool = True
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        fill_recipe_defaults(self)
-
-    def validate(self) -> None:
-        """LoPTError (one line) for an option value that cannot work."""
-        check_checkpointing(self)
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise LoPTError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise LoPTError(f"max_steps must be >= 1, got {self.max_steps}")
-        check_save_options(self)
-        if self.lr <= 0:
-            raise LoPTError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise LoPTError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise LoPTError(f"max_grad_norm must be >= 0 (0 or none: no clipping), got {self.max_grad_norm}")
-        lc = self.lopt_config()
-        lc.validate()
-        get_method(self.method).check(lc)
-
-    def lopt_config(self) -> LoPTConfig:
-        # TRL computes its own log-probabilities (fused LM head): lopt's chunked CE is never used here.
-        return LoPTConfig.from_options(self, chunked_ce=False)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 @dataclass
@@ -441,11 +357,8 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
             step = state.global_step  # restored on resume: the schedules below follow it
             optimizer = kwargs.get("optimizer")
             # accelerate wraps the optimizer; the method frees state in the torch optimizer inside
-            wrapped.method_impl.begin_step(wrapped, step, getattr(optimizer, "optimizer", optimizer))
-            # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
-            wrapped.update_lower = step % max(1, run.cfg.lower_every) == 0
-            # --task-grad-every N: the boundary opens on steps 0, N, 2N, ...
-            wrapped.open_boundary = loop.is_open_step(step, run.cfg.task_grad_every)
+            # Layer switching, --lower-every, --task-grad-every.
+            wrapped.begin_step(step, getattr(optimizer, "optimizer", optimizer))
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             # The Trainer zeroes the plain model's gradients only; the local heads' are ours to clear.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 import torch
 
-from lopt import __version__
+from lopt.version import __version__
 from lopt.engine.boundary import LoPTModel
 from lopt.engine.config import LoPTError
 from lopt.models import save_checkpoint

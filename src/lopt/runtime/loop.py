@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from lopt.engine.boundary import LoPTModel
+from lopt.config import OPTIMIZERS
 from lopt.engine.config import LoPTError
 from lopt.runtime.optim_in_backward import OptimizerInBackward
 
@@ -47,7 +48,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-OPTIMIZERS = ("adamw", "adamw-8bit")
 
 
 def build_optimizer(wrapped: LoPTModel, lr: float, lr_lower: float | None = None,
@@ -130,11 +130,7 @@ class Stepper:
         """Forward/backward every micro-batch, then step. Returns loss, aux_loss, lr, grad_norm, tokens."""
         w = self.wrapped
         step = self.scheduler.last_epoch  # restored on resume: the schedules below follow it
-        w.method_impl.begin_step(w, step, self.optimizer)
-        # --lower-every N: the lower blocks are updated on steps 0, N, 2N, ... only.
-        w.update_lower = step % self.cfg.lower_every == 0
-        # --task-grad-every N: the boundary opens on steps 0, N, 2N, ...
-        w.open_boundary = is_open_step(step, getattr(self.cfg, "task_grad_every", 0))
+        w.begin_step(step, self.optimizer)  # layer switching, --lower-every, --task-grad-every
         try:
             return self._step(micro_batches)
         finally:

@@ -3,7 +3,7 @@
 The model is built from its config on the ``meta`` device (shapes, no weights), so parameter counts
 are exact for any size. For every method the plan says which parameters train, and from that the
 bytes of weights (fp32, as lopt trains), gradients and fused-AdamW state. Activations come from
-``lopt.plan_activations``, which replays each layer's forward op by op and counts what autograd
+``lopt.plan.activations``, which replays each layer's forward op by op and counts what autograd
 saves. The step is then walked through in the order lopt runs it (forward, backward layer by layer,
 the optimizer step; under LoPT's blockwise schedule one block after the other, each lower block
 stepped and its gradients freed before the next block runs), and the peak is the largest sum of
@@ -31,20 +31,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from lopt.engine.anatomy import find_layers, split_blocks
+from lopt.engine.anatomy import find_layers
 from lopt.engine.config import LoPTError
 from lopt.jsonout import json_help, write_json
-from lopt.bench.plan_activations import (SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
+from lopt.methods import LoPTConfig, Trains, get_method, method_names
+from lopt.plan.activations import (SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
                                phase_memory)
 
-METHODS = ("e2e", "lopt", "freeze-lower", "lora", "lisa", "badam")
 DEFAULT_METHODS = ("e2e", "lopt-k2", "lopt-k4", "freeze-lower", "lora", "lisa", "badam")
 PRECISIONS = ("fp32", "bf16")
 SCOPES = ("off", "all", "last-block", "lower-blocks")
 CE_CHUNK = 1024  # LoPTConfig.ce_chunk_size
-LORA_R = 16  # LoPTConfig.lora_r
-LISA_LAYERS = 1  # LMFlow's run_finetuning_with_lisa.sh: lisa_activated_layers=1 (interval 20 steps)
-BADAM_LAYERS_PER_BLOCK = 1  # LLaMA-Factory's BAdam example: badam_mode=layer, one decoder layer a block
+LORA_R = 16  # LoRAOptions.lora_r: the methods are planned at their default options
 DEFAULT_HEADROOM = 1 << 30  # CUDA context + allocator slack kept free by the fit column
 PLAN_UNITS = {"memory": "bytes", "parameters": "count"}  # the units of `lopt plan --json`
 
@@ -221,83 +219,79 @@ class MethodSetup:
 
 
 def parse_method(name: str, num_blocks: int) -> tuple[str, int]:
-    """``lopt-k4`` -> ("lopt", 4); ``lopt`` -> ("lopt", num_blocks)."""
+    """``lopt-k4`` -> ("lopt", 4); ``lopt`` -> ("lopt", num_blocks); any registered method's name."""
     m = re.fullmatch(r"lopt-k(\d+)", name)
     if m:
         return "lopt", int(m.group(1))
-    if name not in METHODS:
-        raise PlanError(f"unknown method {name!r}: choose from {', '.join(METHODS)} (lopt-kN for N blocks)")
+    if name not in method_names():
+        raise PlanError(f"unknown method {name!r}: choose from {', '.join(method_names())} (lopt-kN for N blocks)")
     return name, num_blocks
 
 
-def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, checkpoint: dict[int, str]
-                 | None = None) -> MethodSetup:
-    """The setup of ``method`` (e2e, lopt, freeze-lower, lora, lisa, badam) on a model;
-    ``checkpoint``: layer index -> "full" / "selective" for the checkpointed layers."""
+def method_trains(method: str, num_layers: int, num_blocks: int = 2, **options: Any) -> Trains:
+    """What ``method`` trains on a ``num_layers``-layer model, as the method itself says
+    (``Method.trains``) under its default options, ``num_blocks`` and ``options``."""
+    try:
+        config = LoPTConfig(method=method, num_blocks=num_blocks, **options)
+        return get_method(method).trains(num_layers, config)
+    except LoPTError as e:
+        raise PlanError(str(e)) from e
 
+
+def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, checkpoint: dict[int, str]
+                 | None = None, trains: Trains | None = None) -> MethodSetup:
+    """The setup of ``method`` on a model, from what the method trains (``trains``, by default
+    ``method_trains``); ``checkpoint``: layer index -> "full" / "selective" for the checkpointed
+    layers."""
     ck = checkpoint or {}
     n = len(counts.layers)
+    t = trains or method_trains(method, n, num_blocks)
     g = [4 * x for x in counts.layers]
     head_g, norm_g, emb_g = 4 * counts.head, 4 * counts.other, 4 * counts.embedding
-    head_elems = counts.head if not counts.tied else 0  # extra resident elements of an untied head
+    trained = set(t.layers)
 
-    def modes(idx: range, trained: bool = True, lora: int = 0) -> tuple[LayerMode, ...]:
-        return tuple(LayerMode(trained=trained, lora_r=lora, checkpoint=ck.get(i, "off")) for i in idx)
+    def modes(idx: range) -> tuple[LayerMode, ...]:
+        return tuple(LayerMode(trained=i in trained, lora_r=t.lora_r, checkpoint=ck.get(i, "off")) for i in idx)
 
-    def ce(layers: tuple[LayerMode, ...], emb: bool, head: bool = True, norm: bool = True) -> PhaseSpec:
-        return PhaseSpec(layers, embedding_trained=emb, final_norm_trained=norm, head_trained=head,
+    def layer_grads(idx: range) -> list[int]:
+        return [4 * counts.lora[i] if t.lora_r else (g[i] if i in trained else 0) for i in idx]
+
+    # Trained parameters and their tensors outside the layers: embedding, final norm, LM head (a tied
+    # head is the embedding, unless a boundary unties it).
+    untied = t.blocks is not None or not counts.tied
+    outside = (counts.embedding * t.embedding + counts.other * t.final_norm
+               + (counts.head if t.head and untied else 0))
+    outside_t = (counts.embedding_tensors * t.embedding + counts.other_tensors * t.final_norm
+                 + (counts.head_tensors if t.head and untied else 0))
+    layers_n = sum(counts.lora) if t.lora_r else sum(counts.layers[i] for i in trained)
+    layers_t = sum(counts.lora_tensors) if t.lora_r else sum(counts.layer_tensors[i] for i in trained)
+    resident = counts.total + (sum(counts.lora) if t.lora_r else 0)
+    top = head_g * t.head + norm_g * t.final_norm
+
+    def ce(idx: range, emb: bool) -> PhaseSpec:
+        return PhaseSpec(modes(idx), embedding_trained=emb, final_norm_trained=t.final_norm, head_trained=t.head,
                          head_bias=counts.head_bias)
 
-    all_layers = range(n)
-    tensors_all = sum(counts.layer_tensors) + counts.embedding_tensors + counts.other_tensors
-    if method == "e2e":
-        tensors = tensors_all + (0 if counts.tied else counts.head_tensors)
-        phase = Phase(ce(modes(all_layers), emb=True), g, top_grads=head_g + norm_g,
-                      base_grads=0 if counts.tied else emb_g, tied_extra=emb_g if counts.tied else 0)
-        return MethodSetup("e2e", counts.total, counts.total, tensors, [phase])
-    if method in ("lopt", "freeze-lower"):
-        try:
-            blocks = split_blocks(n, num_blocks if method == "lopt" else 2)
-        except LoPTError as e:
-            raise PlanError(str(e)) from e
-        resident = counts.total + (counts.head if counts.tied else 0)  # the head is untied
-        (last_s, _), lower = blocks[-1], blocks[:-1]
-        upper = Phase(ce(modes(range(last_s, n)), emb=False), g[last_s:], top_grads=head_g + norm_g)
-        if method == "freeze-lower":
-            trainable = sum(counts.layers[last_s:]) + counts.head + counts.other
-            tensors = sum(counts.layer_tensors[last_s:]) + counts.head_tensors + counts.other_tensors
-            return MethodSetup("freeze-lower", resident, trainable, tensors, [upper])
+    if t.blocks is None:
+        emb_grads = emb_g if t.embedding else 0
+        phase = Phase(ce(range(n), t.embedding), layer_grads(range(n)), top_grads=top,
+                      base_grads=0 if counts.tied else emb_grads, tied_extra=emb_grads if counts.tied else 0)
+        return MethodSetup(t.label or method, resident, layers_n + outside, layers_t + outside_t, [phase])
+    # A boundary: the head is untied (its own copy), the last block learns the task; each lower block
+    # learns from a reconstruction head of its own, one after the other, or is frozen.
+    resident += counts.head if counts.tied else 0
+    (last_s, _), lower = t.blocks[-1], t.blocks[:-1]
+    upper = Phase(ce(range(last_s, n), False), layer_grads(range(last_s, n)), top_grads=top)
+    phases = []
+    if t.local_heads:
         rh, rh_t = counts.recon_head()
-        phases = [Phase(PhaseSpec(modes(range(s, e)), embedding_trained=(i == 0), top="recon"), g[s:e],
-                        top_grads=4 * rh, base_grads=emb_g if i == 0 else 0) for i, (s, e) in enumerate(lower)]
-        k = len(blocks)
-        return MethodSetup(f"lopt-k{k}", resident + (k - 1) * rh, resident + (k - 1) * rh,
-                           tensors_all + counts.head_tensors + (k - 1) * rh_t, phases + [upper])
-    if method == "lora":
-        lg = [4 * x for x in counts.lora]
-        phase = Phase(ce(modes(all_layers, trained=False, lora=LORA_R), emb=False, head=False, norm=False), lg)
-        return MethodSetup("lora", counts.total + sum(counts.lora), sum(counts.lora), sum(counts.lora_tensors),
-                           [phase])
-    if method == "lisa":
-        # The embedding, the LM head (and the final norm: LMFlow freezes only the layer list) train
-        # always; LISA_LAYERS layers at a time, the others frozen (gradients still pass through them).
-        act = min(LISA_LAYERS, n)
-        layer_modes = modes(range(act)) + modes(range(act, n), trained=False)
-        trainable = sum(counts.layers[:act]) + counts.embedding + head_elems + counts.other
-        tensors = (sum(counts.layer_tensors[:act]) + counts.embedding_tensors + counts.other_tensors
-                   + (0 if counts.tied else counts.head_tensors))
-        phase = Phase(ce(layer_modes, emb=True), g[:act] + [0] * (n - act), top_grads=head_g + norm_g,
-                      base_grads=0 if counts.tied else emb_g, tied_extra=emb_g if counts.tied else 0)
-        return MethodSetup("lisa", counts.total, trainable, tensors, [phase])
-    if method == "badam":
-        # One block of layers trains (embedding, head and final norm frozen, as BAdam's default); the
-        # lowest block is the worst case: every layer above it passes the gradient down.
-        act = min(BADAM_LAYERS_PER_BLOCK, n)
-        layer_modes = modes(range(act)) + modes(range(act, n), trained=False)
-        phase = Phase(ce(layer_modes, emb=False, head=False, norm=False), g[:act] + [0] * (n - act))
-        return MethodSetup("badam", counts.total, sum(counts.layers[:act]), sum(counts.layer_tensors[:act]),
-                           [phase])
-    raise PlanError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+        resident += len(lower) * rh
+        outside += len(lower) * rh
+        outside_t += len(lower) * rh_t
+        phases = [Phase(PhaseSpec(modes(range(s, e)), embedding_trained=(i == 0 and t.embedding), top="recon"),
+                        layer_grads(range(s, e)), top_grads=4 * rh,
+                        base_grads=emb_g if i == 0 and t.embedding else 0) for i, (s, e) in enumerate(lower)]
+    return MethodSetup(t.label or method, resident, layers_n + outside, layers_t + outside_t, phases + [upper])
 
 
 def checkpointed_layers(full: str, selective: str, n_layers: int, block_ranges: list[tuple[int, int]]
@@ -424,34 +418,26 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
 
 def _scopes(method: str, full: str | None, sel: str | None) -> list[tuple[str, str]]:
     """(full, selective) scope pairs to plan for ``method``."""
-    boundary = method in ("lopt", "freeze-lower")
+    boundary = get_method(method).boundary
     if full is not None or sel is not None:
         full, sel = full or "off", sel or "off"
         if not boundary and not {full, sel} <= {"off", "all"}:
+            with_boundary = ", ".join(m for m in method_names() if get_method(m).boundary)
             raise PlanError(f"checkpointing scopes other than 'all' need a method with a boundary "
-                            f"(lopt, freeze-lower), not {method}")
+                            f"({with_boundary}), not {method}")
         return [(full, sel)]
     out = [("off", "off"), ("all", "off"), ("off", "all")]
-    if method == "lopt":
+    if get_method(method).local_loss:
         out += [("last-block", "off"), ("off", "last-block")]
     return out
-
-
-def _block_ranges(method: str, k: int, n: int) -> list[tuple[int, int]]:
-
-    if method not in ("lopt", "freeze-lower"):
-        return [(0, n)]
-    try:
-        return split_blocks(n, k if method == "lopt" else 2)
-    except LoPTError as e:
-        raise PlanError(str(e)) from e
 
 
 def _row(method: str, k: int, full: str, sel: str, counts: ParamCounts, shape: LayerShape, batch: int,
          seq: int, amp: bool, capacity: int | None, headroom: int) -> PlanRow:
     n = len(counts.layers)
-    ck = checkpointed_layers(full, sel, n, _block_ranges(method, k, n))
-    setup = method_setup(method, counts, num_blocks=k, checkpoint=ck)
+    trains = method_trains(method, n, k)
+    ck = checkpointed_layers(full, sel, n, list(trains.blocks or [(0, n)]))
+    setup = method_setup(method, counts, num_blocks=k, checkpoint=ck, trains=trains)
     weights = 4 * setup.resident
     optimizer = 8 * setup.trainable + 4 * setup.trainable_tensors
     live, grads, acts, visible, details = _walk(setup, counts, shape, batch, seq, amp)
@@ -515,7 +501,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="bf16",
                    help="bf16: lopt's autocast on CUDA (weights, gradients, AdamW state stay fp32); fp32")
     p.add_argument("--method", action="append", default=None, metavar="NAME",
-                   help=f"plan only this method (repeatable): {', '.join(METHODS)} or lopt-kN "
+                   help=f"plan only this method (repeatable): {', '.join(method_names())} or lopt-kN "
                         f"(default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--num-blocks", type=int, default=2, help="blocks for --method lopt")
     p.add_argument("--gradient-checkpointing", choices=SCOPES, default=None,

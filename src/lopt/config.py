@@ -1,0 +1,231 @@
+"""Every recipe's options, in one place: ``RecipeConfig`` (what ``lopt train``, ``grpo`` and ``dpo``
+share) and the configs that inherit it, ``TrainConfig`` and ``RLConfig`` (``GRPORunConfig`` and
+``DPORunConfig`` add their own in their recipes).
+
+Each option is declared once, with its help text (``lopt.engine.config.option``): the command-line
+flags, their ``--help`` and the YAML keys are generated from these fields (``lopt.cli``). The
+boundary's options come from ``EngineConfig`` and each method's from its own file, through
+``lopt.methods.LoPTConfig``, which ``RecipeConfig`` extends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lopt.engine.config import (CHECKPOINT_SCOPES, EngineConfig, LoPTError, fill_recipe_defaults, option)
+from lopt.methods import METHODS, LoPTConfig, check_checkpointing, get_method
+
+OPTIMIZERS = ("adamw", "adamw-8bit")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _engine_help(name: str) -> str:
+    return next(f.metadata["help"] for f in fields(EngineConfig) if f.name == name)
+
+
+_WHAT, _OPT, _MEM, _RUN = "what to train", "optimisation", "memory", "bookkeeping"
+
+
+@dataclass
+class RecipeConfig(LoPTConfig):
+    """The options every training recipe shares (``lopt train``, ``grpo``, ``dpo``): the model, the
+    method with the boundary's and each method's options (``LoPTConfig``), the optimisation, memory
+    and bookkeeping. The recipes' defaults differ from the engine's in three places, filled in by
+    ``fill_recipe_defaults``: ``task_grad_every``, ``tied_head`` and ``lambda_aux``."""
+
+    method: str = option("lopt", f"training method: {', '.join(METHODS)}", choices=METHODS, group="method")
+    task_grad_every: int | None = option(
+        None, _engine_help("task_grad_every") + " (default: 4 for --method lopt, 0 with --pipeline; study v2 "
+        "in docs/RESULTS.md says why). The lower half then trains at --lr", type=int,
+        group="method: the boundary (lopt, freeze-lower)")
+    tied_head: bool | None = option(
+        None, "lopt / freeze-lower: keep a tied LM head tied to the input embedding (otherwise the boundary "
+        "unties it): the shared matrix trains with the last block, from the task loss only; saves the head's "
+        "copy, gradient and AdamW state (4 x vocab x hidden floats) (default: on for --method lopt with "
+        "--task-grad-every when the model ties its head, without --fsdp / --pipeline; --no-tied-head turns it "
+        "off)", group="method: the boundary (lopt, freeze-lower)")
+    # what to train
+    model: str | None = option(
+        None, "hub id, local checkpoint dir, .gguf file, or alias (qwen3-4b, qwen2.5-7b, qwen2.5-32b, "
+        "llama3.1-8b); default: the embedded SmolLM2-135M-Instruct", group=_WHAT)
+    gguf_file: str | None = option(None, "GGUF file name inside --model (a directory or hub repo)", group=_WHAT)
+    split: str = option("train", "dataset split", group=_WHAT)
+    data_dir: str | None = option(
+        None, "local data folder for the gsm8k preset (DIR/gsm8k/SPLIT.jsonl) and the eval tasks' default files "
+        "(default: $LOPT_DATA_DIR; with neither, presets come from the hub)", group=_WHAT)
+    limit: int | None = option(None, "use only the first N rows", type=int, group=_WHAT)
+    output_dir: str = option("runs/lopt", "where checkpoints, metrics.jsonl and the final model go", group=_RUN)
+    # optimisation
+    lr: float = option(2e-5, "learning rate of the last block, final norm and LM head", group=_OPT)
+    lr_lower: float | None = option(
+        None, "learning rate of the lower blocks, embeddings and local heads (default: --lr / 10 under lopt with "
+        "--task-grad-every 0, the study's finding; --lr otherwise)", type=float, group=_OPT)
+    weight_decay: float = option(0.0, "AdamW weight decay (not on biases and norms)", group=_OPT)
+    batch_size: int = option(4, "examples per micro-batch", group=_OPT)
+    grad_accum: int = option(1, "micro-batches per optimizer step", group=_OPT)
+    max_steps: int | None = option(None, "optimizer steps (overrides --epochs)", type=int, group=_OPT)
+    epochs: float = option(1.0, "passes over the data when --max-steps is not given", group=_OPT)
+    warmup_ratio: float = option(0.03, "fraction of steps with linear warm-up before the cosine decay", group=_OPT)
+    max_grad_norm: float | None = option(
+        1.0, "clip the global gradient norm (0 or none: no clipping; per block for LoPT's lower blocks under the "
+        "per-block step)", type="optional_float", group=_OPT)
+    precision: str = option("auto", "auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16 (with a grad "
+                                    "scaler)", choices=PRECISIONS, group=_OPT)
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", group=_OPT)
+    # memory
+    gradient_checkpointing: str = option(
+        "off", "layers that recompute their activations in the backward: off, all, last-block, lower-blocks (all "
+        "but the last block: the --pipeline's lower ranks have time to spare)", choices=CHECKPOINT_SCOPES,
+        group=_MEM)
+    selective_checkpointing: str = option(
+        "off", "layers (same choices) that keep their matrix-multiply and attention outputs and recompute only the "
+        "element-wise work: about half the activation memory for a few percent of the time",
+        choices=CHECKPOINT_SCOPES, group=_MEM)
+    # bookkeeping
+    log_every: int = option(1, "append to metrics.jsonl every N steps", group=_RUN)
+    save_every: int | None = option(None, "write OUT/checkpoint-N every N steps", type=int, group=_RUN)
+    save_total_limit: int | None = option(
+        None, "keep only the newest N checkpoint-N dirs, deleting older ones once each new checkpoint is "
+        "complete (unset: keep all)", type=int, group=_RUN)
+    save_only_model: bool = option(
+        False, "checkpoints hold the weights only, no optimizer or trainer state: smaller, but they cannot be "
+        "resumed (--resume skips them)", group=_RUN)
+    resume: str | None = option(
+        None, "continue from the newest complete checkpoint in --output-dir, skipping damaged ones (or from the "
+        "given checkpoint dir); see docs/checkpoints.md", nargs="?", const="latest", metavar="CHECKPOINT",
+        group=_RUN)
+    progress: bool = option(True, "show a progress bar", group=_RUN)
+    trust_remote_code: bool = option(False, "allow model repos to run their own code", group=_WHAT)
+
+    def __post_init__(self) -> None:
+        fill_recipe_defaults(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def lopt_config(self) -> Any:
+        """The ``LoPTConfig`` these options train with."""
+        return LoPTConfig.from_options(self)
+
+    def validate(self) -> None:
+        """LoPTError (one line) for an option value that cannot work."""
+        check_checkpointing(self)
+        if self.precision not in PRECISIONS:
+            raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise LoPTError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LoPTError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("save_every", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LoPTError(f"{name} must be >= 1 (or unset), got {value}")
+        if self.lr <= 0:
+            raise LoPTError(f"lr must be > 0, got {self.lr}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise LoPTError(f"max_grad_norm must be >= 0 (0 or none: no clipping), got {self.max_grad_norm}")
+        lc = self.lopt_config()
+        lc.validate()
+        get_method(self.method).check(lc)
+
+
+@dataclass
+class TrainConfig(RecipeConfig):
+    """Every option of ``lopt train`` (the CLI flags and YAML keys have the same names)."""
+
+    dataset: str = option("arithmetic", "local .jsonl/.json/.parquet/.csv, a preset (gsm8k, metamathqa, alpaca, "
+                                        "tulu3), a hub dataset id, or 'arithmetic' (embedded, offline)", group=_WHAT)
+    max_length: int = option(512, "truncate examples to this many tokens", group=_WHAT)
+    per_block_step: str = option(
+        "auto", "step each lower block's optimizer right after its local backward, freeing its gradients early "
+        "(auto: on for blockwise LoPT without grad accumulation; clipping is then per block)",
+        choices=("auto", "on", "off"), group=_MEM)
+    optimizer_in_backward: bool = option(
+        False, "step the last block's parameters inside the backward, each as soon as its gradient is ready, and "
+        "free that gradient: no gradient of the last block outlives its backward. max_grad_norm then clips each "
+        "parameter's gradient separately; needs grad_accum 1, no fp16, one process", group=_MEM)
+    optimizer: str = option(
+        "adamw", "adamw (PyTorch's, fused where possible) or adamw-8bit (bitsandbytes' blockwise 8-bit states: a "
+        "quarter of the optimizer memory)", choices=OPTIMIZERS, group=_OPT)
+    # several processes (launched by torchrun / accelerate launch; see lopt.parallel)
+    fsdp: bool = option(False, "multi-process (torchrun/accelerate launch): shard weights, gradients and optimizer "
+                               "state with FSDP2 (one unit per decoder layer) instead of replicating them",
+                        group="several processes")
+    pipeline: bool = option(False, "multi-process: one LoPT block per process (WORLD_SIZE = number of blocks), all "
+                                   "blocks computing at once; each process holds only its block",
+                            group="several processes")
+    tensorboard: bool = option(False, "also log to OUT/tensorboard", group=_RUN)
+    eval_every: int | None = option(None, "run --eval-tasks every N steps and at the end; results go to "
+                                          "metrics.jsonl", type=int, group="evaluation")
+    eval_tasks: list[str] = option(
+        help="lopt eval task specs for --eval-every (default: task-loss on the training dataset's test split)",
+        factory=list, nargs="+", metavar="TASK", group="evaluation")
+    eval_limit: int | None = option(50, "questions/examples per eval task during training", type=int,
+                                    group="evaluation")
+    sample_prompt: str | None = option(None, "a prompt the trained model answers in the summary", group=_RUN)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fsdp and get_method(self.method).switches_layers:
+            raise LoPTError(f"--fsdp does not support --method {self.method} (it freezes and unfreezes layers while "
+                            f"training, which FSDP's sharded gradients do not follow); use data parallel without --fsdp")
+        if self.tied_head and (self.pipeline or self.fsdp):
+            raise LoPTError(f"--tied-head is not supported with --{'pipeline' if self.pipeline else 'fsdp'} (the shared "
+                            f"matrix would have to live in two processes' shards); drop one of them")
+        if self.pipeline and self.task_grad_every:
+            raise LoPTError("--pipeline runs each block in its own process, so the task gradient cannot reach the "
+                            "lower blocks: drop --task-grad-every, or train without --pipeline")
+        if self.per_block_step not in ("auto", "on", "off"):
+            raise LoPTError(f"per_block_step must be auto, on or off, got {self.per_block_step!r}")
+        if self.per_block_step == "on" and not (self.method == "lopt" and self.schedule == "blockwise"
+                                                and self.grad_accum == 1 and self.precision != "fp16"):
+            raise LoPTError("per_block_step=on needs method lopt, schedule blockwise, grad_accum 1 and no fp16")
+        if self.optimizer not in OPTIMIZERS:
+            raise LoPTError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer_in_backward:
+            check_optimizer_in_backward(self)
+        if self.max_length < 1:
+            raise LoPTError(f"max_length must be >= 1, got {self.max_length}")
+        if self.fsdp and self.pipeline:
+            raise LoPTError("--fsdp and --pipeline exclude each other: choose one")
+        if self.fsdp and self.per_block_step == "on":
+            raise LoPTError("per_block_step=on is not supported with --fsdp (FSDP reduces gradients inside "
+                            "the backward; the whole model steps at the end)")
+
+
+def check_optimizer_in_backward(cfg: Any) -> None:
+    """What ``optimizer_in_backward`` cannot be combined with: everything that needs all gradients
+    before the first parameter steps."""
+    if cfg.grad_accum != 1:
+        raise LoPTError("--optimizer-in-backward needs --grad-accum 1 (each parameter steps as soon as its "
+                        "gradient is ready, so gradients cannot be accumulated over micro-batches)")
+    if cfg.precision == "fp16":
+        raise LoPTError("--optimizer-in-backward does not work with --precision fp16 (the grad scaler checks "
+                        "every gradient for inf before any step); use bf16 or fp32")
+    if getattr(cfg, "fsdp", False) or getattr(cfg, "pipeline", False):
+        raise LoPTError("--optimizer-in-backward runs in one process only: drop --fsdp / --pipeline or it")
+
+
+@dataclass
+class RLConfig(RecipeConfig):
+    """Options shared by ``lopt grpo`` and ``lopt dpo`` (CLI flags and YAML keys have these names)."""
+
+    # TRL computes its own log-probabilities (fused LM head): lopt's chunked loss is never used here.
+    chunked_ce: bool = option(False, _engine_help("chunked_ce"), cli=False)
+    output_dir: str = option("runs/rl", "where checkpoints, metrics.jsonl and the final model go", group=_RUN)
+    lr: float = option(1e-6, "learning rate of the last block, final norm and LM head", group=_OPT)
+    batch_size: int = option(4, "sequences per micro-batch (grpo: completions; dpo: preference pairs)", group=_OPT)
+    warmup_ratio: float = option(0.0, "fraction of steps with linear warm-up before the cosine decay", group=_OPT)
+    max_grad_norm: float | None = option(
+        1.0, "clip gradient norms (per block under LoPT, so the lower blocks' step never depends on the task "
+        "gradient; 0 or none: no clipping)", type="optional_float", group=_OPT)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.warmup_ratio < 1:
+            raise LoPTError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def lopt_config(self) -> Any:
+        return LoPTConfig.from_options(self, chunked_ce=False)
