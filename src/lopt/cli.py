@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from lopt.plan import add_plan_arguments, run_plan_cli
 from lopt.bench.runner import add_bench_arguments, run_bench_cli
+from lopt.config import config_yaml
 from lopt.data import load_records
 from lopt.engine.config import LoPTError
 from lopt.eval.compare import add_compare_arguments, run_compare_cli
@@ -65,6 +66,8 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls: type) -> None:
     p.add_argument("--config", dest="config_file", default=argparse.SUPPRESS,
                    help="YAML file with any of these options (keys as in the flags, dashes or underscores); "
                         "flags given on the command line override it")
+    p.add_argument("--print-config", action="store_true", default=False,
+                   help="print the options as a YAML file for --config (defaults < --config < flags) and exit")
 
 
 def _optional_float(s: str) -> float | None:
@@ -223,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_config(ns: argparse.Namespace) -> int:
+    """``--print-config``: the command's resolved options as YAML."""
+    config_cls = {"train": TrainConfig, "demo": TrainConfig, "grpo": GRPORunConfig, "dpo": DPORunConfig}[ns.command]
+    defaults = DEMO_DEFAULTS if ns.command == "demo" else None
+    print(config_yaml(config_from_args(ns, config_cls, defaults, command=ns.command)), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -230,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(ns, "print_config", False):
+            return print_config(ns)
         if ns.command == "train":
             return cmd_train(ns)
         if ns.command == "demo":

@@ -229,3 +229,18 @@ class RLConfig(RecipeConfig):
 
     def lopt_config(self) -> Any:
         return LoPTConfig.from_options(self, chunked_ce=False)
+
+
+def config_yaml(cfg: Any) -> str:
+    """The options of ``cfg`` (any options dataclass) as a YAML file for ``--config``, each under its
+    help text as a comment; the options of the Python API only (``cli=False``) are left out."""
+    import json
+    import textwrap
+
+    lines: list[str] = []
+    for f in fields(cfg):
+        if not f.metadata.get("cli", True):
+            continue
+        lines += ["# " + line for line in textwrap.wrap(f.metadata.get("help", ""), 98)]
+        lines.append(f"{f.name}: {json.dumps(getattr(cfg, f.name))}")  # JSON values are YAML
+    return "\n".join(lines) + "\n"
