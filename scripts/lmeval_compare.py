@@ -9,9 +9,9 @@ metrics, how many items' predictions differ, and the largest log-likelihood diff
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 LMEVAL_TASK = {"arc-easy": "lopt_arc_easy", "arc-challenge": "lopt_arc_challenge", "piqa": "lopt_piqa",
@@ -54,9 +54,13 @@ def compare(lopt: dict, out_dir: Path) -> list[dict]:
     return table
 
 
-def main() -> None:
-    lopt = json.loads(Path(sys.argv[1]).read_text())
-    table = compare(lopt, Path(sys.argv[2]))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("lopt_json", type=Path, help="a run_retention result (scripts/retention_timing.py --json)")
+    p.add_argument("lmeval_output_dir", type=Path, help="lm-eval's --output_path, with --log_samples files")
+    ns = p.parse_args(argv)
+    lopt = json.loads(ns.lopt_json.read_text())
+    table = compare(lopt, ns.lmeval_output_dir)
     print("| task | n | metric | lopt | lm-eval | items that differ | max abs loglik diff |")
     print("|---|---|---|---|---|---|---|")
     for row in table:

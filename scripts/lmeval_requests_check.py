@@ -1,19 +1,19 @@
 """Check, on every row of the five files, that lopt's requests are lm-evaluation-harness's.
 
-    PYTHONPATH=src /work/lmeval-venv/bin/python scripts/lmeval_requests_check.py TASK_DIR
+    python scripts/lmeval_requests_check.py TASK_DIR [--tokens CKPT] [--data-dir DATA_DIR]
 
 TASK_DIR is the output of ``scripts/lmeval_tasks.py``. For each task, lm-eval builds its zero-shot
 requests (``fewshot_context`` + ``construct_requests``) from the file and the builtin task
 definition, and lopt's loader reads the same file; the (context, continuation) strings and the
 gold index must be identical for every row. With ``--tokens CKPT`` the token ids are compared too:
 lm-eval's HFLM ``_encode_pair`` against the sequences lopt's scorer runs (context + unscored tokens,
-scored tokens). No forward pass is run.
+scored tokens). No forward pass is run. It needs lm_eval (``pip install -e ".[eval]"``); lopt reads
+the files from DATA_DIR (default: $LOPT_DATA_DIR), which must be the folder TASK_DIR was made from.
 """
 from __future__ import annotations
 
+import argparse
 import sys
-
-from lm_eval.tasks import TaskManager
 
 from lopt.eval import benchmarks as bm
 from lopt.eval import suite
@@ -37,8 +37,8 @@ def lmeval_requests(task) -> list[tuple[list[tuple[str, str]], int | None]]:
     return out
 
 
-def lopt_requests(kind: str) -> list[tuple[list[tuple[str, str]], int | None]]:
-    docs = suite.TASKS[kind].loader(suite.resolve_path(kind))
+def lopt_requests(kind: str, data_dir: str | None = None) -> list[tuple[list[tuple[str, str]], int | None]]:
+    docs = suite.TASKS[kind].loader(suite.resolve_path(kind, data_dir=data_dir))
     out = []
     for d in docs:
         if len(d.contexts) > 1:
@@ -49,9 +49,9 @@ def lopt_requests(kind: str) -> list[tuple[list[tuple[str, str]], int | None]]:
     return out
 
 
-def token_mismatches(lm, kind: str) -> int:
+def token_mismatches(lm, kind: str, data_dir: str | None = None) -> int:
     """Requests whose (context ids, continuation ids) differ between lm-eval and lopt."""
-    docs = suite.TASKS[kind].loader(suite.resolve_path(kind))
+    docs = suite.TASKS[kind].loader(suite.resolve_path(kind, data_dir=data_dir))
     items, slots = bm._token_items(lm.tokenizer, docs)
     bad = 0
     for doc, doc_slots in zip(docs, slots):
@@ -64,13 +64,15 @@ def token_mismatches(lm, kind: str) -> int:
     return bad
 
 
-def main(task_dir: str, ckpt: str | None = None) -> int:
+def main(task_dir: str, ckpt: str | None = None, data_dir: str | None = None) -> int:
+    from lm_eval.tasks import TaskManager
+
     tm = TaskManager(include_path=task_dir)
     tasks = tm.load_task_or_group(list(LMEVAL_TASK.values()))
     bad = 0
     for kind, name in LMEVAL_TASK.items():
         theirs = lmeval_requests(tasks[name])
-        ours = lopt_requests(kind)
+        ours = lopt_requests(kind, data_dir)
         differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
         status = "identical" if not differ and len(ours) == len(theirs) else f"{len(differ)} differ"
         print(f"{kind}: {len(ours)} rows (lm-eval {len(theirs)}), requests and gold {status}")
@@ -82,17 +84,16 @@ def main(task_dir: str, ckpt: str | None = None) -> int:
 
         lm = HFLM(pretrained=ckpt, dtype="float32", device="cpu")
         for kind in LMEVAL_TASK:
-            n = token_mismatches(lm, kind)
+            n = token_mismatches(lm, kind, data_dir)
             print(f"{kind}: token ids {'identical' if n == 0 else f'differ in {n} requests'}")
             bad += bool(n)
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    ckpt = None
-    if "--tokens" in args:
-        k = args.index("--tokens")
-        ckpt = args[k + 1]
-        del args[k: k + 2]
-    sys.exit(main(args[0] if args else "/tmp/lmeval-tasks", ckpt))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("task_dir", help="the output of scripts/lmeval_tasks.py")
+    p.add_argument("--tokens", metavar="CKPT", default=None, help="also compare token ids with this checkpoint's tokenizer")
+    p.add_argument("--data-dir", default=None, help="the retention files' folder (default: $LOPT_DATA_DIR)")
+    ns = p.parse_args()
+    sys.exit(main(ns.task_dir, ns.tokens, ns.data_dir))

@@ -256,7 +256,7 @@ def existing_tests(checkers: dict[str, Callable[[str, str], bool]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=3, help="disagreeing pairs shown per kind")

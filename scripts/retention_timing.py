@@ -1,7 +1,7 @@
 """Time the retention suite on the embedded model and print its table:
 
-    PYTHONPATH=src python scripts/retention_timing.py [--limit N] [--batch-size B] [--threads T]
-        [--json OUT]
+    python scripts/retention_timing.py [--limit N] [--batch-size B] [--threads T] [--json OUT]
+        [--data-dir DATA_DIR]
 
 Runs the five tasks in the suite's order (as run_retention does), printing each one's time as it
 finishes, then the markdown table and the wall time; --json writes the run_retention-shaped
@@ -20,11 +20,12 @@ from lopt.models import load_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--data-dir", default=None, help="the retention files' folder (default: $LOPT_DATA_DIR)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -34,7 +35,8 @@ def main() -> None:
     t0 = time.perf_counter()
     tasks = {}
     for kind in suite.RETENTION_KINDS:
-        tasks[kind] = suite.run_benchmark(kind, model, tok, limit=args.limit, batch_size=args.batch_size)
+        tasks[kind] = suite.run_benchmark(kind, model, tok, suite.resolve_path(kind, data_dir=args.data_dir),
+                                          limit=args.limit, batch_size=args.batch_size)
         print(f"{kind}: n={tasks[kind]['n']} {tasks[kind]['seconds']:.1f}s "
               f"loadavg={os.getloadavg()[0]:.1f}", flush=True)
     wall = time.perf_counter() - t0
