@@ -1,42 +1,32 @@
-"""Block-parallel LoPT (``--pipeline``, WORLD_SIZE = number of blocks).
+"""Block-parallel LoPT (``--pipeline``, WORLD_SIZE = number of blocks): the mechanism.
 
 Rank r holds block r only and trains it from what it sees; block r sends its detached boundary hidden
-states to rank r+1 and never waits for a gradient, so all ranks compute at once. Only rank 0 reads
-data, logs and saves; checkpoints are the same plain transformers checkpoints as a single-process
-run, and ``--resume`` works. See ``PipelineStage``.
+states to rank r+1 and never waits for a gradient, so all ranks compute at once. ``build_stage`` builds
+a rank's ``PipelineStage`` (its block, the sends and receives), ``PipelineStepper`` is one optimizer
+step of that block, and ``StatsRelay`` brings the other ranks' numbers to rank 0 without making the
+pipeline wait. The training loop around them (data, logging, checkpoints, ``--resume``, Ctrl-C) is
+``lopt.recipes.pipeline``.
 """
 from __future__ import annotations
 
 import gc
-import json
 import math
-import random
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lopt.data import Batches, build_sft_dataset, describe_skips
 from lopt.engine.anatomy import (_is_embedding_name, _untie_output_embeddings, find_layers, hidden_size_of,
                                  split_blocks)
-from lopt.engine.boundary import LoPTModel, wrap
+from lopt.engine.boundary import LoPTModel
 from lopt.engine.config import LoPTError
 from lopt.engine.heads import ReconstructionHead
-from lopt.engine.memory import peak_memory_mb
-from lopt.models import (EMBEDDED, _prepare_tokenizer, embedded_checkpoint, load_model, resolve_alias,
-                         save_checkpoint)
+from lopt.methods import wrap
+from lopt.models import EMBEDDED, _prepare_tokenizer, embedded_checkpoint, load_model, resolve_alias
 from lopt.parallel.context import DistContext
-from lopt.parallel.fsdp import GatheredModel, _leaf_modules_outside_layers
-from lopt.runtime.checkpoints import (CHECKPOINT_PREFIX, RUN_FILE, STATE_FILE, _save_plain_into,
-                                      clean_stale_temporaries, rotate_checkpoints, run_info, state_writer,
-                                      stopped_message)
-from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
-from lopt.runtime.loop import autocast_dtype, build_optimizer, cosine_with_warmup, finish_step, set_seed
-from lopt.runtime.state import (TrainResult, TrainState, _main_thread, _mean_records, _postfix, _progress,
-                                _summary, _tensorboard, close_run, install_sigint, trim_log)
+from lopt.parallel.fsdp import _leaf_modules_outside_layers
+from lopt.runtime.loop import autocast_dtype, build_optimizer, cosine_with_warmup, finish_step
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -415,7 +405,7 @@ class PipelineStepper:
                 "tokens": tokens}
 
 
-class _StatsRelay:
+class StatsRelay:
     """Rank 0 logs numbers that other ranks computed (the loss lives on the last rank) without
     making the pipeline wait. On each logging step ranks > 0 ``isend`` their numbers (a rank waits
     only for its previous logging step's send, which rank 0 has long posted the receive for, since
@@ -501,203 +491,3 @@ def _merge_stats(own: dict[str, Any], others: list[list[float]]) -> dict[str, An
     rec["grad_norm"] = math.sqrt(sum(n * n for n in norms)) if norms else None
     rec["peak_mem_mb"] = max(r[3] for r in rows if r[3] is not None)
     return rec
-
-
-# The keys a --pipeline run's trainer_state.pt must hold (each of "ranks": optimizer, scheduler, rng, heads).
-PIPELINE_STATE_KEYS = ("pipeline", "ranks", "step", "data")
-
-
-def load_pipeline_state(checkpoint: Path, world_size: int) -> dict[str, Any]:
-    """The resume state of a ``--pipeline`` checkpoint, loaded without running code from it; a
-    CheckpointError when another number of processes (or no pipeline) wrote it."""
-    ts = load_state(checkpoint / STATE_FILE, required=("step",))
-    if ts.get("pipeline") != world_size:
-        raise CheckpointError(f"{checkpoint} was not written by a {world_size}-process --pipeline run; "
-                              f"resume it the way it was started")
-    missing = [k for k in PIPELINE_STATE_KEYS if k not in ts]
-    if not missing and (not isinstance(ts["ranks"], list) or len(ts["ranks"]) != world_size):
-        missing = ["one state per rank"]
-    if missing:
-        raise CorruptStateError(checkpoint / STATE_FILE, f"it lacks {', '.join(missing)}")
-    return ts
-
-
-def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callable[[dict[str, Any], Any], None]] | None = None
-                   ) -> Any:
-    """``lopt train --pipeline``: the block-parallel run (one LoPT block per process). Same outputs as
-    ``lopt.recipes.sft.train``: ``metrics.jsonl``, ``checkpoint-N/``, the final plain checkpoint (the
-    ranks' blocks gathered on rank 0), ``--resume`` and Ctrl-C. Returns a ``TrainResult`` whose
-    model is this rank's stage (other blocks inert)."""
-
-    if cfg.method != "lopt":
-        raise LoPTError(f"--pipeline trains LoPT blocks independently; it needs --method lopt, not {cfg.method}")
-    if cfg.local_objective != "recon":
-        raise LoPTError("--pipeline supports --local-objective recon only")
-    if cfg.eval_every:
-        raise LoPTError("--eval-every needs the whole model in one process; evaluate the saved checkpoint "
-                        "with lopt eval after a --pipeline run")
-    set_seed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
-    if ctx.is_main:
-        clean_stale_temporaries(out_dir)
-    resume_dir, ts = None, None
-    if cfg.resume:  # rank 0 picks the checkpoint (falling back past incomplete ones); every rank loads it
-        def load(path: Path) -> dict[str, Any]:
-            return load_pipeline_state(path, ctx.world_size)
-        resume_dir, ts = resume_on_all_ranks(ctx, lambda: find_resume(out_dir, cfg.resume, [STATE_FILE], load),
-                                             load)
-    stage, tokenizer = build_stage(cfg, ctx, resume_dir)
-    wrapped = stage.wrapped
-    wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
-    wrapped.train()
-    main = ctx.is_main
-    batches, data_stats, total_steps = None, None, 0
-    if main:  # only rank 0 reads the data; the micro-batches travel down the pipeline
-        try:
-            examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
-                                                     split=cfg.split, limit=cfg.limit)
-            if describe_skips(data_stats):
-                print(f"lopt: {describe_skips(data_stats)}", file=sys.stderr)
-            batches = Batches(examples, cfg.batch_size, tokenizer.pad_token_id, seed=cfg.seed)
-            steps_per_epoch = max(1, batches.batches_per_epoch // cfg.grad_accum)
-            total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        except Exception:
-            dist.broadcast_object_list([-1], src=0)  # the other ranks wait for the step count: release them
-            raise
-    sizes = [total_steps]
-    dist.broadcast_object_list(sizes, src=0)
-    if sizes[0] < 0:
-        raise LoPTError("rank 0 could not read the dataset (its error is above)")
-    total_steps = sizes[0]
-    stepper = PipelineStepper(stage, cfg, total_steps)
-    state = TrainState()
-    if ts is not None:
-        mine = ts["ranks"][ctx.rank]
-        if mine["heads"]:
-            wrapped.heads.load_state_dict(mine["heads"], strict=False)
-        stepper.optimizer.load_state_dict(mine["optimizer"])
-        stepper.scheduler.load_state_dict(mine["scheduler"])
-        if stepper.scaler is not None and mine.get("scaler"):
-            stepper.scaler.load_state_dict(mine["scaler"])
-        if batches is not None:
-            batches.load_state_dict(ts["data"])
-        state.step, state.history = ts["step"], ts.get("history", [])
-        random.setstate(mine["rng"]["python"])
-        torch.set_rng_state(mine["rng"]["torch"])
-        del ts
-
-    metrics_path = out_dir / "metrics.jsonl"
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_dir is None and metrics_path.exists():
-            metrics_path.unlink()
-        elif resume_dir is not None:
-            trim_log(metrics_path, state.step)
-    tb = _tensorboard(out_dir) if cfg.tensorboard and main else None
-    log_file = metrics_path.open("a") if main else None
-    if main:
-        print(f"lopt: pipeline of {ctx.world_size} processes, blocks {wrapped.block_ranges} (one per rank), "
-              f"{data_stats['rows']} examples, {total_steps} steps on {ctx.device}"
-              + (f", resumed at step {state.step}" if resume_dir else ""), file=sys.stderr)
-
-    old_handler = install_sigint(state, ctx, "\nlopt: interrupt received, stopping all ranks after this step "
-                                 "and saving a checkpoint (Ctrl-C again to abort)") if _main_thread() else None
-    relay = _StatsRelay(ctx)
-    bar = _progress(total_steps, state.step, cfg.progress and main)
-    t_window, tok_window, window = time.perf_counter(), 0, []
-    stopped = False
-
-    def log(rec: dict[str, Any]) -> None:
-        state.history.append(rec)
-        log_file.write(json.dumps(rec) + "\n")
-        log_file.flush()
-        if tb is not None:
-            for k in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"):
-                if rec[k] is not None:
-                    tb.add_scalar(f"train/{k}", rec[k], rec["step"])
-        if bar:
-            bar.set_postfix(_postfix(rec), refresh=False)
-        for cb in callbacks or []:
-            cb(rec, state)
-
-    def rank_state() -> dict[str, Any]:
-        return {"optimizer": stepper.optimizer.state_dict(), "scheduler": stepper.scheduler.state_dict(),
-                "scaler": stepper.scaler.state_dict() if stepper.scaler else None,
-                "heads": {k: v for k, v in wrapped.heads.state_dict().items()
-                          if k.startswith(f"{ctx.rank}.")} if ctx.rank < ctx.world_size - 1 else {},
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
-
-    def gather_and_save(target: Path | None, final_info: dict[str, Any] | None = None) -> Path | None:
-        """Collective: every rank's block (and trainer state) to rank 0, which writes."""
-        if main:  # the history saved with the checkpoint must hold every step before it
-            for r in relay.ready(block=True):
-                log(r)
-        full = stage.gather_state()
-        states: list[Any] = [None] * ctx.world_size if main else None
-        dist.gather_object(rank_state() if target is not None and not cfg.save_only_model else None,
-                           states, dst=0)
-        path = None
-        if main:
-            last = state.history[-1] if state.history else None
-            info = final_info or run_info(cfg, wrapped, last)
-            info["pipeline"] = {"processes": ctx.world_size}
-            model = GatheredModel(wrapped.plain_model(), full)
-            if target is None:  # the final model, into OUT/ itself
-
-                _save_plain_into(model, tokenizer, out_dir, info)
-            else:
-                ts = {"pipeline": ctx.world_size, "ranks": states, "step": state.step,
-                      "history": state.history, "data": batches.state_dict()}
-                write_state = None if cfg.save_only_model else (lambda d: torch.save(ts, d / STATE_FILE))
-                path = save_checkpoint(model, tokenizer, target, extra_json={RUN_FILE: info},
-                                       write_extra=state_writer(state.step, write_state, [STATE_FILE]))
-                rotate_checkpoints(out_dir, cfg.save_total_limit, keep=path)
-        ctx.barrier()
-        return path
-
-    try:
-        while state.step < total_steps:
-            # Rank 0 heads the pipeline, so its decision to stop reaches every rank before the same step.
-            if main and state.stop_requested:
-                stage.send_stop()
-                stopped = True
-                break
-            rec = stepper.step([next(batches) for _ in range(cfg.grad_accum)] if main else None)
-            if rec is None:
-                stopped = True
-                break
-            state.step += 1
-            tok_window += rec.pop("tokens")
-            window.append(rec)
-            if bar:
-                bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                dt = time.perf_counter() - t_window
-                own = {"step": state.step, **_mean_records(window),
-                       "tokens_per_s": tok_window / dt if dt > 0 else None,
-                       "peak_mem_mb": peak_memory_mb(ctx.device), "time": time.time()}
-                t_window, tok_window, window = time.perf_counter(), 0, []
-                relay.post(own) if main else relay.send(own)
-            if main:
-                for r in relay.ready():
-                    log(r)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                gather_and_save(out_dir / f"{CHECKPOINT_PREFIX}{state.step}")
-        stage.wait_sends()
-        relay.close()
-        if main:
-            for r in relay.ready(block=True):
-                log(r)
-        interrupted = stopped and state.step < total_steps
-        if interrupted:
-            path = gather_and_save(out_dir / f"{CHECKPOINT_PREFIX}{state.step}")
-            if main:
-                print(stopped_message(state.step, path, cfg.save_only_model), file=sys.stderr)
-    finally:
-        close_run(bar, log_file, tb, old_handler)
-
-    summary = _summary(cfg, wrapped, state, data_stats, total_steps, out_dir, interrupted)
-    summary["rank"], summary["world_size"] = ctx.rank, ctx.world_size
-    if not interrupted:
-        gather_and_save(None, run_info(cfg, wrapped, summary) if main else None)
-    return TrainResult(summary, wrapped, tokenizer)
