@@ -12,6 +12,10 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# lopt never guesses a data folder: the test harness names the workspace's shared one explicitly, as a
+# user would with --data-dir or LOPT_DATA_DIR (a test that wants none deletes the variable).
+if SHARED_DATA.is_dir():
+    os.environ["LOPT_DATA_DIR"] = str(SHARED_DATA)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

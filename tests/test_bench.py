@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lopt.bench.runner import CONFIGS, format_table
+from lopt.bench.runner import BENCH_UNITS, CONFIGS, bench_json, format_table, load_bench_json
 from lopt.cli import main
 
 from conftest import make_tiny_model, make_tokenizer
@@ -26,7 +26,12 @@ def test_bench_two_configurations(tiny_dir, tmp_path):
     rc = main(["bench", "--model", str(tiny_dir), "--configs", "e2e", "lopt-k2", "--seq-len", "32",
                "--batch-sizes", "2", "--steps", "2", "--repeats", "2", "--json", str(out), "--plot", str(png)])
     assert rc == 0
-    res = json.loads(out.read_text())
+    raw = json.loads(out.read_text())  # the file: memory in bytes, and it says so
+    assert raw["units"] == {"memory": "bytes", "time": "seconds", "throughput": "tokens/s"}
+    assert isinstance(raw["rows"][0]["saved_activation_bytes"], int) and "saved_activation_mb" not in raw["rows"][0]
+    res = load_bench_json(out)  # read back in MiB, as the table shows it
+    assert res["units"]["memory"] == "MiB"
+    assert res["rows"][0]["saved_activation_mb"] == pytest.approx(raw["rows"][0]["saved_activation_bytes"] / 2**20)
     assert [r["name"] for r in res["rows"]] == ["e2e", "lopt-k2"]
     for r in res["rows"]:
         for k in ("step_time_s", "step_time_min_s", "step_time_max_s", "tokens_per_s", "peak_step_mb",
@@ -48,7 +53,7 @@ def test_bench_rows_of_the_new_methods(tiny_dir, tmp_path):
     rc = main(["bench", "--model", str(tiny_dir), "--configs", "lopt-k2-tg4", "lopt-default", "lisa", "badam",
                "--seq-len", "32", "--batch-sizes", "2", "--steps", "4", "--repeats", "1", "--json", str(out)])
     assert rc == 0
-    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = {r["name"]: r for r in load_bench_json(out)["rows"]}
     for r in rows.values():
         assert r["n_steps"] == 4 and r["first_loss"] == pytest.approx(rows["lisa"]["first_loss"], rel=1e-5)
         assert r["saved_activation_mb"] > 0
@@ -103,7 +108,7 @@ def test_trl_peer_row_reports_lopts_fields(tmp_path):
     rc = main(["bench", "--model", str(tiny), "--configs", "e2e", "--peer", "trl", "--dataset", str(data),
                "--seq-len", "64", "--batch-sizes", "2", "--steps", "2", "--repeats", "1", "--json", str(out)])
     assert rc == 0
-    res = json.loads(out.read_text())
+    res = load_bench_json(out)
     e2e, trl = res["rows"]
     assert (e2e["name"], trl["name"]) == ("e2e", "trl") and trl["overrides"]["peer"] == "trl"
     assert set(trl) == set(e2e)
@@ -115,3 +120,21 @@ def test_trl_peer_row_reports_lopts_fields(tmp_path):
     assert trl["first_loss"] == pytest.approx(e2e["first_loss"], rel=1e-5)
     # real tokens only (the dataset's rows are padded): fewer than batch x length
     assert e2e["tokens_per_s"] * e2e["step_time_s"] < 2 * 64
+
+
+def test_bench_json_is_in_bytes_and_old_records_still_read():
+    """`lopt bench --json` writes bytes and says so; records written before it (MiB, no units) read the same."""
+    old = {"rows": [{"name": "e2e", "peak_step_mb": 1000.0, "peak_total_mb": 1500.5, "saved_activation_mb": None,
+                     "ratio_peak_step_mb": 1.0, "tokens_per_s": 100.0}],
+           "reference": "e2e", "spec": {"seq_len": 64}}
+    loaded = load_bench_json(old)
+    assert loaded["units"] == BENCH_UNITS and loaded["rows"] == old["rows"] and loaded["spec"] == old["spec"]
+    new = bench_json(loaded)
+    assert new["units"]["memory"] == "bytes"
+    row = new["rows"][0]
+    assert row["peak_step_bytes"] == 1000 * 2**20 and row["peak_total_bytes"] == int(1500.5 * 2**20)
+    assert row["saved_activation_bytes"] is None and row["ratio_peak_step_mb"] == 1.0  # a ratio has no unit
+    assert not any(k.endswith("_mb") and not k.startswith("ratio_") for k in row)
+    assert load_bench_json(json.loads(json.dumps(new))) == loaded
+    # distbench-style keys with a suffix after the unit
+    assert bench_json({"peak_rss_mb_per_process": [1.0, 2.0]})["peak_rss_bytes_per_process"] == [2**20, 2 * 2**20]

@@ -321,6 +321,32 @@ def test_load_gsm8k_file_with_limit(shared_data, tokenizer):
     assert trained_text(tokenizer, examples[0]) == expected[0]["answer"] + EOT
 
 
+def test_presets_read_the_data_folder_given_and_never_guess(tmp_path, monkeypatch, tokenizer):
+    from lopt.data import data_dir, local_preset, validate_dataset
+
+    folder = tmp_path / "data"
+    (folder / "gsm8k").mkdir(parents=True)
+    (folder / "gsm8k" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    monkeypatch.delenv("LOPT_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no folder is guessed from the working directory either
+    assert data_dir() is None and local_preset("gsm8k", "train") is None  # the hub, then
+    assert data_dir(str(folder)) == folder
+    with pytest.raises(DataError, match="--data-dir .*nowhere: no such folder"):
+        data_dir(str(tmp_path / "nowhere"))
+    # --data-dir, else LOPT_DATA_DIR: the preset's local file
+    assert load_records("gsm8k", data_dir=folder) == ROWS
+    monkeypatch.setenv("LOPT_DATA_DIR", str(folder))
+    assert data_dir() == folder and load_records("gsm8k", limit=1) == ROWS[:1]
+    examples, stats = build_sft_dataset("gsm8k", tokenizer, max_length=256)
+    assert stats["rows"] == len(ROWS)
+    assert validate_dataset("gsm8k")["checked"]
+    # the folder lacks the split: a one-line error naming both ways to give a folder, no hub fall-back
+    with pytest.raises(DataError, match=r"gsm8k/test\.jsonl not found .*give --data-dir DIR or set LOPT_DATA_DIR"):
+        validate_dataset("gsm8k", split="test")
+    # presets without a local layout stay on the hub, whatever the folder
+    assert local_preset("alpaca", "train") is None
+
+
 def test_error_missing_file(tmp_path):
     path = tmp_path / "nope.jsonl"
     with pytest.raises(DataError, match=re.escape(f"{path}: file not found")):
@@ -379,6 +405,7 @@ def test_hub_path_with_fake_datasets(monkeypatch):
         return iter(ROWS * 3)
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("LOPT_DATA_DIR", raising=False)  # no data folder: the presets come from the hub
     assert load_records("gsm8k", limit=2) == ROWS
     assert calls[-1] == ("openai/gsm8k", "main", "train", True)
     assert load_records("someone/dataset", split="test") == ROWS * 3

@@ -52,6 +52,37 @@ def read_metrics(out):
 # ----------------------------------------------------------------------------- the synthetic set
 
 
+def test_synthetic_gsm8k_reads_the_data_folder_given_and_never_guesses(tmp_path, monkeypatch):
+    from lopt.data import DataError
+    from lopt.recipes.dpo import load_preferences
+
+    folder = tmp_path / "data"
+    (folder / "gsm8k").mkdir(parents=True)
+    write_jsonl(folder / "gsm8k" / "train.jsonl", gsm8k_rows(4))
+    tok = make_tokenizer()
+    monkeypatch.delenv("LOPT_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="give --data-dir DIR or set LOPT_DATA_DIR"):
+        load_preferences("synthetic-gsm8k", tok)  # no folder given: an error, not a guess
+    rows, stats = load_preferences("synthetic-gsm8k", tok, data_dir=folder)
+    assert len(rows) == 4 and stats["source"] == f"synthetic-gsm8k:{folder / 'gsm8k' / 'train.jsonl'}"
+    monkeypatch.setenv("LOPT_DATA_DIR", str(folder))
+    assert load_preferences("synthetic-gsm8k", tok)[0] == rows
+    with pytest.raises(DataError, match=r"test\.jsonl not found.*LOPT_DATA_DIR"):
+        load_preferences("synthetic-gsm8k", tok, split="test")  # the folder lacks the split: no fall-back
+
+
+def test_rl_summary_shows_only_the_rows_that_apply(capsys):
+    from lopt.recipes.trl_bridge import print_summary
+
+    s = {"method": "lopt", "block_ranges": [[0, 2], [2, 4]], "steps": 2, "total_steps": 2, "interrupted": False,
+         "loss_first": 0.69, "loss_last": 0.6, "aux_first": None, "aux_last": None, "tokens_per_s": None,
+         "peak_mem_mb": 300.0, "checkpoint": None, "output_dir": "runs/dpo"}
+    print_summary(s, 3.0, {"loss": "loss"})
+    out = capsys.readouterr().out
+    assert "loss first -> last" in out and "300 MiB" in out and "runs/dpo" in out
+    assert "aux loss" not in out and "tokens/s" not in out and "| - " not in out
+
+
 def test_synthetic_pairs_are_deterministic_and_differ_only_in_the_answer(gsm8k_file):
     a = synthetic_gsm8k_pairs(gsm8k_file, seed=0)
     assert a == synthetic_gsm8k_pairs(gsm8k_file, seed=0)

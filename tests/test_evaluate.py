@@ -399,6 +399,7 @@ def test_eval_cli_writes_json_and_compare_reads_it(tmp_path, monkeypatch, capsys
     assert ev.run_eval_cli(args) == 0
     record = json.loads(out_tuned.read_text())
     assert record["model"] == "tuned" and set(record["results"]) == {f"mc:{mc}", "retention-kl"}
+    assert record["units"] == {"time": "seconds"}
     args = parser.parse_args(["--model", "basemodel", "--task", f"mc:{mc}", "--json", str(out_base),
                               "--no-progress"])
     assert ev.run_eval_cli(args) == 0
@@ -418,6 +419,38 @@ def test_eval_cli_writes_json_and_compare_reads_it(tmp_path, monkeypatch, capsys
         assert png.is_file() and png.stat().st_size > 0
     else:
         assert "matplotlib is not installed" in text
+    # --json PATH: the table as JSON; '-': on standard output, the table then goes to stderr
+    table = tmp_path / "cmp" / "table.json"
+    assert ev.run_compare_cli(cparser.parse_args([str(out_base), str(out_tuned), "--png", "", "--json",
+                                                  str(table)])) == 0
+    data = json.loads(table.read_text())
+    assert data["runs"] == ["base", "tuned"] and data["baseline"] == "base"
+    row = next(r for r in data["rows"] if r["task"] == f"mc:{mc}" and r["metric"] == "acc")
+    assert row["values"] == {"base": base_acc, "tuned": tuned_acc}
+    capsys.readouterr()
+    assert ev.run_compare_cli(cparser.parse_args([str(out_base), str(out_tuned), "--png", "", "--json", "-"])) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == data and "| task | metric |" in captured.err
+    args = parser.parse_args(["--model", "basemodel", "--task", f"mc:{mc}", "--json", "-", "--no-progress"])
+    assert ev.run_eval_cli(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["results"][f"mc:{mc}"]["acc"] == base_acc and "| task |" in captured.err
+
+
+def test_eval_default_files_come_from_data_dir(tmp_path, monkeypatch, capsys, tok):
+    _fake_models(monkeypatch, tok)
+    monkeypatch.delenv("LOPT_DATA_DIR", raising=False)
+    parser = argparse.ArgumentParser()
+    ev.add_eval_arguments(parser)
+    with pytest.raises(EvalError, match="give --data-dir DIR or set LOPT_DATA_DIR; or give the path as gsm8k:PATH"):
+        ev.run_eval_cli(parser.parse_args(["--model", "tuned", "--task", "gsm8k", "--no-progress"]))
+    folder = tmp_path / "data"
+    (folder / "gsm8k").mkdir(parents=True)
+    write_jsonl(folder / "gsm8k" / "test.jsonl", [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}])
+    args = parser.parse_args(["--model", "tuned", "--task", "gsm8k", "--data-dir", str(folder), "--limit", "1",
+                              "--max-new-tokens", "2", "--json", str(tmp_path / "e.json"), "--no-progress"])
+    assert ev.run_eval_cli(args) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["results"]["gsm8k"]["n"] == 1
 
 
 def test_eval_cli_base_missing_fails_before_loading(monkeypatch, tok):

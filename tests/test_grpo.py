@@ -196,17 +196,28 @@ def test_grad_accum_scales_the_local_loss(tiny_dir, qa_file, tmp_path):
 
 
 def test_gsm8k_preset_reads_the_local_file(shared_data):
-    rows, fmt, stats = load_task("gsm8k", "train", limit=5)
-    assert fmt == "gsm8k" and len(rows) == 5 and stats["source"].endswith("gsm8k/train.jsonl")
+    rows, fmt, stats = load_task("gsm8k", "train", limit=5, data_dir=shared_data)
+    assert fmt == "gsm8k" and len(rows) == 5 and stats["source"] == str(shared_data / "gsm8k" / "train.jsonl")
     assert rows[0]["answer"] == "72"  # Natalia's clips
     assert not any("####" in r["answer"] for r in rows)
+
+
+def test_gsm8k_preset_in_a_data_folder_without_it_is_an_error(tmp_path, monkeypatch):
+    from lopt.data import DataError
+
+    monkeypatch.delenv("LOPT_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="gsm8k/train.jsonl not found.*give --data-dir DIR or set LOPT_DATA_DIR"):
+        load_task("gsm8k", "train", data_dir=tmp_path)  # no fall-back to the hub or a guessed folder
+    monkeypatch.setenv("LOPT_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="LOPT_DATA_DIR .*nowhere: no such folder"):
+        load_task("gsm8k", "train")
 
 
 def test_gsm8k_task_runs_on_the_local_file(tiny_dir, shared_data, tmp_path):
     out = tmp_path / "gsm8k"
     # The tiny byte-level tokenizer makes GSM8K questions long; the short ones fit the tiny model.
     res = grpo(config(tiny_dir, None, out, task="gsm8k", limit=60, instruction="", max_prompt_length=200,
-                      max_steps=1))
+                      max_steps=1, data_dir=str(shared_data)))
     assert res.summary["data"]["dropped_too_long"] > 0 and res.summary["data"]["prompts"] > 0
     assert read_metrics(out)[0]["reward"] is not None
 

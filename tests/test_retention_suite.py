@@ -373,11 +373,28 @@ def test_bad_inputs_give_one_line_errors(tmp_path, files):
     _one_line_error(lambda: suite.run_benchmark("retention", None, None, missing), "takes no path")
 
 
+def test_default_files_come_from_the_data_folder_given_never_a_guess(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOPT_DATA_DIR", raising=False)
+    msg = _one_line_error(lambda: suite.resolve_path("arc-easy"), "give --data-dir DIR or set LOPT_DATA_DIR",
+                          "arc-easy:PATH")
+    assert "shared" not in msg
+    # a folder without the file: an error naming where it looked, no fall-back
+    _one_line_error(lambda: suite.resolve_path("lambada", None, tmp_path), str(tmp_path / "lambada"),
+                    "not found", "--data-dir")
+    monkeypatch.setenv("LOPT_DATA_DIR", str(tmp_path / "nowhere"))
+    _one_line_error(lambda: suite.resolve_path("lambada"), "LOPT_DATA_DIR", "no such folder")
+    # --data-dir wins over the environment
+    folder = tmp_path / "data"
+    (folder / "arc").mkdir(parents=True)
+    write_jsonl(folder / "arc" / "ARC-Easy-Test.jsonl", ARC_ROWS)
+    assert suite.resolve_path("arc-easy", None, folder) == folder / "arc" / "ARC-Easy-Test.jsonl"
+
+
 def test_registry_defaults_point_at_the_shared_data(shared_data):
     assert set(suite.TASKS) == set(suite.RETENTION_KINDS) | {"retention"}
     for kind in suite.RETENTION_KINDS:
-        assert suite.resolve_path(kind).is_file()
-    counts = {k: len(suite.TASKS[k].loader(suite.resolve_path(k))) for k in suite.RETENTION_KINDS}
+        assert suite.resolve_path(kind, None, shared_data).is_file()
+    counts = {k: len(suite.TASKS[k].loader(suite.resolve_path(k, None, shared_data))) for k in suite.RETENTION_KINDS}
     assert counts == {"arc-easy": 2376, "arc-challenge": 1172, "piqa": 1838, "winogrande": 1267,
                       "lambada": 5153}
     assert sum(counts.values()) == 11806

@@ -57,6 +57,24 @@ def test_cli_every_method(tiny_dir, qa_file, tmp_path, method, capsys):
     assert not any("lora" in n for n, _ in model.named_parameters())
     printed = capsys.readouterr().out
     assert "task loss first -> last" in printed and "model answer:" in printed
+    # the summary shows only the rows that apply: no aux-loss row when no local loss was computed
+    assert ("aux loss first -> last" in printed) == any(r["aux_loss"] is not None for r in m)
+    assert "- -> -" not in printed
+
+
+def test_summary_shows_only_the_rows_that_apply(capsys):
+    from lopt.cli import print_summary
+
+    s = {"method": "lopt", "block_ranges": [[0, 2], [2, 4]], "steps": 3, "total_steps": 3, "interrupted": False,
+         "loss_first": 2.0, "loss_last": 1.5, "aux_first": None, "aux_last": None, "tokens_per_s": 120.0,
+         "peak_mem_mb": None, "output_dir": "runs/x"}
+    print_summary(s, 4.0, None, None)
+    out = capsys.readouterr().out
+    assert "task loss first -> last" in out and "2.0000 -> 1.5000" in out and "120" in out
+    assert "aux loss" not in out and "peak memory" not in out and "| - " not in out
+    print_summary(s | {"aux_first": 0.5, "aux_last": 0.25, "peak_mem_mb": 512.0}, 4.0, None, None)
+    out = capsys.readouterr().out
+    assert "0.5000 -> 0.2500 |" in out and "512 MiB" in out
 
 
 @pytest.mark.parametrize("task_grad_every", [None, 0])  # lopt's default; the paper's pure local learning

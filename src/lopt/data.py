@@ -9,6 +9,12 @@ A source is a local .jsonl/.json/.parquet/.csv file, a preset name (see ``PRESET
 Face Hub dataset id, or ``'arithmetic'``: a small built-in set of word problems that needs no
 download, so demos and tests run offline.
 
+Local data. A preset comes from the hub unless a data folder is given: ``--data-dir DIR`` (the
+``data_dir`` option), else the environment variable ``LOPT_DATA_DIR``. With one, the presets that have
+a local layout (``LOCAL_PRESETS``: ``gsm8k`` is ``DIR/gsm8k/SPLIT.jsonl``) and the eval tasks' default
+files are read from it, and a file missing there is an error, never a fall-back to the hub or to a
+guessed folder. ``data_dir`` is the one place that decides.
+
 Bad rows. A problem that means the file itself is wrong stops the run with one line naming the
 file and the line (or record/row) and what to do; a problem confined to one row skips that row,
 counted in ``stats["skipped"]`` (reason -> rows, the first place in ``stats["skipped_first"]``), which
@@ -38,6 +44,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -71,6 +78,9 @@ PRESETS: dict[str, tuple[str, str | None, str]] = {
     "alpaca": ("tatsu-lab/alpaca", None, "train"),
     "tulu3": ("allenai/tulu-3-sft-mixture", None, "train"),
 }
+# Presets with a local layout inside the data folder (--data-dir / $LOPT_DATA_DIR): name -> file.
+LOCAL_PRESETS: dict[str, str] = {"gsm8k": "gsm8k/{split}.jsonl"}
+DATA_DIR_ENV = "LOPT_DATA_DIR"
 EMBEDDED = "arithmetic"
 EMBEDDED_SIZES = {"train": 2000, "test": 200}
 
@@ -95,6 +105,53 @@ _PAIR_COLUMNS = {f: cols for f, cols in FORMATS.items() if f not in ("messages",
 # lopt.recipes.sft.sample_answer feeds at inference time.
 FALLBACK_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 FALLBACK_SEP = "\n\n"
+
+
+# --------------------------------------------------------------------------- the data folder
+
+
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """The local data folder: ``explicit`` (``--data-dir``), else ``$LOPT_DATA_DIR``, else None (the
+    presets then come from the hub; lopt never guesses a folder). DataError when the folder named
+    does not exist."""
+    value, origin = (explicit, "--data-dir") if explicit not in (None, "") else \
+        (os.environ.get(DATA_DIR_ENV) or None, DATA_DIR_ENV)
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{origin} {value}: no such folder; give --data-dir DIR or set {DATA_DIR_ENV} "
+                        f"to the folder holding the data")
+    return path
+
+
+def data_file(rel: str, explicit: str | Path | None = None, *, what: str,
+              error: type[Exception] = DataError, alternative: str = "") -> Path:
+    """``DIR/rel`` in the data folder (:func:`data_dir`); ``error`` (one line naming ``--data-dir``
+    and ``LOPT_DATA_DIR``) when no folder is given or it does not hold ``rel``. ``what`` starts the
+    message; ``alternative`` ends it (e.g. "; or give the path as gsm8k:PATH")."""
+    try:
+        root = data_dir(explicit)
+    except DataError as e:
+        raise error(f"{what}: {e}") from None
+    if root is None:
+        raise error(f"{what} reads {rel} from a data folder: give --data-dir DIR or set {DATA_DIR_ENV}"
+                    f"{alternative}")
+    path = root / rel
+    if not path.exists():
+        raise error(f"{what}: {path} not found in the data folder (from "
+                    f"{'--data-dir' if explicit else DATA_DIR_ENV}); give --data-dir DIR or set "
+                    f"{DATA_DIR_ENV} to a folder holding {rel}{alternative}")
+    return path
+
+
+def local_preset(name: str, split: str, explicit: str | Path | None = None) -> Path | None:
+    """The local file of preset ``name`` (``LOCAL_PRESETS``) in the data folder; None when the preset
+    has no local layout or no data folder is given (the hub then). DataError when a folder is given
+    but lacks the file: no silent fall-back."""
+    if name not in LOCAL_PRESETS or data_dir(explicit) is None:
+        return None
+    return data_file(LOCAL_PRESETS[name].format(split=split), explicit, what=f"preset {name!r} ({split})")
 
 
 # --------------------------------------------------------------------------- loading
@@ -236,7 +293,7 @@ def _looks_like_file(source: str) -> bool:
 
 
 def _load(source: str, split: str | None = "train", limit: int | None = None,
-          ) -> tuple[list[dict], list[str]]:
+          data_dir: str | Path | None = None) -> tuple[list[dict], list[str]]:
     """load_records plus, per record, where it came from ('line 7', 'row 3') for error messages."""
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of rows, got {limit}")
@@ -267,7 +324,11 @@ def _load(source: str, split: str | None = "train", limit: int | None = None,
                         f"{Path.cwd()})")
     elif source in PRESETS:
         hub_id, config, default_split = PRESETS[source]
-        records, where = _load_hub(hub_id, config, split or default_split, limit)
+        local = local_preset(source, split or default_split, data_dir)
+        if local is not None:  # the data folder's copy (--data-dir / $LOPT_DATA_DIR)
+            records, where = _READERS[local.suffix.lower()](local)
+        else:
+            records, where = _load_hub(hub_id, config, split or default_split, limit)
     else:
         records, where = _load_hub(source, None, split or "train", limit)
     if limit is not None:
@@ -277,16 +338,18 @@ def _load(source: str, split: str | None = "train", limit: int | None = None,
     return records, where
 
 
-def load_records(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
+def load_records(source: str, split: str = "train", limit: int | None = None,
+                 data_dir: str | Path | None = None) -> list[dict]:
     """Load raw rows (dicts) from ``source``.
 
     ``source`` is a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file (``split`` is ignored:
     a file is one split), a local folder of data files, the embedded ``'arithmetic'`` dataset
     (2000 train / 200 test rows), a preset name from ``PRESETS``, or any Hugging Face Hub dataset
-    id (needs the ``datasets`` package and network). ``limit`` keeps the first N rows.
+    id (needs the ``datasets`` package and network). ``limit`` keeps the first N rows. ``data_dir``:
+    the local data folder for the presets (:func:`data_dir`; default ``$LOPT_DATA_DIR``, else the hub).
     Raises ``DataError`` for missing or unreadable files and empty datasets.
     """
-    return _load(source, split, limit)[0]
+    return _load(source, split, limit, data_dir)[0]
 
 
 # --------------------------------------------------------------------------- formats
@@ -570,7 +633,7 @@ def _no_usable_rows(source: str, stats: dict) -> DataError:
 
 
 def validate_dataset(source: str, split: str = "train", limit: int | None = None,
-                     max_length: int | None = None) -> dict:
+                     max_length: int | None = None, data_dir: str | Path | None = None) -> dict:
     """Check a dataset before any model is loaded: the file exists and is readable UTF-8, every line
     parses, the columns match a format, and at least one row has a usable prompt and response.
 
@@ -584,11 +647,13 @@ def validate_dataset(source: str, split: str = "train", limit: int | None = None
     if max_length is not None and max_length < 2:
         raise DataError(f"max_length must be at least 2 tokens, got {max_length}")
     path = Path(source).expanduser()
-    if source != EMBEDDED and not path.is_file() and (path.is_dir() or not _looks_like_file(source)):
+    local = local_preset(source, split, data_dir) if source in PRESETS and not path.exists() else None
+    if (source != EMBEDDED and local is None and not path.is_file()
+            and (path.is_dir() or not _looks_like_file(source))):
         if limit is not None and limit < 1:
             raise DataError(f"limit must be a positive number of rows, got {limit}")
         return {"source": source, "checked": False}
-    records, where = _load(source, split, limit)
+    records, where = _load(source, split, limit, data_dir)
     stats = _new_stats(source, _detect(source, records))
     stats["rows"] = sum(1 for _ in _chats(source, records, where, stats["format"], stats))
     if not stats["rows"]:
@@ -598,7 +663,8 @@ def validate_dataset(source: str, split: str = "train", limit: int | None = None
 
 
 def build_sft_dataset(source: str, tokenizer, max_length: int = 512, split: str = "train",
-                      limit: int | None = None) -> tuple[list[dict], dict]:
+                      limit: int | None = None, data_dir: str | Path | None = None
+                      ) -> tuple[list[dict], dict]:
     """Load ``source``, detect its format, and tokenize every row for SFT.
 
     Returns ``(examples, stats)``: examples are ``{'input_ids', 'labels'}`` lists; stats has
@@ -609,7 +675,7 @@ def build_sft_dataset(source: str, tokenizer, max_length: int = 512, split: str 
     """
     if max_length < 2:
         raise DataError(f"max_length must be at least 2 tokens, got {max_length}")
-    records, where = _load(source, split, limit)
+    records, where = _load(source, split, limit, data_dir)
     stats = _new_stats(source, _detect(source, records))
     examples: list[dict] = []
     truncated = tokens = label_tokens = 0

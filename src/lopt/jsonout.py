@@ -13,10 +13,11 @@ from typing import Any
 MIB = 1 << 20
 
 
-def json_help(what: str, default: str | None = None) -> str:
-    """The ``--json`` help line, the same in every command."""
-    tail = f"; default: {default}" if default else ""
-    return f"write {what} as JSON to PATH ('-': standard output; memory in bytes{tail})"
+def json_help(what: str, default: str | None = None, *, memory: bool = True) -> str:
+    """The ``--json`` help line, the same in every command (``memory``: the JSON holds sizes)."""
+    notes = (["'-': standard output"] + (["memory in bytes"] if memory else [])
+             + ([f"default: {default}"] if default else []))
+    return f"write {what} as JSON to PATH ({'; '.join(notes)})"
 
 
 def write_json(path: str | Path, obj: Any) -> str:

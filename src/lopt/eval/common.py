@@ -23,12 +23,13 @@ RUN_FILE = "lopt_run.json"  # written by the trainer into each checkpoint dir
 EVAL_FILE = "eval.json"  # where `lopt eval` writes by default when --model is a checkpoint dir
 
 
-def _shared_data_candidates(rel: str) -> list[Path]:
-    # ../shared/data relative to the working directory (the documented place), then relative to
-    # this source tree, so `lopt eval` also works when started from elsewhere in a checkout.
-    here = Path(__file__).resolve()
-    return [Path.cwd().parent / "shared" / "data" / rel,
-            here.parents[3] / "shared" / "data" / rel if len(here.parents) > 3 else Path(rel)]
+def default_data(kind: str, rel: str, data_dir: str | Path | None = None) -> Path:
+    """A task's default file or folder ``rel`` in the data folder (``--data-dir``, else
+    ``$LOPT_DATA_DIR``: :func:`lopt.data.data_dir`); EvalError naming both when it is not there."""
+    from lopt.data import data_file
+
+    return data_file(rel, data_dir, what=f"task {kind!r}", error=EvalError,
+                     alternative=f"; or give the path as {kind}:PATH")
 
 
 def _device(model) -> torch.device:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from lopt.eval.common import EVAL_FILE, EvalError
 from lopt.eval.runner import _LOWER_IS_BETTER, _fmt, _headline, _is_embedded
 from lopt.eval.suite import RETENTION_KINDS, format_differences_table, retention_differences
+from lopt.jsonout import json_help, write_json
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the column to take deltas against (default: the run that is the others' "
                              "--base, if any)")
     parser.add_argument("--png", default="lopt_compare.png", help="bar chart file ('' for none)")
+    parser.add_argument("--json", default=None, metavar="PATH", help=json_help("the table (one row per task "
+                                                                               "and metric, a value per run)",
+                                                                               memory=False))
 
 
 def load_eval_record(path: str | Path) -> tuple[str, dict[str, Any]]:
@@ -90,16 +95,26 @@ def run_compare_cli(args: argparse.Namespace) -> int:
                 cell += f" ({delta:+d})" if isinstance(delta, int) else f" ({delta:+.4f})"
             cells.append(cell)
         lines.append(f"| {spec} | {name} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+    json_out = getattr(args, "json", None)
+    out = sys.stderr if json_out == "-" else sys.stdout  # `--json -`: standard output holds the JSON only
+    print("\n".join(lines), file=out)
     if base_col is not None:
         print(f"\ndeltas are against {labels[base_col]}; lower is better for "
-              + ", ".join(sorted(_LOWER_IS_BETTER)))
+              + ", ".join(sorted(_LOWER_IS_BETTER)), file=out)
     if base_col is not None:
         for line in _paired_retention(labels, records, base_col):
-            print(line)
+            print(line, file=out)
     if args.png:
         note = _bar_chart(rows, labels, args.png)
-        print(note)
+        print(note, file=out)
+    if json_out:
+        where = write_json(json_out, {
+            "runs": labels, "baseline": labels[base_col] if base_col is not None else None,
+            "lower_is_better": sorted(_LOWER_IS_BETTER),
+            "rows": [{"task": spec, "metric": name, "values": dict(zip(labels, values))}
+                     for (spec, name), values in rows.items()]})
+        if json_out != "-":
+            print(f"table written to {where}", file=out)
     return 0
 
 

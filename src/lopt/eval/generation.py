@@ -1,7 +1,8 @@
 """Generation tasks: ``gsm8k[:FILE]``, accuracy of greedy answers on GSM8K-style JSONL (``question``,
 ``answer`` ending in ``#### N``). The question is formatted with the chat template, decoding is
 batched with left padding; the prediction is the number after ``####`` or, failing that, the last
-number in the output. Default file: ``../shared/data/gsm8k/test.jsonl``.
+number in the output. Default file: ``gsm8k/test.jsonl`` in the data folder (``--data-dir`` /
+``$LOPT_DATA_DIR``).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``mc:FILE``: JSONL rows with ``context`` (or ``question``), ``choices`` and ``answer`` (an index);
 ``acc`` and ``acc_norm`` as lm-evaluation-harness defines them. ``mmlu-redux[:DIR_OR_FILE]``: the
 MMLU-Redux CSV files, rows judged ``ok`` only, in the standard zero-shot MMLU prompt; per-subject and
-overall accuracy. Default: ``../shared/data/mmlu-redux``.
+overall accuracy. Default: ``mmlu-redux/`` in the data folder (``--data-dir`` / ``$LOPT_DATA_DIR``).
 """
 from __future__ import annotations
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from lopt.eval.common import EVAL_FILE, EvalError
+from lopt.jsonout import json_help, write_json
 # The task families register their kinds on import, in this order (the order --help lists them).
 from lopt.eval import generation, multiple_choice, perplexity, kl, drift, lm_eval_bridge, suite  # noqa: F401,I001
 from lopt.eval.drift import read_boundaries
@@ -24,7 +26,7 @@ from lopt.runtime.checkpoints import RUN_FILE
 def evaluate(model, tokenizer, tasks: list[str], *, base=None, base_tokenizer=None,
              limit: int | None = None, batch_size: int = 8, boundaries: list[int] | None = None,
              progress: bool = True, max_new_tokens: int = 256, kl_new_tokens: int = 48,
-             max_length: int | None = None) -> dict[str, dict[str, Any]]:
+             max_length: int | None = None, data_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Run ``tasks`` (specs ``KIND[:ARG]``, see :data:`lopt.eval.tasks.TASKS`) on ``model``; returns
     ``{spec: {metric: value, ...}}``, JSON-serialisable, each with its wall time in ``seconds``.
 
@@ -34,14 +36,15 @@ def evaluate(model, tokenizer, tasks: list[str], *, base=None, base_tokenizer=No
     ``boundaries``: layer indices to mark in drift (default: read from the model's
     ``lopt_run.json`` when it was loaded from a trainer checkpoint). ``max_new_tokens``:
     GSM8K answer budget; ``kl_new_tokens``: length of the base answers for retention-kl and drift;
-    ``max_length``: task-loss truncation (default: the run's, else 512).
+    ``max_length``: task-loss truncation (default: the run's, else 512). ``data_dir``: the folder
+    holding the tasks' default files (default ``$LOPT_DATA_DIR``; see :func:`lopt.data.data_dir`).
     The model is put in eval mode for the duration and restored afterwards.
     """
-    parsed = check_tasks(tasks, has_base=base is not None)
+    parsed = check_tasks(tasks, has_base=base is not None, data_dir=data_dir)
     if boundaries is None:
         boundaries = read_boundaries(model)
     run = TaskRun(model, tokenizer, base, base_tokenizer or tokenizer, limit, batch_size, progress,
-                  max_new_tokens, kl_new_tokens, max_length, boundaries)
+                  max_new_tokens, kl_new_tokens, max_length, boundaries, data_dir=data_dir)
     modes = [(m, m.training) for m in (model, base) if m is not None]
     results: dict[str, dict[str, Any]] = {}
     try:
@@ -50,7 +53,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, base=None, base_tokenizer=No
         for spec, (kind, arg) in zip(tasks, parsed):
             t0 = time.perf_counter()
             task = TASKS[kind]
-            res = task.run(run, resolve_data(kind, arg) if reads_data(task) else arg)
+            res = task.run(run, resolve_data(kind, arg, data_dir) if reads_data(task) else arg)
             res["seconds"] = round(time.perf_counter() - t0, 2)
             results[spec] = res
     finally:
@@ -81,9 +84,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length of the base model's answers for retention-kl and drift")
     parser.add_argument("--boundaries", type=int, nargs="+", default=None, metavar="LAYER",
                         help="layer indices to mark in drift (default: from the run's lopt_run.json)")
-    parser.add_argument("--json", default=None, metavar="OUT",
-                        help=f"write the results here (default: MODEL/{EVAL_FILE} when --model is a "
-                             "checkpoint directory)")
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="the folder holding the tasks' default files (gsm8k/, mmlu-redux/, arc/, piqa/, "
+                             "winogrande/, lambada/) (default: $LOPT_DATA_DIR; without either, give each "
+                             "task its file as KIND:PATH)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help=json_help("the results", f"MODEL/{EVAL_FILE} when --model is a checkpoint "
+                                                      "directory", memory=False))
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's choice)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars")
@@ -104,8 +111,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     """``lopt eval``: load the model(s), run the tasks, print a summary, write the JSON."""
     tasks = getattr(args, "task", None) or []
     base_name = getattr(args, "base", None)
+    data_dir = getattr(args, "data_dir", None)
     try:
-        check_tasks(tasks, has_base=base_name is not None)
+        check_tasks(tasks, has_base=base_name is not None, data_dir=data_dir)
     except EvalError as e:
         if base_name is None and "--base" in str(e) and getattr(args, "model", None):
             trained_from = _trained_from(args.model)
@@ -127,19 +135,20 @@ def run_eval_cli(args: argparse.Namespace) -> int:
                        limit=args.limit, batch_size=args.batch_size, boundaries=boundaries,
                        progress=getattr(args, "progress", True),
                        max_new_tokens=getattr(args, "max_new_tokens", 256),
-                       kl_new_tokens=getattr(args, "kl_new_tokens", 48))
+                       kl_new_tokens=getattr(args, "kl_new_tokens", 48), data_dir=data_dir)
     record = {"model": args.model or EMBEDDED_NAME, "base": base_name,
               "tasks": tasks, "limit": args.limit, "results": results,
-              "seconds": round(time.perf_counter() - t0, 2),
+              "seconds": round(time.perf_counter() - t0, 2), "units": {"time": "seconds"},
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    print(_summary_table(results))
     out = args.json
+    # `--json -`: standard output holds the JSON only; the table goes to stderr
+    print(_summary_table(results), file=sys.stderr if out == "-" else sys.stdout)
     if out is None and args.model and Path(args.model).is_dir():
         out = str(Path(args.model) / EVAL_FILE)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(record, indent=2))
-        print(f"results written to {out}")
+        where = write_json(out, record)
+        if out != "-":
+            print(f"results written to {where}")
     return 0
 
 

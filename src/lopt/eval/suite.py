@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from lopt.eval.benchmarks import (Doc, aggregate, item_scores, load_arc, load_lambada, load_piqa,
                                   load_winogrande, piqa_labels_path, score_docs)
-from lopt.eval.common import EvalError, _shared_data_candidates
+from lopt.eval.common import EvalError, default_data
 from lopt.eval.tasks import Task, TaskRun, register
 
 __all__ = [
@@ -29,7 +29,8 @@ __all__ = [
 
 class BenchmarkTask(NamedTuple):
     """A task kind: its file reader ``loader(path, limit) -> list[Doc]`` (None for the suite), its
-    default file relative to ``../shared/data``, and the usage line shown in errors and --help."""
+    default file inside the data folder (``--data-dir`` / ``$LOPT_DATA_DIR``), and the usage line shown
+    in errors and --help."""
     loader: Callable[..., list[Doc]] | None
     default: str | None
     usage: str
@@ -64,17 +65,15 @@ def _check_kind(kind: str) -> None:
         raise EvalError(f"unknown benchmark {kind!r}; known: {', '.join(METRICS)}")
 
 
-def resolve_path(kind: str, path: str | Path | None = None) -> Path:
-    """The file a benchmark reads: ``path``, or its default under ``../shared/data`` (relative to
-    the working directory, then to the source tree). EvalError, before any model work, when the
+def resolve_path(kind: str, path: str | Path | None = None, data_dir: str | Path | None = None) -> Path:
+    """The file a benchmark reads: ``path``, or its default in the data folder (``data_dir``, else
+    ``$LOPT_DATA_DIR``; see :func:`lopt.data.data_dir`). EvalError, before any model work, when the
     file (or PIQA's labels file beside it) is missing."""
     _check_kind(kind)
     if path is None:
-        candidates = _shared_data_candidates(TASKS[kind].default)
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise EvalError(f"task {kind!r}: default data not found at {candidates[0]}; "
-                            f"give the path as {kind}:PATH")
+        found = default_data(kind, TASKS[kind].default, data_dir)
+        if not found.is_file():
+            raise EvalError(f"task {kind!r}: {found} is not a file")
     else:
         found = Path(path).expanduser()
         if not found.is_file():
@@ -86,8 +85,8 @@ def resolve_path(kind: str, path: str | Path | None = None) -> Path:
 
 
 def run_benchmark(kind: str, model, tokenizer, path: str | Path | None = None, *,
-                  limit: int | None = None, batch_size: int = 32, progress: bool = False
-                  ) -> dict[str, Any]:
+                  limit: int | None = None, batch_size: int = 32, progress: bool = False,
+                  data_dir: str | Path | None = None) -> dict[str, Any]:
     """Score one benchmark (``arc-easy``, ``arc-challenge``, ``piqa``, ``winogrande``, ``lambada``).
 
     ``limit`` keeps the first N rows in file order. Returns ``{"task", "file", "n", <metric>,
@@ -99,8 +98,9 @@ def run_benchmark(kind: str, model, tokenizer, path: str | Path | None = None, *
         if path is not None:
             raise EvalError(f"task 'retention' takes no path (got {path}); give a task's own file "
                             f"with e.g. --task piqa:PATH")
-        return run_retention(model, tokenizer, limit=limit, batch_size=batch_size, progress=progress)
-    file = resolve_path(kind, path)
+        return run_retention(model, tokenizer, limit=limit, batch_size=batch_size, progress=progress,
+                             data_dir=data_dir)
+    file = resolve_path(kind, path, data_dir)
     t0 = time.perf_counter()
     docs = TASKS[kind].loader(file, limit)
     if not docs:
@@ -121,8 +121,9 @@ def run_benchmark(kind: str, model, tokenizer, path: str | Path | None = None, *
 
 def run_retention(model, tokenizer, *, limit: int | None = None,
                   paths: Mapping[str, str | Path] | None = None, batch_size: int = 32,
-                  progress: bool = False) -> dict[str, Any]:
-    """Run the five retention benchmarks. ``paths`` overrides a task's file (by kind); ``limit`` is
+                  progress: bool = False, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the five retention benchmarks. ``paths`` overrides a task's file (by kind), the others are
+    read from the data folder (``data_dir``, else ``$LOPT_DATA_DIR``); ``limit`` is
     the first N rows of each. Returns ``{"tasks": {kind: run_benchmark result}, "macro": {"value",
     "stderr", "metrics"}, "seconds"}``: the macro average of the tasks' primary metrics, its
     standard error from theirs (independent item sets)."""
@@ -130,7 +131,7 @@ def run_retention(model, tokenizer, *, limit: int | None = None,
     unknown = set(paths) - set(RETENTION_KINDS)
     if unknown:
         raise EvalError(f"no retention task {sorted(unknown)[0]!r}; tasks: {', '.join(RETENTION_KINDS)}")
-    files = {kind: resolve_path(kind, paths.get(kind)) for kind in RETENTION_KINDS}  # fail early
+    files = {kind: resolve_path(kind, paths.get(kind), data_dir) for kind in RETENTION_KINDS}  # fail early
     t0 = time.perf_counter()
     tasks = {kind: run_benchmark(kind, model, tokenizer, files[kind], limit=limit,
                                  batch_size=batch_size, progress=progress) for kind in RETENTION_KINDS}
@@ -240,17 +241,17 @@ def format_differences_table(diff: Mapping[str, Any]) -> str:
 def _run_kind(kind: str):
     def run(r: TaskRun, arg: str | None) -> dict[str, Any]:
         return run_benchmark(kind, r.model, r.tokenizer, arg, limit=r.limit, batch_size=max(r.batch_size, 16),
-                             progress=r.progress)
+                             progress=r.progress, data_dir=r.data_dir)
     return run
 
 
 def _check_kind_path(kind: str):
-    def check(arg: str | None) -> None:
+    def check(arg: str | None, data_dir: str | Path | None = None) -> None:
         if kind == "retention":
             for k in RETENTION_KINDS:
-                resolve_path(k)
+                resolve_path(k, None, data_dir)
         else:
-            resolve_path(kind, arg)
+            resolve_path(kind, arg, data_dir)
     return check
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lopt.eval.common import EvalError, _shared_data_candidates
+from lopt.eval.common import EvalError, default_data
 
 _DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
 
@@ -34,6 +34,7 @@ class TaskRun:
     max_length: int | None = None
     boundaries: list[int] | None = None
     shared: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | Path | None = None  # the data folder for default files (--data-dir / $LOPT_DATA_DIR)
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,10 @@ class Task:
     run: Callable[[TaskRun, Any], dict[str, Any]]  # (run, path or arg) -> metrics
     arg: str = "optional"  # "none" | "optional" | "required"
     needs_base: bool = False
-    default_data: str | None = None  # below ../shared/data; the argument is then a path
+    default_data: str | None = None  # inside the data folder (--data-dir); the argument is then a path
     file_only: bool = False  # the path must be a file, not a directory
-    check: Callable[[str | None], None] | None = None  # extra validation before any model loads
+    # extra validation before any model loads: check(arg, data_dir)
+    check: Callable[[str | None, str | Path | None], None] | None = None
 
 
 TASKS: dict[str, Task] = {}
@@ -77,16 +79,14 @@ def parse_task(spec: str) -> tuple[str, str | None]:
     return kind, value
 
 
-def resolve_data(kind: str, arg: str | None) -> Path:
-    """The file or directory a file-based task reads; EvalError when it does not exist."""
+def resolve_data(kind: str, arg: str | None, data_dir: str | Path | None = None) -> Path:
+    """The file or directory a file-based task reads: ``arg``, else its default in the data folder
+    (``data_dir``, else ``$LOPT_DATA_DIR``); EvalError when it does not exist."""
     task = TASKS[kind]
     if arg is None:
-        candidates = _shared_data_candidates(task.default_data)
-        for c in candidates:
-            if c.exists():
-                return c
-        raise EvalError(f"task {kind!r}: default data not found at {candidates[0]}; "
-                        f"give the path as {kind}:PATH")
+        if task.default_data is None:
+            raise EvalError(f"task {kind!r} needs a path: {task.usage}")
+        return default_data(kind, task.default_data, data_dir)
     path = Path(arg).expanduser()
     if not path.exists():
         raise EvalError(f"task {kind!r}: file not found: {arg}")
@@ -99,7 +99,8 @@ def reads_data(task: Task) -> bool:
     return task.default_data is not None or task.file_only
 
 
-def check_tasks(tasks: Sequence[str], *, has_base: bool) -> list[tuple[str, str | None]]:
+def check_tasks(tasks: Sequence[str], *, has_base: bool,
+                data_dir: str | Path | None = None) -> list[tuple[str, str | None]]:
     """Parse and validate every task spec before any model work starts (files exist, ``--base`` is
     there when needed), so a typo fails in a second rather than after an hour of scoring."""
     if not tasks:
@@ -110,15 +111,15 @@ def check_tasks(tasks: Sequence[str], *, has_base: bool) -> list[tuple[str, str 
         if task.needs_base and not has_base:
             raise EvalError(f"task {kind!r} compares against the base model: give --base MODEL")
         if reads_data(task):
-            resolve_data(kind, arg)
+            resolve_data(kind, arg, data_dir)
         if task.check is not None:
-            task.check(arg)
+            task.check(arg, data_dir)
     return parsed
 
 
 def data_file_exists(kind: str) -> Callable[[str | None], None]:
     """A ``check`` for tasks whose argument may be a file path or a named dataset."""
-    def check(arg: str | None) -> None:
+    def check(arg: str | None, data_dir: str | Path | None = None) -> None:
         if arg and Path(arg).suffix.lower() in _DATA_SUFFIXES and not Path(arg).exists():
             raise EvalError(f"task {kind!r}: file not found: {arg}")
     return check

@@ -118,9 +118,10 @@ def load_task(task: str, split: str = "train", limit: int | None = None, answer_
     """Questions and reference answers of a GRPO task.
 
     ``task`` is ``gsm8k`` (``DIR/gsm8k/{split}.jsonl`` when a data folder is given, ``data_dir`` or
-    ``$LOPT_DATA_DIR``, else the hub's openai/gsm8k; see :func:`lopt.data.data_dir`), ``numinamath`` (hub: AI-MO/NuminaMath-TIR) or a file / hub dataset id with a
-    question column (question, problem, prompt, query, instruction) and a reference column (answer,
-    solution, response, output, completion). Returns ``(rows, answer_format, stats)`` where a row is
+    ``$LOPT_DATA_DIR``, else the hub's openai/gsm8k; see :func:`lopt.data.data_dir`), ``numinamath``
+    (hub: AI-MO/NuminaMath-TIR) or a file / hub dataset id with a question column (question, problem,
+    prompt, query, instruction) and a reference column (answer, solution, response, output,
+    completion). Returns ``(rows, answer_format, stats)`` where a row is
     ``{'question', 'answer'}``, ``answer`` being the reference *final* answer (a number for gsm8k,
     the boxed expression for boxed). Rows whose reference has no final answer are dropped (counted).
     """

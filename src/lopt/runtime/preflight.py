@@ -41,7 +41,8 @@ def preflight_train(cfg: Any) -> dict:
     from lopt.data import validate_dataset
 
     check_output_dir(cfg.output_dir)
-    return validate_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, max_length=cfg.max_length)
+    return validate_dataset(cfg.dataset, split=cfg.split, limit=cfg.limit, max_length=cfg.max_length,
+                            data_dir=getattr(cfg, "data_dir", None))
 
 
 __all__ = ["PreflightError", "check_output_dir", "preflight_train"]
