@@ -466,7 +466,7 @@ def _load_pretrained(source: str, label: str, *, dtype: torch.dtype | str, devic
     return model, tokenizer
 
 
-def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, label: str) -> None:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, label: str) -> None:
     """A pad token (eos when missing) and right padding, as training batches need; the model's
     config learns the pad id too so generate() does not guess."""
     if tokenizer.pad_token is None:
@@ -531,7 +531,7 @@ def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | N
         else:
             model, tokenizer = _load_pretrained(target, label, dtype=torch_dtype, device=dev,
                                                 trust_remote_code=trust_remote_code, gguf_file=gguf_file)
-    _prepare_tokenizer(tokenizer, model, label)
+    prepare_tokenizer(tokenizer, model, label)
     return model, tokenizer
 
 

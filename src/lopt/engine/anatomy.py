@@ -82,23 +82,23 @@ def hidden_size_of(model: nn.Module) -> int:
     raise LoPTError(f"cannot tell the hidden size of {type(model).__name__} from its config")
 
 
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _is_tied(model: nn.Module) -> bool:
+def is_tied(model: nn.Module) -> bool:
     """Whether the LM head's weight is the input embedding's tensor."""
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     return inp is not None and out is not None and out.weight is inp.weight
 
 
-def _untie_output_embeddings(model: nn.Module) -> bool:
+def untie_output_embeddings(model: nn.Module) -> bool:
     """Give the LM head its own weight when it shares the input embedding's.
 
     Under LoPT the embedding belongs to the lowest block and the head to the highest; one tensor
     cannot be on both sides of a gradient boundary. Returns True when something was untied.
     """
-    if not _is_tied(model):
+    if not is_tied(model):
         return False
     out = model.get_output_embeddings()
     out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
@@ -108,7 +108,7 @@ def _untie_output_embeddings(model: nn.Module) -> bool:
     return True
 
 
-def _find_loss_head(model: nn.Module):
+def find_loss_head(model: nn.Module):
     """(decoder stack, LM head, softcap) when the model's logits are exactly
     ``head(decoder(...).last_hidden_state)`` (optionally soft-capped); None otherwise, and the full
     logits path is used."""
@@ -121,6 +121,6 @@ def _find_loss_head(model: nn.Module):
     return decoder, head, getattr(cfg, "final_logit_softcapping", None)
 
 
-def _is_embedding_name(name: str) -> bool:
+def is_embedding_name(name: str) -> bool:
     leaf = name.rsplit(".", 2)[-2] if "." in name else name
     return any(k in leaf for k in ("embed", "wte", "wpe"))

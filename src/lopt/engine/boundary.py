@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lopt.engine.anatomy import (_find_loss_head, _hidden_of, _is_embedding_name, _is_tied,
-                                 _untie_output_embeddings, find_layers, hidden_size_of, split_blocks)
+from lopt.engine.anatomy import (find_loss_head, hidden_of, is_embedding_name, is_tied,
+                                 untie_output_embeddings, find_layers, hidden_size_of, split_blocks)
 from lopt.engine.activation_checkpointing import keep_matmul_outputs
 from lopt.engine.config import CHECKPOINT_SCOPES, EngineConfig, LoPTError
 from lopt.engine.heads import ReconstructionHead, masked_mse
@@ -69,11 +69,11 @@ class LoPTModel(nn.Module):
         self.method_impl = method
         # The LM head shares the input embedding's matrix and stays shared (config.tied_head): the
         # matrix belongs to the last block, and the lower blocks see it through a detached lookup.
-        self.tied = bool(method.boundary and (config.tied_head or (config.tied_head is None and _is_tied(model))))
-        if self.tied and not _is_tied(model):
+        self.tied = bool(method.boundary and (config.tied_head or (config.tied_head is None and is_tied(model))))
+        if self.tied and not is_tied(model):
             raise LoPTError(f"--tied-head: the LM head of {type(model).__name__} is not tied to its input embedding "
                             f"(config.tie_word_embeddings is off), so there is nothing to keep tied; drop --tied-head")
-        self.untied = _untie_output_embeddings(model) if method.boundary and not self.tied else False
+        self.untied = untie_output_embeddings(model) if method.boundary and not self.tied else False
         self.model = model = method.prepare(model)
         self.layers_name, layers = find_layers(model)
         self.num_layers = len(layers)
@@ -128,7 +128,7 @@ class LoPTModel(nn.Module):
         self._block_params: list[list[nn.Parameter]] | None = None
         self._in_local_backward = False
         self._hooks = []
-        self._loss_head = _find_loss_head(self.plain_model()) if config.chunked_ce else None
+        self._loss_head = find_loss_head(self.plain_model()) if config.chunked_ce else None
         method.setup(self)
         if config.task_grad_every and not self._lower_checkpoint_modules():
             raise LoPTError(f"--task-grad-every recomputes the lower blocks in the backward, and the decoder layers of "
@@ -181,7 +181,7 @@ class LoPTModel(nn.Module):
         for name, p in self.model.named_parameters():
             if id(p) in lower_ids:
                 params.append(p)
-            elif id(p) not in all_layer_ids and id(p) not in out_ids and _is_embedding_name(name):
+            elif id(p) not in all_layer_ids and id(p) not in out_ids and is_embedding_name(name):
                 params.append(p)
         return params
 
@@ -317,7 +317,7 @@ class LoPTModel(nn.Module):
                     # This step leaves the lower blocks alone: run them without building a graph.
                     step["skip"] = True
                     torch.set_grad_enabled(False)
-                step["inputs"][block] = _hidden_of(args, kwargs)
+                step["inputs"][block] = hidden_of(args, kwargs)
             if self.anchors:
                 step["layer_args"][layer] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
         return hook

@@ -146,6 +146,11 @@ def load_plugins() -> None:
                           f"not available (uninstall the package that provides it to silence this)", stacklevel=2)
 
 
+def registered_methods() -> tuple[type[Method], ...]:
+    """Every registered method class, in registration order."""
+    return tuple(_REGISTRY.values())
+
+
 def method_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 

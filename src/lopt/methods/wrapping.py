@@ -13,13 +13,13 @@ from torch import nn
 
 from lopt.engine.boundary import LoPTModel
 from lopt.engine.config import CHECKPOINT_SCOPES, EngineConfig, LoPTError
-from lopt.methods.base import _REGISTRY, get_method, method_names
+from lopt.methods.base import get_method, method_names, registered_methods
 
 
 def method_option_classes() -> list[type]:
     """The option dataclasses of the registered methods, in registration order."""
     out: list[type] = []
-    for cls in _REGISTRY.values():
+    for cls in registered_methods():
         opts = cls.options
         if opts is None or opts in out:
             continue

@@ -14,7 +14,7 @@ from lopt.engine.config import LoPTError
 from lopt.parallel.context import DistContext
 
 
-def _leaf_modules_outside_layers(model: nn.Module, layers_name: str) -> list[tuple[str, nn.Module]]:
+def leaf_modules_outside_layers(model: nn.Module, layers_name: str) -> list[tuple[str, nn.Module]]:
     prefix = layers_name + "."
     return [(n, m) for n, m in model.named_modules()
             if n != layers_name and not n.startswith(prefix) and any(True for _ in m.parameters(recurse=False))]
@@ -66,7 +66,7 @@ def shard_model(wrapped: LoPTModel, ctx: DistContext) -> LoPTModel:
     for head in wrapped.heads:
         fully_shard(head, mesh=mesh)
     lower_ids = {id(p) for p in wrapped.lower_parameters()}
-    outside = _leaf_modules_outside_layers(model, wrapped.layers_name)
+    outside = leaf_modules_outside_layers(model, wrapped.layers_name)
     emb = [m for _, m in outside if any(id(p) in lower_ids for p in m.parameters(recurse=False))]
     top = [m for _, m in outside if not any(id(p) in lower_ids for p in m.parameters(recurse=False))]
     for group in (emb, top):

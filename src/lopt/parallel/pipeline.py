@@ -17,15 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lopt.engine.anatomy import (_is_embedding_name, _untie_output_embeddings, find_layers, hidden_size_of,
+from lopt.engine.anatomy import (is_embedding_name, untie_output_embeddings, find_layers, hidden_size_of,
                                  split_blocks)
 from lopt.engine.boundary import LoPTModel
 from lopt.engine.config import LoPTError
 from lopt.engine.heads import ReconstructionHead
 from lopt.methods import wrap
-from lopt.models import EMBEDDED, _prepare_tokenizer, embedded_checkpoint, load_model, resolve_alias
+from lopt.models import EMBEDDED, prepare_tokenizer, embedded_checkpoint, load_model, resolve_alias
 from lopt.parallel.context import DistContext
-from lopt.parallel.fsdp import _leaf_modules_outside_layers
+from lopt.parallel.fsdp import leaf_modules_outside_layers
 from lopt.runtime.loop import autocast_dtype, build_optimizer, cosine_with_warmup, finish_step
 
 
@@ -209,7 +209,7 @@ def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> t
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                  trust_remote_code=cfg.trust_remote_code)
     in_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    untied = _untie_output_embeddings(model)  # before loading: the head gets its own (meta) tensor
+    untied = untie_output_embeddings(model)  # before loading: the head gets its own (meta) tensor
     layers_name, layers = find_layers(model)
     ranges = split_blocks(len(layers), cfg.num_blocks, cfg.boundaries)
     if len(ranges) != ctx.world_size:
@@ -222,8 +222,8 @@ def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> t
     # rest - final norm, LM head - (last rank).
     owned: list[nn.Module] = [layers[j] for j in range(start, end)]
     inert_embeddings, inert_top = [], []
-    for name, mod in _leaf_modules_outside_layers(model, layers_name):
-        is_emb = any(_is_embedding_name(f"{name}.{pn}") for pn, _ in mod.named_parameters(recurse=False))
+    for name, mod in leaf_modules_outside_layers(model, layers_name):
+        is_emb = any(is_embedding_name(f"{name}.{pn}") for pn, _ in mod.named_parameters(recurse=False))
         mine = (r == 0) if is_emb else last
         (owned if mine else (inert_embeddings if is_emb else inert_top)).append(mod)
     owned_ids = {id(m) for m in owned}
@@ -314,7 +314,7 @@ def build_stage(cfg: Any, ctx: DistContext, resume_dir: Path | None = None) -> t
             wrapped.heads[i].requires_grad_(False)
     wrapped._block_params = None
     if tokenizer is not None:
-        _prepare_tokenizer(tokenizer, model, cfg.model or "smollm2-135m-instruct")
+        prepare_tokenizer(tokenizer, model, cfg.model or "smollm2-135m-instruct")
     return PipelineStage(wrapped, ctx, state_keys, _hidden_size(model)), tokenizer
 
 

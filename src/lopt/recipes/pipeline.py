@@ -20,7 +20,7 @@ from lopt.engine.config import LoPTError
 from lopt.parallel.context import DistContext
 from lopt.parallel.fsdp import GatheredModel
 from lopt.parallel.pipeline import PipelineStepper, StatsRelay, build_stage
-from lopt.runtime.checkpoints import (STATE_FILE, _save_plain_into, clean_stale_temporaries, run_info,
+from lopt.runtime.checkpoints import (STATE_FILE, save_plain_into, clean_stale_temporaries, run_info,
                                       save_training_checkpoint)
 from lopt.runtime.loop import set_seed
 from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
@@ -140,7 +140,7 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callback] | None 
             info["pipeline"] = {"processes": ctx.world_size}
             model = GatheredModel(wrapped.plain_model(), full)
             if not checkpoint:
-                _save_plain_into(model, tokenizer, out_dir, info)
+                save_plain_into(model, tokenizer, out_dir, info)
             else:
                 train_state = None if cfg.save_only_model else {
                     "pipeline": ctx.world_size, "ranks": states, "step": state.step, "history": state.history,

@@ -22,7 +22,7 @@ from lopt.models import load_model
 from lopt.parallel.context import init_distributed
 from lopt.parallel.data_parallel import DataParallel
 from lopt.recipes.pipeline import train_pipeline
-from lopt.runtime.checkpoints import (STATE_FILE, _extra_state, _save_plain_into,
+from lopt.runtime.checkpoints import (STATE_FILE, method_extra_state, save_plain_into,
                                       clean_stale_temporaries, run_info, save_training_checkpoint)
 from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
         opt_state = dp.optimizer_state(wrapped, optimizer) if dp is not None else stepper.optimizer_state_dict()
         return {"step": state.step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "fsdp": cfg.fsdp,
                 "data": batches.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "extra_state": _extra_state(wrapped), "history": state.history,
+                "extra_state": method_extra_state(wrapped), "history": state.history,
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
 
@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
     if not interrupted:
         model_to_save = dp.saveable(wrapped) if dp is not None else wrapped
         if main:
-            _save_plain_into(model_to_save, tokenizer, out_dir, run_info(cfg, wrapped, summary))
+            save_plain_into(model_to_save, tokenizer, out_dir, run_info(cfg, wrapped, summary))
     if ctx is not None:
         ctx.barrier()
         ctx.close()

@@ -48,7 +48,7 @@ from lopt.methods import wrap
 from lopt.engine.memory import peak_memory_mb
 from lopt.models import load_model, save_checkpoint
 from lopt.runtime import checkpoints as ckpt
-from lopt.runtime.checkpoints import (_extra_state, _save_plain_into, clean_stale_temporaries,
+from lopt.runtime.checkpoints import (method_extra_state, save_plain_into, clean_stale_temporaries,
                                       rotate_checkpoints, state_writer, stopped_message, versions)
 from lopt.runtime.resume import CorruptStateError, find_resume, load_state
 from lopt.runtime.loop import autocast_dtype, cosine_with_warmup
@@ -177,7 +177,7 @@ def build_optimizer(wrapped: LoPTModel, cfg: RLConfig) -> torch.optim.Optimizer:
 
 def lopt_extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
     """Trainable tensors that the plain checkpoint does not hold: local heads, anchors, LoRA adapters."""
-    return _extra_state(wrapped)
+    return method_extra_state(wrapped)
 
 
 class LoPTTrainerMixin:
@@ -244,9 +244,9 @@ class LoPTTrainerMixin:
             # Each block on its own (like lopt train's per-block step): the lower blocks' update then
             # depends on their local loss only, never on the size of the task gradient. (On an open
             # step they have the task gradient too: one global norm, as end-to-end.)
-            norms = [_clip([p for p in w.block_parameters(i)], max_norm) for i in range(len(w.block_ranges))]
+            norms = [_clip_norm([p for p in w.block_parameters(i)], max_norm) for i in range(len(w.block_ranges))]
             return torch.tensor(math.sqrt(sum(n * n for n in norms)))
-        return torch.tensor(_clip(list(w.parameters()), max_norm))
+        return torch.tensor(_clip_norm(list(w.parameters()), max_norm))
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -303,8 +303,8 @@ class LoPTTrainerMixin:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
-def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    return loop._clip(params, max_norm or None) or 0.0
+def _clip_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    return loop.clip_gradients(params, max_norm or None) or 0.0
 
 
 # --------------------------------------------------------------------------- run bookkeeping
@@ -494,7 +494,7 @@ def finish(run: RunState, trainer, wrapped: LoPTModel, tokenizer, interrupted: b
     evals = [h for h in hist if "eval" in h]
     summary["eval"] = evals[-1]["eval"] if evals else None
     if not interrupted:
-        _save_plain_into(wrapped, tokenizer, out, run.info(wrapped, summary))
+        save_plain_into(wrapped, tokenizer, out, run.info(wrapped, summary))
     return summary
 
 

@@ -167,7 +167,7 @@ def run_info(cfg: Any, wrapped: LoPTModel, metrics: dict[str, Any] | None) -> di
             "final_metrics": metrics or {}}
 
 
-def _save_plain_into(wrapped: LoPTModel, tokenizer, target: Path, info: dict[str, Any]) -> None:
+def save_plain_into(wrapped: LoPTModel, tokenizer, target: Path, info: dict[str, Any]) -> None:
     """Write the final plain checkpoint's files into ``target``, which also holds checkpoint-N/ and
     metrics.jsonl: the checkpoint is written whole in a temporary directory, then each file is
     renamed into place."""
@@ -225,7 +225,7 @@ def rotate_checkpoints(output_dir: Path, total_limit: int | None, keep: Path) ->
 
 
 # ``save_checkpoint`` writes ``.NAME.tmp-PID`` and sets the old ``NAME`` aside as ``.NAME.old-PID``;
-# ``_save_plain_into`` writes via ``.final-PID``; ``rotate_checkpoints`` deletes via ``.NAME.deleting-PID``;
+# ``save_plain_into`` writes via ``.final-PID``; ``rotate_checkpoints`` deletes via ``.NAME.deleting-PID``;
 # ``trim_log`` rewrites metrics.jsonl via the file ``.metrics.jsonl.tmp-PID``.
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|deleting)-(?P<pid>\d+)$|^\.final-(?P<fpid>\d+)$")
 
@@ -279,7 +279,7 @@ def clean_stale_temporaries(output_dir: str | Path, quiet: bool = False) -> list
     return handled
 
 
-def _extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
+def method_extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
     """Trainable tensors that the plain checkpoint does not hold: local heads, LoRA adapters."""
     # Under FSDP the heads are sharded (DTensor): gather them (collective; every rank saves alike).
     state = {f"heads.{k}": v.full_tensor() if hasattr(v, "full_tensor") else v

@@ -121,7 +121,7 @@ class Stepper:
         # Each lower block is clipped and stepped as soon as its local backward is done, and its
         # gradients freed, so they never coexist with the upper block's activations. Clipping is
         # therefore per block (max_grad_norm bounds each block's gradient norm separately).
-        self._block_norms.append(_clip(params, self.cfg.max_grad_norm) or 0.0)
+        self._block_norms.append(clip_gradients(params, self.cfg.max_grad_norm) or 0.0)
         self.optimizer.step()  # only this block holds gradients now
         for p in params:
             p.grad = None
@@ -203,7 +203,7 @@ def finish_step(stepper: Any, params: list[torch.nn.Parameter]) -> tuple[float |
     opt, scaler = stepper.optimizer, stepper.scaler
     if scaler is not None:
         scaler.unscale_(opt)
-    grad_norm = _clip(params, stepper.cfg.max_grad_norm)
+    grad_norm = clip_gradients(params, stepper.cfg.max_grad_norm)
     lr = opt.param_groups[0]["lr"]
     if scaler is not None:
         scaler.step(opt)
@@ -215,7 +215,7 @@ def finish_step(stepper: Any, params: list[torch.nn.Parameter]) -> tuple[float |
     return grad_norm, lr
 
 
-def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
     """Clip to ``max_norm`` (None or 0: only measure); returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
     if not params:
