@@ -36,7 +36,7 @@ class RecipeConfig(LoPTConfig):
     method: str = option("lopt", f"training method: {', '.join(METHODS)}", choices=METHODS, group="method")
     task_grad_every: int | None = option(
         None, _engine_help("task_grad_every") + " (default: 4 for --method lopt, 0 with --pipeline; study v2 "
-        "in docs/RESULTS.md says why). The lower half then trains at --lr", type=int,
+        "in records/study-v2/RESULTS.md says why). The lower half then trains at --lr", type=int,
         group="method: the boundary (lopt, freeze-lower)")
     tied_head: bool | None = option(
         None, "lopt / freeze-lower: keep a tied LM head tied to the input embedding (otherwise the boundary "

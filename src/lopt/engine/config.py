@@ -21,15 +21,15 @@ class LoPTError(ValueError):
 
 # Default lr_lower / lr under LoPT. The paper uses 1 (the same rate); with AdamW every lower weight then
 # moves about lr per step whatever the size of its small local gradient, and the lower block drifts away
-# from what the upper block was trained on: at 20 steps (study v1, docs/short-budget/RESULTS.md)
+# from what the upper block was trained on: at 20 steps (study v1, records/study-v1/RESULTS.md)
 # lr_lower = lr made held-out loss 1.2-1.3x end-to-end's and retention KL 1.2-2.7x, lr_lower = lr / 10
 # gave 1.09x and 0.23x. Over 256 steps (study v2) lr / 10 drifts too (see RECIPE_TASK_GRAD_EVERY).
 LR_LOWER_RATIO = 0.1
 
 # Default lambda_aux: the paper's 10, or 0 under task_grad_every. With the task gradient reaching the
 # lower blocks every N-th step they have a signal worth learning from; the reconstruction gradient was
-# found to move them in a direction unrelated to the task (docs/RESULTS.md), and without it the steps
-# in between need no lower backward at all (docs/issue15-results.md).
+# found to move them in a direction unrelated to the task (records/study-v2/RESULTS.md), and without it the steps
+# in between need no lower backward at all (docs/performance.md).
 LAMBDA_AUX = 10.0
 
 
@@ -39,10 +39,10 @@ def default_lambda_aux(task_grad_every: int) -> float:
 
 
 # The training recipes' default (lopt train, grpo, dpo) under method lopt: the task gradient through the
-# boundary every 4th step, the lower half at lr, a tied LM head kept tied. Study v2 (docs/RESULTS.md,
+# boundary every 4th step, the lower half at lr, a tied LM head kept tied. Study v2 (records/study-v2/RESULTS.md,
 # 256 steps) found the paper's pure local learning unusable over a whole run: the reconstruction loss
 # alone turns the lower half's output away from what the upper half was trained on (boundary cosine to
-# the base 0.57 after 128 steps at lr / 10 in docs/results/lower-alone/, 0.47 at the end of the 256-step
+# the base 0.57 after 128 steps at lr / 10 in records/study-v2/results/lower-alone/, 0.47 at the end of the 256-step
 # run), and the held-out loss ended above the untrained model's. This configuration was the study's
 # best boundary-based run (1.03x end-to-end's held-out loss at 0.84x its retention KL, 1.19x its
 # tokens/s, 0.77x its memory). The engine itself

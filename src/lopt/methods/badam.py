@@ -11,7 +11,7 @@ the embeddings, final norm and LM head are frozen (BAdam's ``BlockOptimizer`` de
 
 lopt adds its boundary just below the active block: the layers under it run without autograd (they
 are frozen and so is the embedding, so autograd would record nothing there anyway: see
-docs/issue15-results.md for the measurement).
+docs/performance.md ("BAdam: what the boundary adds") for the measurement).
 """
 from __future__ import annotations
 

@@ -31,5 +31,5 @@ class LoPT(Method):
     def lr_lower(self, lr: float) -> float:
         # Under task_grad_every the lower blocks train at lr: at N x lr (N steps' worth of movement in
         # one) study v2 found them drifting further from the base than end-to-end's do, for no better
-        # held-out loss (docs/RESULTS.md: lopt-tg4 against lopt-tg4-tied).
+        # held-out loss (records/study-v2/RESULTS.md: lopt-tg4 against lopt-tg4-tied).
         return lr if self.config.task_grad_every else lr * self.lr_lower_ratio
