@@ -2,6 +2,6 @@
 ``lopt bench`` starts for each configuration)."""
 import sys
 
-from lopt.bench.runner import _worker_main
+from lopt.bench.runner import worker_main
 
-sys.exit(_worker_main(sys.argv[1:]))
+sys.exit(worker_main(sys.argv[1:]))

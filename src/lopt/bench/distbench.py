@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from lopt.bench.runner import _rss_peak_mb, bench_json
+from lopt.bench.runner import rss_peak_mb, bench_json
 from lopt.jsonout import json_help, write_json
-from lopt.bench.runner import _rss_reset_peak as reset_rss_peak
+from lopt.bench.runner import rss_reset_peak as reset_rss_peak
 from lopt.methods import wrap
 from lopt.engine.memory import current_rss_mb
 from lopt.models import load_model
@@ -43,10 +43,10 @@ MODES = ("single", "ddp", "fsdp", "pipeline")
 
 
 def _vmhwm_mb() -> float:
-    return _rss_peak_mb()
+    return rss_peak_mb()
 
 
-def _rss_reset_peak() -> bool:
+def rss_reset_peak() -> bool:
     return reset_rss_peak()
 
 
@@ -89,7 +89,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     loaded_mb = current_rss_mb()
     load_peak_mb = _vmhwm_mb()
     # From here the peak is the training steps' (Linux lets a process reset its VmHWM mark).
-    reset_ok = _rss_reset_peak()
+    reset_ok = rss_reset_peak()
     vocab = wrapped.model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
     ends, losses = [], []

@@ -102,7 +102,7 @@ class BenchSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _rss_reset_peak() -> bool:
+def rss_reset_peak() -> bool:
     """Linux lets a process reset its peak-RSS mark ('5' to clear_refs), so the peak of the steps is
     not hidden behind the model load's."""
     try:
@@ -112,7 +112,7 @@ def _rss_reset_peak() -> bool:
         return False
 
 
-def _rss_peak_mb() -> float:
+def rss_peak_mb() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -166,7 +166,7 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
     if peer == "trl":
         from lopt.bench.peer import run_trl
 
-        res = run_trl(spec, model, tokenizer, batches, device, _rss_reset_peak, _rss_peak_mb, current_rss_mb)
+        res = run_trl(spec, model, tokenizer, batches, device, rss_reset_peak, rss_peak_mb, current_rss_mb)
     elif cfg is not None:
         res = _run_lopt(spec, cfg, model, batches, device)
     else:
@@ -186,7 +186,7 @@ def _run_lopt(spec: BenchSpec, cfg: TrainConfig, model, batches: list[dict[str, 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_mb = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else current_rss_mb()
-    reset_ok = device.type == "cuda" or _rss_reset_peak()
+    reset_ok = device.type == "cuda" or rss_reset_peak()
     times, losses = [], []
     for i, b in enumerate(batches[:-1]):
         if device.type == "cuda":
@@ -199,7 +199,7 @@ def _run_lopt(spec: BenchSpec, cfg: TrainConfig, model, batches: list[dict[str, 
         losses.append(rec["loss"])
         if i >= spec.warmup:
             times.append(dt)
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_peak_mb())
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss_peak_mb())
     saved = None
     if spec.measure_saved:
         # A whole cycle of a periodic schedule (--lower-every, --task-grad-every): the peak of its steps.
@@ -463,7 +463,7 @@ def run_bench_cli(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_main(argv: list[str]) -> int:
+def worker_main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] != "--worker":  # `python -m lopt.bench [options]`: the bench itself
         parser = argparse.ArgumentParser(prog="lopt bench")
         add_bench_arguments(parser)
