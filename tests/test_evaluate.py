@@ -18,7 +18,7 @@ import torch
 from conftest import ARCHS, make_tiny_model, make_tokenizer
 from lopt import eval as ev
 from lopt.eval.drift import _CKAStats
-from lopt.eval.generation import _chat_prompt
+from lopt.eval.generation import user_chat_prompt
 from lopt.eval.multiple_choice import _spread
 from lopt.eval import (EvalError, drift, extract_answer, linear_cka, load_mmlu_redux,
                            mc_loglikelihoods, parse_task, retention_kl)
@@ -155,7 +155,7 @@ def test_extract_answer(text, expected):
 
 
 def test_gsm8k_batched_generation_matches_one_by_one(tmp_path, tok, llama):
-    prompts = [_chat_prompt(tok, p) for p in PROMPTS[:4]]
+    prompts = [user_chat_prompt(tok, p) for p in PROMPTS[:4]]
     batched = ev.generate_greedy(llama, tok, prompts, max_new_tokens=6, batch_size=4)
     single = ev.generate_greedy(llama, tok, prompts, max_new_tokens=6, batch_size=1)
     assert batched == single

@@ -131,6 +131,23 @@ def test_order_check_sees_an_upward_import(edge):
     assert f"{edge[0]} -> {edge[1]}" in upward_imports(graph)
 
 
+def private_imports() -> list[str]:
+    """``from lopt.x import _name`` in a module other than lopt.x (and its package ``__init__``)."""
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lopt") and not node.level:
+                for alias in node.names:
+                    private = alias.name.startswith("_") and not alias.name.startswith("__")
+                    if private and node.module != name and not name.startswith(node.module + "."):
+                        found.append(f"{name}: from {node.module} import {alias.name}")
+    return sorted(found)
+
+
+def test_names_used_across_modules_are_public():
+    assert private_imports() == []
+
+
 def test_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lopt.eval.generation import _NUMBER, extract_answer
+from lopt.eval.generation import NUMBER_RE, extract_answer
 
 
 ANSWER_FORMATS = ("gsm8k", "boxed")
@@ -67,7 +67,7 @@ def _content(value: Any) -> str:
 _UNSIGNED = r"((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
 # lopt eval's number (optional "$" and sign, thousands commas, decimals), optionally followed by
 # "/ denominator": "7/2" is one answer (3.5), not the number 2.
-_ANSWER = re.compile(_NUMBER.pattern + r"(?:\s*/\s*" + _UNSIGNED + r"(?![\d.]))?")
+_ANSWER = re.compile(NUMBER_RE.pattern + r"(?:\s*/\s*" + _UNSIGNED + r"(?![\d.]))?")
 _FORMAT_LINE = re.compile(r"^[ \t]*####[ \t]*(?:\$[ \t]?)?-?\$?(?:\d|\.\d)", re.MULTILINE)
 
 

@@ -28,8 +28,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from lopt.eval.common import EvalError, _chunks, _max_positions, _progress, _read_jsonl
-from lopt.eval.scoring import _encode_pairs, _score_batch
+from lopt.eval.common import EvalError, chunks_of, max_positions_of, progress_bar, read_jsonl
+from lopt.eval.scoring import encode_pairs, score_batch
 
 __all__ = [
     "Doc", "arc_prompt", "piqa_prompt", "winogrande_requests", "lambada_split", "load_arc",
@@ -89,7 +89,7 @@ def _first_rows(path: Path, what: str, limit: int | None) -> Iterator[tuple[int,
     """``(line number, object)`` for the first ``limit`` non-blank lines of a JSONL file."""
     if not path.is_file():
         raise EvalError(f"{what} file not found: {path}; give the path as KIND:PATH")
-    return itertools.islice(_read_jsonl(path, what), limit)
+    return itertools.islice(read_jsonl(path, what), limit)
 
 
 def _need_str(row: dict[str, Any], key: str, path: Path, lineno: int, what: str, columns: str) -> str:
@@ -215,7 +215,7 @@ def _token_items(tokenizer, docs: Sequence[Doc]) -> tuple[list[_Item], list[list
     """
     flat = [(ctx, [doc.continuations[0]]) if len(doc.contexts) > 1 else (ctx, doc.continuations)
             for doc in docs for ctx in doc.contexts]
-    encoded = iter(_encode_pairs(tokenizer, flat))
+    encoded = iter(encode_pairs(tokenizer, flat))
     items: list[_Item] = []
     slots: list[list[tuple[int, int]]] = []
     for doc in docs:
@@ -261,15 +261,15 @@ def score_docs(model, tokenizer, docs: Sequence[Doc], *, batch_size: int = 32, p
     """
     model.eval()
     items, slots = _token_items(tokenizer, docs)
-    window = _max_positions(model)
+    window = max_positions_of(model)
     items = [_fit_window(it, window) for it in items]
     lls = [[0.0] * len(it.conts) for it in items]
     greedy = [[True] * len(it.conts) for it in items]
     order = sorted(range(len(items)), key=lambda i: len(items[i].ctx), reverse=True)
-    batches = list(_chunks(order, batch_size))
-    for batch in _progress(batches, total=len(batches), desc=desc, enabled=progress):
+    batches = list(chunks_of(order, batch_size))
+    for batch in progress_bar(batches, total=len(batches), desc=desc, enabled=progress):
         any_skip = any(s for i in batch for s in items[i].skips)
-        _score_batch(model, [(items[i].ctx, items[i].conts) for i in batch], [lls[i] for i in batch],
+        score_batch(model, [(items[i].ctx, items[i].conts) for i in batch], [lls[i] for i in batch],
                      True, greedy=[greedy[i] for i in batch],
                      skips=[items[i].skips for i in batch] if any_skip else None)
     return [[(lls[i][j], greedy[i][j]) for i, j in doc_slots] for doc_slots in slots]

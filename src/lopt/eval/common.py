@@ -32,11 +32,11 @@ def default_data(kind: str, rel: str, data_dir: str | Path | None = None) -> Pat
                      alternative=f"; or give the path as {kind}:PATH")
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _max_positions(model, cap: int | None = None) -> int:
+def max_positions_of(model, cap: int | None = None) -> int:
     """The model's context length (from its config), optionally capped."""
     cfg = model.config
     n = None
@@ -48,14 +48,14 @@ def _max_positions(model, cap: int | None = None) -> int:
     return min(n, cap) if cap else n
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
     return 0
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids_of(model, tokenizer) -> list[int]:
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -67,7 +67,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids without special tokens added: chat templates bring their own, and plain-text
     scoring follows lm-evaluation-harness, which adds none for causal models."""
     if not texts:
@@ -94,7 +94,7 @@ def _cache_arg(model) -> str:
     return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
-def _run_rows(model, rows: Sequence[Sequence[int]], *, past=None, past_mask: torch.Tensor | None = None,
+def run_rows(model, rows: Sequence[Sequence[int]], *, past=None, past_mask: torch.Tensor | None = None,
               start: torch.Tensor | None = None, keep: str = "last", use_cache: bool = False):
     """One forward over right-padded ``rows``, optionally continuing from a KV cache.
 
@@ -104,7 +104,7 @@ def _run_rows(model, rows: Sequence[Sequence[int]], *, past=None, past_mask: tor
     the LM head only there; ``keep="all"`` returns (B, S, V).
     Returns ``(logits, cache or None, attention mask covering cache + rows)``.
     """
-    device = _device(model)
+    device = model_device(model)
     bsz, width = len(rows), max(len(r) for r in rows)
     ids = torch.zeros((bsz, width), dtype=torch.long)  # any id will do under the mask
     mask = torch.zeros((bsz, width), dtype=torch.long)
@@ -115,7 +115,7 @@ def _run_rows(model, rows: Sequence[Sequence[int]], *, past=None, past_mask: tor
         start = torch.zeros(bsz, dtype=torch.long)
     # Real positions continue each row's own sequence; padding positions are clamped so learned
     # position tables (GPT-2) are never indexed out of range.
-    positions = (start[:, None] + torch.arange(width)[None, :]).clamp(max=_max_positions(model) - 1)
+    positions = (start[:, None] + torch.arange(width)[None, :]).clamp(max=max_positions_of(model) - 1)
     full_mask = mask if past_mask is None else torch.cat([past_mask, mask], dim=1)
     kwargs: dict[str, Any] = dict(input_ids=ids.to(device), attention_mask=full_mask.to(device),
                                   position_ids=positions.to(device), use_cache=use_cache)
@@ -144,14 +144,14 @@ def _run_rows(model, rows: Sequence[Sequence[int]], *, past=None, past_mask: tor
     return logits, cache, full_mask
 
 
-def _cache_repeat(cache, repeats: int):
+def cache_repeat(cache, repeats: int):
     if hasattr(cache, "batch_repeat_interleave"):
         cache.batch_repeat_interleave(repeats)
         return cache
     return tuple(tuple(t.repeat_interleave(repeats, dim=0) for t in layer) for layer in cache)
 
 
-def _cache_take(cache, index: torch.Tensor):
+def cache_take(cache, index: torch.Tensor):
     """A cache holding rows ``index`` of ``cache``, which stays as it was (so it can be taken from
     again): the copy shares nothing that the selection changes, as layers re-bind their tensors."""
     if hasattr(cache, "layers") and hasattr(cache, "batch_select_indices"):
@@ -162,7 +162,7 @@ def _cache_take(cache, index: torch.Tensor):
     return tuple(tuple(t[index] for t in layer) for layer in cache)
 
 
-def _progress(iterable: Iterable, *, total: int | None, desc: str, enabled: bool) -> Iterable:
+def progress_bar(iterable: Iterable, *, total: int | None, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return iterable
     try:
@@ -172,12 +172,12 @@ def _progress(iterable: Iterable, *, total: int | None, desc: str, enabled: bool
     return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-def _chunks(seq: Sequence, size: int) -> Iterator[Sequence]:
+def chunks_of(seq: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(seq), max(1, size)):
         yield seq[i: i + size]
 
 
-def _read_jsonl(path: Path, what: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path, what: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line of a JSONL file; EvalError names the file and
     line of a bad one (``what``: the kind of file expected, added to the message as a hint)."""
     with path.open(encoding="utf-8") as fh:
@@ -195,7 +195,7 @@ def _read_jsonl(path: Path, what: str | None = None) -> Iterator[tuple[int, dict
             yield lineno, row
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
@@ -207,7 +207,7 @@ def _read_text(path: Path) -> str:
             return raw.decode("latin-1")
 
 
-def _right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

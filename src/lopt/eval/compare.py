@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lopt.eval.common import EVAL_FILE, EvalError
-from lopt.eval.runner import _LOWER_IS_BETTER, _fmt, _headline, _is_embedded
+from lopt.eval.runner import LOWER_IS_BETTER, format_value, headline_metrics, is_embedded
 from lopt.eval.suite import RETENTION_KINDS, format_differences_table, retention_differences
 from lopt.jsonout import json_help, write_json
 
@@ -58,7 +58,7 @@ def load_eval_record(path: str | Path) -> tuple[str, dict[str, Any]]:
 def _same_model(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return False
-    if _is_embedded(a) and _is_embedded(b):
+    if is_embedded(a) and is_embedded(b):
         return True
     try:
         return Path(str(a)).resolve() == Path(str(b)).resolve() or str(a) == str(b)
@@ -78,7 +78,7 @@ def run_compare_cli(args: argparse.Namespace) -> int:
         for spec, metrics in rec.get("results", {}).items():
             if not isinstance(metrics, dict):
                 continue
-            for name, value in _headline(spec, metrics).items():
+            for name, value in headline_metrics(spec, metrics).items():
                 rows.setdefault((spec, name), [None] * len(records))[col] = value
     header = ["task", "metric"] + [f"{lab} (base)" if i == base_col else lab for i, lab in enumerate(labels)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -88,7 +88,7 @@ def run_compare_cli(args: argparse.Namespace) -> int:
             if v is None:
                 cells.append("–")
                 continue
-            cell = _fmt(v)
+            cell = format_value(v)
             ref = values[base_col] if base_col is not None else None
             if ref is not None and i != base_col:
                 delta = v - ref
@@ -100,7 +100,7 @@ def run_compare_cli(args: argparse.Namespace) -> int:
     print("\n".join(lines), file=out)
     if base_col is not None:
         print(f"\ndeltas are against {labels[base_col]}; lower is better for "
-              + ", ".join(sorted(_LOWER_IS_BETTER)), file=out)
+              + ", ".join(sorted(LOWER_IS_BETTER)), file=out)
     if base_col is not None:
         for line in _paired_retention(labels, records, base_col):
             print(line, file=out)
@@ -110,7 +110,7 @@ def run_compare_cli(args: argparse.Namespace) -> int:
     if json_out:
         where = write_json(json_out, {
             "runs": labels, "baseline": labels[base_col] if base_col is not None else None,
-            "lower_is_better": sorted(_LOWER_IS_BETTER),
+            "lower_is_better": sorted(LOWER_IS_BETTER),
             "rows": [{"task": spec, "metric": name, "values": dict(zip(labels, values))}
                      for (spec, name), values in rows.items()]})
         if json_out != "-":
@@ -184,7 +184,7 @@ def _bar_chart(rows: dict[tuple[str, str], list[float | None]], labels: list[str
         xs = [i for i, v in enumerate(values) if v is not None]
         ax.bar(xs, [values[i] for i in xs], color=[colors[i % len(colors)] for i in xs])
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        direction = "lower is better" if name in _LOWER_IS_BETTER else "higher is better"
+        direction = "lower is better" if name in LOWER_IS_BETTER else "higher is better"
         ax.set_title(f"{spec}\n{name} ({direction})", fontsize=8)
     for ax in list(axes.flat)[len(items):]:
         ax.axis("off")

@@ -9,12 +9,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from lopt.eval.common import EvalError, _chunks, _device, _pad_id, _right_pad
-from lopt.eval.kl import _pair_sequences
+from lopt.eval.common import EvalError, chunks_of, model_device, pad_id_of, right_pad
+from lopt.eval.kl import pair_sequences
 from lopt.runtime.checkpoints import RUN_FILE
 from lopt.eval.kl import base_answers
 from lopt.eval.tasks import Task, register
-from lopt.eval.common import _progress
+from lopt.eval.common import progress_bar
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -96,15 +96,15 @@ def drift(model, base, tokenizer, *, sequences: Sequence[tuple[list[int], list[i
     hands over, where LoPT's local loss applies. Reports linear CKA and the mean cosine similarity
     of matching token vectors at each index, and their means.
     """
-    sequences = _pair_sequences(model, base, tokenizer, sequences, prompts, max_new_tokens=max_new_tokens,
+    sequences = pair_sequences(model, base, tokenizer, sequences, prompts, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, limit=limit, progress=progress)
-    device = _device(model)
+    device = model_device(model)
     stats: list[_CKAStats] = []
     cos_sum: list[float] = []
     count = 0
-    batches = list(_chunks(list(range(len(sequences))), batch_size))
-    for batch in _progress(batches, total=len(batches), desc="drift", enabled=progress):
-        ids, mask = _right_pad([sequences[i][0] + sequences[i][1] for i in batch], _pad_id(tokenizer))
+    batches = list(chunks_of(list(range(len(sequences))), batch_size))
+    for batch in progress_bar(batches, total=len(batches), desc="drift", enabled=progress):
+        ids, mask = right_pad([sequences[i][0] + sequences[i][1] for i in batch], pad_id_of(tokenizer))
         ids, mask = ids.to(device), mask.to(device)
         hs_base = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         hs_model = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states

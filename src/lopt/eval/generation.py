@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any, Sequence
 import torch
 
-from lopt.eval.common import EvalError, _chunks, _device, _encode, _eos_ids, _max_positions, _pad_id
+from lopt.eval.common import EvalError, chunks_of, model_device, encode_texts, eos_ids_of, max_positions_of, pad_id_of
 from lopt.eval.tasks import Task, register
-from lopt.eval.common import _progress, _read_jsonl
+from lopt.eval.common import progress_bar, read_jsonl
 
 
 # A number: an optional "$" and minus sign in either order ("-$5", "$-5"), then digits with optional
 # thousands commas and decimals, or a bare decimal (".5"). A match may not start right after a letter,
 # digit or point, so the hyphen in "5-3" or "x-1" is never read as a sign.
-_NUMBER = re.compile(r"(?<![\w.])(?:\$\s?)?(-)?\$?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+NUMBER_RE = re.compile(r"(?<![\w.])(?:\$\s?)?(-)?\$?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 
 
 def extract_answer(text: str) -> float | None:
@@ -29,10 +29,10 @@ def extract_answer(text: str) -> float | None:
     Handles ``1,234``, ``-5``, ``3.75``, ``$12`` and trailing words or punctuation."""
     if "####" in text:
         tail = text.rsplit("####", 1)[1]
-        m = _NUMBER.search(tail)
+        m = NUMBER_RE.search(tail)
         if m:
             return _number_value(m)
-    matches = list(_NUMBER.finditer(text))
+    matches = list(NUMBER_RE.finditer(text))
     return _number_value(matches[-1]) if matches else None
 
 
@@ -45,7 +45,7 @@ def load_gsm8k(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     """GSM8K JSONL rows with a parsed numeric ``target`` (from the ``#### N`` line of ``answer``)."""
     path = Path(path)
     rows = []
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in read_jsonl(path):
         if limit is not None and len(rows) >= limit:
             break
         question, answer = row.get("question"), row.get("answer")
@@ -58,7 +58,7 @@ def load_gsm8k(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     return rows
 
 
-def _chat_prompt(tokenizer, user_text: str) -> str:
+def user_chat_prompt(tokenizer, user_text: str) -> str:
     """``user_text`` as one user turn in the chat template, ready for the assistant's reply."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
@@ -76,20 +76,20 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     from transformers import GenerationConfig
 
     model.eval()
-    device = _device(model)
-    encoded = _encode(tokenizer, prompts)
-    room = _max_positions(model) - max_new_tokens
+    device = model_device(model)
+    encoded = encode_texts(tokenizer, prompts)
+    room = max_positions_of(model) - max_new_tokens
     if room < 1:
         raise EvalError(f"max_new_tokens={max_new_tokens} leaves no room in the model's context")
     encoded = [ids[-room:] for ids in encoded]
-    eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(tokenizer)
+    eos = eos_ids_of(model, tokenizer)
+    pad = pad_id_of(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=pad, eos_token_id=eos or None)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     results: list[tuple[list[int], list[int]]] = [([], [])] * len(encoded)
-    batches = list(_chunks(order, batch_size))
-    for batch in _progress(batches, total=len(batches), desc=desc, enabled=progress):
+    batches = list(chunks_of(order, batch_size))
+    for batch in progress_bar(batches, total=len(batches), desc=desc, enabled=progress):
         width = max(len(encoded[i]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -106,10 +106,10 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     return results
 
 
-def _eval_gsm8k(model, tokenizer, path: Path, *, limit, batch_size, progress, max_new_tokens
+def eval_gsm8k_file(model, tokenizer, path: Path, *, limit, batch_size, progress, max_new_tokens
                 ) -> dict[str, Any]:
     rows = load_gsm8k(path, limit)
-    outputs = generate_greedy(model, tokenizer, [_chat_prompt(tokenizer, r["question"]) for r in rows],
+    outputs = generate_greedy(model, tokenizer, [user_chat_prompt(tokenizer, r["question"]) for r in rows],
                               max_new_tokens=max_new_tokens, batch_size=batch_size,
                               progress=progress, desc="gsm8k")
     correct = unparseable = 0
@@ -130,6 +130,6 @@ def _eval_gsm8k(model, tokenizer, path: Path, *, limit, batch_size, progress, ma
 
 
 register(Task("gsm8k", "gsm8k[:FILE] generation accuracy on GSM8K-style JSONL", default_data="gsm8k/test.jsonl",
-              file_only=True, run=lambda r, path: _eval_gsm8k(
+              file_only=True, run=lambda r, path: eval_gsm8k_file(
                   r.model, r.tokenizer, path, limit=r.limit, batch_size=r.batch_size, progress=r.progress,
                   max_new_tokens=r.max_new_tokens)))

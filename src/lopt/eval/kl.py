@@ -9,11 +9,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from lopt.eval.common import EvalError, _chunks, _device, _pad_id, _right_pad
-from lopt.eval.generation import _chat_prompt, generate_greedy
+from lopt.eval.common import EvalError, chunks_of, model_device, pad_id_of, right_pad
+from lopt.eval.generation import user_chat_prompt, generate_greedy
 from lopt.prompts import general_prompts
 from lopt.eval.tasks import Task, TaskRun, register
-from lopt.eval.common import _progress
+from lopt.eval.common import progress_bar
 
 
 def _vocab_size(model) -> int | None:
@@ -36,12 +36,12 @@ def base_continuations(base, tokenizer, prompts: Sequence[str] | None = None, *,
     formatted with the chat template: ``(prompt_ids, continuation_ids)`` pairs. Runs offline."""
 
     prompts = list(prompts) if prompts is not None else general_prompts(limit)
-    return generate_greedy(base, tokenizer, [_chat_prompt(tokenizer, p) for p in prompts],
+    return generate_greedy(base, tokenizer, [user_chat_prompt(tokenizer, p) for p in prompts],
                            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
                            desc="base answers")
 
 
-def _pair_sequences(model, base, tokenizer, sequences, prompts, **gen) -> Sequence[tuple[list[int], list[int]]]:
+def pair_sequences(model, base, tokenizer, sequences, prompts, **gen) -> Sequence[tuple[list[int], list[int]]]:
     """Shared set-up of retention-kl and drift: both models in eval mode, checked to be comparable,
     and the base model's answers (unless given)."""
     model.eval()
@@ -61,16 +61,16 @@ def retention_kl(model, base, tokenizer, *, sequences: Sequence[tuple[list[int],
     distributions, in nats; ``nll`` is the tuned model's mean negative log-likelihood of the
     continuation tokens (``base_nll`` the base model's own, for scale).
     """
-    sequences = _pair_sequences(model, base, tokenizer, sequences, prompts, max_new_tokens=max_new_tokens,
+    sequences = pair_sequences(model, base, tokenizer, sequences, prompts, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, limit=limit, progress=progress)
-    device = _device(model)
+    device = model_device(model)
     kl_sum = nll_sum = base_nll_sum = 0.0
     count = 0
     order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
-    batches = list(_chunks(order, batch_size))
-    for batch in _progress(batches, total=len(batches), desc="retention-kl", enabled=progress):
+    batches = list(chunks_of(order, batch_size))
+    for batch in progress_bar(batches, total=len(batches), desc="retention-kl", enabled=progress):
         seqs = [sequences[i][0] + sequences[i][1] for i in batch]
-        ids, mask = _right_pad(seqs, _pad_id(tokenizer))
+        ids, mask = right_pad(seqs, pad_id_of(tokenizer))
         # score[r, t] is True where position t predicts a continuation token (at t + 1).
         score = torch.zeros_like(mask, dtype=torch.bool)
         for r, i in enumerate(batch):

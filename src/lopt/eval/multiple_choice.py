@@ -13,10 +13,10 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from lopt.eval.common import EvalError, _read_text
-from lopt.eval.scoring import _join_choice, mc_accuracy, mc_loglikelihoods
+from lopt.eval.common import EvalError, read_text
+from lopt.eval.scoring import join_choice, mc_accuracy, mc_loglikelihoods
 from lopt.eval.tasks import Task, register
-from lopt.eval.common import _read_jsonl
+from lopt.eval.common import read_jsonl
 
 
 def load_mc_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -24,7 +24,7 @@ def load_mc_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, 
     ``context``); EvalError names the file and line of a bad row."""
     path = Path(path)
     rows = []
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in read_jsonl(path):
         if limit is not None and len(rows) >= limit:
             break
         context = row.get("context", row.get("question"))
@@ -48,7 +48,7 @@ def load_mc_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, 
 def _eval_mc(model, tokenizer, path: Path, *, limit, batch_size, progress) -> dict[str, Any]:
     rows = load_mc_jsonl(path, limit)
     lls = mc_loglikelihoods(model, tokenizer,
-                            [(r["context"], [_join_choice(c) for c in r["choices"]]) for r in rows],
+                            [(r["context"], [join_choice(c) for c in r["choices"]]) for r in rows],
                             batch_size=batch_size, progress=progress, desc=f"mc {path.name}")
     return mc_accuracy(lls, [r["choices"] for r in rows], [r["answer"] for r in rows])
 
@@ -91,7 +91,7 @@ def load_mmlu_redux(dir_or_file: str | Path, only_ok: bool = True
     rows: list[dict[str, Any]] = []
     counts = {"files": len(files), "rows": 0, "ok": 0, "no_answer": 0, "skipped_not_ok": 0, "kept": 0}
     for f in files:
-        text = _read_text(f)
+        text = read_text(f)
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
         header = [h.strip().lower() for h in next(reader, [])]
         col = {name: i for i, name in reversed(list(enumerate(header))) if name}

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from lopt.data import build_sft_dataset, collate
-from lopt.eval.common import EvalError, _chunks, _device, _encode, _max_positions, _pad_id, _run_rows
+from lopt.eval.common import EvalError, chunks_of, model_device, encode_texts, max_positions_of, pad_id_of, run_rows
 from lopt.runtime.checkpoints import RUN_FILE
 from lopt.eval.tasks import Task, TaskRun, data_file_exists, register
-from lopt.eval.common import _progress
+from lopt.eval.common import progress_bar
 
 
 @torch.inference_mode()
@@ -28,21 +28,21 @@ def perplexity(model, tokenizer, text: str, *, window: int | None = None, batch_
     is predicted exactly once, from the tokens before it in its own window. Also reports bits per
     byte and word perplexity as lm-evaluation-harness does for its rolling tasks."""
     model.eval()
-    device = _device(model)
-    ids = _encode(tokenizer, [text])[0]
+    device = model_device(model)
+    ids = encode_texts(tokenizer, [text])[0]
     if not ids:
         raise EvalError("perplexity: the text is empty")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     seq = ([int(start)] if start is not None else []) + ids
-    size = window or _max_positions(model, cap=2048)
+    size = window or max_positions_of(model, cap=2048)
     # Window k feeds seq[s:s+size] and predicts seq[s+1:s+size+1]; without a start token the first
     # text token cannot be predicted and is left out of the count.
     spans = [(s, min(s + size, len(seq) - 1)) for s in range(0, len(seq) - 1, size)]
     per_pass = max(1, min(batch_size, 4096 // size))  # bound the (rows, size, vocab) logits
     total_nll, total_tokens = 0.0, 0
-    groups = list(_chunks(spans, per_pass))
-    for group in _progress(groups, total=len(groups), desc="ppl", enabled=progress):
-        logits, _, _ = _run_rows(model, [seq[a:b] for a, b in group], keep="all")
+    groups = list(chunks_of(spans, per_pass))
+    for group in progress_bar(groups, total=len(groups), desc="ppl", enabled=progress):
+        logits, _, _ = run_rows(model, [seq[a:b] for a, b in group], keep="all")
         for r, (a, b) in enumerate(group):
             target = torch.tensor(seq[a + 1: b + 1], device=device)
             total_nll += float(F.cross_entropy(logits[r, : b - a].float(), target, reduction="sum"))
@@ -62,7 +62,7 @@ def task_loss(model, tokenizer, dataset: str, *, split: str = "test", max_length
     the trainer's own data code (:func:`lopt.data.build_sft_dataset`), token-weighted."""
 
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     examples, stats = build_sft_dataset(dataset, tokenizer, max_length=max_length, split=split,
                                         limit=limit)
     if not examples:
@@ -71,9 +71,9 @@ def task_loss(model, tokenizer, dataset: str, *, split: str = "test", max_length
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
     total, count = 0.0, 0
     per_item: list[list[float]] = [[0.0, 0] for _ in examples]  # [summed nll, answer tokens], file order
-    batches = list(_chunks(order, batch_size))
-    for batch in _progress(batches, total=len(batches), desc="task-loss", enabled=progress):
-        b = collate([examples[i] for i in batch], _pad_id(tokenizer))
+    batches = list(chunks_of(order, batch_size))
+    for batch in progress_bar(batches, total=len(batches), desc="task-loss", enabled=progress):
+        b = collate([examples[i] for i in batch], pad_id_of(tokenizer))
         out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
         # Labels are aligned with input_ids (the transformers convention): position t predicts t+1.
         logits = out.logits[:, :-1].float()

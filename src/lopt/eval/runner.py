@@ -99,7 +99,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 EMBEDDED_NAME = "smollm2-135m-instruct"  # lopt.models' name for the embedded default model
 
 
-def _is_embedded(name: str | None) -> bool:
+def is_embedded(name: str | None) -> bool:
     """Whether a --model/--base value means the embedded SmolLM2-135M-Instruct."""
     if name is None:
         return True
@@ -126,7 +126,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, gguf_file=getattr(args, "gguf_file", None), device=device)
     base = base_tokenizer = None
     if base_name is not None:
-        base, base_tokenizer = load_model(None if _is_embedded(base_name) else base_name, device=device)
+        base, base_tokenizer = load_model(None if is_embedded(base_name) else base_name, device=device)
     boundaries = getattr(args, "boundaries", None)
     if boundaries is None and args.model:
         boundaries = read_boundaries(args.model)
@@ -166,8 +166,8 @@ def _trained_from(model_dir: str) -> str | None:
 def _summary_table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| task | metric | value |", "|---|---|---|"]
     for spec, metrics in results.items():
-        for name, value in _headline(spec, metrics).items():
-            lines.append(f"| {spec} | {name} | {_fmt(value)} |")
+        for name, value in headline_metrics(spec, metrics).items():
+            lines.append(f"| {spec} | {name} | {format_value(value)} |")
     return "\n".join(lines)
 
 
@@ -179,10 +179,10 @@ _HEADLINE = {"gsm8k": ("acc", "unparseable"), "mc": ("acc", "acc_norm"), "mmlu-r
              "lambada": ("acc", "perplexity")}
 
 
-_LOWER_IS_BETTER = {"unparseable", "ppl", "bits_per_byte", "loss", "kl", "nll", "perplexity"}
+LOWER_IS_BETTER = {"unparseable", "ppl", "bits_per_byte", "loss", "kl", "nll", "perplexity"}
 
 
-def _headline(spec: str, metrics: dict[str, Any]) -> dict[str, float]:
+def headline_metrics(spec: str, metrics: dict[str, Any]) -> dict[str, float]:
     try:
         kind = parse_task(spec)[0]
     except EvalError:
@@ -201,5 +201,5 @@ def _headline(spec: str, metrics: dict[str, Any]) -> dict[str, float]:
     return {k: metrics[k] for k in names if isinstance(metrics.get(k), (int, float))}
 
 
-def _fmt(value: float) -> str:
+def format_value(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"

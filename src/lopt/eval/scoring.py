@@ -11,12 +11,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lopt.eval.common import (EvalError, _cache_repeat, _cache_take, _chunks, _device, _encode,
-                              _max_positions, _run_rows)
-from lopt.eval.common import _progress
+from lopt.eval.common import (EvalError, cache_repeat, cache_take, chunks_of, model_device, encode_texts,
+                              max_positions_of, run_rows)
+from lopt.eval.common import progress_bar
 
 
-def _encode_pairs(tokenizer, requests: Sequence[tuple[str, Sequence[str]]]
+def encode_pairs(tokenizer, requests: Sequence[tuple[str, Sequence[str]]]
                   ) -> list[tuple[list[int], list[list[int]]]]:
     """Tokenize (context, continuations) the way lm-evaluation-harness does.
 
@@ -32,8 +32,8 @@ def _encode_pairs(tokenizer, requests: Sequence[tuple[str, Sequence[str]]]
         ctx_texts.append(stripped)
         shape.append(len(conts))
         whole_texts.extend(stripped + moved + c for c in conts)
-    ctx_ids = _encode(tokenizer, ctx_texts)
-    whole_ids = _encode(tokenizer, whole_texts)
+    ctx_ids = encode_texts(tokenizer, ctx_texts)
+    whole_ids = encode_texts(tokenizer, whole_texts)
     start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     out, k = [], 0
     for (context, conts), ctx, n in zip(requests, ctx_ids, shape):
@@ -67,8 +67,8 @@ def mc_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[s
     Contexts longer than the model's window lose tokens on the left.
     """
     model.eval()
-    pairs = _encode_pairs(tokenizer, requests)
-    limit = _max_positions(model)
+    pairs = encode_pairs(tokenizer, requests)
+    limit = max_positions_of(model)
     for i, (ctx, conts) in enumerate(pairs):
         room = limit - max((len(c) for c in conts), default=0)
         if len(ctx) > room:
@@ -76,9 +76,9 @@ def mc_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[s
     results: list[list[float]] = [[0.0] * len(conts) for _, conts in pairs]
     greedy = [[True] * len(conts) for _, conts in pairs] if return_greedy else None
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]), reverse=True)
-    batches = list(_chunks(order, batch_size))
-    for batch in _progress(batches, total=len(batches), desc=desc, enabled=progress):
-        _score_batch(model, [pairs[i] for i in batch], [results[i] for i in batch], share_prefix,
+    batches = list(chunks_of(order, batch_size))
+    for batch in progress_bar(batches, total=len(batches), desc=desc, enabled=progress):
+        score_batch(model, [pairs[i] for i in batch], [results[i] for i in batch], share_prefix,
                      greedy=None if greedy is None else [greedy[i] for i in batch])
     if greedy is not None:
         return [list(zip(lls, gs)) for lls, gs in zip(results, greedy)]
@@ -89,7 +89,7 @@ def mc_loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, Sequence[s
 _CONT_TOKENS_PER_PASS = 2048
 
 
-def _score_batch(model, items: list[tuple[list[int], list[list[int]]]], out: list[list[float]],
+def score_batch(model, items: list[tuple[list[int], list[list[int]]]], out: list[list[float]],
                  share_prefix: bool, *, greedy: list[list[bool]] | None = None,
                  skips: list[list[int]] | None = None) -> None:
     """Fill ``out`` (one list per item) with the continuations' summed log-probabilities.
@@ -98,7 +98,7 @@ def _score_batch(model, items: list[tuple[list[int], list[list[int]]]], out: lis
     argmax. ``skips`` (shaped like ``out``) gives, per continuation, a number of leading tokens that
     are run but not scored: they extend the context (WinoGrande's options, whose contexts differ
     after a shared prefix while the scored continuation is the same)."""
-    device = _device(model)
+    device = model_device(model)
     ctxs = [ctx for ctx, _ in items]
     bsz = len(items)
     ctx_len = torch.tensor([len(c) for c in ctxs])
@@ -113,15 +113,15 @@ def _score_batch(model, items: list[tuple[list[int], list[list[int]]]], out: lis
             shared += 1
     past, past_mask, start = None, None, None
     if shared >= 2:
-        _, past, past_mask = _run_rows(model, [ctxs[0][:shared]], use_cache=True)
-        past = _cache_repeat(past, bsz)
+        _, past, past_mask = run_rows(model, [ctxs[0][:shared]], use_cache=True)
+        past = cache_repeat(past, bsz)
         past_mask = past_mask.expand(bsz, -1)
         start = torch.full((bsz,), shared, dtype=torch.long)
     else:
         shared = 0
 
     # 2. The rest of each context, batched; its last logits score every first continuation token.
-    last_logits, past, mask = _run_rows(model, [c[shared:] for c in ctxs], past=past,
+    last_logits, past, mask = run_rows(model, [c[shared:] for c in ctxs], past=past,
                                         past_mask=past_mask, start=start, keep="last",
                                         use_cache=multi)
     first = F.log_softmax(last_logits.float(), dim=-1)
@@ -140,10 +140,10 @@ def _score_batch(model, items: list[tuple[list[int], list[list[int]]]], out: lis
     rows = [(r, j) for r, (_, conts) in enumerate(items) for j, c in enumerate(conts) if len(c) > 1]
     width = max(len(items[r][1][j]) - 1 for r, j in rows)
     per_pass = max(1, _CONT_TOKENS_PER_PASS // width)  # bounds the (rows, width, vocab) logits
-    for part in _chunks(rows, per_pass):
+    for part in chunks_of(rows, per_pass):
         index = torch.tensor([r for r, _ in part])
-        logits, _, _ = _run_rows(model, [items[r][1][j][:-1] for r, j in part],
-                                 past=_cache_take(past, index.to(device)), past_mask=mask[index],
+        logits, _, _ = run_rows(model, [items[r][1][j][:-1] for r, j in part],
+                                 past=cache_take(past, index.to(device)), past_mask=mask[index],
                                  start=ctx_len[index], keep="all")
         logp = F.log_softmax(logits.float(), dim=-1)
         for n, (r, j) in enumerate(part):
@@ -173,6 +173,6 @@ def mc_accuracy(loglikelihoods: Sequence[Sequence[float]], choices: Sequence[Seq
     return {"acc": acc / n if n else 0.0, "acc_norm": acc_norm / n if n else 0.0, "n": n}
 
 
-def _join_choice(choice: str) -> str:
+def join_choice(choice: str) -> str:
     # lm-evaluation-harness joins context and choice with one space (its target delimiter).
     return choice if choice[:1].isspace() else " " + choice

@@ -22,7 +22,7 @@ import torch
 
 from lopt.engine.config import LoPTError
 from lopt.eval.drift import drift, read_boundaries
-from lopt.eval.generation import _eval_gsm8k
+from lopt.eval.generation import eval_gsm8k_file
 from lopt.eval.kl import base_continuations, retention_kl
 from lopt.eval.perplexity import task_loss
 from lopt.eval.suite import RETENTION_KINDS, TASKS, run_retention
@@ -122,7 +122,7 @@ class Study:
             out["retention_kl"] = retention_kl(model, self.base, tokenizer, sequences=self.continuations(),
                                                batch_size=b.eval_batch_size // 2)
             if final:
-                out["gsm8k"] = _eval_gsm8k(model, tokenizer, self.data.test, limit=b.acc_questions,
+                out["gsm8k"] = eval_gsm8k_file(model, tokenizer, self.data.test, limit=b.acc_questions,
                                            batch_size=b.eval_batch_size, progress=False,
                                            max_new_tokens=b.gsm8k_new_tokens)
                 out["drift"] = drift(model, self.base, tokenizer, sequences=self.continuations(),
