@@ -183,7 +183,7 @@ def _decode(path: Path, data: bytes, lineno: int | None = None, offset: int = 0)
                         f"{path.name} > utf8-{path.name}) or fix that line") from None
 
 
-def read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     records, where = [], []
     offset = 0
     # Bytes, decoded line by line: an encoding error then names its line, like a JSON error does.
@@ -212,7 +212,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: a JSON-lines file named .json
-            return read_jsonl(path)
+            return _read_jsonl(path)
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                         f"fix the file") from None
     if isinstance(data, dict):
@@ -260,7 +260,7 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
 
 
 _READERS: dict[str, Callable[[Path], tuple[list[dict], list[str]]]] = {
-    ".jsonl": read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv,
+    ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv,
 }
 
 

@@ -96,7 +96,7 @@ def _postfix(rec: dict[str, Any]) -> dict[str, str]:
     return d
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -191,7 +191,7 @@ class RunLog:
         # repeat within seconds is its forwarded copy of the same Ctrl-C and is ignored).
         if threading.current_thread() is threading.main_thread():
             self._old_handler = install_sigint(self.state, self.ctx, self.sigint_message)
-        self.bar = progress_bar(self.total_steps, self.state.step, self.cfg.progress and self.main)
+        self.bar = _progress(self.total_steps, self.state.step, self.cfg.progress and self.main)
         self._window, self._tokens, self._t = [], 0, time.perf_counter()
         return self
 

@@ -20,7 +20,7 @@ from lopt.recipes.study.records import Records, write_text
 GOAL = {"loss": 1.02, "drop": 0.5, "speed": 1.2, "memory": 0.8}
 
 
-def format_value(x: Any, spec: str = "{:.3f}") -> str:
+def _fmt(x: Any, spec: str = "{:.3f}") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return spec.format(x)
@@ -180,7 +180,7 @@ def headline(out: Path) -> list[str]:
     """The study's one-table summary (every run, against e2e seed 0), read from ``out/results``: the table
     at the top of RESULTS.md, which the README carries too."""
     _, meta, runs, expected, _, rows = _read(out)
-    return headline_metrics(runs, expected, meta["configs"], _cost_lookup(meta["configs"], rows))
+    return _headline(runs, expected, meta["configs"], _cost_lookup(meta["configs"], rows))
 
 
 def readme_table(out: Path) -> list[str]:
@@ -205,12 +205,12 @@ def _readme_table(runs, expected, cost) -> list[str]:
         loss = f"{run.loss():.3f}" + (f" ({run.loss() / e2e.loss():.2f})" if e2e_ok else "")
         kl = f"{run.kl():.3f}" + (f" ({run.kl() / e2e.kl():.2f})" if e2e_ok and e2e.kl() else "")
         lines.append(f"| {r} | {loss} | {kl} | "
-                     f"{format_value(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} | "
-                     f"{format_value(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} |")
+                     f"{_fmt(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} | "
+                     f"{_fmt(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} |")
     return lines
 
 
-def headline_metrics(runs, expected, configs, cost) -> list[str]:
+def _headline(runs, expected, configs, cost) -> list[str]:
     e2e = runs.get("e2e")
     ref = cost(e2e) if e2e else None
     e2e_ok = bool(e2e and e2e.done)
@@ -226,8 +226,8 @@ def headline_metrics(runs, expected, configs, cost) -> list[str]:
         loss = f"{run.loss():.3f}" + (f" ({run.loss() / e2e.loss():.3f})" if e2e_ok else "")
         kl = f"{run.kl():.3f}" + (f" ({run.kl() / e2e.kl():.2f})" if e2e_ok and e2e.kl() else "")
         lines.append(f"| {r} | {what} | {loss} | {kl} | {_pt(*run.drop())} | "
-                     f"{format_value(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} | "
-                     f"{format_value(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} |")
+                     f"{_fmt(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} | "
+                     f"{_fmt(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} |")
     return lines
 
 
@@ -264,7 +264,7 @@ def write_report(out: Path, readme: Path | None = None) -> Path:
         lines += [f"**Partial report**: {len(missing)} of {len(expected) + 1} runs have no evaluation record yet "
                   f"({', '.join(missing)}). The study resumes where it stopped.", ""]
     lines += _setup(meta, records)
-    table = headline_metrics(runs, expected, configs, cost)
+    table = _headline(runs, expected, configs, cost)
     lines += ["## At a glance", "", *table, "",
               "x e2e: against e2e seed 0. Drop: positive means the run forgot (± the paired standard error). Cost "
               "from the study's bench (below); \"-\": not benched yet.", ""]
@@ -354,13 +354,13 @@ def _results_table(runs, expected, cost, e2e, base, configs) -> list[str]:
         drop, se = run.drop()
         c = cost(run) if r != "base" else None
         lines.append(
-            f"| {r} | {'untrained' if r == 'base' else plan.describe(configs.get(run.config))} | {format_value(run.loss())} | "
-            f"{format_value(run.loss() / e2e_loss if e2e_loss else None, '{:.3f}')} | {format_value(run.acc(), '{:.1%}')} | "
-            f"{format_value(run.retention(), '{:.1%}')} | {_pt(drop, se)} | "
-            f"{format_value(drop / e2e_drop if e2e_drop and drop is not None and e2e_drop > 0 and r != 'base' else None, '{:.2f}')} | "
-            f"{format_value(run.kl(), '{:.4f}')} | {format_value(run.cos_at_boundary())} | "
-            f"{format_value(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} | "
-            f"{format_value(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} |")
+            f"| {r} | {'untrained' if r == 'base' else plan.describe(configs.get(run.config))} | {_fmt(run.loss())} | "
+            f"{_fmt(run.loss() / e2e_loss if e2e_loss else None, '{:.3f}')} | {_fmt(run.acc(), '{:.1%}')} | "
+            f"{_fmt(run.retention(), '{:.1%}')} | {_pt(drop, se)} | "
+            f"{_fmt(drop / e2e_drop if e2e_drop and drop is not None and e2e_drop > 0 and r != 'base' else None, '{:.2f}')} | "
+            f"{_fmt(run.kl(), '{:.4f}')} | {_fmt(run.cos_at_boundary())} | "
+            f"{_fmt(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} | "
+            f"{_fmt(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} |")
     lines += ["", "Drop: positive means the run forgot (scores below the base's on the same items). "
               "\"x e2e's drop\" is left blank when e2e did not lose retention. Cosine at boundary: the mean "
               "per-token cosine to the base of the hidden state entering the first upper layer (the midpoint "
@@ -374,15 +374,15 @@ def _cost_table(rows: dict[str, Any], bench: dict[str, Any] | None) -> list[str]
         return []
     ref = rows.get("e2e")
     lines = ["### Cost: `lopt bench`", "",
-             f"Load average {format_value((bench or {}).get('load_average'), '{:.1f}')} when the bench started.", "",
+             f"Load average {_fmt((bench or {}).get('load_average'), '{:.1f}')} when the bench started.", "",
              "| configuration | step s | tokens/s | x e2e | whole-step peak MiB | x e2e | saved activations MiB |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {format_value(r.get('step_time_s'), '{:.2f}')} | {format_value(r.get('tokens_per_s'), '{:.0f}')} | "
-                     f"{format_value(r['tokens_per_s'] / ref['tokens_per_s'] if ref else None, '{:.2f}')} | "
-                     f"{format_value(r.get('peak_step_mb'), '{:.0f}')} | "
-                     f"{format_value(r['peak_step_mb'] / ref['peak_step_mb'] if ref and r.get('peak_step_mb') else None, '{:.2f}')} | "
-                     f"{format_value(r.get('saved_activation_mb'), '{:.0f}')} |")
+        lines.append(f"| {name} | {_fmt(r.get('step_time_s'), '{:.2f}')} | {_fmt(r.get('tokens_per_s'), '{:.0f}')} | "
+                     f"{_fmt(r['tokens_per_s'] / ref['tokens_per_s'] if ref else None, '{:.2f}')} | "
+                     f"{_fmt(r.get('peak_step_mb'), '{:.0f}')} | "
+                     f"{_fmt(r['peak_step_mb'] / ref['peak_step_mb'] if ref and r.get('peak_step_mb') else None, '{:.2f}')} | "
+                     f"{_fmt(r.get('saved_activation_mb'), '{:.0f}')} |")
     return lines + [""]
 
 
@@ -451,11 +451,11 @@ def _goal(runs, expected, cost, e2e, configs) -> list[str]:
         verdict = "yes" if not failed else "no (" + ", ".join(failed) + ")"
         if c is None:
             verdict = ("" if not failed else verdict + "; ") + "cost not benched yet"
-        lines.append(f"| {r} | {loss:.3f} | {format_value(drop, '{:.2f}')} | {format_value(kl, '{:.2f}')} | {format_value(speed, '{:.2f}')} | "
-                     f"{format_value(mem, '{:.2f}')} | {verdict} |")
+        lines.append(f"| {r} | {loss:.3f} | {_fmt(drop, '{:.2f}')} | {_fmt(kl, '{:.2f}')} | {_fmt(speed, '{:.2f}')} | "
+                     f"{_fmt(mem, '{:.2f}')} | {verdict} |")
     lines += ["", "freeze-lower is listed as the boundary-based method without a lower-block update. "
               + ("The retention test used the suite's drop (e2e lost retention)." if by_drop else
-                 f"e2e did not lose retention on the suite (its drop: {format_value(e2e_drop * 100 if e2e_drop is not None else None, '{:+.1f}')} "
+                 f"e2e did not lose retention on the suite (its drop: {_fmt(e2e_drop * 100 if e2e_drop is not None else None, '{:+.1f}')} "
                  "points), so \"drop x e2e's\" is blank and the retention test used retention KL <= "
                  f"{GOAL['drop']}x e2e's instead."), ""]
     return lines
@@ -499,7 +499,7 @@ def _times(runs, expected, records: Records, meta, bench) -> list[str]:
         s = runs[r].seconds()
         if runs[r].done or runs[r].train:
             load = (runs[r].train or {}).get("load_average")
-            lines.append(f"| {r} | {s['train'] / 60:.1f} | {s['eval'] / 60:.1f} | {s['curves'] / 60:.1f} | {format_value(load, '{:.1f}')} |")
+            lines.append(f"| {r} | {s['train'] / 60:.1f} | {s['eval'] / 60:.1f} | {s['curves'] / 60:.1f} | {_fmt(load, '{:.1f}')} |")
     return lines + [""]
 
 
