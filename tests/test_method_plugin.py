@@ -49,12 +49,18 @@ print("RESULT " + json.dumps(result))
 """
 
 
-def test_a_method_in_one_file_trains_and_plans(tmp_path):
-    site = tmp_path / "site"
-    dist = site / "lopt_toy_plugin-0.1.dist-info"
+def installed_plugin(site: Path, name: str, module: str) -> Path:
+    """A folder that, on PYTHONPATH, looks like an installed package registering ``module`` under the
+    entry-point group ``lopt.methods``."""
+    dist = site / f"lopt_{name}_plugin-0.1.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lopt-toy-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[lopt.methods]\ntoy = toy_method\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: lopt-{name}-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[lopt.methods]\n{name} = {module}\n")
+    return site
+
+
+def test_a_method_in_one_file_trains_and_plans(tmp_path):
+    site = installed_plugin(tmp_path / "site", "toy", "toy_method")
     tiny = save_tiny(tmp_path / "tiny")
     data = write_jsonl(tmp_path / "qa.jsonl", addition_rows())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
@@ -74,11 +80,7 @@ def test_a_method_in_one_file_trains_and_plans(tmp_path):
 
 
 def test_a_broken_plugin_is_named_and_skipped(tmp_path):
-    site = tmp_path / "site"
-    dist = site / "lopt_broken_plugin-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lopt-broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[lopt.methods]\nbroken = no_such_module_here\n")
+    site = installed_plugin(tmp_path / "site", "broken", "no_such_module_here")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-W", "always", "-c", "import lopt; print(lopt.METHODS)"],
                           capture_output=True, text=True, env=env, timeout=120)
