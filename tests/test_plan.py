@@ -31,15 +31,20 @@ def build(cfg: dict):
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(data.pop("model_type"), **data), dtype=torch.float32)
 
 
-def run_step(cfg: dict, method: str, precision: str = "fp32", gc: str = "off", sel: str = "off"):
-    """One real lopt training step (Stepper, as lopt train and lopt bench run it) of ``method``;
-    LISA and BAdam are emulated by freezing what they freeze (layer 0 active). Returns the wrapped
-    model, the stepper and the tracker's peak of saved activations."""
+def run_step(cfg: dict, method: str, precision: str = "fp32", gc: str = "off", sel: str = "off", steps: int = 1,
+             warmup: int = 0, batch: int = B, **options):
+    """Real lopt training steps (Stepper, as lopt train and lopt bench run it) of ``method``, ``warmup``
+    steps and then ``steps`` under the trackers; LISA and BAdam are emulated by freezing what they
+    freeze (layer 0 active). ``options``: lopt train's (task_grad_every, optimizer, ...; lopt-kN and the
+    other methods default to task_grad_every 0, ``method="lopt"`` is lopt train's default recipe).
+    Returns the wrapped model, the stepper and the tracker's peak of saved activations; the stepper's
+    ``live_peak`` is the most tensor bytes allocated at once above the measured steps' start."""
     model = build(cfg)
     base, k = ("lopt", int(method[6:])) if method.startswith("lopt-k") else ({"lisa": "e2e", "badam": "e2e"}.get(method, method), 2)
-    # lopt-kN: the paper's mechanism (task_grad_every 0), which lopt plan models
-    tc = TrainConfig(method=base, num_blocks=k, batch_size=B, max_length=T, precision=precision, progress=False, task_grad_every=0,
-                     max_steps=3, warmup_ratio=0.0, gradient_checkpointing=gc, selective_checkpointing=sel)
+    # lopt-kN: the paper's mechanism (task_grad_every 0); --method lopt: lopt train's recipe defaults
+    options = {"task_grad_every": 0, **options} if method != "lopt" else options
+    tc = TrainConfig(method=base, num_blocks=k, batch_size=batch, max_length=T, precision=precision, progress=False,
+                     max_steps=8, warmup_ratio=0.0, gradient_checkpointing=gc, selective_checkpointing=sel, **options)
     wrapped = wrap(model, config=tc.lopt_config())
     if method in ("lisa", "badam"):
         for i, layer in enumerate(model.model.layers):
@@ -49,12 +54,36 @@ def run_step(cfg: dict, method: str, precision: str = "fp32", gc: str = "off", s
                 m.requires_grad_(False)
     wrapped.gradient_checkpointing_enable(gc, sel)
     wrapped.train()
-    stepper = Stepper(wrapped, tc, torch.device("cpu"), 3)
-    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    stepper = Stepper(wrapped, tc, torch.device("cpu"), 8)
+    ids = torch.randint(0, VOCAB, (batch, T), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    for _ in range(warmup):
+        stepper.step([data])
+
+    def measured():
+        for _ in range(steps):
+            stepper.step([data])
+
     with SavedTensorTracker(wrapped.parameters()) as tracker:
-        stepper.step([batch])
+        stepper.live_peak = live_peak_bytes(measured) if warmup else measured()
     return wrapped, stepper, tracker.peak_bytes
+
+
+def live_peak_bytes(fn) -> int:
+    """The most bytes the CPU allocator held at once while ``fn`` ran, above what it held at the start
+    (torch.profiler's allocation events: live tensors and kernel workspaces, what CUDA's
+    max_memory_allocated reports, without glibc's cache or the process's RSS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 METHODS = ["e2e", "lopt-k2", "lopt-k4", "freeze-lower", "lora", "lisa", "badam"]
@@ -202,15 +231,91 @@ def test_cli_table_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("| method | checkpointing |") and "| lopt-k4 | full last-block |" in out
     assert "GiB" not in out.split("\n\n")[0] and " MiB |" in out  # tables in MiB
-    assert run_plan_cli(parser.parse_args(["--model", str(tmp_path), "--method", "lopt", "--num-blocks", "3",
-                                           "--gradient-checkpointing", "last-block", "--json", "-"])) == 0
+    assert run_plan_cli(parser.parse_args(["--model", str(tmp_path), "--method", "lopt", "--task-grad-every", "0",
+                                           "--num-blocks", "3", "--gradient-checkpointing", "last-block",
+                                           "--json", "-"])) == 0
     data = json.loads(capsys.readouterr().out)  # `--json -`: standard output holds the JSON only
     assert data["units"]["memory"] == "bytes"
     assert [(r["method"], r["checkpointing"]) for r in data["rows"]] == [("lopt-k3", "full last-block")]
     assert data["rows"][0]["step_peak"] == data["rows"][0]["peak"] - data["rows"][0]["weights"]
     # --json PATH writes the same JSON to a file and still prints the table
     out_file = tmp_path / "sub" / "plan.json"
-    assert run_plan_cli(parser.parse_args(["--model", str(tmp_path), "--method", "lopt", "--num-blocks", "3",
-                                           "--gradient-checkpointing", "last-block", "--json", str(out_file)])) == 0
+    assert run_plan_cli(parser.parse_args(["--model", str(tmp_path), "--method", "lopt", "--task-grad-every", "0",
+                                           "--num-blocks", "3", "--gradient-checkpointing", "last-block",
+                                           "--json", str(out_file)])) == 0
     assert capsys.readouterr().out.startswith("| method |")
     assert json.loads(out_file.read_text()) == data
+
+
+# --------------------------------------------------------------------------- lopt train's configurations
+
+# (plan method, run_step method, lopt train options, plan options)
+RECIPES = {
+    "lopt": ("lopt", "lopt", {}, {}),  # lopt train's default: --task-grad-every 4, a tied head kept tied
+    "lopt --no-tied-head": ("lopt", "lopt", {"tied_head": False}, {"tied_head": False}),
+    "lopt --task-grad-every 2": ("lopt", "lopt", {"task_grad_every": 2}, {"task_grad_every": 2}),
+    "lopt-k2 --lower-every 2": ("lopt-k2", "lopt-k2", {"lower_every": 2}, {"lower_every": 2}),
+    "e2e --optimizer-in-backward": ("e2e", "e2e", {"optimizer_in_backward": True}, {"optimizer_in_backward": True}),
+    "lopt --optimizer-in-backward": ("lopt", "lopt", {"optimizer_in_backward": True}, {"optimizer_in_backward": True}),
+    "lopt-k2 --optimizer-in-backward": ("lopt-k2", "lopt-k2", {"optimizer_in_backward": True},
+                                        {"optimizer_in_backward": True}),
+    "freeze-lower --tied-head": ("freeze-lower", "freeze-lower", {"tied_head": True}, {"tied_head": True}),
+}
+
+
+def recipe_row(name: str, cfg: dict, precision: str = "fp32", batch: int = B, **extra):
+    method, _, _, opts = RECIPES[name] if name in RECIPES else (name.split()[0], None, None, {})
+    rows = plan(cfg, batch_size=batch, max_length=T, precision=precision, methods=[method],
+                gradient_checkpointing="off", optimizer=opts.get("optimizer", extra.pop("optimizer", "adamw")),
+                optimizer_in_backward=opts.get("optimizer_in_backward", False),
+                **{k: v for k, v in opts.items() if k not in ("optimizer", "optimizer_in_backward")}, **extra)
+    assert len(rows) == 1 and rows[0].method == name, [r.method for r in rows]
+    return rows[0]
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_lopt_train_configurations_exact_counts_and_activations(name):
+    """lopt train's default recipe and its options: parameters, trainable parameters and optimizer state
+    exactly, saved activations against the tracker over a whole --task-grad-every cycle."""
+    cfg = tiny_config(tie=True)
+    row = recipe_row(name, cfg)
+    _, run_method, options, _ = RECIPES[name]
+    tg = options.get("task_grad_every", 4 if run_method == "lopt" else 0)
+    wrapped, stepper, measured = run_step(cfg, run_method, steps=max(tg, options.get("lower_every", 1)), **options)
+    params = {id(p): p for p in wrapped.parameters()}.values()
+    assert row.weights == sum(p.numel() * p.element_size() for p in params)
+    assert row.trainable_params == sum(p.numel() for p in params if p.requires_grad)
+    opts = [stepper.optimizer] + (list(stepper.in_backward.optimizers.values()) if stepper.in_backward else [])
+    state = {id(t): t for o in opts for s in o.state.values() for t in s.values() if torch.is_tensor(t)}.values()
+    assert row.optimizer == sum(t.numel() * t.element_size() for t in state)
+    assert row.saved_visible == pytest.approx(measured, rel=0.02)
+    assert row.command.startswith(f"lopt train --method {run_method.split('-k')[0]}")
+
+
+def test_row_names_are_lopt_train_flags():
+    tied = {r.method: r for r in plan(tiny_config(tie=True), batch_size=1, max_length=8, gradient_checkpointing="off")}
+    untied = {r.method for r in plan(tiny_config(), batch_size=1, max_length=8, gradient_checkpointing="off")}
+    for name in ("lopt", "lopt --no-tied-head", "lopt-k2", "lopt-k4", "lopt-k2 --lower-every 2", "e2e",
+                 "freeze-lower", "lora", "lisa", "badam", "e2e --optimizer adamw-8bit", "lopt --optimizer-in-backward"):
+        assert name in tied
+    assert "lopt --no-tied-head" not in untied and "lopt" in untied
+    assert tied["lopt"].command == "lopt train --method lopt --task-grad-every 4 --num-blocks 2"
+    assert tied["lopt-k2"].command == "lopt train --method lopt --task-grad-every 0 --num-blocks 2"
+    assert tied["e2e --optimizer adamw-8bit"].command == "lopt train --method e2e --optimizer adamw-8bit"
+    # the default recipe keeps the tied head: no head copy, its gradient and state
+    assert tied["lopt"].weights < tied["lopt --no-tied-head"].weights
+    with pytest.raises(PlanError, match="nothing to keep tied"):
+        plan(tiny_config(), batch_size=1, max_length=8, methods=["lopt"], tied_head=True)
+    with pytest.raises(PlanError, match="--lower-every 2 has no effect"):
+        plan(tiny_config(), batch_size=1, max_length=8, methods=["lopt"], task_grad_every=4, lower_every=2)
+
+
+@pytest.mark.parametrize("name", ["lopt", "lopt-k2", "e2e", "freeze-lower"])
+def test_adamw_8bit_state_is_bitsandbytes(name):
+    """--optimizer adamw-8bit: the state bitsandbytes' AdamW8bit keeps (runs on CPU since 0.49)."""
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_config(tie=True) | {"hidden_size": 64, "intermediate_size": 96}  # tensors over its 4096 elements
+    row = recipe_row(f"{name} --optimizer adamw-8bit", cfg, optimizer="adamw-8bit")
+    _, stepper, _ = run_step(cfg, name, steps=4 if name == "lopt" else 1, optimizer="adamw-8bit")
+    state = {id(t): t for s in stepper.optimizer.state.values() for t in s.values() if torch.is_tensor(t)}.values()
+    assert row.optimizer == sum(t.numel() * t.element_size() for t in state)

@@ -14,31 +14,39 @@ live bytes along the way.
 Assumptions, stated once: every position is a real, labelled token (no padding, so attention runs
 without a mask and the loss covers B x (T-1) tokens); lopt's defaults otherwise (chunked loss in
 chunks of 1024 tokens, SDPA attention, LoRA r=16 on all linear layers, LoPT's reconstruction heads
-and per-block optimizer step). ``lopt-kN`` is the paper's pure local learning (``--task-grad-every 0``);
-lopt train's default (``--task-grad-every 4``) runs three such steps, minus the local loss, for every
-step whose boundary is open, which holds the lower blocks' layer inputs for a recomputing backward.
+and per-block optimizer step). Rows are named as lopt train spells them: ``lopt`` is its default
+recipe (``--task-grad-every 4``, a tied head kept tied, no local loss): a cycle of one open step (the
+lower layers keep only their inputs and are recomputed in the backward, the task gradient reaches every
+layer, all gradients wait for the step) and N-1 closed steps (the lower half without a graph), the
+row's peak the cycle's; ``lopt-kN`` is the paper's pure local learning (``--task-grad-every 0``).
+``--optimizer adamw-8bit`` is bitsandbytes' blockwise AdamW8bit, ``--optimizer-in-backward`` frees the
+last block's gradients one tensor at a time inside the backward.
 fp32 weights, gradients and AdamW state in both precisions; ``bf16`` is lopt's autocast. CUDA's context (about 0.5 GiB) and allocator slack are not in the peak: the fit
 column keeps ``headroom`` free for them.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 from lopt.engine.anatomy import find_layers
-from lopt.engine.config import LoPTError
+from lopt.engine.config import RECIPE_TASK_GRAD_EVERY, LoPTError
+from lopt.config import OPTIMIZERS
 from lopt.jsonout import json_help, write_json
 from lopt.methods import LoPTConfig, Trains, get_method, method_names
 from lopt.plan.activations import (SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
                                phase_memory)
 
-DEFAULT_METHODS = ("e2e", "lopt-k2", "lopt-k4", "freeze-lower", "lora", "lisa", "badam")
+# lopt train --method lopt (its default recipe), the paper's lopt-kN, every other method
+DEFAULT_METHODS = ("lopt", "lopt-k2", "lopt-k4", "e2e", "freeze-lower", "lora", "lisa", "badam")
 PRECISIONS = ("fp32", "bf16")
 SCOPES = ("off", "all", "last-block", "lower-blocks")
 CE_CHUNK = 1024  # LoPTConfig.ce_chunk_size
@@ -136,6 +144,13 @@ class ParamCounts:
     vocab: int
     hidden: int
     head_bias: bool
+    # Element counts of every parameter tensor, by part (for the per-tensor optimizer state of 8-bit
+    # AdamW and the one gradient at a time of --optimizer-in-backward).
+    layer_sizes: list[tuple[int, ...]] = field(default_factory=list)
+    embedding_sizes: tuple[int, ...] = ()
+    head_sizes: tuple[int, ...] = ()
+    other_sizes: tuple[int, ...] = ()
+    lora_sizes: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -166,32 +181,104 @@ def count_parameters(config: Any, lora_r: int = LORA_R) -> ParamCounts:
     tied = head is not None and head.weight is emb.weight
     seen = {id(p) for layer in layers for p in layer.parameters()}
 
-    def part(module: nn.Module | None) -> tuple[int, int]:
+    def part(module: nn.Module | None) -> tuple[int, ...]:
         ps = [p for p in (module.parameters() if module is not None else []) if id(p) not in seen]
         seen.update(id(p) for p in ps)
-        return sum(p.numel() for p in ps), len(ps)
+        return tuple(p.numel() for p in ps)
 
-    emb_n, emb_t = part(emb)
-    head_n = head.weight.numel() + (head.bias.numel() if getattr(head, "bias", None) is not None else 0)
-    head_t = 1 + (getattr(head, "bias", None) is not None)
+    emb_s = part(emb)
+    head_s = (head.weight.numel(),) + ((head.bias.numel(),) if getattr(head, "bias", None) is not None else ())
     if not tied:
         part(head)
-    rest = [p for p in model.parameters() if id(p) not in seen]
-    lora, lora_t = [], []
-    for layer in layers:
-        lin = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-        lora.append(sum(lora_r * (m.in_features + m.out_features) for m in lin))
-        lora_t.append(2 * len(lin))
+    rest = tuple(p.numel() for p in model.parameters() if id(p) not in seen)
+    layer_s = [tuple(p.numel() for p in layer.parameters()) for layer in layers]
+    lora_s = [tuple(n for m in layer.modules() if isinstance(m, nn.Linear)
+                    for n in (lora_r * m.in_features, lora_r * m.out_features)) for layer in layers]
     return ParamCounts(
-        layers=[sum(p.numel() for p in layer.parameters()) for layer in layers],
-        layer_tensors=[len(list(layer.parameters())) for layer in layers],
-        embedding=emb_n, embedding_tensors=emb_t, head=head_n, head_tensors=head_t, tied=tied,
-        other=sum(p.numel() for p in rest), other_tensors=len(rest), lora=lora, lora_tensors=lora_t,
-        vocab=emb.weight.shape[0], hidden=emb.weight.shape[1],
-        head_bias=getattr(head, "bias", None) is not None)
+        layers=[sum(x) for x in layer_s], layer_tensors=[len(x) for x in layer_s],
+        embedding=sum(emb_s), embedding_tensors=len(emb_s), head=sum(head_s), head_tensors=len(head_s), tied=tied,
+        other=sum(rest), other_tensors=len(rest), lora=[sum(x) for x in lora_s], lora_tensors=[len(x) for x in lora_s],
+        vocab=emb.weight.shape[0], hidden=emb.weight.shape[1], head_bias=getattr(head, "bias", None) is not None,
+        layer_sizes=layer_s, embedding_sizes=emb_s, head_sizes=head_s, other_sizes=rest, lora_sizes=lora_s)
 
 
 # --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One training configuration as ``lopt train`` runs it: the method and the options that change a
+    step's memory. ``task_grad_every`` N > 0 (method lopt only): lopt train's default recipe, the boundary
+    open every N-th step, no local loss (``--lambda-aux 0``, its default there). ``tied_head``: keep a
+    tied LM head tied across the boundary (None: when the model ties it, as lopt train's default under
+    ``--task-grad-every``). ``lower_every``: the lower blocks update every N-th step (the paper's
+    mechanism). ``optimizer``: adamw (fused) or adamw-8bit (bitsandbytes). ``optimizer_in_backward``: the
+    last block's parameters stepped one by one inside the backward."""
+
+    method: str
+    num_blocks: int = 2
+    task_grad_every: int = 0
+    tied_head: bool | None = False
+    lower_every: int = 1
+    optimizer: str = "adamw"
+    optimizer_in_backward: bool = False
+
+    def keeps_tied(self, model_tied: bool) -> bool:
+        """Whether the LM head stays tied to the embedding (a boundary unties it unless told not to)."""
+        if not get_method(self.method).boundary:
+            return model_tied
+        return model_tied and self.tied_head is not False
+
+    def name(self, model_tied: bool) -> str:
+        """The row's name, as lopt train's flags spell it after ``--method`` (lopt-kN: the paper's
+        ``--method lopt --task-grad-every 0 --num-blocks N``)."""
+        if self.method == "lopt" and self.task_grad_every:
+            out = "lopt" + (f" --task-grad-every {self.task_grad_every}" if self.task_grad_every != RECIPE_TASK_GRAD_EVERY
+                            else "") + (f" --num-blocks {self.num_blocks}" if self.num_blocks != 2 else "")
+            default_tied = model_tied
+        else:
+            out = f"lopt-k{self.num_blocks}" if self.method == "lopt" else self.method
+            default_tied = False
+        if get_method(self.method).boundary and self.keeps_tied(model_tied) != default_tied:
+            out += " --tied-head" if self.keeps_tied(model_tied) else " --no-tied-head"
+        return out + self._extra()
+
+    def _extra(self) -> str:
+        return ((f" --lower-every {self.lower_every}" if self.lower_every != 1 else "")
+                + (f" --optimizer {self.optimizer}" if self.optimizer != "adamw" else "")
+                + (" --optimizer-in-backward" if self.optimizer_in_backward else ""))
+
+    def command(self, model_tied: bool, full: str = "off", sel: str = "off") -> str:
+        """The ``lopt train`` flags of this configuration, in full."""
+        out = f"lopt train --method {self.method}"
+        boundary = get_method(self.method).boundary
+        if self.method == "lopt":
+            out += f" --task-grad-every {self.task_grad_every}"
+        if boundary:
+            out += f" --num-blocks {self.num_blocks}"
+            default_tied = model_tied and self.method == "lopt" and bool(self.task_grad_every)
+            if self.keeps_tied(model_tied) != default_tied:
+                out += " --tied-head" if self.keeps_tied(model_tied) else " --no-tied-head"
+        out += self._extra()
+        out += f" --gradient-checkpointing {full}" if full != "off" else ""
+        out += f" --selective-checkpointing {sel}" if sel != "off" else ""
+        return out
+
+    def check(self, model_tied: bool) -> None:
+        """PlanError (one line) where lopt train would refuse this configuration."""
+        if self.tied_head and not model_tied:
+            raise PlanError("--tied-head: this model's LM head is not tied to its input embedding "
+                            "(tie_word_embeddings is off), so there is nothing to keep tied; drop --tied-head")
+        if self.optimizer not in OPTIMIZERS:
+            raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        try:
+            config = LoPTConfig(method=self.method, num_blocks=self.num_blocks, task_grad_every=self.task_grad_every,
+                                tied_head=bool(self.tied_head) and get_method(self.method).boundary,
+                                lower_every=self.lower_every)
+            config.validate()
+            get_method(self.method).check(config)
+        except (LoPTError, TypeError) as e:
+            raise PlanError(str(e).splitlines()[0]) from e
 
 
 @dataclass
@@ -205,6 +292,14 @@ class Phase:
     base_grads: int = 0
     tied_extra: int = 0  # a tied embedding's dense gradient, made at the end and added into the head's
     steps_after: bool = True  # the optimizer steps and frees these gradients right after the phase
+    # --optimizer-in-backward: which layers' gradients are stepped and freed one tensor at a time
+    # inside the backward (with the largest of a layer's gradients), and whether the top's and the
+    # embedding's are.
+    in_backward: tuple[bool, ...] = ()
+    layer_max_grads: tuple[int, ...] = ()
+    top_in_backward: bool = False
+    base_in_backward: bool = False
+    label: str = ""  # which step of a cycle (open, closed, idle) or block this phase is
 
 
 @dataclass
@@ -216,6 +311,8 @@ class MethodSetup:
     trainable: int
     trainable_tensors: int
     phases: list[Phase]
+    trainable_sizes: list[int] = field(default_factory=list)  # elements of every trained tensor
+    last_block_sizes: list[int] = field(default_factory=list)  # those the last block's loss trains
 
 
 def parse_method(name: str, num_blocks: int) -> tuple[str, int]:
@@ -239,59 +336,107 @@ def method_trains(method: str, num_layers: int, num_blocks: int = 2, **options: 
 
 
 def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, checkpoint: dict[int, str]
-                 | None = None, trains: Trains | None = None) -> MethodSetup:
+                 | None = None, trains: Trains | None = None, spec: RowSpec | None = None) -> MethodSetup:
     """The setup of ``method`` on a model, from what the method trains (``trains``, by default
     ``method_trains``); ``checkpoint``: layer index -> "full" / "selective" for the checkpointed
-    layers."""
+    layers; ``spec``: the training options (default: the method's mechanism alone, adamw)."""
     ck = checkpoint or {}
     n = len(counts.layers)
+    spec = spec or RowSpec(method, num_blocks)
     t = trains or method_trains(method, n, num_blocks)
+    oib = spec.optimizer_in_backward
     g = [4 * x for x in counts.layers]
     head_g, norm_g, emb_g = 4 * counts.head, 4 * counts.other, 4 * counts.embedding
     trained = set(t.layers)
+    layer_sizes = counts.layer_sizes or [(x,) for x in counts.layers]  # a hand-made ParamCounts has no sizes
+    lora_sizes = counts.lora_sizes or [(x,) for x in counts.lora]
 
-    def modes(idx: range) -> tuple[LayerMode, ...]:
-        return tuple(LayerMode(trained=i in trained, lora_r=t.lora_r, checkpoint=ck.get(i, "off")) for i in idx)
+    def sizes(i: int) -> tuple[int, ...]:
+        return lora_sizes[i] if t.lora_r else (layer_sizes[i] if i in trained else ())
+
+    def modes(idx: range, forced: dict[int, str] | None = None) -> tuple[LayerMode, ...]:
+        c = {**ck, **(forced or {})}
+        return tuple(LayerMode(trained=i in trained, lora_r=t.lora_r, checkpoint=c.get(i, "off")) for i in idx)
 
     def layer_grads(idx: range) -> list[int]:
         return [4 * counts.lora[i] if t.lora_r else (g[i] if i in trained else 0) for i in idx]
 
-    # Trained parameters and their tensors outside the layers: embedding, final norm, LM head (a tied
-    # head is the embedding, unless a boundary unties it).
-    untied = t.blocks is not None or not counts.tied
-    outside = (counts.embedding * t.embedding + counts.other * t.final_norm
-               + (counts.head if t.head and untied else 0))
-    outside_t = (counts.embedding_tensors * t.embedding + counts.other_tensors * t.final_norm
-                 + (counts.head_tensors if t.head and untied else 0))
-    layers_n = sum(counts.lora) if t.lora_r else sum(counts.layers[i] for i in trained)
-    layers_t = sum(counts.lora_tensors) if t.lora_r else sum(counts.layer_tensors[i] for i in trained)
+    def grad_flags(idx: range, last_start: int) -> dict[str, Any]:
+        return {"in_backward": tuple(oib and i >= last_start for i in idx),
+                "layer_max_grads": tuple(4 * max(sizes(i), default=0) for i in idx)}
+
+    # Trained parameters outside the layers: embedding, final norm, LM head. A tied head is the
+    # embedding (trained as the head under a boundary that keeps it tied), unless a boundary unties it.
+    boundary = t.blocks is not None
+    keep_tied = spec.keeps_tied(counts.tied)
+    emb_s = tuple(counts.embedding_sizes) or (counts.embedding,)
+    head_s = tuple(counts.head_sizes) or (counts.head,)
+    norm_s = tuple(counts.other_sizes) or ((counts.other,) if counts.other else ())
+    if keep_tied:
+        shared = t.head if boundary else t.embedding
+        outside_s = list(emb_s) * shared
+        emb_trained = False if boundary else t.embedding  # a boundary's shared matrix trains as the head
+    else:
+        outside_s = list(emb_s) * t.embedding + list(head_s) * t.head
+        emb_trained = t.embedding
+    outside_s += list(norm_s) * t.final_norm
+    layers_s = [x for i in range(n) for x in sizes(i)]
     resident = counts.total + (sum(counts.lora) if t.lora_r else 0)
     top = head_g * t.head + norm_g * t.final_norm
 
-    def ce(idx: range, emb: bool) -> PhaseSpec:
-        return PhaseSpec(modes(idx), embedding_trained=emb, final_norm_trained=t.final_norm, head_trained=t.head,
-                         head_bias=counts.head_bias)
+    def ce(idx: range, emb: bool, forced: dict[int, str] | None = None) -> PhaseSpec:
+        return PhaseSpec(modes(idx, forced), embedding_trained=emb, final_norm_trained=t.final_norm,
+                         head_trained=t.head, head_bias=counts.head_bias)
 
-    if t.blocks is None:
+    def setup(phases: list[Phase], extra_s: list[int], last_s: list[int]) -> MethodSetup:
+        all_s = layers_s + outside_s + extra_s
+        name = spec.name(counts.tied) if spec != RowSpec(method, num_blocks) else (t.label or method)
+        return MethodSetup(name, resident, sum(all_s), len(all_s), phases, all_s, last_s)
+
+    if not boundary:
         emb_grads = emb_g if t.embedding else 0
+        tied = counts.tied
         phase = Phase(ce(range(n), t.embedding), layer_grads(range(n)), top_grads=top,
-                      base_grads=0 if counts.tied else emb_grads, tied_extra=emb_grads if counts.tied else 0)
-        return MethodSetup(t.label or method, resident, layers_n + outside, layers_t + outside_t, [phase])
-    # A boundary: the head is untied (its own copy), the last block learns the task; each lower block
-    # learns from a reconstruction head of its own, one after the other, or is frozen.
-    resident += counts.head if counts.tied else 0
-    (last_s, _), lower = t.blocks[-1], t.blocks[:-1]
-    upper = Phase(ce(range(last_s, n), False), layer_grads(range(last_s, n)), top_grads=top)
-    phases = []
+                      base_grads=0 if tied else emb_grads, tied_extra=emb_grads if tied else 0,
+                      top_in_backward=oib and not tied, base_in_backward=oib, **grad_flags(range(n), 0))
+        return setup([phase], [], layers_s + outside_s)
+    # A boundary: the last block learns the task; each lower block learns from a reconstruction head of
+    # its own, one after the other, or is frozen; under task_grad_every the boundary opens every N-th step.
+    resident += counts.head if counts.tied and not keep_tied else 0
+    (last_start, _), lower = t.blocks[-1], t.blocks[:-1]
+    upper_idx = range(last_start, n)
+    last_s = [x for i in upper_idx for x in sizes(i)] + outside_s[len(emb_s) if emb_trained else 0:]
+    upper = Phase(ce(upper_idx, False), layer_grads(upper_idx), top_grads=top, top_in_backward=oib,
+                  label="upper", **grad_flags(upper_idx, last_start))
+    if spec.task_grad_every:
+        if not t.local_heads:
+            raise PlanError(f"--task-grad-every needs --method lopt, not {method}")
+        # The open step: the lower layers keep only their inputs (full checkpointing on this step only)
+        # and the task gradient runs through every layer; all gradients wait for the step. The closed
+        # steps run the lower half without a graph (no local loss under --lambda-aux 0).
+        forced = {i: "full" for i in range(last_start)}
+        opened = Phase(ce(range(n), True, forced), layer_grads(range(n)), top_grads=top,
+                       base_grads=0 if keep_tied else emb_g, tied_extra=emb_g if keep_tied else 0,
+                       top_in_backward=oib and not keep_tied, label="open step", **grad_flags(range(n), last_start))
+        closed = dataclasses.replace(upper, label="closed step")
+        return setup([opened, closed], [], last_s)
+    phases: list[Phase] = []
+    extra_s: list[int] = []
     if t.local_heads:
-        rh, rh_t = counts.recon_head()
+        rh, _ = counts.recon_head()
+        h, b = counts.hidden, max(1, counts.hidden // 4)
+        rh_s = [h, h, h * b, b, b * h, h]  # LayerNorm, two Linears (lopt.engine.heads.ReconstructionHead)
         resident += len(lower) * rh
-        outside += len(lower) * rh
-        outside_t += len(lower) * rh_t
-        phases = [Phase(PhaseSpec(modes(range(s, e)), embedding_trained=(i == 0 and t.embedding), top="recon"),
-                        layer_grads(range(s, e)), top_grads=4 * rh,
-                        base_grads=emb_g if i == 0 and t.embedding else 0) for i, (s, e) in enumerate(lower)]
-    return MethodSetup(t.label or method, resident, layers_n + outside, layers_t + outside_t, phases + [upper])
+        extra_s = rh_s * len(lower)
+        for i, (s, e) in enumerate(lower):
+            emb = i == 0 and emb_trained
+            phases.append(Phase(PhaseSpec(modes(range(s, e)), embedding_trained=emb, top="recon"),
+                                layer_grads(range(s, e)), top_grads=4 * rh, base_grads=emb_g if emb else 0,
+                                label=f"block {i}", **grad_flags(range(s, e), n)))
+    phases.append(upper)
+    if t.local_heads and spec.lower_every > 1:  # the steps in between run the lower blocks without a graph
+        phases.append(dataclasses.replace(upper, label="idle step"))
+    return setup(phases, extra_s, last_s)
 
 
 def checkpointed_layers(full: str, selective: str, n_layers: int, block_ranges: list[tuple[int, int]]
@@ -328,6 +473,7 @@ class PlanRow:
     fits: bool | None = None
     free_at_peak: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    command: str = ""  # the lopt train flags of this configuration
 
     @property
     def step_peak(self) -> int:
@@ -355,14 +501,18 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
         fwd = grads + mem.held + (ce_tmp if ph.spec.top == "ce" else 0)
         live = max(live, fwd)
         held = mem.held - mem.top  # the loss's saved head gradient becomes the head's .grad
-        grads += ph.top_grads
-        for layer, g in zip(reversed(mem.layers), reversed(ph.layer_grads)):
+        # --optimizer-in-backward: a gradient stepped inside the backward is freed at once; within a
+        # layer's backward at most its largest gradient is alive beyond what autograd computes.
+        grads += 0 if ph.top_in_backward else ph.top_grads
+        oib = ph.in_backward or (False,) * len(ph.layer_grads)
+        gmax = ph.layer_max_grads or tuple(ph.layer_grads)
+        for layer, g, own, big in zip(reversed(mem.layers), reversed(ph.layer_grads), reversed(oib), reversed(gmax)):
             rebuilt = layer.rebuilt + bwd_tmp if (g or layer.held) else 0
-            live = max(live, held + grads + g + rebuilt)
+            live = max(live, held + grads + (min(g, big) if own else g) + rebuilt)
             held -= layer.held
-            grads += g
-        grads += ph.base_grads
-        live = max(live, held + grads + ph.tied_extra)
+            grads += 0 if own else g
+        live = max(live, held + grads + ph.base_grads + ph.tied_extra)
+        grads += 0 if ph.base_in_backward else ph.base_grads
         max_grads = max(max_grads, grads)
         details.append({"layers": len(ph.spec.layers), "top": ph.spec.top, "activations": mem.held,
                         "saved_visible": mem.visible, "grads": grads})
@@ -374,19 +524,26 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
 def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int, precision: str = "bf16",
          methods: Sequence[str] | None = None, num_blocks: int = 2, gradient_checkpointing: str | None = None,
          selective_checkpointing: str | None = None, gpu_memory: str | int | None = None,
-         headroom: int = DEFAULT_HEADROOM) -> list[PlanRow]:
-    """Predict the memory of one training step for each method x checkpointing scope.
+         headroom: int = DEFAULT_HEADROOM, task_grad_every: int | None = None, tied_head: bool | None = None,
+         lower_every: int | None = None, optimizer: str | None = None, optimizer_in_backward: bool | None = None
+         ) -> list[PlanRow]:
+    """Predict the memory of one training step for each training configuration x checkpointing scope.
 
     ``config_or_model_source``: an alias (``qwen2.5-7b``; see ``aliases()``), a checkpoint directory,
     a ``config.json``, a dict or a transformers config; None is lopt's default SmolLM2-135M.
-    ``methods``: names from ``DEFAULT_METHODS`` (``lopt`` means ``lopt-k{num_blocks}``).
+    ``methods``: method names as lopt train spells them (``lopt`` is its default recipe,
+    ``--task-grad-every 4`` with a tied head kept tied; ``lopt-kN`` the paper's ``--task-grad-every 0``
+    with N blocks); by default ``DEFAULT_METHODS`` plus one row for each option that changes the memory
+    (``--optimizer adamw-8bit`` and ``--optimizer-in-backward`` for every method, ``--no-tied-head`` and
+    ``--lower-every 2`` for lopt). ``task_grad_every``, ``tied_head``, ``lower_every``, ``optimizer``,
+    ``optimizer_in_backward``: lopt train's options, applied to every row they apply to (given: no
+    variant rows for it).
     ``gradient_checkpointing`` / ``selective_checkpointing``: a scope (off, all, last-block,
     lower-blocks) to plan only that; by default each method is shown without checkpointing and with
     full and selective checkpointing of all layers (LoPT: of its last block too).
     ``gpu_memory``: bytes or a string like ``80GB`` / ``24GiB`` (both 2**30); rows then say whether
     the peak plus ``headroom`` fits."""
-    if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(max_length, int) or max_length < 2:
-        raise PlanError(f"batch size must be >= 1 and max length >= 2, got {batch_size} and {max_length}")
+    _check_batch(batch_size, max_length)
     if precision not in PRECISIONS:
         raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     for name, scope in (("gradient checkpointing", gradient_checkpointing),
@@ -394,26 +551,93 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
         if scope is not None and scope not in SCOPES:
             raise PlanError(f"{name} scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     capacity = parse_size(gpu_memory) if gpu_memory is not None else None
+    counts, shape = model_shape(config_or_model_source, max_length)
+    amp = precision == "bf16"
+    specs = row_specs(methods, counts.tied, num_blocks=num_blocks, task_grad_every=task_grad_every,
+                      tied_head=tied_head, lower_every=lower_every, optimizer=optimizer,
+                      optimizer_in_backward=optimizer_in_backward)
+    rows = []
+    for spec, variant in specs:
+        scopes = _scopes(spec.method, gradient_checkpointing, selective_checkpointing)
+        for full, sel in scopes[:1] if variant else scopes:
+            rows.append(_row(spec, full, sel, counts, shape, batch_size, max_length, amp, capacity, headroom))
+    return rows
+
+
+def _check_batch(batch_size: Any, max_length: Any) -> None:
+    if (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+            or not isinstance(max_length, int) or max_length < 2):
+        raise PlanError(f"batch size must be >= 1 and max length >= 2, got {batch_size} and {max_length}")
+
+
+def model_shape(config_or_model_source: Any, max_length: int | None = None) -> tuple[ParamCounts, LayerShape]:
+    """The parameter counts and the decoder layer's shape of a model (see ``plan``), after checking
+    that lopt plan models its architecture (PlanError otherwise). Cached per config."""
     config = load_config(config_or_model_source)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    check_architecture(text, max_length)
+    key = text.to_json_string(use_diff=False)
+    if key not in _COUNTS:
+        _COUNTS[key] = count_parameters(text)
+    return _COUNTS[key], LayerShape.from_config(text)
+
+
+_COUNTS: dict[str, ParamCounts] = {}
+
+
+def check_architecture(text: Any, max_length: int | None = None) -> None:
+    """PlanError (one line) for a config whose decoder layer lopt plan does not model."""
     if text.model_type not in SUPPORTED_MODEL_TYPES:
         raise PlanError(f"lopt plan models the activations of {', '.join(SUPPORTED_MODEL_TYPES)} decoder "
                         f"layers; this config is {text.model_type!r}")
     if getattr(text, "hidden_act", "silu") not in ("silu", "swish"):
         raise PlanError(f"lopt plan models SiLU-gated MLPs; this config's hidden_act is {text.hidden_act!r}")
+    if not getattr(text, "num_hidden_layers", None):
+        raise PlanError(f"this {text.model_type!r} config has no decoder layers (num_hidden_layers is "
+                        f"{getattr(text, 'num_hidden_layers', None)!r}): nothing to plan")
     window = getattr(text, "sliding_window", None) if getattr(text, "use_sliding_window", True) else None
-    if isinstance(window, int) and max_length > window:
+    if isinstance(window, int) and max_length is not None and max_length > window:
         raise PlanError(f"this model uses sliding-window attention ({window} tokens) and --max-length {max_length} "
                         f"is longer: lopt plan models full causal attention only; plan at most {window} tokens")
-    counts = count_parameters(text)
-    shape = LayerShape.from_config(text)
-    amp = precision == "bf16"
-    rows = []
-    for name in methods or DEFAULT_METHODS:
+
+
+def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: int = 2,
+              task_grad_every: int | None = None, tied_head: bool | None = None, lower_every: int | None = None,
+              optimizer: str | None = None, optimizer_in_backward: bool | None = None
+              ) -> list[tuple[RowSpec, bool]]:
+    """The training configurations to plan, as (spec, variant): a variant row (an option's effect on a
+    method shown once) is planned without checkpointing only. See ``plan``."""
+    names = list(methods or DEFAULT_METHODS)
+    out: list[tuple[RowSpec, bool]] = []
+    for name in names:
         method, k = parse_method(name, num_blocks)
-        for full, sel in _scopes(method, gradient_checkpointing, selective_checkpointing):
-            rows.append(_row(method, k, full, sel, counts, shape, batch_size, max_length, amp, capacity, headroom))
-    return rows
+        boundary = get_method(method).boundary
+        if method == "lopt" and name == "lopt":
+            tg = RECIPE_TASK_GRAD_EVERY if task_grad_every is None else task_grad_every
+        else:
+            tg = 0
+        tied = tied_head if boundary and tied_head is not None else (None if tg else False)
+        # --lower-every: the paper's rows in the full table; any lopt row asked for by name (lopt train
+        # refuses it under --task-grad-every without a local loss, and so does the plan)
+        le = lower_every if lower_every is not None and method == "lopt" and (methods or not tg) else 1
+        spec = RowSpec(method, k, tg, tied, le, optimizer or "adamw", bool(optimizer_in_backward))
+        spec.check(model_tied)
+        out.append((spec, False))
+    if methods is not None:
+        return out
+    variants: list[tuple[RowSpec, bool]] = []
+    first_k = next((s for s, _ in out if s.method == "lopt" and not s.task_grad_every), None)
+    for spec, _ in out:
+        if spec.method == "lopt" and spec.task_grad_every and tied_head is None and model_tied:
+            variants.append((dataclasses.replace(spec, tied_head=False), True))
+        if spec is first_k and lower_every is None:
+            variants.append((dataclasses.replace(spec, lower_every=2), True))
+    for spec, _ in out:
+        if optimizer is None:
+            variants.append((dataclasses.replace(spec, optimizer="adamw-8bit"), True))
+        if optimizer_in_backward is None:
+            variants.append((dataclasses.replace(spec, optimizer_in_backward=True), True))
+    return out + variants
 
 
 def _scopes(method: str, full: str | None, sel: str | None) -> list[tuple[str, str]]:
@@ -432,21 +656,43 @@ def _scopes(method: str, full: str | None, sel: str | None) -> list[tuple[str, s
     return out
 
 
-def _row(method: str, k: int, full: str, sel: str, counts: ParamCounts, shape: LayerShape, batch: int,
+def optimizer_bytes(setup: MethodSetup, optimizer: str = "adamw", in_backward: bool = False) -> int:
+    """The optimizer state of ``setup``'s trained tensors. adamw (fused): two fp32 moments and an fp32
+    step per tensor. adamw-8bit (bitsandbytes' AdamW8bit, blockwise): tensors of at least 4096 elements
+    keep two uint8 states and an fp32 absmax per block of 256 for each; smaller ones two fp32 states;
+    each optimizer holding 8-bit state has two 256-entry fp32 quantization maps (under
+    ``in_backward`` every last-block tensor has an optimizer of its own)."""
+    sizes = setup.trainable_sizes or [setup.trainable // max(1, setup.trainable_tensors)] * setup.trainable_tensors
+    if optimizer == "adamw":
+        return sum(8 * n + 4 for n in sizes)
+    big = BNB_MIN_8BIT_SIZE
+    total = sum(2 * n + 8 * -(-n // BNB_BLOCK) if n >= big else 8 * n for n in sizes)
+    own = Counter(setup.last_block_sizes) if in_backward else Counter()
+    main = Counter(sizes) - own
+    maps = (1 if any(n >= big for n in main.elements()) else 0) + sum(c for n, c in own.items() if n >= big)
+    return total + maps * 2 * 256 * 4
+
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 states
+BNB_BLOCK = 256  # its blockwise quantization's block
+
+
+def _row(spec: RowSpec, full: str, sel: str, counts: ParamCounts, shape: LayerShape, batch: int,
          seq: int, amp: bool, capacity: int | None, headroom: int) -> PlanRow:
     n = len(counts.layers)
-    trains = method_trains(method, n, k)
+    trains = method_trains(spec.method, n, spec.num_blocks)
     ck = checkpointed_layers(full, sel, n, list(trains.blocks or [(0, n)]))
-    setup = method_setup(method, counts, num_blocks=k, checkpoint=ck, trains=trains)
+    setup = method_setup(spec.method, counts, num_blocks=spec.num_blocks, checkpoint=ck, trains=trains, spec=spec)
     weights = 4 * setup.resident
-    optimizer = 8 * setup.trainable + 4 * setup.trainable_tensors
+    optimizer = optimizer_bytes(setup, spec.optimizer, spec.optimizer_in_backward)
     live, grads, acts, visible, details = _walk(setup, counts, shape, batch, seq, amp)
     peak = weights + optimizer + live
     label = "-" if full == sel == "off" else " + ".join(
         f"{kind} {scope}" for kind, scope in (("full", full), ("selective", sel)) if scope != "off")
-    row = PlanRow(method=setup.name, checkpointing=label, trainable_params=setup.trainable, weights=weights,
-                  grads=grads, optimizer=optimizer, activations=acts, saved_visible=visible, peak=peak,
-                  details={"phases": details, "gradient_checkpointing": full, "selective_checkpointing": sel})
+    row = PlanRow(method=spec.name(counts.tied), checkpointing=label, trainable_params=setup.trainable,
+                  weights=weights, grads=grads, optimizer=optimizer, activations=acts, saved_visible=visible,
+                  peak=peak, details={"phases": details, "gradient_checkpointing": full, "selective_checkpointing": sel},
+                  command=spec.command(counts.tied, full, sel))
     if capacity is not None:
         row.fits = peak + headroom <= capacity
         row.free_at_peak = capacity - peak
@@ -504,6 +750,19 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"plan only this method (repeatable): {', '.join(method_names())} or lopt-kN "
                         f"(default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--num-blocks", type=int, default=2, help="blocks for --method lopt")
+    p.add_argument("--task-grad-every", type=int, default=None, metavar="N",
+                   help=f"--method lopt: open the boundary every N-th step (default {RECIPE_TASK_GRAD_EVERY}, as lopt "
+                        "train; 0: the paper's lopt-kN)")
+    p.add_argument("--tied-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="lopt, freeze-lower: keep a tied LM head tied across the boundary (default: as lopt train, "
+                        "and a --no-tied-head row for lopt)")
+    p.add_argument("--lower-every", type=int, default=None, metavar="N",
+                   help="lopt-kN: update the lower blocks every N-th step (default 1, and a --lower-every 2 row)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="plan only this optimizer (default: adamw, and an adamw-8bit row per method)")
+    p.add_argument("--optimizer-in-backward", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan with (or without) the last block stepped inside the backward (default: without, and "
+                        "one row per method with)")
     p.add_argument("--gradient-checkpointing", choices=SCOPES, default=None,
                    help="plan only this full-checkpointing scope (default: off, all and, for lopt, last-block)")
     p.add_argument("--selective-checkpointing", choices=SCOPES, default=None,
@@ -519,7 +778,8 @@ def run_plan_cli(ns: argparse.Namespace) -> int:
     rows = plan(ns.model, batch_size=ns.batch_size, max_length=ns.max_length, precision=ns.precision,
                 methods=ns.method, num_blocks=ns.num_blocks, gradient_checkpointing=ns.gradient_checkpointing,
                 selective_checkpointing=ns.selective_checkpointing, gpu_memory=ns.gpu_memory,
-                headroom=parse_size(ns.headroom))
+                headroom=parse_size(ns.headroom), task_grad_every=ns.task_grad_every, tied_head=ns.tied_head,
+                lower_every=ns.lower_every, optimizer=ns.optimizer, optimizer_in_backward=ns.optimizer_in_backward)
     out = sys.stderr if ns.json == "-" else sys.stdout  # `--json -`: stdout holds the JSON only
     if ns.json:
         where = write_json(ns.json, {
@@ -534,6 +794,9 @@ def run_plan_cli(ns: argparse.Namespace) -> int:
           "weights, gradients and AdamW state in fp32; peak = weights + optimizer + the most gradients, "
           "activations and temporaries alive at once"
           + (f"; fits = peak + {ns.headroom} headroom <= {ns.gpu_memory}" if ns.gpu_memory else ""), file=out)
+    print("rows are lopt train's --method and flags (each row's full command is in --json); lopt = its default "
+          f"recipe (--task-grad-every {RECIPE_TASK_GRAD_EVERY}, a tied head kept tied); lopt-kN = the paper's "
+          "--method lopt --task-grad-every 0 --num-blocks N", file=out)
     if ns.json:
         print(f"rows written to {where}", file=out)
     return 0
