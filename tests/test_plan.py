@@ -319,3 +319,26 @@ def test_adamw_8bit_state_is_bitsandbytes(name):
     _, stepper, _ = run_step(cfg, name, steps=4 if name == "lopt" else 1, optimizer="adamw-8bit")
     state = {id(t): t for s in stepper.optimizer.state.values() for t in s.values() if torch.is_tensor(t)}.values()
     assert row.optimizer == sum(t.numel() * t.element_size() for t in state)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "qwen9-1t"], "unknown model 'qwen9-1t'"),
+    (["--batch-size", "0"], "batch size must be >= 1"),
+    (["--max-length", "1"], "max length >= 2"),
+    (["--method", "lopt", "--tied-head", "--model", "qwen2.5-7b"], "nothing to keep tied"),
+    (["--method", "lora", "--tied-head"], "has no boundary"),
+    (["--num-blocks", "0"], "num_blocks must be"),
+])
+def test_cli_bad_input_is_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lopt plan: error:") and match in err and "\n" not in err
+
+
+def test_config_without_layers_is_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config() | {"num_hidden_layers": 0}))
+    with pytest.raises(PlanError, match="has no decoder layers") as e:
+        plan(tmp_path, batch_size=1, max_length=8)
+    assert "\n" not in str(e.value)
+    with pytest.raises(PlanError, match="no model_type"):
+        plan({"hidden_size": 8}, batch_size=1, max_length=8)

@@ -273,7 +273,7 @@ class RowSpec:
             raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         try:
             config = LoPTConfig(method=self.method, num_blocks=self.num_blocks, task_grad_every=self.task_grad_every,
-                                tied_head=bool(self.tied_head) and get_method(self.method).boundary,
+                                tied_head=bool(self.tied_head),
                                 lower_every=self.lower_every)
             config.validate()
             get_method(self.method).check(config)
@@ -616,7 +616,8 @@ def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: in
             tg = RECIPE_TASK_GRAD_EVERY if task_grad_every is None else task_grad_every
         else:
             tg = 0
-        tied = tied_head if boundary and tied_head is not None else (None if tg else False)
+        # --tied-head: every boundary row; a method without a boundary asked for by name refuses it
+        tied = tied_head if (boundary or methods) and tied_head is not None else (None if tg else False)
         # --lower-every: the paper's rows in the full table; any lopt row asked for by name (lopt train
         # refuses it under --task-grad-every without a local loss, and so does the plan)
         le = lower_every if lower_every is not None and method == "lopt" and (methods or not tg) else 1
