@@ -216,8 +216,8 @@ class LoPTModel(nn.Module):
     def param_groups(self, lr: float, lr_lower: float | None = None, weight_decay: float = 0.0
                      ) -> list[dict[str, Any]]:
         """AdamW parameter groups: the last block, final norm and LM head at ``lr``; the lower blocks,
-        embeddings and local heads at ``lr_lower`` (default: ``lr`` times the method's
-        ``lr_lower``: 1/10 for ``method="lopt"``, N under ``task_grad_every`` N, 1 otherwise). Biases and
+        embeddings and local heads at ``lr_lower`` (default: the method's ``Method.lr_lower(lr)``:
+        ``lr / 10`` for ``method="lopt"`` without ``task_grad_every``, ``lr`` otherwise). Biases and
         norm weights (1-D) get no weight decay. Frozen parameters are left out, except those the method
         may unfreeze later (LISA, BAdam: ``Method.optimizer_parameters``)."""
         if lr_lower is None:

@@ -18,13 +18,14 @@ from lopt.jsonout import json_help, write_json
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``lopt compare``."""
-    parser.description = ("Print the eval results of several runs side by side (markdown), with the "
-                          "change from the base model where one is among them, and draw a bar chart.")
+    parser.description = ("Print the eval results of several runs side by side (markdown), with each "
+                          "run's change from the baseline (the base model where one is among them, else the "
+                          "first run), and draw a bar chart.")
     parser.add_argument("runs", nargs="+", metavar="RUN_OR_JSON",
                         help=f"an eval JSON written by `lopt eval`, or a run dir holding {EVAL_FILE}")
     parser.add_argument("--baseline", default=None, metavar="NAME_OR_INDEX",
                         help="the column to take deltas against (default: the run that is the others' "
-                             "--base, if any)")
+                             "--base if one is, else the first)")
     parser.add_argument("--png", default="lopt_compare.png", help="bar chart file ('' for none)")
     parser.add_argument("--json", default=None, metavar="PATH", help=json_help("the table (one row per task "
                                                                                "and metric, a value per run)",
@@ -162,7 +163,8 @@ def _baseline_column(choice: str | None, labels: list[str], records: list[dict[s
     for i, rec in enumerate(records):
         if any(_same_model(rec.get("model"), b) for b in bases):
             return i
-    return None
+    # `lopt compare base.json tuned.json`: read as written, the first is what the others changed from.
+    return 0 if len(records) > 1 else None
 
 
 def _bar_chart(rows: dict[tuple[str, str], list[float | None]], labels: list[str], png: str) -> str:
