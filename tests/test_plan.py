@@ -115,12 +115,38 @@ def test_saved_activations_under_bf16_autocast(method):
     assert row.saved_visible == pytest.approx(measured, rel=0.02)
 
 
+NEW_ARCHS = {  # tiny configs of the architectures added for issue 27 (no sliding window within T)
+    "phi3": {"sliding_window": None, "pad_token_id": 0},
+    "gemma2": {"sliding_window": 64, "query_pre_attn_scalar": 10, "hidden_activation": "gelu_pytorch_tanh"},
+    "gemma3_text": {"sliding_window": 64, "query_pre_attn_scalar": 10, "hidden_activation": "gelu_pytorch_tanh"},
+    "gpt_neox": {"num_key_value_heads": 4, "head_dim": 12, "rotary_pct": 0.5, "hidden_act": "gelu"},
+}
+
+
+def arch_config(arch: str, tie: bool = True) -> dict:
+    cfg = tiny_config(arch, tie=tie) | NEW_ARCHS.get(arch, {})
+    if arch == "gpt_neox":  # no separate head_dim / kv heads: hidden 48 = 4 heads of 12
+        cfg.pop("head_dim"), cfg.pop("num_key_value_heads")
+    return cfg
+
+
 @pytest.mark.parametrize("arch,method", [("qwen3", m) for m in ("e2e", "lopt-k2", "lora", "badam")]
-                         + [("qwen2", "e2e"), ("mistral", "e2e")])
+                         + [("qwen2", "e2e"), ("mistral", "e2e")]
+                         + [(a, m) for a in NEW_ARCHS for m in ("e2e", "lopt-k2", "lora")])
 def test_saved_activations_other_architectures(arch, method):
-    cfg = tiny_config(arch, tie=True)
+    cfg = arch_config(arch)
     row = plan(cfg, batch_size=B, max_length=T, precision="bf16", methods=[method], gradient_checkpointing="off")[0]
-    _, _, measured = run_step(cfg, method, "bf16")
+    wrapped, _, measured = run_step(cfg, method, "bf16")
+    assert row.saved_visible == pytest.approx(measured, rel=0.02)
+    params = {id(p): p for p in wrapped.parameters()}.values()
+    assert row.trainable_params == sum(p.numel() for p in params if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", list(NEW_ARCHS))
+def test_saved_activations_other_architectures_fp32(arch):
+    cfg = arch_config(arch, tie=False)
+    row = plan(cfg, batch_size=B, max_length=T, precision="fp32", methods=["e2e"], gradient_checkpointing="off")[0]
+    _, _, measured = run_step(cfg, "e2e", "fp32")
     assert row.saved_visible == pytest.approx(measured, rel=0.02)
 
 
@@ -197,7 +223,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(PlanError, match="cannot read .* as JSON"):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    with pytest.raises(PlanError, match="models the activations of"):
+    with pytest.raises(PlanError, match="does not model 'gpt2' decoder layers .the closest it models is 'gpt_neox'"):
         plan(tmp_path, batch_size=1, max_length=8)
     with pytest.raises(PlanError, match="cannot read GPU memory"):
         parse_size("eighty gigs")

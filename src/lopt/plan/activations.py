@@ -29,9 +29,18 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-# Architectures whose decoder layer is the one replayed below (pre-norm RMSNorm, rotary attention
-# through SDPA, gated SiLU MLP); qwen3 adds a per-head RMSNorm on q and k.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures whose decoder layer is replayed below: pre-norm RMSNorm, rotary attention through SDPA,
+# gated SiLU MLP (llama, mistral, qwen2); qwen3 adds a per-head RMSNorm on q and k; phi3 fuses q/k/v
+# and gate/up into one linear each; gemma2/gemma3 use (1 + w) RMSNorms around attention and MLP, a
+# gated GELU-tanh MLP and a scaled embedding (gemma2: eager attention with logit soft-capping; gemma3:
+# SDPA and q/k norms); gpt_neox: LayerNorm, a parallel residual, fused q/k/v, partial rotary, GELU MLP.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt_neox")
+# Not modelled, with the closest that is (for the one-line error).
+CLOSEST_MODEL_TYPE = {"gemma": "gemma2", "gemma3": "gemma3_text", "phi": "phi3", "qwen3_moe": "qwen3",
+                      "qwen2_moe": "qwen2", "mixtral": "mistral", "olmo": "llama", "olmo2": "llama",
+                      "granite": "llama", "cohere": "llama", "starcoder2": "gpt_neox", "gpt2": "gpt_neox",
+                      "gptj": "gpt_neox", "falcon": "gpt_neox", "stablelm": "gpt_neox", "smollm3": "llama",
+                      "deepseek_v3": "qwen3", "gemma3n_text": "gemma3_text", "phimoe": "phi3"}
 CHECKPOINT_KINDS = ("off", "full", "selective")
 
 
@@ -45,18 +54,41 @@ class LayerShape:
     kv_heads: int
     head_dim: int
     qk_norm: bool = False
+    norm: str = "rms"  # rms (llama's w * x), gemma ((1 + w) * x, in fp32), layer (LayerNorm)
+    fused: bool = False  # one qkv_proj and one gate_up_proj (phi3); gpt_neox: query_key_value
+    act_gated: bool = True  # act(gate) * up; False: act(dense_h_to_4h(x))
+    sandwich: bool = False  # gemma: norms after attention and MLP too
+    parallel: bool = False  # gpt_neox: attention and MLP both read the layer input
+    rotary_dim: int = 0  # rotated dims per head (0: all)
+    attn_softcap: float | None = None  # gemma2: eager attention with soft-capped logits
+    embed_scale: bool = False  # gemma: the embedding output times sqrt(hidden)
+    final_softcap: float | None = None  # the LM head's logit soft-capping (a second buffer per loss chunk)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LayerShape":
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        t = cfg.model_type
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        partial = rope.get("partial_rotary_factor", None) or getattr(cfg, "partial_rotary_factor", None) or 1.0
+        if t == "gpt_neox":
+            partial = getattr(cfg, "rotary_pct", None) or partial
+        gemma = t in ("gemma2", "gemma3_text")
         return cls(hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, heads=heads,
                    kv_heads=getattr(cfg, "num_key_value_heads", None) or heads, head_dim=head_dim,
-                   qk_norm=cfg.model_type == "qwen3")
+                   qk_norm=t in ("qwen3", "gemma3_text"), norm="gemma" if gemma else "layer" if t == "gpt_neox" else "rms",
+                   fused=t in ("phi3", "gpt_neox"), act_gated=t != "gpt_neox", sandwich=gemma,
+                   parallel=t == "gpt_neox" and getattr(cfg, "use_parallel_residual", True),
+                   rotary_dim=int(head_dim * partial) if partial != 1.0 else 0,
+                   attn_softcap=getattr(cfg, "attn_logit_softcapping", None) if t == "gemma2" else None,
+                   embed_scale=gemma, final_softcap=getattr(cfg, "final_logit_softcapping", None))
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of the layer's linear maps, in forward order."""
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.fused:
+            mlp = [("gate_up_proj", h, 2 * i)] if self.act_gated else [("up_proj", h, i)]
+            return [("qkv_proj", h, q + 2 * kv), ("o_proj", q, h), *mlp, ("down_proj", i, h)]
         return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
                 ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
 
@@ -83,10 +115,11 @@ class _T:
     grad: bool
     uid: int
     param: bool = False
+    storage: int = 0  # a view's: the bytes of the storage it shares (saving it keeps all of it)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return self.storage or self.numel * self.itemsize
 
 
 @dataclass
@@ -164,6 +197,62 @@ class Trace:
         hs = hs if x.itemsize == 4 else self.tensor(hs.numel, x.itemsize, hs.grad)
         return self.mul(w, hs)
 
+    def view(self, base: _T, numel: int) -> _T:
+        """A slice of ``base`` (same storage: saving it saves the whole of ``base``)."""
+        return _T(numel, base.itemsize, base.grad, base.uid, storage=base.nbytes)
+
+    def gemma_norm(self, x: _T, w: _T, width: int) -> _T:
+        """Gemma's RMSNorm: fp32 math, ``normed * (1.0 + w.float())``, then cast to the input's dtype."""
+        x32 = x if x.itemsize == 4 else self.tensor(x.numel, 4, x.grad)
+        if x32.grad:
+            self.save(x32)
+        r = self.tensor(x.numel // width, 4, x.grad)
+        if r.grad:
+            self.save(r)
+        hs = self.mul(x32, r)
+        out = self.mul(hs, self.tensor(width, 4, w.grad))  # 1.0 + w: a new (width,) tensor
+        return out if x.itemsize == 4 else self.tensor(out.numel, x.itemsize, out.grad)
+
+    def layer_norm(self, x: _T, w: _T, width: int) -> _T:
+        """LayerNorm (autocast runs it in fp32): saves its input, mean and rstd."""
+        x32 = x if x.itemsize == 4 else self.tensor(x.numel, 4, x.grad)
+        grad = x.grad or w.grad
+        if grad:
+            self.save(x32)
+            self.save(self.tensor(x.numel // width, 4, False))
+            self.save(self.tensor(x.numel // width, 4, False))
+        return self.tensor(x.numel, 4, grad)
+
+    def eager_attention(self, q: _T, k: _T, v: _T, heads: int, kv_heads: int, scores: int) -> _T:
+        """transformers' eager attention with logit soft-capping (gemma2): repeat_kv, q @ k^T, tanh,
+        softmax in fp32 (cast back), @ v; ``scores``: B x heads x T x T."""
+        rep = heads // kv_heads
+
+        def repeat(t: _T) -> _T:
+            return self.tensor(t.numel * rep, t.itemsize, t.grad) if rep > 1 else t
+
+        kr, vr = repeat(k), repeat(v)
+        qc, kc = self._compute(q), self._compute(kr)
+        grad = q.grad or k.grad or v.grad
+        if grad:
+            self.save(qc)
+            self.save(kc)
+        w = self.tensor(scores, qc.itemsize, grad)  # q @ k^T (* scaling, / softcap: nothing saved)
+        t = self.tensor(scores, w.itemsize, grad)  # tanh saves its output
+        if grad:
+            self.save(t)
+        sm = self.tensor(scores, 4, grad)  # softmax(dtype=float32) saves its output
+        if grad:
+            self.save(sm)
+        a = sm if q.itemsize == 4 else self.tensor(scores, q.itemsize, grad)  # .to(query.dtype)
+        ac, vc = self._compute(a), self._compute(vr)
+        if grad:
+            self.save(ac)
+            self.save(vc)
+        out = self.tensor(q.numel, ac.itemsize, grad)
+        self.matmul_outputs[out.uid] = out.nbytes
+        return out
+
     def silu(self, x: _T) -> _T:
         if x.grad:
             self.save(x)
@@ -181,11 +270,14 @@ class Trace:
         self.matmul_outputs[lse.uid] = lse.nbytes
         return out
 
-    def rotary(self, x: _T, cos: _T, sin: _T) -> _T:
-        # x * cos + rotate_half(x) * sin; cos/sin are fp32 (cast to the residual stream's dtype)
-        a = self.mul(x, cos)
-        rot = self.tensor(x.numel, x.itemsize, x.grad)  # slices, neg, cat: nothing saved
-        return self.add(a, self.mul(rot, sin))
+    def rotary(self, x: _T, cos: _T, sin: _T, part: float = 1.0) -> _T:
+        # x * cos + rotate_half(x) * sin; cos/sin are fp32 (cast to the residual stream's dtype). Partial
+        # rotary (gpt_neox): the rotated slice, then cat with the rest (nothing saved).
+        xr = x if part == 1.0 else self.view(x, int(x.numel * part))
+        a = self.mul(xr, cos)
+        rot = self.tensor(xr.numel, x.itemsize, x.grad)  # slices, neg, cat: nothing saved
+        out = self.add(a, self.mul(rot, sin))
+        return out if part == 1.0 else self.tensor(x.numel, out.itemsize, out.grad)
 
 
 # --------------------------------------------------------------------------- one decoder layer
@@ -210,17 +302,49 @@ def replay_layer(tr: Trace, shape: LayerShape, tokens: int, batch: int, x: _T, c
         out = tr.linear(inp, tr.param(in_f * out_f, trained), out_f)
         return _lora(tr, inp, out, in_f, out_f, mode.lora_r) if mode.lora_r else out
 
-    h = tr.rms_norm(x, tr.param(s.hidden, trained), s.hidden)
-    q, k, v = lin(h, "q_proj"), lin(h, "k_proj"), lin(h, "v_proj")
-    if s.qk_norm:
-        q = tr.rms_norm(q, tr.param(s.head_dim, trained), s.head_dim)
-        k = tr.rms_norm(k, tr.param(s.head_dim, trained), s.head_dim)
-    q, k = tr.rotary(q, cos, sin), tr.rotary(k, cos, sin)
-    o = tr.attention(q, k, v, lse_numel=batch * s.heads * (tokens // batch))
-    x2 = tr.add(x, lin(o, "o_proj"))
-    h2 = tr.rms_norm(x2, tr.param(s.hidden, trained), s.hidden)
-    m = tr.mul(tr.silu(lin(h2, "gate_proj")), lin(h2, "up_proj"))
-    return tr.add(x2, lin(m, "down_proj"))
+    def norm(inp: _T, width: int) -> _T:
+        f = {"rms": tr.rms_norm, "gemma": tr.gemma_norm, "layer": tr.layer_norm}[s.norm]
+        return f(inp, tr.param(width, trained), width)
+
+    def attention(h: _T) -> _T:
+        q_n, kv_n = tokens * s.heads * s.head_dim, tokens * s.kv_heads * s.head_dim
+        if s.fused:
+            qkv = lin(h, "qkv_proj")
+            q, k, v = tr.view(qkv, q_n), tr.view(qkv, kv_n), tr.view(qkv, kv_n)
+        else:
+            q, k, v = lin(h, "q_proj"), lin(h, "k_proj"), lin(h, "v_proj")
+        if s.qk_norm:
+            q, k = norm(q, s.head_dim), norm(k, s.head_dim)
+        part = s.rotary_dim / s.head_dim if s.rotary_dim else 1.0
+        q, k = tr.rotary(q, cos, sin, part), tr.rotary(k, cos, sin, part)
+        if s.attn_softcap:
+            o = tr.eager_attention(q, k, v, s.heads, s.kv_heads, batch * s.heads * (tokens // batch) ** 2)
+        else:
+            o = tr.attention(q, k, v, lse_numel=batch * s.heads * (tokens // batch))
+        if s.fused:
+            # q and k rotated from slices of one projection come out (B, heads, T, d)-contiguous, and so
+            # does the attention's output: transpose(1, 2).contiguous() copies it for o_proj.
+            o = tr.tensor(o.numel, o.itemsize, o.grad)
+        return lin(o, "o_proj")
+
+    def mlp(h: _T) -> _T:
+        if not s.act_gated:
+            return lin(tr.silu(lin(h, "up_proj")), "down_proj")  # gelu saves its input, like silu
+        if s.fused:
+            gu = lin(h, "gate_up_proj")
+            gate, up = tr.view(gu, tokens * s.intermediate), tr.view(gu, tokens * s.intermediate)
+        else:
+            gate, up = lin(h, "gate_proj"), lin(h, "up_proj")
+        return lin(tr.mul(tr.silu(gate), up), "down_proj")
+
+    if s.parallel:  # gpt_neox: x + attn(ln1(x)) + mlp(ln2(x))
+        a = attention(norm(x, s.hidden))
+        m = mlp(norm(x, s.hidden))
+        return tr.add(tr.add(m, a), x)
+    a = attention(norm(x, s.hidden))
+    x2 = tr.add(x, norm(a, s.hidden) if s.sandwich else a)
+    m = mlp(norm(x2, s.hidden))
+    return tr.add(x2, norm(m, s.hidden) if s.sandwich else m)
 
 
 @dataclass
@@ -297,9 +421,12 @@ def phase_memory(spec: PhaseSpec, shape: LayerShape, batch: int, seq: int, vocab
         tr.save(tr.tensor(tokens, 8, False))  # embedding backward: the int64 token ids
         base = tr.bytes
     x = tr.tensor(tokens * shape.hidden, 4, spec.embedding_trained)
+    if shape.embed_scale and x.grad:
+        tr.save(tr.tensor(1, 4, False))  # gemma: embedding * normalizer, a 0-d tensor
     # Rotary tables: one row per position, shared by the batch (position ids are (1, T)).
-    cos = tr.tensor(seq * shape.head_dim, 4, False)
-    sin = tr.tensor(seq * shape.head_dim, 4, False)
+    rot = shape.rotary_dim or shape.head_dim
+    cos = tr.tensor(seq * rot, 4, False)
+    sin = tr.tensor(seq * rot, 4, False)
     layers, cache = [], 0
     for mode in spec.layers:
         x, mem = layer_memory(tr, shape, tokens, batch, x, cos, sin, mode)
@@ -321,7 +448,8 @@ def _ce_top(tr: Trace, spec: PhaseSpec, shape: LayerShape, batch: int, seq: int,
     the labelled rows, the gradient w.r.t. the hidden states and, for a trained head, the head's
     vocabulary-sized gradient, computed in the forward and kept for the backward."""
     tr.owner = "final"
-    h = tr.rms_norm(x, tr.param(shape.hidden, spec.final_norm_trained), shape.hidden)
+    final = {"rms": tr.rms_norm, "gemma": tr.gemma_norm, "layer": tr.layer_norm}[shape.norm]
+    h = final(x, tr.param(shape.hidden, spec.final_norm_trained), shape.hidden)
     n = batch * (seq - 1)
     if h.grad:
         tr.save(tr.tensor(n, 8, False))  # index_select's index

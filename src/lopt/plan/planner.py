@@ -42,7 +42,7 @@ from lopt.engine.config import RECIPE_TASK_GRAD_EVERY, LoPTError
 from lopt.config import OPTIMIZERS
 from lopt.jsonout import json_help, write_json
 from lopt.methods import LoPTConfig, Trains, get_method, method_names
-from lopt.plan.activations import (SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
+from lopt.plan.activations import (CLOSEST_MODEL_TYPE, SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
                                phase_memory)
 
 # lopt train --method lopt (its default recipe), the paper's lopt-kN, every other method
@@ -490,7 +490,8 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
     # Temporaries. Loss: one chunk of fp32 logits (plus their bf16 original under autocast) and the
     # labelled rows' hidden states. A layer's backward: the fp32 gradient of its output and of its
     # input, and about three intermediate-width gradients of the MLP at once.
-    ce_tmp = min(CE_CHUNK, n_ce) * counts.vocab * (4 + (2 if amp else 0)) + n_ce * shape.hidden * 4
+    ce_tmp = (min(CE_CHUNK, n_ce) * counts.vocab * (4 + (2 if amp else 0) + (4 if shape.final_softcap else 0))
+              + n_ce * shape.hidden * 4)
     bwd_tmp = 2 * tokens * shape.hidden * 4 + 3 * tokens * shape.intermediate * c
     grads, live = 0, 0
     max_grads = max_held = max_vis = 0
@@ -588,10 +589,13 @@ _COUNTS: dict[str, ParamCounts] = {}
 def check_architecture(text: Any, max_length: int | None = None) -> None:
     """PlanError (one line) for a config whose decoder layer lopt plan does not model."""
     if text.model_type not in SUPPORTED_MODEL_TYPES:
-        raise PlanError(f"lopt plan models the activations of {', '.join(SUPPORTED_MODEL_TYPES)} decoder "
-                        f"layers; this config is {text.model_type!r}")
-    if getattr(text, "hidden_act", "silu") not in ("silu", "swish"):
-        raise PlanError(f"lopt plan models SiLU-gated MLPs; this config's hidden_act is {text.hidden_act!r}")
+        closest = CLOSEST_MODEL_TYPE.get(text.model_type)
+        raise PlanError(f"lopt plan does not model {text.model_type!r} decoder layers"
+                        + (f" (the closest it models is {closest!r})" if closest else "")
+                        + f"; it models {', '.join(SUPPORTED_MODEL_TYPES)}")
+    act = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", "silu")
+    if act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        raise PlanError(f"lopt plan models SiLU and GELU MLPs; this config's activation is {act!r}")
     if not getattr(text, "num_hidden_layers", None):
         raise PlanError(f"this {text.model_type!r} config has no decoder layers (num_hidden_layers is "
                         f"{getattr(text, 'num_hidden_layers', None)!r}): nothing to plan")
