@@ -3,10 +3,11 @@ function agree on the first step's loss. (No speed is asserted: the benchmark is
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from lopt.bench.runner import BENCH_UNITS, CONFIGS, bench_json, format_table, load_bench_json
+from lopt.bench.runner import BENCH_UNITS, CONFIGS, bench_json, format_table, load_bench_json, whole_cycles
 from lopt.cli import main
 
 from conftest import make_tiny_model, make_tokenizer
@@ -51,7 +52,8 @@ def test_bench_two_configurations(tiny_dir, tmp_path):
 def test_bench_rows_of_the_new_methods(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(tiny_dir), "--configs", "lopt-k2-tg4", "lopt-default", "lisa", "badam",
-               "--seq-len", "32", "--batch-sizes", "2", "--steps", "4", "--repeats", "1", "--json", str(out)])
+               "--seq-len", "32", "--batch-sizes", "2", "--steps", "4", "--repeats", "1", "--json", str(out),
+               "--output-dir", str(tmp_path)])
     assert rc == 0
     rows = {r["name"]: r for r in load_bench_json(out)["rows"]}
     for r in rows.values():
@@ -106,7 +108,8 @@ def test_trl_peer_row_reports_lopts_fields(tmp_path):
     data = write_jsonl(tmp_path / "qa.jsonl", addition_rows())
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", str(tiny), "--configs", "e2e", "--peer", "trl", "--dataset", str(data),
-               "--seq-len", "64", "--batch-sizes", "2", "--steps", "2", "--repeats", "1", "--json", str(out)])
+               "--seq-len", "64", "--batch-sizes", "2", "--steps", "2", "--repeats", "1", "--json", str(out),
+               "--output-dir", str(tmp_path)])
     assert rc == 0
     res = load_bench_json(out)
     e2e, trl = res["rows"]
@@ -138,3 +141,53 @@ def test_bench_json_is_in_bytes_and_old_records_still_read():
     assert load_bench_json(json.loads(json.dumps(new))) == loaded
     # distbench-style keys with a suffix after the unit
     assert bench_json({"peak_rss_mb_per_process": [1.0, 2.0]})["peak_rss_bytes_per_process"] == [2**20, 2 * 2**20]
+
+
+def test_bench_times_whole_cycles_and_writes_under_runs(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`--steps 1` under lopt's default (--task-grad-every 4) times a whole cycle, 4 steps, and says so
+    in one line; with no --json / --plot the files go to runs/bench/ of the working folder."""
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "--model", str(tiny_dir), "--configs", "e2e", "lopt-default", "--seq-len", "16",
+               "--batch-sizes", "2", "--steps", "1", "--repeats", "1"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    said = [line for line in captured.err.splitlines() if "whole cycles" in line]
+    assert len(said) == 1 and "--steps 1 rounded up to 4 for lopt-default" in said[0] and "e2e" not in said[0]
+    assert "whole cycles: lopt-default 4" in captured.out
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["runs/bench/bench.json", "runs/bench/bench.png"]
+    res = load_bench_json(tmp_path / "runs" / "bench" / "bench.json")
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["e2e"]["n_steps"] == 1 and rows["lopt-default"]["n_steps"] == 4
+    assert res["steps"] == 1 and res["timed_steps"] == {"e2e": 1, "lopt-default": 4}
+
+
+def test_whole_cycles_rounds_up_to_the_longest_period(capsys):
+    table = {"a": {"method": "e2e"}, "tg4": {"task_grad_every": 4}, "le3": {"lower_every": 3}}
+    assert whole_cycles(list(table), table, 5) == {"a": 5, "tg4": 8, "le3": 6}
+    assert capsys.readouterr().err.count("\n") == 1  # one line
+    assert whole_cycles(list(table), table, 12) == {"a": 12, "tg4": 12, "le3": 12}
+    assert capsys.readouterr().err == ""  # nothing rounded, nothing said
+
+
+def test_bench_outputs_go_where_named(tiny_dir, tmp_path, monkeypatch):
+    """--output-dir names the folder; --json / --plot name a file each; nothing lands in the working folder."""
+    import lopt.bench.runner as runner
+
+    fake = {"units": dict(BENCH_UNITS), "rows": [], "reference": "e2e", "dataset": "random tokens", "steps": 1,
+            "timed_steps": {"e2e": 1}, "repeats": 1, "model": "m", "seq_len": 8, "wall_s": 0.0,
+            "machine": {"cpus": 2}, "versions": {"torch": "x"}}
+    monkeypatch.setattr(runner, "run_bench", lambda *a, **k: fake)
+    monkeypatch.setattr(runner, "plot", lambda result, path: bool(Path(path).write_bytes(b"png")))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["bench", "--configs", "e2e", "--output-dir", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "bench.json").is_file() and (tmp_path / "mine" / "bench.png").is_file()
+    assert main(["bench", "--configs", "e2e", "--json", str(tmp_path / "a" / "r.json"),
+                 "--plot", str(tmp_path / "b" / "r.png")]) == 0
+    assert (tmp_path / "a" / "r.json").is_file() and (tmp_path / "b" / "r.png").is_file()
+    assert not any(work.iterdir())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", "--configs", "e2e", "--output-dir", str(blocker / "sub")]) == 2  # fails before the bench

@@ -21,6 +21,7 @@ from lopt.recipes.dpo import DPORunConfig
 from lopt.recipes.grpo import GRPORunConfig
 from lopt.recipes.sft import TrainConfig, sample_answer, train
 from lopt.runtime.preflight import check_output_dir
+from lopt.runtime.resume_options import resume_options
 
 
 # --help's sections in this order; a method's own options ("method: NAME") follow the boundary's.
@@ -34,10 +35,12 @@ def _group_rank(name: str) -> int:
     return _GROUP_ORDER.index("method: *") if name.startswith("method: ") else len(_GROUP_ORDER)
 
 
-def add_config_arguments(p: argparse.ArgumentParser, config_cls: type) -> None:
+def add_config_arguments(p: argparse.ArgumentParser, config_cls: type,
+                         defaults: dict[str, Any] | None = None) -> None:
     """One flag per field of the options dataclass ``config_cls`` (max_steps -> --max-steps), its help
     and argparse settings from the field's metadata (``lopt.engine.config.option``), in ``--help``
-    sections; plus --config for a YAML file of the same options."""
+    sections; plus --config for a YAML file of the same options. ``defaults``: the command's own
+    defaults where they differ from the dataclass's (``lopt demo``), shown in ``--help``."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     declared = [f for f in fields(config_cls) if f.metadata.get("cli", True)]
     for f in sorted(declared, key=lambda f: _group_rank(f.metadata.get("group", "other"))):
@@ -49,6 +52,9 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls: type) -> None:
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else None)  # type: ignore[misc]
         text = meta.get("help", "")
+        if defaults and f.name in defaults:  # this command's default, said instead of the dataclass's
+            default = defaults[f.name]
+            text = text.split(" (default:")[0].split("; default:")[0]
         # A help that explains its default itself (lr_lower, lambda_aux: None = "depends") keeps it.
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                               "help": text if "default:" in text else f"{text} (default: {default})"}
@@ -85,13 +91,18 @@ def train_config_from_args(ns: argparse.Namespace, defaults: dict[str, Any] | No
 def config_from_args(ns: argparse.Namespace, config_cls: type, defaults: dict[str, Any] | None = None,
                      command: str = "train"):
     """An options dataclass from the parsed flags: dataclass defaults < ``defaults`` < YAML file <
-    command-line flags."""
+    command-line flags. With ``--resume``, the options the run recorded take the place of every one
+    not given in the YAML file or the flags (``lopt.runtime.resume_options``)."""
     names = [f.name for f in fields(config_cls)]
     values: dict[str, Any] = dict(defaults or {})
+    given: dict[str, Any] = {}
     cfg_file = getattr(ns, "config_file", None)
     if cfg_file:
-        values.update(load_yaml_options(cfg_file, names, command))
-    values.update({k: v for k, v in vars(ns).items() if k in names})
+        given.update(load_yaml_options(cfg_file, names, command))
+    given.update({k: v for k, v in vars(ns).items() if k in names})
+    values.update(given)
+    if values.get("resume"):
+        values = resume_options(config_cls, values, set(given), command)
     return config_cls(**values)
 
 
@@ -152,6 +163,9 @@ def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer:
         ("method", f"{s['method']} (blocks {s['block_ranges']})"),
         ("steps", f"{s['steps']}/{s['total_steps']}" + (" (interrupted)" if s["interrupted"] else "")),
         ("task loss first -> last", first_last(s.get("loss_first"), s.get("loss_last"))),
+        ("held-out eval (last)", "; ".join(f"{k} {f(v['loss'])} ({v.get('split')}, n {v['n']})"
+                                           for k, v in (s.get("eval") or {}).items()
+                                           if isinstance(v, dict) and "loss" in v and "n" in v) or None),
         # only when a local (auxiliary) loss was computed: the default recipe has none
         ("aux loss first -> last", first_last(s.get("aux_first"), s.get("aux_last"))),
         ("tokens/s (median)", opt(s.get("tokens_per_s"), "{:.0f}")),
@@ -198,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the embedded arithmetic set (CPU, a few minutes)",
                        description="The train command with demo defaults: "
                        + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()) + ". Any train option overrides them.")
-    add_config_arguments(p, TrainConfig)
+    add_config_arguments(p, TrainConfig, DEMO_DEFAULTS)
 
     add_config_arguments(sub.add_parser(
         "grpo", help="on-policy GRPO (TRL) with verifiable rewards, LoPT or a baseline",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lopt.data import held_out_count, val_size_arg
 from lopt.engine.config import (CHECKPOINT_SCOPES, EngineConfig, LoPTError, fill_recipe_defaults, option)
 from lopt.methods import METHODS, LoPTConfig, check_checkpointing, get_method
 
@@ -91,9 +92,12 @@ class RecipeConfig(LoPTConfig):
         False, "checkpoints hold the weights only, no optimizer or trainer state: smaller, but they cannot be "
         "resumed (--resume skips them)", group=_RUN)
     resume: str | None = option(
-        None, "continue from the newest complete checkpoint in --output-dir, skipping damaged ones (or from the "
-        "given checkpoint dir); see docs/checkpoints.md", nargs="?", const="latest", metavar="CHECKPOINT",
-        group=_RUN)
+        None, "continue the run from the newest complete checkpoint in --output-dir, skipping damaged ones (or from "
+        "the given checkpoint dir), with the options it recorded; options given now override them (--max-steps "
+        "may grow), except another model, method or blocks; see docs/checkpoints.md", nargs="?", const="latest",
+        metavar="CHECKPOINT", group=_RUN)
+    force: bool = option(False, "with --resume: allow another --dataset (grpo: --task) than the run's",
+                         group=_RUN)
     progress: bool = option(True, "show a progress bar", group=_RUN)
     trust_remote_code: bool = option(False, "allow model repos to run their own code", group=_WHAT)
 
@@ -157,13 +161,25 @@ class TrainConfig(RecipeConfig):
                                    "blocks computing at once; each process holds only its block",
                             group="several processes")
     tensorboard: bool = option(False, "also log to OUT/tensorboard", group=_RUN)
-    eval_every: int | None = option(None, "run --eval-tasks every N steps and at the end; results go to "
-                                          "metrics.jsonl", type=int, group="evaluation")
-    eval_tasks: list[str] = option(
-        help="lopt eval task specs for --eval-every (default: task-loss on the training dataset's test split)",
-        factory=list, nargs="+", metavar="TASK", group="evaluation")
-    eval_limit: int | None = option(50, "questions/examples per eval task during training", type=int,
+    eval_every: int | None = option(None, "evaluate every N steps and at the end (the --val-size rows, "
+                                          "--eval-dataset, --eval-tasks); results go to metrics.jsonl", type=int,
                                     group="evaluation")
+    eval_tasks: list[str] = option(
+        help="lopt eval task specs for --eval-every (default: task-loss on the training dataset's own test split, "
+        "when it has one and neither --val-size nor --eval-dataset is given)",
+        factory=list, nargs="+", metavar="TASK", group="evaluation")
+    eval_dataset: str | None = option(
+        None, "held-out SFT data (same forms as --dataset; a preset's test split), its task loss scored after the "
+        "last step and every --eval-every steps", group="evaluation")
+    val_size: int | float | None = option(
+        None, "take N rows (8) or a fraction of them (0.1) out of --dataset, chosen with --seed, and score their "
+        "task loss after the last step and every --eval-every steps", type=val_size_arg, metavar="N|FRACTION",
+        group="evaluation")
+    eval_max_length: int | None = option(
+        None, "truncation of --eval-dataset and --eval-tasks' task-loss (default: --max-length; the --val-size "
+        "rows keep --max-length)", type=int, group="evaluation")
+    eval_limit: int | None = option(50, "questions/examples per eval task and of --eval-dataset during training "
+                                        "(the --val-size rows are all scored)", type=int, group="evaluation")
     sample_prompt: str | None = option(None, "a prompt the trained model answers in the summary", group=_RUN)
 
     def validate(self) -> None:
@@ -188,11 +204,25 @@ class TrainConfig(RecipeConfig):
             check_optimizer_in_backward(self)
         if self.max_length < 1:
             raise LoPTError(f"max_length must be >= 1, got {self.max_length}")
+        check_held_out(self)
         if self.fsdp and self.pipeline:
             raise LoPTError("--fsdp and --pipeline exclude each other: choose one")
         if self.fsdp and self.per_block_step == "on":
             raise LoPTError("per_block_step=on is not supported with --fsdp (FSDP reduces gradients inside "
                             "the backward; the whole model steps at the end)")
+
+
+def check_held_out(cfg: Any) -> None:
+    """The held-out evaluation options' values (``val_size``, ``eval_every``, ``eval_max_length``); the
+    rows themselves are checked once they are loaded (``lopt.data.held_out_count``)."""
+    if cfg.val_size is not None:
+        held_out_count(cfg.val_size, 1 << 62)  # 0, negative, 2.5: a one-line DataError
+    if cfg.eval_every is not None and cfg.eval_every < 0:
+        raise LoPTError(f"eval_every must be >= 1 (0 or unset: off), got {cfg.eval_every}")
+    if getattr(cfg, "eval_max_length", None) is not None and cfg.eval_max_length < 2:
+        raise LoPTError(f"eval_max_length must be >= 2, got {cfg.eval_max_length}")
+    if cfg.eval_dataset is not None and not str(cfg.eval_dataset).strip():
+        raise LoPTError("--eval-dataset is empty: give a file, a preset or a hub dataset")
 
 
 def check_optimizer_in_backward(cfg: Any) -> None:

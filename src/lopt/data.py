@@ -620,7 +620,8 @@ def describe_skips(stats: dict) -> str | None:
     skipped = sum(stats.get("skipped", {}).values())
     if not skipped:
         return None
-    return (f"skipped {skipped} of {stats['rows'] + skipped} rows of {stats['source']} ({_skip_parts(stats)}); "
+    total = stats["rows"] + stats.get("val_rows", 0) + skipped  # val_rows: held out by --val-size
+    return (f"skipped {skipped} of {total} rows of {stats['source']} ({_skip_parts(stats)}); "
             f"the rules are in help(lopt.data)")
 
 
@@ -709,6 +710,65 @@ def build_sft_dataset(source: str, tokenizer, max_length: int = 512, split: str 
                  dropped_no_response_tokens=stats["skipped"].get("prompt_too_long", 0), tokens=tokens,
                  label_tokens=label_tokens)
     return examples, stats
+
+
+# --------------------------------------------------------------------------- held-out rows
+
+# Presets whose source has a 'test' split of its own (the hub's, or DIR/gsm8k/test.jsonl).
+PRESETS_WITH_TEST = ("gsm8k",)
+
+
+def val_size_arg(text: Any) -> int | float:
+    """``--val-size``'s value as given: a whole number of rows (``8``) or a fraction of them (``0.1``)."""
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ValueError(f"val_size must be a number of rows (8) or a fraction (0.1), got {text!r}")
+    if isinstance(text, (int, float)):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # ValueError: argparse reports the bad value
+
+
+def held_out_count(val_size: int | float, rows: int) -> int:
+    """How many of ``rows`` rows ``--val-size`` holds out: N, or round(FRACTION x rows) (at least 1).
+    DataError (one line) when that leaves nothing to train on or the value is not a size."""
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or not val_size > 0:
+        raise DataError(f"--val-size must be a number of rows (8) or a fraction of them (0.1), > 0; got {val_size!r}")
+    if val_size < 1:
+        count = max(1, round(val_size * rows))
+    elif float(val_size).is_integer():
+        count = int(val_size)
+    else:
+        raise DataError(f"--val-size {val_size}: give a whole number of rows (8) or a fraction below 1 (0.1)")
+    if count >= rows:
+        raise DataError(f"--val-size {val_size} holds out {count} of the {rows} training rows, leaving none to "
+                        f"train on; give a smaller --val-size")
+    return count
+
+
+def hold_out(items: list, val_size: int | float, seed: int = 0) -> tuple[list, list]:
+    """``(train, val)``: ``held_out_count(val_size, len(items))`` items chosen with ``seed`` go to
+    ``val``, the rest to ``train``; both keep the original order. The same seed picks the same rows."""
+    count = held_out_count(val_size, len(items))
+    chosen = set(random.Random(f"lopt-val-{seed}").sample(range(len(items)), count))
+    return ([x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen])
+
+
+def has_test_split(source: str, data_dir: str | Path | None = None) -> bool | None:
+    """Whether ``source`` has a 'test' split apart from the rows it trains on: True for the embedded
+    set and presets with one (``PRESETS_WITH_TEST``), a folder with a *test* file; False for a single
+    file (it is one split) and the other presets; None for a hub dataset id (known only once loaded)."""
+    path = Path(source).expanduser()
+    if source == EMBEDDED:
+        return True
+    if path.is_file() or (not path.exists() and _looks_like_file(source)):
+        return False
+    if path.is_dir():
+        return any("test" in p.name for p in path.iterdir())
+    if source in PRESETS:
+        return source in PRESETS_WITH_TEST
+    return None
 
 
 # --------------------------------------------------------------------------- batching

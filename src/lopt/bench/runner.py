@@ -254,6 +254,7 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
     unknown = [c for c in configs if c not in table]
     if unknown:
         raise LoPTError(f"unknown bench configuration(s) {unknown}: choose from {', '.join(table)}")
+    timed = whole_cycles(configs, table, steps)
     jobs = [(c, b) for b in batch_sizes for c in configs]
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {j: [] for j in jobs}
     total = len(jobs) * repeats
@@ -261,7 +262,7 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
     for r in range(repeats):
         for c, b in jobs:
             spec = BenchSpec(name=c, overrides=table[c], model=model, gguf_file=gguf_file, batch_size=b,
-                             seq_len=seq_len, warmup=warmup, steps=steps, measure_saved=(r == 0),
+                             seq_len=seq_len, warmup=warmup, steps=timed[c], measure_saved=(r == 0),
                              device=device, dataset=dataset, limit=limit, data_dir=data_dir)
             done = sum(len(v) for v in runs.values())
             if progress:
@@ -282,13 +283,28 @@ def run_bench(configs: list[str], batch_sizes: list[int], *, model: str | None =
     import transformers
 
     return {"units": dict(BENCH_UNITS), "rows": rows, "reference": configs[0], "seq_len": seq_len,
-            "dataset": dataset or "random tokens", "warmup": warmup, "steps": steps,
+            "dataset": dataset or "random tokens", "warmup": warmup, "steps": steps, "timed_steps": timed,
             "repeats": repeats, "model": model or "smollm2-135m-instruct (embedded)",
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "wall_s": time.perf_counter() - t_start}
+
+
+def whole_cycles(configs: list[str], table: dict[str, dict[str, Any]], steps: int) -> dict[str, int]:
+    """Timed steps per process for each configuration: ``steps`` rounded up to whole cycles of its
+    periodic schedule (``--task-grad-every``, ``--lower-every``), so that a cycle's open step and its
+    closed ones are all in the mean; says so in one line when it rounds any."""
+    if steps < 1:
+        raise LoPTError(f"--steps must be >= 1, got {steps}")
+    cycles = {c: _cycle(table[c]) for c in configs}
+    timed = {c: -(-steps // n) * n for c, n in cycles.items()}
+    rounded = [c for c in configs if timed[c] != steps]
+    if rounded:
+        print(f"lopt bench: timing whole cycles of the periodic schedules: --steps {steps} rounded up to "
+              + ", ".join(f"{timed[c]} for {c} (a cycle of {cycles[c]})" for c in rounded), file=sys.stderr)
+    return timed
 
 
 def _aggregate(name: str, batch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -313,6 +329,9 @@ def _aggregate(name: str, batch: int, runs: list[dict[str, Any]]) -> dict[str, A
 
 
 # --------------------------------------------------------------------------- the bench JSON
+
+DEFAULT_OUTPUT_DIR = "runs/bench"  # lopt bench's JSON and PNG, unless --output-dir / --json / --plot say otherwise
+BENCH_JSON, BENCH_PLOT = "bench.json", "bench.png"
 
 # run_bench's result (and the table) has memory in MiB under keys ending in _mb; the JSON file has it
 # in bytes under _bytes keys, and says so in "units". Ratios (ratio_*) have no unit.
@@ -437,30 +456,54 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[4], metavar="B")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
-    p.add_argument("--steps", type=int, default=1, help="timed steps per process")
+    p.add_argument("--steps", type=int, default=1,
+                   help="timed steps per process, rounded up to whole cycles of a configuration's "
+                        "--task-grad-every / --lower-every (lopt-default: 4)")
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per configuration, interleaved")
     p.add_argument("--device", default=None)
-    p.add_argument("--json", default=None, metavar="PATH", help=json_help("the full results"))
-    p.add_argument("--plot", default=None, help="write the tokens/s vs memory plot (PNG) here")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
+                   help=f"where {BENCH_JSON} and {BENCH_PLOT} go unless --json / --plot name other paths "
+                        f"(default: {DEFAULT_OUTPUT_DIR})")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help=json_help("the full results", f"DIR/{BENCH_JSON} under --output-dir"))
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help=f"write the tokens/s vs memory plot (PNG) here (default: DIR/{BENCH_PLOT} under --output-dir)")
 
 
 def run_bench_cli(ns: argparse.Namespace) -> int:
     configs = list(ns.configs) + [c for p in ns.peer for c in PEERS[p] if c not in ns.configs]
+    json_path, plot_path = bench_outputs(ns)  # a path that cannot be written fails now, not after the bench
     result = run_bench(configs, ns.batch_sizes, model=ns.model, gguf_file=ns.gguf_file, seq_len=ns.seq_len,
                        warmup=ns.warmup, steps=ns.steps, repeats=ns.repeats, device=ns.device,
                        dataset=ns.dataset, limit=ns.limit, data_dir=getattr(ns, "data_dir", None))
     out = sys.stderr if ns.json == "-" else sys.stdout  # `--json -`: standard output holds the JSON only
     print(format_table(result), file=out)
+    rounded = [f"{c} {n}" for c, n in (result.get("timed_steps") or {}).items() if n != result["steps"]]
     print(f"\nratios against {result['reference']}; {result['dataset']}; {result['repeats']} processes x {result['steps']} timed "
-          f"steps per configuration; {result['machine']['cpus']} CPUs, torch {result['versions']['torch']}; "
-          f"{result['wall_s']:.0f}s", file=out)
-    if ns.json:
-        where = write_json(ns.json, bench_json(result))
-        if ns.json != "-":
-            print(f"results written to {where} (memory in bytes)", file=out)
-    if ns.plot:
-        plot(result, ns.plot)
+          f"steps per configuration" + (f" (whole cycles: {', '.join(rounded)})" if rounded else "")
+          + f"; {result['machine']['cpus']} CPUs, torch {result['versions']['torch']}; {result['wall_s']:.0f}s", file=out)
+    where = write_json(json_path, bench_json(result))
+    if json_path != "-":
+        print(f"results written to {where} (memory in bytes)", file=out)
+    Path(plot_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    if plot(result, plot_path):
+        print(f"plot written to {plot_path}", file=out)
     return 0
+
+
+def bench_outputs(ns: argparse.Namespace) -> tuple[str, str]:
+    """Where ``lopt bench`` writes its JSON and PNG: ``--json`` / ``--plot`` when given, else
+    ``bench.json`` / ``bench.png`` in ``--output-dir`` (default ``runs/bench``, never the source tree);
+    PreflightError when a folder cannot be made there; nothing is created yet."""
+    from lopt.runtime.preflight import check_output_dir
+
+    out = Path(getattr(ns, "output_dir", None) or DEFAULT_OUTPUT_DIR).expanduser()
+    json_path = ns.json or str(out / BENCH_JSON)
+    plot_path = ns.plot or str(out / BENCH_PLOT)
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path != "-":
+            check_output_dir(Path(path).expanduser().parent, f"{option} {path}: the folder")
+    return json_path, plot_path
 
 
 def worker_main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lopt.data import build_sft_dataset, collate
+from lopt.data import build_sft_dataset, collate, has_test_split
 from lopt.eval.common import EvalError, chunks_of, model_device, encode_texts, max_positions_of, pad_id_of, run_rows
 from lopt.runtime.checkpoints import RUN_FILE
 from lopt.eval.tasks import Task, TaskRun, data_file_exists, register
@@ -57,16 +57,31 @@ def perplexity(model, tokenizer, text: str, *, window: int | None = None, batch_
 
 @torch.inference_mode()
 def task_loss(model, tokenizer, dataset: str, *, split: str = "test", max_length: int = 512,
-              limit: int | None = None, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+              limit: int | None = None, batch_size: int = 8, progress: bool = False,
+              data_dir: str | Path | None = None) -> dict[str, Any]:
     """Mean cross-entropy over the answer tokens (labels != -100) of a held-out SFT set built with
-    the trainer's own data code (:func:`lopt.data.build_sft_dataset`), token-weighted."""
+    the trainer's own data code (:func:`lopt.data.build_sft_dataset`), token-weighted. A single file
+    has no splits: its result says ``"split": "file"``."""
 
+    examples, stats = build_sft_dataset(dataset, tokenizer, max_length=max_length, split=split,
+                                        limit=limit, data_dir=data_dir)
+    if has_test_split(dataset, data_dir) is False and Path(dataset).expanduser().is_file():
+        split = "file"
+    return examples_loss(model, tokenizer, examples, split=split, max_length=max_length, batch_size=batch_size,
+                         progress=progress, name=dataset, stats=stats)
+
+
+@torch.inference_mode()
+def examples_loss(model, tokenizer, examples: list[dict], *, split: str, max_length: int | None = None,
+                  batch_size: int = 8, progress: bool = False, name: str = "examples",
+                  stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``task_loss`` of examples already tokenized (``build_sft_dataset``'s), labelled ``split``
+    (where they came from: ``test``, ``val``, ...)."""
+    stats = stats or {}
     model.eval()
     device = model_device(model)
-    examples, stats = build_sft_dataset(dataset, tokenizer, max_length=max_length, split=split,
-                                        limit=limit)
     if not examples:
-        raise EvalError(f"task-loss: no examples in {dataset!r} (split {split})")
+        raise EvalError(f"task-loss: no examples in {name!r} (split {split})")
     # Similar lengths together: less padding.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
     total, count = 0.0, 0
@@ -86,7 +101,7 @@ def task_loss(model, tokenizer, dataset: str, *, split: str = "test", max_length
         total += float(nll.sum())
         count += int(keep.sum())
     if count == 0:
-        raise EvalError(f"task-loss: {dataset!r} has no answer tokens to score")
+        raise EvalError(f"task-loss: {name!r} has no answer tokens to score")
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "n": len(examples),
             "split": split, "max_length": max_length, "format": stats.get("format"),
@@ -117,4 +132,4 @@ register(Task("ppl", "ppl:FILE perplexity of a text file", arg="required", file_
 register(Task("task-loss", "task-loss:DATASET held-out SFT loss (a file or 'arithmetic')", arg="required",
               check=data_file_exists("task-loss"), run=lambda r, arg: task_loss(
                   r.model, r.tokenizer, arg, max_length=r.max_length or _run_max_length(r.model),
-                  limit=r.limit, batch_size=r.batch_size, progress=r.progress)))
+                  limit=r.limit, batch_size=r.batch_size, progress=r.progress, data_dir=r.data_dir)))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lopt.data import DataError, chat_prompt, load_records, local_preset
+from lopt.config import check_held_out
+from lopt.data import DataError, chat_prompt, has_test_split, hold_out, load_records, local_preset, val_size_arg
 from lopt.engine.config import LoPTError, option
 from lopt.recipes.trl_bridge import (LoPTTrainerMixin, RLConfig, RLResult, RunState, build_optimizer,
                                      load_and_wrap, prepare_trainer, resolve_resume, run_command,
@@ -61,6 +62,9 @@ class GRPORunConfig(RLConfig):
     reward_weights: list[float] | None = option(None, "one weight per --reward (default: 1 each)", type=float,
                                                 nargs="+", metavar="WEIGHT", group=_GRPO)
     num_generations: int = option(4, "completions sampled per prompt (the GRPO group)", group=_GRPO)
+    batch_size: int | None = option(
+        None, "completions per micro-batch (default: --num-generations, one prompt's group; batch_size x "
+        "steps_per_generation must be a multiple of it)", type=int, group="optimisation")
     max_prompt_length: int | None = option(512, "drop prompts longer than this many tokens (they are never cut)",
                                            type=int, group=_GRPO)
     max_completion_length: int = option(256, "tokens generated per completion at most", group=_GRPO)
@@ -78,9 +82,32 @@ class GRPORunConfig(RLConfig):
     use_vllm: bool = option(False, "generate with vLLM (needs the vllm package and a GPU)", group=_GRPO)
     log_completions: bool = option(False, "also write the sampled completions to OUT/completions/*.parquet",
                                    group=_GRPO)
+    # held-out evaluation: completions sampled for held-out questions, scored by the rewards (TRL's eval)
+    eval_every: int | None = option(
+        None, "evaluate every N steps and after the last (the --val-size rows or --eval-dataset; with neither, "
+        "the task's own test split, e.g. gsm8k's): rewards of held-out prompts go to metrics.jsonl", type=int,
+        group="evaluation")
+    eval_dataset: str | None = option(
+        None, "held-out questions (same forms as --task; a preset's test split), scored after the last step and "
+        "every --eval-every steps", group="evaluation")
+    val_size: int | float | None = option(
+        None, "take N questions (8) or a fraction of them (0.1) out of --task, chosen with --seed, and score them "
+        "after the last step and every --eval-every steps", type=val_size_arg, metavar="N|FRACTION",
+        group="evaluation")
+    eval_limit: int | None = option(32, "use the first N held-out questions of --eval-dataset or the test split "
+                                        "(the --val-size rows are all scored)", type=int, group="evaluation")
+
+    def __post_init__(self) -> None:
+        # No --batch-size: one group per micro-batch, which every --num-generations divides (said in one
+        # line when the run starts).
+        self.batch_size_from_generations = self.batch_size is None
+        if self.batch_size is None:
+            self.batch_size = self.num_generations
+        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
+        check_held_out(self)
         if self.answer_format not in ("auto", *ANSWER_FORMATS):
             raise LoPTError(f"answer_format must be auto, gsm8k or boxed, got {self.answer_format!r}")
         if self.num_generations < 2:
@@ -241,8 +268,14 @@ def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
 
 
     cfg.validate()
+    if getattr(cfg, "batch_size_from_generations", False):
+        print(f"lopt grpo: --batch-size {cfg.batch_size} (one group of --num-generations {cfg.num_generations} "
+              f"completions per micro-batch; give --batch-size to change it)", file=sys.stderr)
     resume_dir = resolve_resume(cfg)
     rows, fmt, data_stats = load_task(cfg.task, cfg.split, cfg.limit, cfg.answer_format, cfg.data_dir)
+    rows, eval_rows, eval_info = held_out_rows(cfg, rows, fmt)  # before the model too
+    if cfg.val_size:
+        data_stats.update(rows=len(rows), val_rows=len(eval_rows))
     reward_funcs = resolve_rewards(cfg.reward, fmt)  # fails before the model is loaded
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)
@@ -253,6 +286,18 @@ def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
         raise DataError(f"every prompt of {data_stats['source']} is longer than max_prompt_length="
                         f"{cfg.max_prompt_length} tokens; raise --max-prompt-length")
     data_stats.update(prompts=len(prompts), dropped_too_long=too_long, instruction=instruction)
+    eval_prompts, evaluation = None, {}
+    if eval_rows is not None:
+        eval_prompts, _ = build_prompts(eval_rows, tokenizer, instruction, cfg.max_prompt_length)
+        if not eval_prompts:
+            raise DataError(f"every held-out prompt ({eval_info['source']}) is longer than max_prompt_length="
+                            f"{cfg.max_prompt_length} tokens; raise --max-prompt-length")
+        eval_info["n"] = len(eval_prompts)
+        data_stats["eval"] = dict(eval_info)
+        # The Trainer also evaluates after the last step when it is not a multiple of eval_steps; an eval
+        # batch holds whole groups of --num-generations completions.
+        evaluation = dict(eval_strategy="steps", eval_steps=cfg.eval_every or 10 ** 9,
+                          per_device_eval_batch_size=cfg.num_generations * max(1, cfg.batch_size // cfg.num_generations))
 
     import datasets
 
@@ -264,21 +309,48 @@ def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
         num_iterations=cfg.num_iterations, steps_per_generation=cfg.steps_per_generation,
         use_vllm=cfg.use_vllm, reward_weights=cfg.reward_weights, log_completions=cfg.log_completions,
         # Dropout would make the sampling policy and the trained one differ for the same weights.
-        disable_dropout=True, remove_unused_columns=False, shuffle_dataset=True,
+        disable_dropout=True, remove_unused_columns=False, shuffle_dataset=True, **evaluation,
     )
     run = RunState(cfg=cfg, command="grpo", device=device,
-                   extra_info={"data": data_stats, "rewards": list(cfg.reward)})
+                   extra_info={"data": data_stats, "rewards": list(cfg.reward)}, eval_info=eval_info or {})
     trainer = _trainer_class()(
         lopt_model=wrapped, lopt_run=run, ref_model=reference, model=wrapped.model,
         reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
+        eval_dataset=datasets.Dataset.from_list(eval_prompts) if eval_prompts is not None else None,
         optimizers=(build_optimizer(wrapped, cfg), None))
     prepare_trainer(trainer, run, wrapped, ("reward", "kl", "loss"), callbacks)
     print(f"lopt grpo: {cfg.method} on {type(wrapped.plain_model()).__name__} ({wrapped.num_layers} layers, "
           f"blocks {wrapped.block_ranges}), {len(prompts)} prompts from {data_stats['source']} "
-          f"({fmt} answers; {too_long} too long, {data_stats['dropped_no_answer']} without answer dropped), "
+          + (f"({data_stats['val_rows']} more held out by --val-size) " if cfg.val_size else "")
+          + f"({fmt} answers; {too_long} too long, {data_stats['dropped_no_answer']} without answer dropped), "
           f"{cfg.num_generations} completions each, rewards {', '.join(cfg.reward)}, on {device}"
           + (f", resuming {resume_dir}" if resume_dir else ""), file=sys.stderr)
     return train_and_finish(trainer, run, resume_dir, wrapped, tokenizer, HEADLINE)
+
+
+def held_out_rows(cfg: GRPORunConfig, rows: list[dict[str, str]], fmt: str
+                  ) -> tuple[list[dict[str, str]], list[dict[str, str]] | None, dict[str, Any] | None]:
+    """``(training rows, held-out rows, what they are)``: the ``--val-size`` rows taken out of ``rows``,
+    else ``--eval-dataset``'s, else (``--eval-every`` alone) the task's own test split; ``(rows, None,
+    None)`` without evaluation. A one-line error for held-out rows that cannot be had."""
+    if cfg.val_size and cfg.eval_dataset:
+        raise LoPTError("--val-size and --eval-dataset: GRPO scores one held-out set, give one of them")
+    if cfg.val_size:
+        rows, val = hold_out(rows, cfg.val_size, cfg.seed)
+        return rows, val, {"split": "val", "source": "--val-size"}
+    if cfg.eval_dataset:
+        try:
+            held, _, stats = load_task(cfg.eval_dataset, "test", cfg.eval_limit, fmt, cfg.data_dir)
+        except DataError as e:
+            raise DataError(f"--eval-dataset: {e}") from None
+        return rows, held, {"split": "eval-dataset", "source": stats["source"]}
+    if not cfg.eval_every:
+        return rows, None, None
+    if has_test_split(cfg.task, cfg.data_dir) is False or cfg.split == "test":
+        raise LoPTError(f"--eval-every: {cfg.task} has no test split apart from the rows it trains on; hold rows out "
+                        f"with --val-size N|FRACTION, or give held-out questions with --eval-dataset PATH")
+    held, _, stats = load_task(cfg.task, "test", cfg.eval_limit, fmt, cfg.data_dir)
+    return rows, held, {"split": "test", "source": stats["source"]}
 
 
 def cmd_grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> int:

@@ -55,8 +55,9 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callback] | None 
         raise LoPTError(f"--pipeline trains LoPT blocks independently; it needs --method lopt, not {cfg.method}")
     if cfg.local_objective != "recon":
         raise LoPTError("--pipeline supports --local-objective recon only")
-    if cfg.eval_every:
-        raise LoPTError("--eval-every needs the whole model in one process; evaluate the saved checkpoint "
+    if cfg.eval_every or cfg.val_size or cfg.eval_dataset:
+        raise LoPTError("--eval-every, --val-size and --eval-dataset need the whole model in one process; evaluate "
+                        "the saved checkpoint "
                         "with lopt eval after a --pipeline run")
     set_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
@@ -170,8 +171,8 @@ def train_pipeline(cfg: Any, ctx: DistContext, callbacks: list[Callback] | None 
             if main:
                 for r in relay.ready():
                     run.log(r)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                gather_and_save(checkpoint=True)
+            if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == total_steps):
+                gather_and_save(checkpoint=True)  # the last step's too, as lopt train
         stage.wait_sends()
         relay.close()
         if main:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 import torch
 
-from lopt.data import Batches, build_sft_dataset, chat_prompt, describe_skips
+from lopt.data import (Batches, DataError, build_sft_dataset, chat_prompt, describe_skips, has_test_split,
+                       held_out_count, hold_out, validate_dataset)
 from lopt.config import TrainConfig, check_optimizer_in_backward  # noqa: F401  (re-exported: lopt.recipes.sft's names)
 from lopt.engine.config import LoPTError
+from lopt.eval.perplexity import examples_loss
 from lopt.eval.runner import evaluate
 from lopt.eval.tasks import check_tasks
 from lopt.methods import get_method, wrap
@@ -25,6 +27,7 @@ from lopt.recipes.pipeline import train_pipeline
 from lopt.runtime.checkpoints import (STATE_FILE, method_extra_state, save_plain_into,
                                       clean_stale_temporaries, run_info, save_training_checkpoint)
 from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
+from lopt.runtime.resume_options import same_options_on_all_ranks
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
 from lopt.runtime.preflight import preflight_train
 from lopt.runtime.state import Callback, RunLog, TrainResult, TrainState, count_steps
@@ -52,8 +55,11 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
     trained (wrapped) model with its tokenizer."""
 
     cfg.validate()
-    preflight_train(cfg)  # a bad output path or data file fails now, not after the model has loaded
+    checked = preflight_train(cfg)  # a bad output path or data file fails now, not after the model has loaded
+    eval_tasks = check_held_out_data(cfg, checked)  # so does held-out evaluation that cannot work
     ctx = init_distributed(cfg.device)  # None unless a launcher started several processes
+    if ctx is not None and cfg.resume:  # the options each rank read from the resumed run: rank 0's
+        cfg = same_options_on_all_ranks(ctx, cfg)
     if ctx is None and (cfg.fsdp or cfg.pipeline):
         raise LoPTError(f"--{'fsdp' if cfg.fsdp else 'pipeline'} needs several processes: launch with "
                         f"torchrun --nproc_per_node N -m lopt train ... (or accelerate launch)")
@@ -68,8 +74,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
     if ctx is not None and cfg.optimizer_in_backward:
         raise LoPTError("--optimizer-in-backward runs in one process only (the gradients would have to be "
                         "averaged across processes before each parameter's step); drop it or the launcher")
-    if ctx is not None and cfg.fsdp and cfg.eval_every:
-        raise LoPTError("--eval-every is not supported with --fsdp (the sharded model runs only on all "
+    if ctx is not None and cfg.fsdp and (cfg.eval_every or cfg.val_size or cfg.eval_dataset):
+        raise LoPTError("--eval-every, --val-size and --eval-dataset are not supported with --fsdp (the sharded model runs only on all "
                         "ranks together); evaluate the saved checkpoint with lopt eval")
     main = ctx is None or ctx.is_main
     dp = DataParallel(ctx, fsdp=cfg.fsdp) if ctx is not None else None
@@ -94,6 +100,18 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
                                   device=load_device, trust_remote_code=cfg.trust_remote_code)
     examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
                                              split=cfg.split, limit=cfg.limit, data_dir=cfg.data_dir)
+    held = {}  # the held-out examples: spec -> (examples, split, their data stats)
+    if cfg.val_size:  # the same seeded rows on every rank and on resume
+        examples, val_examples = hold_out(examples, cfg.val_size, cfg.seed)
+        held["task-loss:val"] = (val_examples, "val", {"format": data_stats["format"]})
+        data_stats.update(rows=len(examples), val_rows=len(val_examples))
+    if cfg.eval_dataset and main:
+        eval_examples, eval_stats = build_sft_dataset(cfg.eval_dataset, tokenizer, max_length=eval_max_length(cfg),
+                                                      split="test", limit=cfg.eval_limit, data_dir=cfg.data_dir)
+        held[f"task-loss:{cfg.eval_dataset}"] = (eval_examples, "eval-dataset", eval_stats)
+        if describe_skips(eval_stats):
+            print(f"lopt: --eval-dataset: {describe_skips(eval_stats)}", file=sys.stderr)
+        data_stats["eval"] = {k: eval_stats[k] for k in ("source", "format", "rows", "truncated") if k in eval_stats}
     wrapped = wrap(model, config=cfg.lopt_config()).to(load_device)
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
@@ -130,13 +148,14 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
             torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
         del ts
 
-    run_eval = _periodic_eval(cfg, tokenizer, device) if main else None
+    run_eval = _periodic_eval(cfg, tokenizer, device, eval_tasks, held) if main else None
     # Only rank 0 writes the log, the progress bar and the checkpoints; every rank runs the callbacks.
     run = RunLog(cfg, state, total_steps, device, main=main, resumed=resume_dir is not None, ctx=ctx,
                  callbacks=callbacks)
     if main:
         print(f"lopt: {cfg.method} on {type(model).__name__} ({wrapped.num_layers} layers, blocks "
-              f"{wrapped.block_ranges}), {data_stats['rows']} examples ({data_stats['format']}), "
+              f"{wrapped.block_ranges}), {data_stats['rows']} examples ({data_stats['format']}"
+              + (f"; {data_stats['val_rows']} more held out by --val-size" if cfg.val_size else "") + "), "
               f"{total_steps} steps on {device}" + (f", resumed at step {state.step}" if resume_dir else "")
               + (f", {world} processes ({'FSDP' if cfg.fsdp else 'data parallel'}, global batch "
                  f"{cfg.batch_size * world})" if ctx is not None else ""), file=sys.stderr)
@@ -182,11 +201,11 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
             stop = state.stop_requested
             if ctx is not None:  # every rank stops after the same step (Ctrl-C reaches them at different times)
                 stop = ctx.any(stop)
-            if run_eval and (state.step % cfg.eval_every == 0 or state.step == total_steps):
+            if run_eval and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps):
                 last_eval = run_eval(wrapped.model)
                 run.write({"step": state.step, "eval": last_eval})
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-                checkpoint()
+            if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == total_steps):
+                checkpoint()  # the last step's too: a finished run can be extended with --resume
         interrupted = stop and state.step < total_steps
         if interrupted:
             run.report_stop(checkpoint())
@@ -202,14 +221,43 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
     return TrainResult(summary, wrapped, tokenizer)
 
 
-def _periodic_eval(cfg: TrainConfig, tokenizer, device: torch.device):
-    """A function model -> eval results for ``--eval-every``, or None. The base model (for
+def eval_max_length(cfg: TrainConfig) -> int:
+    """The truncation of the eval's task loss: ``--eval-max-length``, else training's ``--max-length``."""
+    return cfg.eval_max_length or cfg.max_length
+
+
+def check_held_out_data(cfg: TrainConfig, checked: dict[str, Any] | None = None) -> list[str]:
+    """Before any model loads: the eval tasks of ``--eval-every`` (``--eval-tasks``, else the training
+    dataset's own test split when neither ``--val-size`` nor ``--eval-dataset`` is given), and a
+    one-line error for held-out data that cannot work: ``--eval-every`` on data with no test split,
+    ``--val-size`` that leaves nothing to train on, an ``--eval-dataset`` without rows. ``checked``:
+    ``preflight_train``'s result (rows counted in a local file)."""
+    if cfg.val_size and checked and checked.get("checked"):
+        held_out_count(cfg.val_size, checked["rows"])
+    if cfg.eval_dataset:
+        try:
+            validate_dataset(cfg.eval_dataset, split="test", max_length=eval_max_length(cfg), data_dir=cfg.data_dir)
+        except DataError as e:
+            raise DataError(f"--eval-dataset: {e}") from None
+    if cfg.eval_tasks:
+        return list(cfg.eval_tasks)
+    if not cfg.eval_every or cfg.val_size or cfg.eval_dataset:
+        return []
+    if has_test_split(cfg.dataset, cfg.data_dir) is False or cfg.split == "test":
+        raise LoPTError(f"--eval-every: {cfg.dataset} has no test split apart from the rows it trains on; hold rows "
+                        f"out with --val-size N|FRACTION, or give held-out data with --eval-dataset PATH")
+    return [f"task-loss:{cfg.dataset}"]
+
+
+def _periodic_eval(cfg: TrainConfig, tokenizer, device: torch.device, tasks: list[str],
+                   held: dict[str, tuple[list[dict], str, dict[str, Any]]]):
+    """A function model -> eval results (``--eval-every`` and after the last step), or None: the
+    ``tasks``, then the task loss of each set of held-out examples in ``held``. The base model (for
     retention-kl and drift) is loaded once, only when a task needs it."""
-    if not cfg.eval_every:
+    if not tasks and not held:
         return None
 
-    tasks = cfg.eval_tasks or [f"task-loss:{cfg.dataset}"]
-    parsed = check_tasks(tasks, has_base=True)
+    parsed = check_tasks(tasks, has_base=True) if tasks else []
     base = None
     if any(kind in ("retention-kl", "drift") for kind, _ in parsed):
         base, _ = load_model(cfg.model, gguf_file=cfg.gguf_file, device=device,
@@ -217,8 +265,17 @@ def _periodic_eval(cfg: TrainConfig, tokenizer, device: torch.device):
         base.eval()
 
     def run(model) -> dict[str, Any]:
-        return evaluate(model, tokenizer, tasks, base=base, limit=cfg.eval_limit, progress=False,
-                        data_dir=cfg.data_dir)
+        out = evaluate(model, tokenizer, tasks, base=base, limit=cfg.eval_limit, progress=False,
+                       max_length=eval_max_length(cfg), data_dir=cfg.data_dir) if tasks else {}
+        was_training = model.training
+        try:
+            for spec, (examples, split, stats) in held.items():
+                out[spec] = examples_loss(model, tokenizer, examples, split=split, name=spec, stats=stats,
+                                          max_length=cfg.max_length if split == "val" else eval_max_length(cfg))
+                out[spec].pop("items", None)  # per-row losses: not for every line of metrics.jsonl
+        finally:
+            model.train(was_training)
+        return out
     return run
 
 

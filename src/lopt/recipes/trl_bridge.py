@@ -323,6 +323,7 @@ class RunState:
     checkpoints: list[Path] = field(default_factory=list)
     stop_requested: bool = False
     extra_info: dict[str, Any] = field(default_factory=dict)
+    eval_info: dict[str, Any] = field(default_factory=dict)  # joins every eval record (split, n)
 
     def info(self, wrapped: LoPTModel, metrics: dict[str, Any] | None) -> dict[str, Any]:
         """The ``lopt_run.json`` contents: options, block ranges, versions, final metrics."""
@@ -369,7 +370,9 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
             if state.global_step >= state.max_steps:
-                control.should_save = False  # the final model goes to OUT itself, as with lopt train
+                # The final model goes to OUT itself; with --save-every the last step is also a
+                # checkpoint-N (as lopt train's), which --resume --max-steps M extends.
+                control.should_save = bool(run.cfg.save_every)
             if run.stop_requested and state.global_step < state.max_steps:
                 control.should_save = True
                 control.should_training_stop = True
@@ -380,8 +383,8 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
             if "train_runtime" in logs:  # the end-of-training summary, not a step
                 return
             if any(k.startswith("eval_") for k in logs):  # an evaluation: its own record, as lopt train writes
-                rec = {"step": state.global_step, "eval": {k[len("eval_"):]: v for k, v in logs.items()
-                                                           if k.startswith("eval_")}}
+                rec = {"step": state.global_step, "eval": {**run.eval_info, **{
+                    k[len("eval_"):]: v for k, v in logs.items() if k.startswith("eval_")}}}
                 run.history.append(rec)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -533,8 +536,10 @@ def print_summary(summary: dict[str, Any], seconds: float, headline: dict[str, s
     rows += [(f"{name} first -> last", first_last(summary.get(f"{name}_first"), summary.get(f"{name}_last")))
              for name in headline]
     if summary.get("eval"):
-        shown = {k: v for k, v in summary["eval"].items() if k in ("loss", "rewards/margins", "rewards/accuracies")}
-        rows.append(("held-out eval (last)", ", ".join(f"{k} {v:.4f}" for k, v in shown.items())))
+        shown = {k: v for k, v in summary["eval"].items()
+                 if k in ("loss", "reward", "rewards/margins", "rewards/accuracies")}
+        where = f" ({summary['eval']['split']}, n {summary['eval'].get('n')})" if "split" in summary["eval"] else ""
+        rows.append(("held-out eval (last)", ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + where))
     rows += [("aux loss first -> last", first_last(summary.get("aux_first"), summary.get("aux_last"))),
              ("tokens/s (median)", opt(summary.get("tokens_per_s"), "{:.0f}")),
              ("peak memory", opt(summary.get("peak_mem_mb"), "{:.0f} MiB")),
