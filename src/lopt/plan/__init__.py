@@ -5,6 +5,8 @@ it trains (``lopt.methods.Method.trains``); the planner costs it."""
 from lopt.plan.planner import (DEFAULT_METHODS, PlanError, PlanRow, add_plan_arguments, aliases, count_parameters,
                                format_table, load_config, method_setup, method_trains, parse_size, plan,
                                run_plan_cli)
+# ``lopt plan``'s CLI with --nproc/--parallel (per-rank memory under DDP, FSDP2, the pipeline)
+from lopt.plan.distributed import PARALLEL_MODES, add_plan_arguments, plan_parallel, run_plan_cli  # noqa: F811
 
 __all__ = ["DEFAULT_METHODS", "PlanError", "PlanRow", "add_plan_arguments", "aliases", "count_parameters",
-           "format_table", "load_config", "method_setup", "method_trains", "parse_size", "plan", "run_plan_cli"]
+           "format_table", "load_config", "method_setup", "method_trains", "parse_size", "plan", "run_plan_cli", "PARALLEL_MODES", "plan_parallel"]

@@ -1,0 +1,106 @@
+"""Runs under ``torchrun`` for tests/test_plan_distributed.py: real DDP / FSDP2 training steps on
+tiny models, each rank measuring its own memory.
+
+    torchrun --standalone --nproc_per_node 2 tests/plan_dist_worker.py JOBS.json OUT.json
+
+Each job is ``{"name", "model": {config dict}, "train": {TrainConfig fields}, "batch": rows per rank,
+"seq": tokens}``. One warm-up step (AdamW state exists after it), then four steps under the live-bytes
+profiler (a whole ``--task-grad-every 4`` cycle, its open step included), then four under the
+saved-tensor tracker. Rank r writes, per job: resident bytes before the measured steps, the live
+peak above them, the saved-activation peak.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plan_measure import live_bytes, resident_bytes, state_tensors  # noqa: E402
+
+
+def param_views_excluded(tracker_cls):
+    """The saved-tensor tracker, also leaving out views of parameters: under FSDP2 a layer's unsharded
+    weights are parameters made in the forward (not known up front), whose storage is freed after the
+    forward and gathered again for the backward, so they are weights, not activations."""
+    from torch import nn
+
+    from lopt.engine.memory import _Packed
+
+    class Tracker(tracker_cls):
+        def _pack(self, t):
+            if isinstance(t._base, nn.Parameter):
+                return _Packed(t, None, self)
+            return super()._pack(t)
+    return Tracker
+
+
+def run_job(job: dict, ctx) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lopt.engine.config import fill_recipe_defaults
+    from lopt.engine.memory import SavedTensorTracker
+    from lopt.methods import wrap
+    from lopt.parallel.data_parallel import DataParallel
+    from lopt.recipes.sft import TrainConfig
+    from lopt.runtime.loop import Stepper
+
+    data = dict(job["model"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(data.pop("model_type"), **data),
+                                             dtype=torch.float32)
+    cfg = TrainConfig(**{"progress": False, "max_steps": 9, "warmup_ratio": 0.0, "lr": 1e-4, **job["train"]})
+    fill_recipe_defaults(cfg)
+    cfg.validate()
+    wrapped = wrap(model, config=cfg.lopt_config())
+    wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
+    wrapped.train()
+    dp = DataParallel(ctx, fsdp=cfg.fsdp)
+    wrapped = dp.prepare_model(wrapped)
+    stepper = Stepper(wrapped, cfg, torch.device("cpu"), 9, dist=dp)
+    g = torch.Generator().manual_seed(1)
+    vocab, rows, seq = job["model"]["vocab_size"], job["batch"] * ctx.world_size, job["seq"]
+
+    def batch():
+        ids = torch.randint(0, vocab, (rows, seq), generator=g)
+        return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+
+    stepper.step(batch())
+    resident = resident_bytes(state_tensors(wrapped, stepper.optimizer) + list(wrapped.buffers()))
+    # Each step under a fresh collection: FSDP2's step leaves reference cycles (hooks on the autograd
+    # graph) whose tensors Python's collector frees at a moment of its choosing, not the step's.
+    gc.collect()
+    with live_bytes() as live:
+        for _ in range(4):
+            stepper.step(batch())
+            gc.collect()
+    with param_views_excluded(SavedTensorTracker)([p.to_local() if hasattr(p, "to_local") else p for p in wrapped.parameters()]) as tracker:
+        for _ in range(4):
+            stepper.step(batch())
+    return {"resident": resident, "live": live.peak, "saved": tracker.peak_bytes}
+
+
+def main(jobs_path: str, out_path: str) -> int:
+    from lopt.parallel.context import init_distributed
+
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    out = {}
+    for job in json.loads(Path(jobs_path).read_text()):
+        out[job["name"]] = run_job(job, ctx)
+        dist.barrier()
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, out)
+    if ctx.rank == 0:
+        Path(out_path).write_text(json.dumps(gathered))
+    ctx.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
