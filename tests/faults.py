@@ -142,8 +142,8 @@ class Harness:
         self.ref_final = load_file(self.ref_dir / WEIGHTS)
         self.ref_checkpoints = {s: load_file(self.ref_dir / f"{CHECKPOINT}{s}" / WEIGHTS)
                                 for s in _complete(self.ref_dir)}
-        if sorted(self.ref_checkpoints) != list(range(1, self.steps)):
-            raise RuntimeError(f"expected checkpoints 1..{self.steps - 1}, got {sorted(self.ref_checkpoints)}")
+        if sorted(self.ref_checkpoints) != list(range(1, self.steps + 1)):  # the last step's included
+            raise RuntimeError(f"expected checkpoints 1..{self.steps}, got {sorted(self.ref_checkpoints)}")
 
     # ------------------------------------------------------------------ one trial
 

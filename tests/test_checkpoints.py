@@ -317,8 +317,8 @@ def test_save_total_limit_keeps_the_newest(tiny_dir, qa_file, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(output_dir=str(out), save_every=1, save_total_limit=2, **common(tiny_dir, qa_file)))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint-", "."))) == \
-        ["checkpoint-3", "checkpoint-4"]
-    assert latest_checkpoint(out).name == "checkpoint-4"
+        ["checkpoint-4", "checkpoint-5"]  # the last step (5) is a checkpoint too
+    assert latest_checkpoint(out).name == "checkpoint-5"
 
 
 def test_save_total_limit_deletes_only_after_the_new_one_is_complete(tiny_dir, qa_file, tmp_path, monkeypatch):
@@ -430,15 +430,15 @@ def test_dpo_limit_fallback_and_model_only(tiny_dir, gsm8k_file, tmp_path, capsy
     out = tmp_path / "run"
     dpo(dpo_config(tiny_dir, gsm8k_file, out, save_every=1, save_total_limit=2))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint-", "."))) == \
-        ["checkpoint-2", "checkpoint-3"]
+        ["checkpoint-3", "checkpoint-4"]  # the last step (4) is a checkpoint too
     want = load_file(out / "model.safetensors")
-    # TRL's optimizer.pt of the newest checkpoint is damaged: resume falls back to checkpoint-2
-    _truncate(out / "checkpoint-3" / "optimizer.pt")
+    # TRL's optimizer.pt of the newest checkpoint is damaged: resume falls back to checkpoint-3
+    _truncate(out / "checkpoint-4" / "optimizer.pt")
     capsys.readouterr()
     res = dpo(dpo_config(tiny_dir, gsm8k_file, out, save_every=1, save_total_limit=2, resume="latest"))
     err = capsys.readouterr().err
     assert res.summary["steps"] == 4
-    assert f"skipping {out / 'checkpoint-3'}: optimizer.pt is truncated" in err, err
+    assert f"skipping {out / 'checkpoint-4'}: optimizer.pt is truncated" in err, err
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     got = load_file(out / "model.safetensors")
     for k in want:
@@ -461,7 +461,7 @@ def test_pipeline_limit_fallback_and_model_only(tiny_dir, qa_file, tmp_path):
                 warmup_ratio=0.0, progress=False, pipeline=True, save_every=1)
     jobs = [{"config": {**opts, "output_dir": str(full), "save_total_limit": 2}},
             # a copy of the finished run whose newest checkpoint is damaged, resumed
-            {"copy": [str(full), str(resumed)], "truncate": str(resumed / "checkpoint-3" / STATE_FILE),
+            {"copy": [str(full), str(resumed)], "truncate": str(resumed / "checkpoint-4" / STATE_FILE),
              "config": {**opts, "output_dir": str(resumed), "resume": "latest", "save_total_limit": 2}},
             {"config": {**opts, "output_dir": str(lean), "max_steps": 2, "save_only_model": True}}]
     spec = tmp_path / "jobs.json"
@@ -472,8 +472,8 @@ def test_pipeline_limit_fallback_and_model_only(tiny_dir, qa_file, tmp_path):
                            str(HERE / "dist_worker.py"), str(spec)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
-    assert f"skipping {resumed / 'checkpoint-3'}: trainer_state.pt is truncated" in proc.stderr
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert f"skipping {resumed / 'checkpoint-4'}: trainer_state.pt is truncated" in proc.stderr
     wa, wb = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0)  # nothing is reduced: bitwise
