@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -42,8 +43,8 @@ from lopt.engine.config import RECIPE_TASK_GRAD_EVERY, LoPTError
 from lopt.config import OPTIMIZERS
 from lopt.jsonout import json_help, write_json
 from lopt.methods import LoPTConfig, Trains, get_method, method_names
-from lopt.plan.activations import (CLOSEST_MODEL_TYPE, SUPPORTED_MODEL_TYPES, LayerMode, LayerShape, PhaseSpec,
-                               phase_memory)
+from lopt.plan.activations import (CLOSEST_MODEL_TYPE, SUPPORTED_MODEL_TYPES, LayerMemory, LayerMode, LayerShape,
+                                   PhaseMemory, PhaseSpec, phase_memory)
 
 # lopt train --method lopt (its default recipe), the paper's lopt-kN, every other method
 DEFAULT_METHODS = ("lopt", "lopt-k2", "lopt-k4", "e2e", "freeze-lower", "lora", "lisa", "badam")
@@ -474,6 +475,9 @@ class PlanRow:
     free_at_peak: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
     command: str = ""  # the lopt train flags of this configuration
+    max_batch: int | None = None  # --max-batch: the largest per-device batch that fits (0: none)
+    accumulation: tuple[int, int] | None = None  # --global-batch-size: (batch, gradient accumulation)
+    fits_with: str | None = None  # --max-batch: the cheapest checkpointing with which --batch-size fits
 
     @property
     def step_peak(self) -> int:
@@ -481,10 +485,14 @@ class PlanRow:
         return self.peak - self.weights
 
 
-def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int, seq: int, amp: bool
-          ) -> tuple[int, int, int, int, list[dict[str, Any]]]:
+def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int, seq: int, amp: bool,
+          accumulate: bool = False, step_tmp: int = 0) -> tuple[int, int, int, int, list[dict[str, Any]]]:
     """(peak of grads + activations + temporaries above weights and optimizer state, most gradient
-    bytes, most held activation bytes, most tracker-visible bytes, per-phase details)."""
+    bytes, most held activation bytes, most tracker-visible bytes, per-phase details).
+    ``accumulate``: a second or later micro-batch under gradient accumulation: every gradient of the
+    step is alive from the start (lopt's per-block step is off then), and each new one is a temporary
+    added into it. ``step_tmp``: the optimizer step's temporaries (``step_temporaries``), alive with the
+    gradients it steps."""
     tokens, c = batch * seq, 2 if amp else 4
     n_ce = batch * (seq - 1)
     # Temporaries. Loss: one chunk of fp32 logits (plus their bf16 original under autocast) and the
@@ -496,8 +504,14 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
     grads, live = 0, 0
     max_grads = max_held = max_vis = 0
     details = []
+    if accumulate:  # the step's gradients (the open step's under --task-grad-every)
+        grads = sum(sum(ph.layer_grads) + ph.top_grads + ph.base_grads for ph in setup.phases
+                    if ph.label not in ("closed step", "idle step"))
+        setup = dataclasses.replace(setup, phases=[dataclasses.replace(
+            ph, steps_after=False, in_backward=(), top_in_backward=True, base_in_backward=True,
+            layer_max_grads=tuple(ph.layer_grads)) for ph in setup.phases])
     for ph in setup.phases:
-        mem = phase_memory(ph.spec, shape, batch, seq, counts.vocab, amp=amp)
+        mem = cached_phase_memory(ph.spec, shape, batch, seq, counts.vocab, amp)
         max_held, max_vis = max(max_held, mem.held), max(max_vis, mem.visible)
         fwd = grads + mem.held + (ce_tmp if ph.spec.top == "ce" else 0)
         live = max(live, fwd)
@@ -505,29 +519,73 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
         # --optimizer-in-backward: a gradient stepped inside the backward is freed at once; within a
         # layer's backward at most its largest gradient is alive beyond what autograd computes.
         grads += 0 if ph.top_in_backward else ph.top_grads
-        oib = ph.in_backward or (False,) * len(ph.layer_grads)
+        oib = ph.in_backward or (accumulate,) * len(ph.layer_grads)
         gmax = ph.layer_max_grads or tuple(ph.layer_grads)
         for layer, g, own, big in zip(reversed(mem.layers), reversed(ph.layer_grads), reversed(oib), reversed(gmax)):
             rebuilt = layer.rebuilt + bwd_tmp if (g or layer.held) else 0
-            live = max(live, held + grads + (min(g, big) if own else g) + rebuilt)
+            # The layer's backward frees its saved tensors op by op as its gradients appear: at most the
+            # larger of the two is alive beside the rest, plus the backward's temporaries.
+            new = min(g, big) + (step_tmp if g else 0) if own else g
+            live = max(live, held - layer.held + grads + max(layer.held, new) + rebuilt)
+            max_grads = max(max_grads, grads + (min(g, big) if own else 0))
             held -= layer.held
             grads += 0 if own else g
-        live = max(live, held + grads + ph.base_grads + ph.tied_extra)
+        # A tied matrix: its dense embedding gradient is summed with the head's into a new tensor while
+        # both are alive (autograd's input buffer does not add in place into the loss's saved gradient).
+        live = max(live, held + grads + ph.base_grads + 2 * ph.tied_extra)
         grads += 0 if ph.base_in_backward else ph.base_grads
         max_grads = max(max_grads, grads)
         details.append({"layers": len(ph.spec.layers), "top": ph.spec.top, "activations": mem.held,
-                        "saved_visible": mem.visible, "grads": grads})
+                        "saved_visible": mem.visible, "grads": grads, "label": ph.label})
         if ph.steps_after:
+            live = max(live, held + grads + step_tmp)
             grads = 0
     return live, max_grads, max_held, max_vis, details
+
+
+def step_temporaries(setup: MethodSetup, optimizer: str, device: str) -> int:
+    """Bytes the optimizer step allocates for one tensor at a time. Fused AdamW (CUDA and CPU) and
+    bitsandbytes' CUDA kernels update in place: none. bitsandbytes' CPU backend dequantizes each 8-bit
+    tensor's two states to fp32 and computes in fp32: five fp32 copies of the tensor at once (states,
+    gradient, the denominator and its square root), three for its 32-bit path (smaller tensors)."""
+    if optimizer != "adamw-8bit" or device != "cpu" or not setup.trainable_sizes:
+        return 0
+    big = [n for n in setup.trainable_sizes if n >= BNB_MIN_8BIT_SIZE]
+    small = [n for n in setup.trainable_sizes if n < BNB_MIN_8BIT_SIZE]
+    return max(20 * max(big, default=0), 12 * max(small, default=0))
+
+
+@functools.lru_cache(maxsize=4096)
+def _replayed(spec: PhaseSpec, shape: LayerShape, batch: int, seq: int, vocab: int, amp: bool) -> PhaseMemory:
+    return phase_memory(spec, shape, batch, seq, vocab, amp=amp)
+
+
+def cached_phase_memory(spec: PhaseSpec, shape: LayerShape, batch: int, seq: int, vocab: int, amp: bool
+                        ) -> PhaseMemory:
+    """``phase_memory`` from two cached replays: every saved tensor is either per token (its size
+    proportional to the batch at a fixed length) or per position or per model (the rotary tables, the
+    head's gradient), so each byte count is affine in the batch and batch B is batch 1 plus (B - 1)
+    times the step from batch 1 to 2, exactly. Rows, and --max-batch's search, replay each phase
+    twice instead of once per batch tried."""
+    if batch <= 2:
+        return _replayed(spec, shape, batch, seq, vocab, amp)
+    one, two = _replayed(spec, shape, 1, seq, vocab, amp), _replayed(spec, shape, 2, seq, vocab, amp)
+
+    def at(a: int, b: int) -> int:
+        return a + (batch - 1) * (b - a)
+
+    layers = [LayerMemory(held=at(x.held, y.held), visible=at(x.visible, y.visible), rebuilt=at(x.rebuilt, y.rebuilt))
+              for x, y in zip(one.layers, two.layers)]
+    return PhaseMemory(layers=layers, base=at(one.base, two.base), top=at(one.top, two.top),
+                       held=at(one.held, two.held), visible=at(one.visible, two.visible))
 
 
 def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int, precision: str = "bf16",
          methods: Sequence[str] | None = None, num_blocks: int = 2, gradient_checkpointing: str | None = None,
          selective_checkpointing: str | None = None, gpu_memory: str | int | None = None,
          headroom: int = DEFAULT_HEADROOM, task_grad_every: int | None = None, tied_head: bool | None = None,
-         lower_every: int | None = None, optimizer: str | None = None, optimizer_in_backward: bool | None = None
-         ) -> list[PlanRow]:
+         lower_every: int | None = None, optimizer: str | None = None, optimizer_in_backward: bool | None = None,
+         max_batch: bool = False, global_batch_size: int | None = None, device: str = "cuda") -> list[PlanRow]:
     """Predict the memory of one training step for each training configuration x checkpointing scope.
 
     ``config_or_model_source``: an alias (``qwen2.5-7b``; see ``aliases()``), a checkpoint directory,
@@ -543,8 +601,19 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
     lower-blocks) to plan only that; by default each method is shown without checkpointing and with
     full and selective checkpointing of all layers (LoPT: of its last block too).
     ``gpu_memory``: bytes or a string like ``80GB`` / ``24GiB`` (both 2**30); rows then say whether
-    the peak plus ``headroom`` fits."""
+    the peak plus ``headroom`` fits. ``max_batch`` (needs ``gpu_memory``): each row's largest per-device
+    batch that fits (``PlanRow.max_batch``), with ``global_batch_size`` G the batch x gradient
+    accumulation that keeps G (``PlanRow.accumulation``), and for each configuration the cheapest
+    checkpointing scope with which ``batch_size`` fits (``PlanRow.fits_with``). ``device``: cuda (what
+    the plan is for) or cpu (the same step; bitsandbytes' CPU optimizer step adds fp32 temporaries)."""
+    if device not in ("cuda", "cpu"):
+        raise PlanError(f"device must be cuda or cpu, got {device!r}")
     _check_batch(batch_size, max_length)
+    if (max_batch or global_batch_size is not None) and gpu_memory is None:
+        raise PlanError("--max-batch needs --gpu-memory (the memory to fit in), e.g. --gpu-memory 80GB")
+    if global_batch_size is not None and (not isinstance(global_batch_size, int) or global_batch_size < 1):
+        raise PlanError(f"global batch size must be >= 1, got {global_batch_size}")
+    max_batch = max_batch or global_batch_size is not None
     if precision not in PRECISIONS:
         raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     for name, scope in (("gradient checkpointing", gradient_checkpointing),
@@ -560,9 +629,87 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
     rows = []
     for spec, variant in specs:
         scopes = _scopes(spec.method, gradient_checkpointing, selective_checkpointing)
+        first = len(rows)
         for full, sel in scopes[:1] if variant else scopes:
-            rows.append(_row(spec, full, sel, counts, shape, batch_size, max_length, amp, capacity, headroom))
+            row = _row(spec, full, sel, counts, shape, batch_size, max_length, amp, capacity, headroom, device)
+            if max_batch:
+                search = _BatchSearch(spec, full, sel, counts, shape, max_length, amp, capacity - headroom, device)
+                row.max_batch = search.largest()
+                if global_batch_size is not None:
+                    row.accumulation = search.accumulation(global_batch_size)
+            rows.append(row)
+        if max_batch:
+            rows[first].fits_with = _cheapest_scope(spec, counts, shape, batch_size, max_length, amp,
+                                                    capacity - headroom, device)
     return rows
+
+
+# Checkpointing scopes from the cheapest in recomputation to the dearest: selective checkpointing redoes
+# only element-wise work, full checkpointing the whole forward of its layers; the last block is fewer
+# layers than all of them.
+SCOPE_COST = (("off", "off"), ("off", "last-block"), ("off", "all"), ("last-block", "off"), ("all", "off"))
+
+
+def _cheapest_scope(spec: RowSpec, counts: ParamCounts, shape: LayerShape, batch: int, seq: int, amp: bool,
+                    budget: int, device: str = "cuda") -> str:
+    """The cheapest checkpointing with which ``spec`` fits at ``batch`` (as lopt train's flags), or
+    "none"."""
+    boundary = get_method(spec.method).boundary
+    for full, sel in SCOPE_COST:
+        if not boundary and "last-block" in (full, sel):
+            continue
+        if _BatchSearch(spec, full, sel, counts, shape, seq, amp, budget, device).peak(batch) <= budget:
+            if full == sel == "off":
+                return "-"
+            return (f"--gradient-checkpointing {full}" if full != "off" else f"--selective-checkpointing {sel}")
+    return "none"
+
+
+class _BatchSearch:
+    """Peaks of one configuration at any batch (each phase replayed twice, then extrapolated)."""
+
+    def __init__(self, spec: RowSpec, full: str, sel: str, counts: ParamCounts, shape: LayerShape, seq: int,
+                 amp: bool, budget: int, device: str = "cuda"):
+        n = len(counts.layers)
+        trains = method_trains(spec.method, n, spec.num_blocks)
+        ck = checkpointed_layers(full, sel, n, list(trains.blocks or [(0, n)]))
+        self.setup = method_setup(spec.method, counts, num_blocks=spec.num_blocks, checkpoint=ck, trains=trains,
+                                  spec=spec)
+        self.fixed = 4 * self.setup.resident + optimizer_bytes(self.setup, spec.optimizer, spec.optimizer_in_backward)
+        self.spec, self.counts, self.shape, self.seq, self.amp, self.budget = spec, counts, shape, seq, amp, budget
+        self.step_tmp = step_temporaries(self.setup, spec.optimizer, device)
+
+    def peak(self, batch: int, accumulate: bool = False) -> int:
+        live = _walk(self.setup, self.counts, self.shape, batch, self.seq, self.amp, accumulate, self.step_tmp)[0]
+        return self.fixed + live
+
+    def largest(self, accumulate: bool = False) -> int:
+        """The largest batch whose peak fits the budget (0: not even 1)."""
+        if self.peak(1, accumulate) > self.budget:
+            return 0
+        lo, hi = 1, 2
+        while self.peak(hi, accumulate) <= self.budget:
+            lo, hi = hi, hi * 2
+            if hi > 1 << 24:
+                return lo
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.peak(mid, accumulate) <= self.budget else (lo, mid)
+        return lo
+
+    def accumulation(self, global_batch: int) -> tuple[int, int] | None:
+        """(per-device batch, gradient accumulation) with batch x accumulation = ``global_batch``, the
+        fewest accumulation steps that fit; None when none does (or the configuration cannot accumulate:
+        --optimizer-in-backward)."""
+        for accum in range(1, global_batch + 1):
+            if global_batch % accum:
+                continue
+            if accum > 1 and self.spec.optimizer_in_backward:
+                return None
+            batch = global_batch // accum
+            if self.peak(batch) <= self.budget and (accum == 1 or self.peak(batch, True) <= self.budget):
+                return batch, accum
+        return None
 
 
 def _check_batch(batch_size: Any, max_length: Any) -> None:
@@ -683,14 +830,15 @@ BNB_BLOCK = 256  # its blockwise quantization's block
 
 
 def _row(spec: RowSpec, full: str, sel: str, counts: ParamCounts, shape: LayerShape, batch: int,
-         seq: int, amp: bool, capacity: int | None, headroom: int) -> PlanRow:
+         seq: int, amp: bool, capacity: int | None, headroom: int, device: str = "cuda") -> PlanRow:
     n = len(counts.layers)
     trains = method_trains(spec.method, n, spec.num_blocks)
     ck = checkpointed_layers(full, sel, n, list(trains.blocks or [(0, n)]))
     setup = method_setup(spec.method, counts, num_blocks=spec.num_blocks, checkpoint=ck, trains=trains, spec=spec)
     weights = 4 * setup.resident
     optimizer = optimizer_bytes(setup, spec.optimizer, spec.optimizer_in_backward)
-    live, grads, acts, visible, details = _walk(setup, counts, shape, batch, seq, amp)
+    live, grads, acts, visible, details = _walk(setup, counts, shape, batch, seq, amp,
+                                                step_tmp=step_temporaries(setup, spec.optimizer, device))
     peak = weights + optimizer + live
     label = "-" if full == sel == "off" else " + ".join(
         f"{kind} {scope}" for kind, scope in (("full", full), ("selective", sel)) if scope != "off")
@@ -730,14 +878,25 @@ def format_size(n: int) -> str:
 def format_table(rows: list[PlanRow]) -> str:
     """Markdown table of the rows."""
     fit = any(r.fits is not None for r in rows)
+    search = any(r.max_batch is not None for r in rows)
+    accum = any(r.accumulation is not None for r in rows)
     head = ["method", "checkpointing", "trainable", "weights", "grads", "optimizer", "activations", "peak"]
     head += ["fits"] if fit else []
+    head += ["max batch"] if search else []
+    head += ["batch x accum"] if accum else []
+    head += ["fits with"] if search else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.method, r.checkpointing, f"{r.trainable_params / 1e6:,.1f}M", format_size(r.weights),
                  format_size(r.grads), format_size(r.optimizer), format_size(r.activations), format_size(r.peak)]
         if fit:
             cells.append("yes" if r.fits else "no")
+        if search:
+            cells.append(str(r.max_batch) if r.max_batch else "none")
+        if accum:
+            cells.append(f"{r.accumulation[0]} x {r.accumulation[1]}" if r.accumulation else "none")
+        if search:
+            cells.append(r.fits_with or "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -773,6 +932,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selective-checkpointing", choices=SCOPES, default=None,
                    help="plan only this selective-checkpointing scope")
     p.add_argument("--gpu-memory", default=None, help="e.g. 80GB: add a fits column")
+    p.add_argument("--max-batch", action="store_true",
+                   help="with --gpu-memory: each row's largest per-device batch that fits, and for each "
+                        "configuration the cheapest checkpointing with which --batch-size fits")
+    p.add_argument("--global-batch-size", type=int, default=None, metavar="G",
+                   help="with --max-batch: the per-device batch x gradient accumulation that keeps G and fits")
     p.add_argument("--headroom", default="1GiB", help="kept free for the CUDA context and allocator (default 1GiB)")
     p.add_argument("--json", default=None, metavar="PATH", help=json_help("the rows"))
 
@@ -784,7 +948,8 @@ def run_plan_cli(ns: argparse.Namespace) -> int:
                 methods=ns.method, num_blocks=ns.num_blocks, gradient_checkpointing=ns.gradient_checkpointing,
                 selective_checkpointing=ns.selective_checkpointing, gpu_memory=ns.gpu_memory,
                 headroom=parse_size(ns.headroom), task_grad_every=ns.task_grad_every, tied_head=ns.tied_head,
-                lower_every=ns.lower_every, optimizer=ns.optimizer, optimizer_in_backward=ns.optimizer_in_backward)
+                lower_every=ns.lower_every, optimizer=ns.optimizer, optimizer_in_backward=ns.optimizer_in_backward,
+                max_batch=getattr(ns, "max_batch", False), global_batch_size=getattr(ns, "global_batch_size", None))
     out = sys.stderr if ns.json == "-" else sys.stdout  # `--json -`: stdout holds the JSON only
     if ns.json:
         where = write_json(ns.json, {
