@@ -935,6 +935,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", action="store_true",
                    help="with --gpu-memory: each row's largest per-device batch that fits, and for each "
                         "configuration the cheapest checkpointing with which --batch-size fits")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="what the step runs on (default cuda; cpu: bitsandbytes' CPU optimizer step keeps fp32 "
+                        "temporaries)")
     p.add_argument("--global-batch-size", type=int, default=None, metavar="G",
                    help="with --max-batch: the per-device batch x gradient accumulation that keeps G and fits")
     p.add_argument("--headroom", default="1GiB", help="kept free for the CUDA context and allocator (default 1GiB)")
@@ -949,7 +952,8 @@ def run_plan_cli(ns: argparse.Namespace) -> int:
                 selective_checkpointing=ns.selective_checkpointing, gpu_memory=ns.gpu_memory,
                 headroom=parse_size(ns.headroom), task_grad_every=ns.task_grad_every, tied_head=ns.tied_head,
                 lower_every=ns.lower_every, optimizer=ns.optimizer, optimizer_in_backward=ns.optimizer_in_backward,
-                max_batch=getattr(ns, "max_batch", False), global_batch_size=getattr(ns, "global_batch_size", None))
+                max_batch=getattr(ns, "max_batch", False), global_batch_size=getattr(ns, "global_batch_size", None),
+                device=getattr(ns, "device", "cuda"))
     out = sys.stderr if ns.json == "-" else sys.stdout  # `--json -`: stdout holds the JSON only
     if ns.json:
         where = write_json(ns.json, {
