@@ -174,8 +174,64 @@ def test_bench_reports_max_allocated_on_gpu(files, tmp_path):
     assert rows["lopt-k2+oib"]["first_loss"] == pytest.approx(rows["e2e"]["first_loss"], rel=1e-3)
 
 
-def test_plan_agrees_with_bench_on_gpu():
-    pytest.skip("needs lopt plan (lopt.bench.plan, issue 18 items 1-2, on another branch)")
+# lopt plan against torch.cuda.max_memory_allocated (issue 27): lopt train's configurations, bf16 autocast
+PLAN_CFG = dict(model_type="llama", vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=512,
+                tie_word_embeddings=True)
+PLAN_ROWS = {  # row name -> (lopt train method, options, steps measured after one warm-up step)
+    "lopt": ("lopt", {}, 4),  # --task-grad-every 4: the rest of the cycle, three closed steps and an open one
+    "lopt --optimizer-in-backward": ("lopt", {"optimizer_in_backward": True}, 4),
+    "lopt --optimizer adamw-8bit": ("lopt", {"optimizer": "adamw-8bit"}, 4),
+    "lopt-k2": ("lopt", {"task_grad_every": 0}, 1),
+    "e2e": ("e2e", {}, 1),
+    "e2e --optimizer adamw-8bit": ("e2e", {"optimizer": "adamw-8bit"}, 1),
+    "e2e --optimizer-in-backward": ("e2e", {"optimizer_in_backward": True}, 1),
+    "freeze-lower": ("freeze-lower", {}, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(PLAN_ROWS))
+def test_plan_agrees_with_max_memory_allocated(name):
+    """The plan's step peak above weights and optimizer state (``peak - weights - optimizer``, bf16)
+    against ``max_memory_allocated`` over the measured steps minus the allocation at their start: within
+    15%; saved activations against the tracker within 10%."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lopt.engine.memory import SavedTensorTracker
+    from lopt.plan import plan
+
+    method, opts, steps = PLAN_ROWS[name]
+    if opts.get("optimizer") == "adamw-8bit":
+        pytest.importorskip("bitsandbytes")
+    rows_, seq = 4, 256
+    plan_method = "lopt-k2" if name == "lopt-k2" else method
+    row = plan(dict(PLAN_CFG), batch_size=rows_, max_length=seq, precision="bf16", methods=[plan_method],
+               gradient_checkpointing="off", optimizer=opts.get("optimizer", "adamw"),
+               optimizer_in_backward=opts.get("optimizer_in_backward", False))[0]
+    assert row.method == name
+    data = dict(PLAN_CFG)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(data.pop("model_type"), **data),
+                                             dtype=torch.float32).to(CUDA)
+    cfg = TrainConfig(method=method, batch_size=rows_, max_length=seq, precision="bf16", progress=False, max_steps=8,
+                      warmup_ratio=0.0, **opts)
+    cfg.validate()
+    w = wrap(model, config=cfg.lopt_config())
+    w.train()
+    stepper = Stepper(w, cfg, CUDA, 8)
+    ids = torch.randint(0, PLAN_CFG["vocab_size"], (rows_, seq), generator=torch.Generator().manual_seed(0)).to(CUDA)
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    stepper.step([b])  # warm-up: the optimizer state exists
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with SavedTensorTracker(w.parameters()) as tracker:
+        for _ in range(steps):
+            stepper.step([b])
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    assert row.peak - row.weights - row.optimizer == pytest.approx(measured, rel=0.15)
+    assert row.saved_visible == pytest.approx(tracker.peak_bytes, rel=0.10)
 
 
 # ----------------------------------------------------------------------------- torchrun on one GPU
