@@ -484,3 +484,41 @@ if __name__ == "__main__":  # the validation table of docs/plan-validation.md: p
             pred = row.peak - row.weights - row.optimizer
             print(f"| {name} | {batch}x{T} | {pred / 1024:,.1f} / {live / 1024:,.1f} | {pred / live:.3f} | "
                   f"{row.saved_visible / 1024:,.1f} / {saved / 1024:,.1f} | {row.saved_visible / saved:.3f} |")
+
+
+def test_batch_size_auto(monkeypatch, tmp_path, capsys):
+    """lopt train --batch-size auto: lopt plan's largest batch for the device's free memory (here a cap
+    set by the test), with --global-batch-size the batch x accumulation that keeps it; printed first."""
+    import lopt.plan.planner as P
+    from lopt.engine.config import LoPTError
+    from lopt.recipes.sft import train
+
+    from conftest import addition_rows, save_tiny, write_jsonl
+
+    model_dir = save_tiny(tmp_path / "m")
+    opts = dict(model=str(model_dir), max_length=64, precision="fp32", progress=False, method="lopt")
+    row = plan(model_dir, batch_size=3, max_length=64, precision="fp32", methods=["lopt"],
+               gradient_checkpointing="off", optimizer="adamw", optimizer_in_backward=False, device="cpu")[0]
+    monkeypatch.setattr(P, "device_memory", lambda device: (row.peak, 0, "a test cap"))
+    cfg = TrainConfig(batch_size="auto", **opts)
+    cfg.validate()
+    batch, accum, note = P.auto_batch_size(cfg, torch.device("cpu"))
+    assert (batch, accum) == (3, 1) and "--batch-size auto: 3 (lopt" in note
+    batch, accum, _ = P.auto_batch_size(TrainConfig(batch_size="auto", global_batch_size=12, **opts),
+                                        torch.device("cpu"))
+    assert batch * accum == 12 and batch <= 3 and accum > 1
+    with pytest.raises(LoPTError, match="give --global-batch-size"):
+        TrainConfig(batch_size="auto", grad_accum=2, **opts).validate()
+    with pytest.raises(LoPTError, match="needs --batch-size auto"):
+        TrainConfig(batch_size=2, global_batch_size=8, **opts).validate()
+    monkeypatch.setattr(P, "device_memory", lambda device: (row.weights, 0, "a test cap"))
+    with pytest.raises(PlanError, match="does not fit even one row"):
+        P.auto_batch_size(cfg, torch.device("cpu"))
+    # end to end: the resolved batch trains and is what the run records
+    monkeypatch.setattr(P, "device_memory", lambda device: (row.peak, 0, "a test cap"))
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows())
+    train(TrainConfig(batch_size="auto", dataset=str(data), max_steps=1, output_dir=str(tmp_path / "out"),
+                               **{**opts, "device": "cpu"}))
+    assert "lopt: --batch-size auto: 3 (lopt" in capsys.readouterr().err
+    recorded = json.loads((tmp_path / "out" / "lopt_run.json").read_text())["options"]
+    assert recorded["batch_size"] == 3 and recorded["global_batch_size"] is None

@@ -67,13 +67,18 @@ def add_config_arguments(p: argparse.ArgumentParser, config_cls: type,
         if "action" in meta:
             kw["action"] = meta["action"]
         kind = meta.get("type", type(default) if default is not None and not isinstance(default, list) else str)
-        kw["type"] = _optional_float if kind == "optional_float" else kind
+        kw["type"] = {"optional_float": _optional_float, "batch_size": _batch_size}.get(kind, kind)
         groups[group_name].add_argument(flag, **kw)
     p.add_argument("--config", dest="config_file", default=argparse.SUPPRESS,
                    help="YAML file with any of these options (keys as in the flags, dashes or underscores); "
                         "flags given on the command line override it")
     p.add_argument("--print-config", action="store_true", default=False,
                    help="print the options as a YAML file for --config (defaults < --config < flags) and exit")
+
+
+def _batch_size(s: str) -> int | str:
+    """``--batch-size``: a number, or ``auto`` (lopt train: the largest that fits, from lopt plan)."""
+    return "auto" if s.strip().lower() == "auto" else int(s)
 
 
 def _optional_float(s: str) -> float | None:

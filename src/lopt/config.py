@@ -118,7 +118,7 @@ class RecipeConfig(LoPTConfig):
         if self.precision not in PRECISIONS:
             raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise LoPTError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise LoPTError(f"max_steps must be >= 1, got {self.max_steps}")
@@ -142,6 +142,12 @@ class TrainConfig(RecipeConfig):
     dataset: str = option("arithmetic", "local .jsonl/.json/.parquet/.csv, a preset (gsm8k, metamathqa, alpaca, "
                                         "tulu3), a hub dataset id, or 'arithmetic' (embedded, offline)", group=_WHAT)
     max_length: int = option(512, "truncate examples to this many tokens", group=_WHAT)
+    batch_size: int | str = option(
+        4, "examples per micro-batch; auto: the largest that fits the device's free memory (GPU memory, or available "
+        "RAM on CPU), as lopt plan predicts it, printed before training", type="batch_size", group=_OPT)
+    global_batch_size: int | None = option(
+        None, "with --batch-size auto: examples per optimizer step to keep, as the fitting batch x --grad-accum",
+        type=int, group=_OPT)
     per_block_step: str = option(
         "auto", "step each lower block's optimizer right after its local backward, freeing its gradients early "
         "(auto: on for blockwise LoPT without grad accumulation; clipping is then per block)",
@@ -184,6 +190,11 @@ class TrainConfig(RecipeConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.batch_size == "auto" and self.grad_accum != 1 and self.global_batch_size is None:
+            raise LoPTError("--batch-size auto chooses the gradient accumulation too: give --global-batch-size G "
+                            f"(examples per step) instead of --grad-accum {self.grad_accum}")
+        if self.global_batch_size is not None and (self.batch_size != "auto" or self.global_batch_size < 1):
+            raise LoPTError(f"--global-batch-size {self.global_batch_size} needs --batch-size auto and must be >= 1")
         if self.fsdp and get_method(self.method).switches_layers:
             raise LoPTError(f"--fsdp does not support --method {self.method} (it freezes and unfreezes layers while "
                             f"training, which FSDP's sharded gradients do not follow); use data parallel without --fsdp")
@@ -253,6 +264,9 @@ class RLConfig(RecipeConfig):
         "gradient; 0 or none: no clipping)", type="optional_float", group=_OPT)
 
     def validate(self) -> None:
+        if self.batch_size == "auto":
+            raise LoPTError("--batch-size auto is lopt train's only for now: give grpo / dpo a number (lopt plan "
+                            "--max-batch predicts the largest that fits)")
         super().validate()
         if not 0 <= self.warmup_ratio < 1:
             raise LoPTError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -852,6 +852,72 @@ def _row(spec: RowSpec, full: str, sel: str, counts: ParamCounts, shape: LayerSh
     return row
 
 
+# --------------------------------------------------------------------------- lopt train --batch-size auto
+
+
+def device_memory(device: Any) -> tuple[int, int, str]:
+    """(free bytes, headroom to keep, what they are) of a torch device: a GPU's free memory (1 GiB
+    kept), or on CPU the RAM the kernel reports available (1 GiB and 10% kept: the allocator's and the
+    process's share, docs/plan-validation.md section 3)."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, DEFAULT_HEADROOM, f"{free / 2**30:.1f} GiB free on {device}"
+    if device.type == "cpu":
+        try:
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            free = int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError) as e:
+            raise PlanError(f"--batch-size auto: cannot read the available RAM from /proc/meminfo ({e}); "
+                            "give a number") from e
+        return free, DEFAULT_HEADROOM + free // 10, f"{free / 2**30:.1f} GiB of RAM available"
+    raise PlanError(f"--batch-size auto knows CUDA and CPU memory, not {device.type}: give a number")
+
+
+def auto_batch_size(cfg: Any, device: Any, model_config: Any = None) -> tuple[int, int, str]:
+    """``lopt train --batch-size auto``: (batch, gradient accumulation, a line saying why) for ``cfg``
+    (a TrainConfig) on ``device``: the largest batch lopt plan predicts to fit the device's free memory,
+    or with ``cfg.global_batch_size`` G the batch x accumulation = G with the fewest accumulation steps
+    that fits. ``model_config``: the model's transformers config (default: from ``cfg.model``)."""
+    if model_config is None:
+        try:
+            model_config = load_config(cfg.model)
+        except PlanError:
+            if cfg.model is None or cfg.gguf_file:
+                raise
+            from transformers import AutoConfig  # a hub id: its config.json, as load_model reads it
+
+            model_config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    free, headroom, where = device_memory(device)
+    precision = "fp32" if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda") else "bf16"
+    rows = plan(model_config, batch_size=1, max_length=cfg.max_length, precision=precision, methods=[cfg.method],
+                num_blocks=cfg.num_blocks, gradient_checkpointing=cfg.gradient_checkpointing,
+                selective_checkpointing=cfg.selective_checkpointing, gpu_memory=free, headroom=headroom,
+                task_grad_every=cfg.task_grad_every if cfg.method == "lopt" else None, tied_head=cfg.tied_head,
+                lower_every=cfg.lower_every if cfg.method == "lopt" else None, optimizer=cfg.optimizer,
+                optimizer_in_backward=cfg.optimizer_in_backward, max_batch=True,
+                global_batch_size=cfg.global_batch_size, device=device.type)
+    row = rows[0]
+    what = f"{row.method}" + ("" if row.checkpointing == "-" else f", checkpointing {row.checkpointing}")
+    if not row.max_batch:
+        hint = f" (with {row.fits_with} it would)" if row.fits_with not in (None, "none", "-") else ""
+        raise PlanError(f"--batch-size auto: {what} does not fit even one row of {cfg.max_length} tokens in {where} "
+                        f"(peak {format_size(row.peak)} + {format_size(headroom)} kept free){hint}")
+    if cfg.global_batch_size is None:
+        batch, accum = row.max_batch, 1
+    elif row.accumulation is None:
+        raise PlanError(f"--batch-size auto: no batch x accumulation = --global-batch-size {cfg.global_batch_size} "
+                        f"fits {what} in {where}" + (" (--optimizer-in-backward cannot accumulate)"
+                                                     if cfg.optimizer_in_backward else ""))
+    else:
+        batch, accum = row.accumulation
+    note = (f"lopt: --batch-size auto: {batch}" + (f" x --grad-accum {accum}" if accum > 1 else "")
+            + f" ({what}, {cfg.max_length} tokens, {precision}: lopt plan's largest batch is {row.max_batch} in {where}, "
+            f"{format_size(headroom)} kept free)")
+    return batch, accum, note
+
+
 # --------------------------------------------------------------------------- sizes and output
 
 

@@ -91,6 +91,19 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
             return load_sft_state(path, cfg.fsdp)
         resume_dir, ts = resume_on_all_ranks(ctx, lambda: find_resume(out_dir, cfg.resume, [STATE_FILE], load), load)
 
+    if cfg.batch_size == "auto":  # lopt plan's largest batch for this device, before anything loads
+        if ctx is not None or cfg.resume:
+            raise LoPTError("--batch-size auto plans one process's device for a new run: give a number under "
+                            "torchrun, and none with --resume (the run recorded its batch)")
+        from lopt.plan.planner import PlanError, auto_batch_size
+
+        try:
+            cfg.batch_size, cfg.grad_accum, note = auto_batch_size(cfg, device)
+        except PlanError as e:
+            raise LoPTError(str(e)) from e
+        cfg.global_batch_size = None  # resolved: the run records (and a resume reuses) the numbers
+        cfg.validate()
+        print(note, file=sys.stderr)
     # A resumed LoRA run restarts from the base model (its checkpoint has the adapters merged in, the
     # adapters travel in the trainer state); every other method restarts from the checkpoint's weights.
     source = str(resume_dir) if resume_dir is not None and not get_method(cfg.method).resume_from_base else cfg.model
