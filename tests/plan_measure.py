@@ -3,8 +3,6 @@
 a step (parameters, gradients, optimizer state; local shards under FSDP)."""
 from __future__ import annotations
 
-import os
-import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -46,13 +44,8 @@ def live_bytes() -> Iterator[LivePeak]:
             live += size
         else:
             live -= sizes.pop(ptr, -size)
-        if live > peak:
-            peak = live
-            if os.environ.get("LOPT_LIVE_DEBUG"):
-                out.at_peak = sorted(sizes.values(), reverse=True)
+        peak = max(peak, live)
     out.peak = peak
-    if os.environ.get("LOPT_LIVE_DEBUG"):
-        print("AT-PEAK", peak, out.at_peak[:30], file=sys.stderr)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

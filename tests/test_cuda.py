@@ -294,3 +294,19 @@ def test_two_stage_pipeline_on_one_gpu(files, tmp_path):
                       output_dir=str(tmp_path / "one"))
     train(cfg)
     _assert_same(_weights(tmp_path / "pipe"), _weights(tmp_path / "one"), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- lopt plan grpo / dpo on CUDA
+
+
+@pytest.mark.parametrize("recipe,method", [("grpo", "e2e"), ("grpo", "lopt-k2"), ("dpo", "e2e"), ("dpo", "lopt")])
+def test_plan_rl_against_max_memory_allocated(tmp_path, monkeypatch, recipe, method):
+    """One GRPO / DPO step (TRL's trainer, bf16 autocast): ``torch.cuda.max_memory_allocated`` above the
+    step's start plus the resident policy, reference and AdamW state, against ``lopt plan grpo|dpo`` with
+    device cuda (TRL's Triton kernel scores the labelled positions only): within 15%."""
+    from test_plan_rl import TOLERANCE, run_case, table, tiny_model_dir
+
+    r = run_case(tiny_model_dir(tmp_path / "tiny"), tmp_path, monkeypatch, recipe, method, {}, device="cuda")
+    print(table([r]))
+    assert r["resident_pred"] == r["resident_meas"]
+    assert abs(r["peak_pred"] / r["peak_meas"] - 1) <= TOLERANCE, table([r])
