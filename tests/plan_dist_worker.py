@@ -4,9 +4,9 @@ tiny models, each rank measuring its own memory.
     torchrun --standalone --nproc_per_node 2 tests/plan_dist_worker.py JOBS.json OUT.json
 
 Each job is ``{"name", "model": {config dict}, "train": {TrainConfig fields}, "batch": rows per rank,
-"seq": tokens}``. One warm-up step (AdamW state exists after it), then four steps under the live-bytes
-profiler (a whole ``--task-grad-every 4`` cycle, its open step included), then four under the
-saved-tensor tracker. Rank r writes, per job: resident bytes before the measured steps, the live
+"seq": tokens}``. One warm-up step (AdamW state exists after it), then the measured steps under the
+live-bytes profiler and again under the saved-tensor tracker: a whole ``--task-grad-every 4`` cycle
+(its open step included) for lopt's default recipe, one step for the others (their steps are alike). Rank r writes, per job: resident bytes before the measured steps, the live
 peak above them, the saved-activation peak.
 """
 from __future__ import annotations
@@ -75,12 +75,14 @@ def run_job(job: dict, ctx) -> dict:
     # Each step under a fresh collection: FSDP2's step leaves reference cycles (hooks on the autograd
     # graph) whose tensors Python's collector frees at a moment of its choosing, not the step's.
     gc.collect()
+    # lopt's default recipe is measured over a whole --task-grad-every 4 cycle; the others' steps are alike.
+    steps = 4 if cfg.task_grad_every else 1
     with live_bytes() as live:
-        for _ in range(4):
+        for _ in range(steps):
             stepper.step(batch())
             gc.collect()
     with param_views_excluded(SavedTensorTracker)([p.to_local() if hasattr(p, "to_local") else p for p in wrapped.parameters()]) as tracker:
-        for _ in range(4):
+        for _ in range(steps):
             stepper.step(batch())
     return {"resident": resident, "live": live.peak, "saved": tracker.peak_bytes}
 

@@ -31,9 +31,8 @@ def size(name: str) -> dict:
 CONFIGS = {"e2e": {"method": "e2e"}, "lopt": {"method": "lopt"}, "freeze-lower": {"method": "freeze-lower"}}
 
 
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plan-dist")
+def measure(root: Path) -> list[dict]:
+    """Every job of the validation on 2 gloo processes (tests/plan_dist_worker.py): per rank, per job."""
     jobs = [{"name": f"{s}/{c}/{par}", "model": size(s), "train": dict(opts, fsdp=par == "fsdp"), "batch": B, "seq": T}
             for s in ("a", "b") for c, opts in CONFIGS.items() for par in ("ddp", "fsdp")]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -44,6 +43,11 @@ def measured(tmp_path_factory):
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((root / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    return measure(tmp_path_factory.mktemp("plan-dist"))
 
 
 def predicted(s: str, c: str, par: str):
@@ -123,3 +127,29 @@ def test_cli(capsys, tmp_path):
     assert main(["plan", "--model", str(tmp_path), "--nproc", "0", "--parallel", "ddp"]) != 0
     err = capsys.readouterr().err.strip()
     assert "--nproc must be >= 1" in err and "\n" not in err
+
+
+def table(out: list[dict]) -> str:
+    """docs/plan-validation.md's table: prediction against each rank's measurement."""
+    lines = ["| size | config | parallel | saved act. KiB pred / meas (rank 0, rank 1) | step peak KiB pred / meas "
+             "(rank 0, rank 1) | pred / meas |", "|---|---|---|---|---|---|"]
+    for s in ("a", "b"):
+        for c in CONFIGS:
+            for par in ("ddp", "fsdp"):
+                r = predicted(s, c, par)
+                m = [rank[f"{s}/{c}/{par}"] for rank in out]
+                peaks = [x["resident"] + x["live"] for x in m]
+                lines.append(f"| {s} | {r.method} | {par} | {r.saved_visible / 1024:.1f} / {m[0]['saved'] / 1024:.1f}, "
+                             f"{m[1]['saved'] / 1024:.1f} | {r.peak / 1024:.1f} / {peaks[0] / 1024:.1f}, "
+                             f"{peaks[1] / 1024:.1f} | {r.peak / max(peaks):.3f}-{r.peak / min(peaks):.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "--table" not in sys.argv:
+        sys.exit("usage: python tests/test_plan_distributed.py --table  (measures every job on 2 gloo processes, "
+                 "prints the table)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as t:
+        print(table(measure(Path(t))))
