@@ -97,13 +97,9 @@ def test_step_peak_within_15_percent(measured, recipe, method, opts):
 @pytest.mark.slow
 def test_embedded_model_grpo_and_dpo_steps(tmp_path, monkeypatch):
     """One step each on the embedded SmolLM2-135M at a tiny batch."""
-    from lopt.models import load_model
+    from lopt.models import embedded_checkpoint
 
-    model, tok = load_model(None)
-    d = tmp_path / "smol"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    del model
+    d = embedded_checkpoint()  # the converted cache: a plain checkpoint with its tokenizer
     for recipe, method, opts in [("grpo", "lopt-k2", {"batch_size": 2, "num_generations": 2, "completion": 8}),
                                  ("dpo", "lopt-k2", {"batch_size": 1})]:
         r = run_case(d, tmp_path, monkeypatch, recipe, method, opts)
