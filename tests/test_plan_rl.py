@@ -95,6 +95,7 @@ def test_step_peak_within_15_percent(measured, recipe, method, opts):
 
 
 @pytest.mark.slow
+@pytest.mark.validation
 def test_embedded_model_grpo_and_dpo_steps(tmp_path, monkeypatch):
     """One step each on the embedded SmolLM2-135M at a tiny batch."""
     from lopt.models import embedded_checkpoint
