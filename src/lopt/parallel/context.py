@@ -123,9 +123,3 @@ def _rank_device(device: str | None, local_rank: int, local_world: int) -> tuple
         dev = torch.device("cuda", local_rank % n_gpu) if n_gpu else torch.device("cpu")
     shared = dev.type == "cuda" and local_world > 1 and (explicit or local_world > n_gpu)
     return dev, shared
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

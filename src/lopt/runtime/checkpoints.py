@@ -138,14 +138,6 @@ def latest_checkpoint(output_dir: str | Path, state_files: tuple[str, ...] = (ST
                 None)
 
 
-def check_save_options(cfg: Any) -> None:
-    """LoPTError for a bad --save-every / --save-total-limit (shared by the SFT and RL options)."""
-    for name in ("save_every", "save_total_limit"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise LoPTError(f"{name} must be >= 1 (or unset), got {value}")
-
-
 def stopped_message(step: int, path: Path | None, model_only: bool) -> str:
     """What an interrupted run says about its last checkpoint."""
     if model_only:

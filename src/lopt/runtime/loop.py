@@ -191,11 +191,6 @@ class Stepper:
         return loss_sum, aux_sum, n_aux, tokens
 
 
-def is_open_step(step: int, task_grad_every: int) -> bool:
-    """Whether optimizer step ``step`` (0-based) opens the boundary under ``--task-grad-every``."""
-    return task_grad_every > 0 and step % task_grad_every == 0
-
-
 def finish_step(stepper: Any, params: list[torch.nn.Parameter]) -> tuple[float | None, float]:
     """The end of an optimizer step of ``stepper`` (``Stepper`` or the pipeline's, with .optimizer,
     .scheduler, .scaler, .cfg): unscale, clip ``params``, step, advance the schedule, free the
