@@ -190,6 +190,16 @@ def readme_table(out: Path) -> list[str]:
     return _readme_table(runs, expected, _cost_lookup(meta["configs"], rows))
 
 
+def _against_e2e(run, e2e, c, ref, loss_ratio: str) -> tuple[str, str, str, str]:
+    """A run's held-out loss and retention KL (each with its ratio to ``e2e``'s when e2e is done),
+    tokens/s and peak memory against e2e's cost ``ref``: the cells both tables share."""
+    loss = f"{run.loss():.3f}" + (f" ({loss_ratio.format(run.loss() / e2e.loss())})" if e2e else "")
+    kl = f"{run.kl():.3f}" + (f" ({run.kl() / e2e.kl():.2f})" if e2e and e2e.kl() else "")
+    speed = _fmt(c["tokens_per_s"] / ref["tokens_per_s"] if c and ref else None, "{:.2f}")
+    memory = _fmt(c["peak_step_mb"] / ref["peak_step_mb"] if c and ref else None, "{:.2f}")
+    return loss, kl, speed, memory
+
+
 def _readme_table(runs, expected, cost) -> list[str]:
     e2e = runs.get("e2e")
     ref = cost(e2e) if e2e else None
@@ -201,12 +211,8 @@ def _readme_table(runs, expected, cost) -> list[str]:
         if not run.done:
             lines.append(f"| {r} | not run yet |  |  |  |")
             continue
-        c = cost(run)
-        loss = f"{run.loss():.3f}" + (f" ({run.loss() / e2e.loss():.2f})" if e2e_ok else "")
-        kl = f"{run.kl():.3f}" + (f" ({run.kl() / e2e.kl():.2f})" if e2e_ok and e2e.kl() else "")
-        lines.append(f"| {r} | {loss} | {kl} | "
-                     f"{_fmt(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} | "
-                     f"{_fmt(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} |")
+        loss, kl, speed, memory = _against_e2e(run, e2e if e2e_ok else None, cost(run), ref, "{:.2f}")
+        lines.append(f"| {r} | {loss} | {kl} | {speed} | {memory} |")
     return lines
 
 
@@ -223,11 +229,8 @@ def _headline(runs, expected, configs, cost) -> list[str]:
             lines.append(f"| {r} | {what} | not run yet |  |  |  |  |")
             continue
         c = cost(run) if r != "base" else None
-        loss = f"{run.loss():.3f}" + (f" ({run.loss() / e2e.loss():.3f})" if e2e_ok else "")
-        kl = f"{run.kl():.3f}" + (f" ({run.kl() / e2e.kl():.2f})" if e2e_ok and e2e.kl() else "")
-        lines.append(f"| {r} | {what} | {loss} | {kl} | {_pt(*run.drop())} | "
-                     f"{_fmt(c['tokens_per_s'] / ref['tokens_per_s'] if c and ref else None, '{:.2f}')} | "
-                     f"{_fmt(c['peak_step_mb'] / ref['peak_step_mb'] if c and ref else None, '{:.2f}')} |")
+        loss, kl, speed, memory = _against_e2e(run, e2e if e2e_ok else None, c, ref, "{:.3f}")
+        lines.append(f"| {r} | {what} | {loss} | {kl} | {_pt(*run.drop())} | {speed} | {memory} |")
     return lines
 
 
