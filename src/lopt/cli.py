@@ -20,6 +20,7 @@ from lopt.recipes import dpo, grpo
 from lopt.recipes.dpo import DPORunConfig
 from lopt.recipes.grpo import GRPORunConfig
 from lopt.recipes.sft import TrainConfig, sample_answer, train
+from lopt.parallel.context import exit_worker, launched_distributed
 from lopt.runtime.preflight import check_output_dir
 from lopt.runtime.resume_options import resume_options
 
@@ -254,6 +255,15 @@ def print_config(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``lopt ...``: run one command; the exit status. Run as a program (no ``argv``) by a launcher
+    (torchrun, accelerate launch), the worker process ends through ``exit_worker``."""
+    code = _run(argv)
+    if argv is None and launched_distributed():
+        exit_worker(code)
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:

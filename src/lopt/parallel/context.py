@@ -67,6 +67,25 @@ class DistContext:
             self.owns_group = False
 
 
+def exit_worker(code: int) -> None:
+    """End a launcher's worker process (torchrun, accelerate launch) with ``code``, without the C++
+    teardown: after the process group is gone, gloo's or the launcher store's threads are sometimes still
+    joinable when their static objects are destroyed, and the process aborts ("terminate called without
+    an active exception", exit -6) after a run that succeeded, which torchrun reports as a failed run.
+    Python's own exit work runs first (atexit handlers: trackers, loggers), then streams are flushed."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def init_distributed(device: str | None = None, timeout_min: float | None = None) -> DistContext | None:
     """Join the process group the launcher describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
