@@ -97,12 +97,14 @@ class LayerShape:
 class LayerMode:
     """How one layer takes part in a step.
 
-    ``trained``: its own weights get gradients. ``lora_r``: LoRA adapters of this rank on every
-    linear map (base weights frozen). ``checkpoint``: off, full or selective."""
+    ``trained``: its own weights get gradients. ``lora_r``: LoRA adapters of this rank (base weights
+    frozen) on the linear maps named in ``lora_targets`` (``LayerShape.linears`` names; None: every
+    one). ``checkpoint``: off, full or selective."""
 
     trained: bool = True
     lora_r: int = 0
     checkpoint: str = "off"
+    lora_targets: tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------- symbolic autograd
@@ -128,6 +130,8 @@ class Trace:
     the name of what saved them. ``matmul_outputs`` collects what selective checkpointing keeps."""
 
     amp: bool = False
+    trained_bytes: int = 4  # bytes per element of a trained parameter (fp32 master; bf16 under bf16-true)
+    frozen_bytes: int = 4  # of a frozen one (2: a 16-bit frozen base; a 4-bit base dequantizes to 2)
     saved: dict[int, int] = field(default_factory=dict)
     owners: dict[int, str] = field(default_factory=dict)
     matmul_outputs: dict[int, int] = field(default_factory=dict)
@@ -143,7 +147,7 @@ class Trace:
         return _T(numel, itemsize, grad, next(self._ids), param)
 
     def param(self, numel: int, trained: bool) -> _T:
-        return self.tensor(numel, 4, trained, param=True)  # lopt keeps fp32 weights, also under autocast
+        return self.tensor(numel, self.trained_bytes if trained else self.frozen_bytes, trained, param=True)
 
     def save(self, t: _T) -> None:
         if t.param or t.uid in self.saved:
@@ -214,14 +218,15 @@ class Trace:
         return out if x.itemsize == 4 else self.tensor(out.numel, x.itemsize, out.grad)
 
     def layer_norm(self, x: _T, w: _T, width: int) -> _T:
-        """LayerNorm (autocast runs it in fp32): saves its input, mean and rstd."""
-        x32 = x if x.itemsize == 4 else self.tensor(x.numel, 4, x.grad)
+        """LayerNorm (autocast runs it in fp32; without autocast in its input's dtype): saves its input,
+        mean and rstd (fp32)."""
+        x32 = x if x.itemsize == 4 or not self.amp else self.tensor(x.numel, 4, x.grad)
         grad = x.grad or w.grad
         if grad:
             self.save(x32)
             self.save(self.tensor(x.numel // width, 4, False))
             self.save(self.tensor(x.numel // width, 4, False))
-        return self.tensor(x.numel, 4, grad)
+        return self.tensor(x.numel, x32.itemsize, grad)
 
     def eager_attention(self, q: _T, k: _T, v: _T, heads: int, kv_heads: int, scores: int) -> _T:
         """transformers' eager attention with logit soft-capping (gemma2): repeat_kv, q @ k^T, tanh,
@@ -284,8 +289,9 @@ class Trace:
 
 
 def _lora(tr: Trace, x: _T, out: _T, in_f: int, out_f: int, r: int) -> _T:
-    """PEFT's LoRA linear: base(x) + lora_B(lora_A(x)) * scaling (dropout 0 is the identity)."""
-    a = tr.linear(x if x.itemsize == 4 or not tr.amp else tr.tensor(x.numel, 4, x.grad),  # PEFT casts x to fp32
+    """PEFT's LoRA linear: base(x) + lora_B(lora_A(x)) * scaling (dropout 0 is the identity). PEFT casts
+    x to the adapters' dtype first (a new tensor when they differ: fp32 adapters on a bf16 stream)."""
+    a = tr.linear(x if x.itemsize == tr.trained_bytes else tr.tensor(x.numel, tr.trained_bytes, x.grad),
                   tr.param(in_f * r, True), r)
     b = tr.linear(a, tr.param(r * out_f, True), out_f)
     return tr.add(out, b)  # the scaling is a Python number: nothing saved
@@ -300,7 +306,8 @@ def replay_layer(tr: Trace, shape: LayerShape, tokens: int, batch: int, x: _T, c
     def lin(inp: _T, name: str) -> _T:
         _, in_f, out_f = next(t for t in s.linears() if t[0] == name)
         out = tr.linear(inp, tr.param(in_f * out_f, trained), out_f)
-        return _lora(tr, inp, out, in_f, out_f, mode.lora_r) if mode.lora_r else out
+        adapted = mode.lora_r and (mode.lora_targets is None or name in mode.lora_targets)
+        return _lora(tr, inp, out, in_f, out_f, mode.lora_r) if adapted else out
 
     def norm(inp: _T, width: int) -> _T:
         f = {"rms": tr.rms_norm, "gemma": tr.gemma_norm, "layer": tr.layer_norm}[s.norm]
@@ -397,6 +404,11 @@ class PhaseSpec:
     final_norm_trained: bool = True
     head_trained: bool = True
     head_bias: bool = False
+    # Storage: bytes per element of trained and frozen parameters and of the residual stream (the
+    # embedding's dtype: a 16-bit embedding makes every hidden state 16-bit, also under autocast).
+    trained_bytes: int = 4
+    frozen_bytes: int = 4
+    stream_bytes: int = 4
 
 
 @dataclass
@@ -414,19 +426,21 @@ class PhaseMemory:
 def phase_memory(spec: PhaseSpec, shape: LayerShape, batch: int, seq: int, vocab: int,
                  *, amp: bool) -> PhaseMemory:
     """Replay a phase's forward; the bytes it keeps for its backward at the end of its forward."""
-    tr = Trace(amp=amp)
+    tr = Trace(amp=amp, trained_bytes=spec.trained_bytes, frozen_bytes=spec.frozen_bytes)
     tokens = batch * seq
     base = 0
     if spec.embedding_trained:
         tr.save(tr.tensor(tokens, 8, False))  # embedding backward: the int64 token ids
         base = tr.bytes
-    x = tr.tensor(tokens * shape.hidden, 4, spec.embedding_trained)
+    sb = spec.stream_bytes
+    x = tr.tensor(tokens * shape.hidden, sb, spec.embedding_trained)
     if shape.embed_scale and x.grad:
-        tr.save(tr.tensor(1, 4, False))  # gemma: embedding * normalizer, a 0-d tensor
-    # Rotary tables: one row per position, shared by the batch (position ids are (1, T)).
+        tr.save(tr.tensor(1, sb, False))  # gemma: embedding * normalizer, a 0-d tensor
+    # Rotary tables: one row per position, shared by the batch (position ids are (1, T)), in the
+    # hidden states' dtype.
     rot = shape.rotary_dim or shape.head_dim
-    cos = tr.tensor(seq * rot, 4, False)
-    sin = tr.tensor(seq * rot, 4, False)
+    cos = tr.tensor(seq * rot, sb, False)
+    sin = tr.tensor(seq * rot, sb, False)
     layers, cache = [], 0
     for mode in spec.layers:
         x, mem = layer_memory(tr, shape, tokens, batch, x, cos, sin, mode)
@@ -453,7 +467,7 @@ def _ce_top(tr: Trace, spec: PhaseSpec, shape: LayerShape, batch: int, seq: int,
     n = batch * (seq - 1)
     if h.grad:
         tr.save(tr.tensor(n, 8, False))  # index_select's index
-        tr.save(tr.tensor(n * shape.hidden, 4, False))  # grad_h
+        tr.save(tr.tensor(n * shape.hidden, h.itemsize, False))  # grad_h, in the normed states' dtype
     if spec.head_trained:
         tr.save(tr.tensor(vocab * shape.hidden, 4, False))  # grad_w (fp32)
         if spec.head_bias:
@@ -461,14 +475,15 @@ def _ce_top(tr: Trace, spec: PhaseSpec, shape: LayerShape, batch: int, seq: int,
 
 
 def _recon_top(tr: Trace, shape: LayerShape, tokens: int, h: _T) -> None:
-    """``lopt.heads.ReconstructionHead`` and ``masked_mse``, in fp32 (autocast is off there)."""
+    """``lopt.heads.ReconstructionHead`` and ``masked_mse``: in fp32 (autocast is off there), or in the
+    head's dtype (bf16-true)."""
     tr.owner, amp, tr.amp = "head", tr.amp, False
     width = shape.hidden
     bottleneck = max(1, width // 4)
     tr.save(h)  # layer_norm: input, mean, rstd
     tr.save(tr.tensor(tokens, 4, False))
     tr.save(tr.tensor(tokens, 4, False))
-    ln = tr.tensor(tokens * width, 4, True)
+    ln = tr.tensor(tokens * width, tr.trained_bytes, True)
     down = tr.linear(ln, tr.param(width * bottleneck, True), bottleneck)
     pred = tr.linear(tr.silu(down), tr.param(bottleneck * width, True), width)  # gelu saves its input, like silu
     diff = tr.tensor(pred.numel, 4, True)

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 from lopt.engine.anatomy import find_layers
 from lopt.engine.config import RECIPE_TASK_GRAD_EVERY, LoPTError
 from lopt.config import OPTIMIZERS
+from lopt.config import PRECISIONS as TRAIN_PRECISIONS
 from lopt.jsonout import json_help, write_json
 from lopt.methods import LoPTConfig, Trains, get_method, method_names
 from lopt.plan.activations import (CLOSEST_MODEL_TYPE, SUPPORTED_MODEL_TYPES, LayerMemory, LayerMode, LayerShape,
@@ -48,7 +49,61 @@ from lopt.plan.activations import (CLOSEST_MODEL_TYPE, SUPPORTED_MODEL_TYPES, La
 
 # lopt train --method lopt (its default recipe), the paper's lopt-kN, every other method
 DEFAULT_METHODS = ("lopt", "lopt-k2", "lopt-k4", "e2e", "freeze-lower", "lora", "lisa", "badam")
-PRECISIONS = ("fp32", "bf16")
+EXTRA_METHODS = ("qlora",)  # also in the full single-process table, where its method is registered
+
+
+@dataclass(frozen=True)
+class PrecisionBytes:
+    """What a precision stores, in bytes per element: trained parameters (the optimizer's master
+    copy), frozen ones, gradients; ``amp``: the forward runs under bf16 autocast; ``compute``: the
+    matmuls' dtype."""
+
+    name: str
+    amp: bool
+    trained: int
+    frozen: int
+    grad: int
+    compute: int
+
+
+# lopt train's precisions, as the plan costs them. bf16-mixed: fp32 master weights, gradients and AdamW
+# state for what trains, frozen weights (LoRA's base, freeze-lower's lower half, LISA's and BAdam's
+# inactive layers) in bf16, the forward under autocast; bf16-true: weights, gradients and optimizer state
+# in bf16 (plus what the compensated update keeps: ``BF16_TRUE_STATE_BYTES``).
+PRECISION_BYTES = {
+    "fp32": PrecisionBytes("fp32", False, 4, 4, 4, 4),
+    "bf16-mixed": PrecisionBytes("bf16-mixed", True, 4, 2, 4, 2),
+    "bf16-true": PrecisionBytes("bf16-true", False, 2, 2, 2, 2),
+}
+PRECISION_ALIASES = {"bf16": "bf16-mixed"}  # lopt train's alias
+# The precisions lopt plan takes: lopt train's (lopt.config.PRECISIONS) that it models; auto is
+# bf16-mixed on CUDA and fp32 on CPU, as lopt train picks it.
+PRECISIONS = tuple(p for p in TRAIN_PRECISIONS
+                   if p in PRECISION_BYTES or p in PRECISION_ALIASES or p == "auto")
+
+
+def precision_bytes(precision: str, device: str = "cuda") -> PrecisionBytes:
+    """The storage of ``precision`` (an alias resolved; auto as lopt train resolves it on ``device``);
+    PlanError (one line) for one the plan does not model."""
+    name = ("bf16-mixed" if device == "cuda" else "fp32") if precision == "auto" else precision
+    name = PRECISION_ALIASES.get(name, name)
+    if name not in PRECISION_BYTES:
+        known = ", ".join(p for p in PRECISIONS) or ", ".join(PRECISION_BYTES)
+        raise PlanError(f"precision must be one of {known}, got {precision!r}"
+                        + (" (fp16 is not planned: plan bf16-mixed, whose bytes are the same)" if precision == "fp16"
+                           else ""))
+    return PRECISION_BYTES[name]
+
+
+# bf16-true: a bf16 AdamW needs a compensated update (plain bf16 AdamW loses most fine-tuning updates).
+# The state it keeps per trained element beyond the two bf16 moments: Kahan summation's bf16 compensation
+# buffer (torch-optimi's kahan_sum), 2 bytes; stochastic rounding (torchao) keeps none.
+BF16_TRUE_STATE_BYTES = 2
+# 4-bit NF4 bases (bitsandbytes' Linear4bit, as transformers' BitsAndBytesConfig quantizes them for
+# QLoRA): two weights a byte, an absmax per block of 64 (fp32, or 8-bit plus an fp32 absmax per 256
+# blocks and a 256-entry fp32 code under double quantization) and a 16-entry fp32 NF4 code per tensor.
+QUANTIZED_METHODS = ("qlora",)
+NF4_BLOCK = 64
 SCOPES = ("off", "all", "last-block", "lower-blocks")
 CE_CHUNK = 1024  # LoPTConfig.ce_chunk_size
 LORA_R = 16  # LoRAOptions.lora_r: the methods are planned at their default options
@@ -140,7 +195,7 @@ class ParamCounts:
     tied: bool
     other: int  # the final norm and anything else outside layers, embeddings and head
     other_tensors: int
-    lora: list[int]  # LoRA r=LORA_R adapter elements per layer (all linear maps)
+    lora: list[int]  # LoRA adapter elements per layer (r=LORA_R on every linear map; see ``with_lora``)
     lora_tensors: list[int]
     vocab: int
     hidden: int
@@ -152,6 +207,8 @@ class ParamCounts:
     head_sizes: tuple[int, ...] = ()
     other_sizes: tuple[int, ...] = ()
     lora_sizes: list[tuple[int, ...]] = field(default_factory=list)
+    # Every decoder layer's linear maps, in module order: (module name in the model, in, out).
+    layer_linears: list[tuple[tuple[str, int, int], ...]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -195,12 +252,55 @@ def count_parameters(config: Any, lora_r: int = LORA_R) -> ParamCounts:
     layer_s = [tuple(p.numel() for p in layer.parameters()) for layer in layers]
     lora_s = [tuple(n for m in layer.modules() if isinstance(m, nn.Linear)
                     for n in (lora_r * m.in_features, lora_r * m.out_features)) for layer in layers]
+    names = {id(m): name for name, m in model.named_modules()}
+    linears = [tuple((names[id(m)], m.in_features, m.out_features) for m in layer.modules() if isinstance(m, nn.Linear))
+               for layer in layers]
     return ParamCounts(
         layers=[sum(x) for x in layer_s], layer_tensors=[len(x) for x in layer_s],
         embedding=sum(emb_s), embedding_tensors=len(emb_s), head=sum(head_s), head_tensors=len(head_s), tied=tied,
         other=sum(rest), other_tensors=len(rest), lora=[sum(x) for x in lora_s], lora_tensors=[len(x) for x in lora_s],
         vocab=emb.weight.shape[0], hidden=emb.weight.shape[1], head_bias=getattr(head, "bias", None) is not None,
-        layer_sizes=layer_s, embedding_sizes=emb_s, head_sizes=head_s, other_sizes=rest, lora_sizes=lora_s)
+        layer_sizes=layer_s, embedding_sizes=emb_s, head_sizes=head_s, other_sizes=rest, lora_sizes=lora_s,
+        layer_linears=linears)
+
+
+# LayerShape.linears' names for the linear maps of the architectures whose modules are named otherwise.
+_SHAPE_NAMES = {"query_key_value": "qkv_proj", "dense": "o_proj", "dense_h_to_4h": "up_proj",
+                "dense_4h_to_h": "down_proj"}
+
+
+def lora_targets(counts: ParamCounts, targets: Any) -> list[tuple[str, int, int]]:
+    """The linear maps of decoder layer 0 that PEFT's ``target_modules`` selects: ``all-linear`` (every
+    linear map but the LM head), a list of names (a module matches a name equal to its own or ending
+    in ``.name``), or a string matched as a regular expression against the whole module name. PlanError
+    (one line) when it selects none of a layer's linear maps."""
+    layer = counts.layer_linears[0] if counts.layer_linears else ()
+    if isinstance(targets, (list, tuple)) and list(targets) == ["all-linear"]:
+        targets = "all-linear"
+    if targets == "all-linear":
+        picked = list(layer)
+    elif isinstance(targets, str):
+        picked = [m for m in layer if re.fullmatch(targets, m[0])]
+    else:
+        picked = [m for m in layer if any(m[0] == t or m[0].endswith("." + t) for t in targets)]
+    if not picked:
+        have = ", ".join(sorted({m[0].rsplit(".", 1)[-1] for m in layer}))
+        raise PlanError(f"--lora-target-modules {' '.join(targets) if isinstance(targets, (list, tuple)) else targets} "
+                        f"matches no linear map of this model's decoder layers (they are {have}); pass some of "
+                        f"those names or all-linear")
+    return picked
+
+
+def with_lora(counts: ParamCounts, r: int, targets: Any) -> tuple[ParamCounts, tuple[str, ...]]:
+    """``counts`` with its LoRA adapters at rank ``r`` on ``targets`` (see ``lora_targets``), and the
+    adapted maps as ``LayerShape.linears`` names."""
+    picked = lora_targets(counts, targets)
+    short = {m[0].rsplit(".", 1)[-1] for m in picked}
+    sizes = [tuple(n for name, i, o in layer if name.rsplit(".", 1)[-1] in short for n in (r * i, r * o))
+             for layer in counts.layer_linears]
+    shape_names = tuple(sorted({_SHAPE_NAMES.get(s, s) for s in short}))
+    return dataclasses.replace(counts, lora=[sum(x) for x in sizes], lora_tensors=[len(x) for x in sizes],
+                               lora_sizes=sizes), shape_names
 
 
 # --------------------------------------------------------------------------- methods
@@ -213,8 +313,11 @@ class RowSpec:
     open every N-th step, no local loss (``--lambda-aux 0``, its default there). ``tied_head``: keep a
     tied LM head tied across the boundary (None: when the model ties it, as lopt train's default under
     ``--task-grad-every``). ``lower_every``: the lower blocks update every N-th step (the paper's
-    mechanism). ``optimizer``: adamw (fused) or adamw-8bit (bitsandbytes). ``optimizer_in_backward``: the
-    last block's parameters stepped one by one inside the backward."""
+    mechanism). ``optimizer``: adamw (fused), adamw-8bit or paged-adamw-8bit (bitsandbytes).
+    ``optimizer_in_backward``: the last block's parameters stepped one by one inside the backward.
+    ``options``: the method's own options that change its memory, as (field, value) pairs of its options
+    dataclass (lora_r, lora_target_modules, lisa_layers, badam_block_size); absent: the method's
+    defaults. ``precision``: one of ``PRECISION_BYTES``."""
 
     method: str
     num_blocks: int = 2
@@ -223,6 +326,8 @@ class RowSpec:
     lower_every: int = 1
     optimizer: str = "adamw"
     optimizer_in_backward: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
+    precision: str = "fp32"
 
     def keeps_tied(self, model_tied: bool) -> bool:
         """Whether the LM head stays tied to the embedding (a boundary unties it unless told not to)."""
@@ -245,7 +350,9 @@ class RowSpec:
         return out + self._extra()
 
     def _extra(self) -> str:
-        return ((f" --lower-every {self.lower_every}" if self.lower_every != 1 else "")
+        flags = "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                        for k, v in self.options)
+        return (flags + (f" --lower-every {self.lower_every}" if self.lower_every != 1 else "")
                 + (f" --optimizer {self.optimizer}" if self.optimizer != "adamw" else "")
                 + (" --optimizer-in-backward" if self.optimizer_in_backward else ""))
 
@@ -275,7 +382,7 @@ class RowSpec:
         try:
             config = LoPTConfig(method=self.method, num_blocks=self.num_blocks, task_grad_every=self.task_grad_every,
                                 tied_head=bool(self.tied_head),
-                                lower_every=self.lower_every)
+                                lower_every=self.lower_every, **dict(self.options))
             config.validate()
             get_method(self.method).check(config)
         except (LoPTError, TypeError) as e:
@@ -308,12 +415,23 @@ class MethodSetup:
     """Which parameters a method keeps, trains and steps, and the phases of its step."""
 
     name: str
-    resident: int  # parameter elements in memory (fp32)
+    resident: int  # parameter elements in memory
     trainable: int
     trainable_tensors: int
     phases: list[Phase]
     trainable_sizes: list[int] = field(default_factory=list)  # elements of every trained tensor
     last_block_sizes: list[int] = field(default_factory=list)  # those the last block's loss trains
+    precision: str = "fp32"
+    weight_bytes: int = 0  # the parameters' bytes as stored (0: fp32, 4 x resident)
+    quantized: int = 0  # of them, the 4-bit base's (data and quantization state)
+    hidden_bytes: int = 4  # bytes per element of the hidden states (the residual stream)
+    final_bytes: int = 4  # of the final norm's output (what the loss reads)
+    dequant_tmp: int = 0  # a 4-bit base: the largest weight dequantized to bf16 in the backward
+
+    @property
+    def weights(self) -> int:
+        """The parameters' bytes as stored."""
+        return self.weight_bytes or 4 * self.resident
 
 
 def parse_method(name: str, num_blocks: int) -> tuple[str, int]:
@@ -324,6 +442,22 @@ def parse_method(name: str, num_blocks: int) -> tuple[str, int]:
     if name not in method_names():
         raise PlanError(f"unknown method {name!r}: choose from {', '.join(method_names())} (lopt-kN for N blocks)")
     return name, num_blocks
+
+
+def nf4_bytes(n: int, double_quant: bool = False) -> int:
+    """Bytes of an ``n``-element weight quantized to 4-bit NF4 by bitsandbytes (see ``NF4_BLOCK``)."""
+    blocks = -(-n // NF4_BLOCK)
+    state = blocks + 4 * -(-blocks // 256) + 256 * 4 + 4 if double_quant else 4 * blocks
+    return -(-n // 2) + state + 16 * 4
+
+
+def method_config(method: str, num_blocks: int = 2, options: dict[str, Any] | None = None) -> Any:
+    """The ``LoPTConfig`` lopt train builds for ``method`` with these method options (the rest at their
+    defaults, which live in each method's options dataclass)."""
+    try:
+        return LoPTConfig(method=method, num_blocks=num_blocks, **(options or {}))
+    except (LoPTError, TypeError) as e:
+        raise PlanError(str(e).splitlines()[0]) from e
 
 
 def method_trains(method: str, num_layers: int, num_blocks: int = 2, **options: Any) -> Trains:
@@ -344,10 +478,16 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
     ck = checkpoint or {}
     n = len(counts.layers)
     spec = spec or RowSpec(method, num_blocks)
-    t = trains or method_trains(method, n, num_blocks)
+    t = trains or method_trains(method, n, num_blocks, **dict(spec.options))
+    pb = precision_bytes(spec.precision)
+    targets: tuple[str, ...] | None = None
+    config = method_config(method, spec.num_blocks, dict(spec.options))
+    if t.lora_r:
+        counts, targets = with_lora(counts, t.lora_r, getattr(config, "lora_target_modules", "all-linear"))
     oib = spec.optimizer_in_backward
-    g = [4 * x for x in counts.layers]
-    head_g, norm_g, emb_g = 4 * counts.head, 4 * counts.other, 4 * counts.embedding
+    gb = pb.grad
+    g = [gb * x for x in counts.layers]
+    head_g, norm_g, emb_g = gb * counts.head, gb * counts.other, gb * counts.embedding
     trained = set(t.layers)
     layer_sizes = counts.layer_sizes or [(x,) for x in counts.layers]  # a hand-made ParamCounts has no sizes
     lora_sizes = counts.lora_sizes or [(x,) for x in counts.lora]
@@ -357,14 +497,15 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
 
     def modes(idx: range, forced: dict[int, str] | None = None) -> tuple[LayerMode, ...]:
         c = {**ck, **(forced or {})}
-        return tuple(LayerMode(trained=i in trained, lora_r=t.lora_r, checkpoint=c.get(i, "off")) for i in idx)
+        return tuple(LayerMode(trained=i in trained, lora_r=t.lora_r, checkpoint=c.get(i, "off"), lora_targets=targets)
+                     for i in idx)
 
     def layer_grads(idx: range) -> list[int]:
-        return [4 * counts.lora[i] if t.lora_r else (g[i] if i in trained else 0) for i in idx]
+        return [gb * counts.lora[i] if t.lora_r else (g[i] if i in trained else 0) for i in idx]
 
     def grad_flags(idx: range, last_start: int) -> dict[str, Any]:
         return {"in_backward": tuple(oib and i >= last_start for i in idx),
-                "layer_max_grads": tuple(4 * max(sizes(i), default=0) for i in idx)}
+                "layer_max_grads": tuple(gb * max(sizes(i), default=0) for i in idx)}
 
     # Trained parameters outside the layers: embedding, final norm, LM head. A tied head is the
     # embedding (trained as the head under a boundary that keeps it tied), unless a boundary unties it.
@@ -384,15 +525,31 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
     layers_s = [x for i in range(n) for x in sizes(i)]
     resident = counts.total + (sum(counts.lora) if t.lora_r else 0)
     top = head_g * t.head + norm_g * t.final_norm
+    # The residual stream has the embedding's dtype (a trained embedding, or a tied matrix trained as
+    # the head, keeps an fp32 master under bf16-mixed); the final norm's output is fp32 under autocast
+    # when its weight is (trained), else the stream's.
+    emb_stored_trained = t.embedding or (counts.tied and keep_tied and t.head)
+    stream = pb.trained if emb_stored_trained else pb.frozen
+    final_b = 4 if pb.amp and t.final_norm else stream
+    quant = method in QUANTIZED_METHODS
+    double_quant = bool(getattr(config, "qlora_double_quant", False))
+    qlin = [m for layer in counts.layer_linears for m in layer] if quant else []
 
     def ce(idx: range, emb: bool, forced: dict[int, str] | None = None) -> PhaseSpec:
         return PhaseSpec(modes(idx, forced), embedding_trained=emb, final_norm_trained=t.final_norm,
-                         head_trained=t.head, head_bias=counts.head_bias)
+                         head_trained=t.head, head_bias=counts.head_bias, trained_bytes=pb.trained,
+                         frozen_bytes=pb.frozen, stream_bytes=stream)
 
     def setup(phases: list[Phase], extra_s: list[int], last_s: list[int]) -> MethodSetup:
         all_s = layers_s + outside_s + extra_s
         name = spec.name(counts.tied) if spec != RowSpec(method, num_blocks) else (t.label or method)
-        return MethodSetup(name, resident, sum(all_s), len(all_s), phases, all_s, last_s)
+        frozen = resident - sum(all_s)
+        q = sum(nf4_bytes(i * o, double_quant) for _, i, o in qlin)
+        frozen -= sum(i * o for _, i, o in qlin)
+        weight_bytes = pb.trained * sum(all_s) + pb.frozen * frozen + q
+        return MethodSetup(name, resident, sum(all_s), len(all_s), phases, all_s, last_s, precision=pb.name,
+                           weight_bytes=weight_bytes, quantized=q, hidden_bytes=stream, final_bytes=final_b,
+                           dequant_tmp=2 * max((i * o for _, i, o in qlin), default=0))
 
     if not boundary:
         emb_grads = emb_g if t.embedding else 0
@@ -431,8 +588,9 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
         extra_s = rh_s * len(lower)
         for i, (s, e) in enumerate(lower):
             emb = i == 0 and emb_trained
-            phases.append(Phase(PhaseSpec(modes(range(s, e)), embedding_trained=emb, top="recon"),
-                                layer_grads(range(s, e)), top_grads=4 * rh, base_grads=emb_g if emb else 0,
+            phases.append(Phase(PhaseSpec(modes(range(s, e)), embedding_trained=emb, top="recon",
+                                          trained_bytes=pb.trained, frozen_bytes=pb.frozen, stream_bytes=stream),
+                                layer_grads(range(s, e)), top_grads=gb * rh, base_grads=emb_g if emb else 0,
                                 label=f"block {i}", **grad_flags(range(s, e), n)))
     phases.append(upper)
     if t.local_heads and spec.lower_every > 1:  # the steps in between run the lower blocks without a graph
@@ -493,14 +651,16 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
     step is alive from the start (lopt's per-block step is off then), and each new one is a temporary
     added into it. ``step_tmp``: the optimizer step's temporaries (``step_temporaries``), alive with the
     gradients it steps."""
-    tokens, c = batch * seq, 2 if amp else 4
+    tokens, c = batch * seq, 2 if amp or setup.precision == "bf16-true" else 4
     n_ce = batch * (seq - 1)
-    # Temporaries. Loss: one chunk of fp32 logits (plus their bf16 original under autocast) and the
-    # labelled rows' hidden states. A layer's backward: the fp32 gradient of its output and of its
-    # input, and about three intermediate-width gradients of the MLP at once.
-    ce_tmp = (min(CE_CHUNK, n_ce) * counts.vocab * (4 + (2 if amp else 0) + (4 if shape.final_softcap else 0))
-              + n_ce * shape.hidden * 4)
-    bwd_tmp = 2 * tokens * shape.hidden * 4 + 3 * tokens * shape.intermediate * c
+    # Temporaries. Loss: one chunk of fp32 logits (plus their bf16 original when the matmul runs in
+    # bf16) and the labelled rows' hidden states. A layer's backward: the gradient of its output and of
+    # its input (the hidden states' dtype), about three intermediate-width gradients of the MLP at once,
+    # and for a 4-bit base the weight it dequantizes.
+    ce_tmp = (min(CE_CHUNK, n_ce) * counts.vocab * (4 + (2 if c == 2 else 0) + (4 if shape.final_softcap else 0))
+              + n_ce * shape.hidden * setup.final_bytes)
+    bwd_tmp = (2 * tokens * shape.hidden * setup.hidden_bytes + 3 * tokens * shape.intermediate * c
+               + setup.dequant_tmp)
     grads, live = 0, 0
     max_grads = max_held = max_vis = 0
     details = []
@@ -515,6 +675,8 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
         max_held, max_vis = max(max_held, mem.held), max(max_vis, mem.visible)
         fwd = grads + mem.held + (ce_tmp if ph.spec.top == "ce" else 0)
         live = max(live, fwd)
+        if ph.top_grads and setup.precision == "bf16-true":  # the loss's fp32 head gradient cast to bf16
+            live = max(live, mem.held + grads + ph.top_grads)
         held = mem.held - mem.top  # the loss's saved head gradient becomes the head's .grad
         # --optimizer-in-backward: a gradient stepped inside the backward is freed at once; within a
         # layer's backward at most its largest gradient is alive beyond what autograd computes.
@@ -585,7 +747,8 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
          selective_checkpointing: str | None = None, gpu_memory: str | int | None = None,
          headroom: int = DEFAULT_HEADROOM, task_grad_every: int | None = None, tied_head: bool | None = None,
          lower_every: int | None = None, optimizer: str | None = None, optimizer_in_backward: bool | None = None,
-         max_batch: bool = False, global_batch_size: int | None = None, device: str = "cuda") -> list[PlanRow]:
+         max_batch: bool = False, global_batch_size: int | None = None, device: str = "cuda",
+         method_options: dict[str, Any] | None = None) -> list[PlanRow]:
     """Predict the memory of one training step for each training configuration x checkpointing scope.
 
     ``config_or_model_source``: an alias (``qwen2.5-7b``; see ``aliases()``), a checkpoint directory,
@@ -596,7 +759,9 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
     (``--optimizer adamw-8bit`` and ``--optimizer-in-backward`` for every method, ``--no-tied-head`` and
     ``--lower-every 2`` for lopt). ``task_grad_every``, ``tied_head``, ``lower_every``, ``optimizer``,
     ``optimizer_in_backward``: lopt train's options, applied to every row they apply to (given: no
-    variant rows for it).
+    variant rows for it). ``method_options``: the methods' own options (``lora_r``,
+    ``lora_target_modules``, ``lisa_layers``, ``badam_block_size``, ...), each applied to the methods that
+    declare it. ``precision``: fp32, bf16-mixed (alias bf16), bf16-true or auto (see ``PRECISION_BYTES``).
     ``gradient_checkpointing`` / ``selective_checkpointing``: a scope (off, all, last-block,
     lower-blocks) to plan only that; by default each method is shown without checkpointing and with
     full and selective checkpointing of all layers (LoPT: of its last block too).
@@ -614,18 +779,20 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
     if global_batch_size is not None and (not isinstance(global_batch_size, int) or global_batch_size < 1):
         raise PlanError(f"global batch size must be >= 1, got {global_batch_size}")
     max_batch = max_batch or global_batch_size is not None
-    if precision not in PRECISIONS:
-        raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    pb = precision_bytes(precision, device)
+    if optimizer is not None and optimizer.startswith("paged-") and device != "cuda":
+        raise PlanError(f"--optimizer {optimizer} pages its state through CUDA unified memory: it runs on CUDA only; "
+                        f"plan adamw-8bit for --device {device}")
     for name, scope in (("gradient checkpointing", gradient_checkpointing),
                         ("selective checkpointing", selective_checkpointing)):
         if scope is not None and scope not in SCOPES:
             raise PlanError(f"{name} scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     capacity = parse_size(gpu_memory) if gpu_memory is not None else None
     counts, shape = model_shape(config_or_model_source, max_length)
-    amp = precision == "bf16"
+    amp = pb.amp
     specs = row_specs(methods, counts.tied, num_blocks=num_blocks, task_grad_every=task_grad_every,
                       tied_head=tied_head, lower_every=lower_every, optimizer=optimizer,
-                      optimizer_in_backward=optimizer_in_backward)
+                      optimizer_in_backward=optimizer_in_backward, precision=pb.name, method_options=method_options)
     rows = []
     for spec, variant in specs:
         scopes = _scopes(spec.method, gradient_checkpointing, selective_checkpointing)
@@ -671,11 +838,12 @@ class _BatchSearch:
     def __init__(self, spec: RowSpec, full: str, sel: str, counts: ParamCounts, shape: LayerShape, seq: int,
                  amp: bool, budget: int, device: str = "cuda"):
         n = len(counts.layers)
-        trains = method_trains(spec.method, n, spec.num_blocks)
+        trains = method_trains(spec.method, n, spec.num_blocks, **dict(spec.options))
         ck = checkpointed_layers(full, sel, n, list(trains.blocks or [(0, n)]))
         self.setup = method_setup(spec.method, counts, num_blocks=spec.num_blocks, checkpoint=ck, trains=trains,
                                   spec=spec)
-        self.fixed = 4 * self.setup.resident + optimizer_bytes(self.setup, spec.optimizer, spec.optimizer_in_backward)
+        self.fixed = self.setup.weights + device_optimizer(
+            spec.optimizer, optimizer_bytes(self.setup, spec.optimizer, spec.optimizer_in_backward))
         self.spec, self.counts, self.shape, self.seq, self.amp, self.budget = spec, counts, shape, seq, amp, budget
         self.step_tmp = step_temporaries(self.setup, spec.optimizer, device)
 
@@ -754,14 +922,23 @@ def check_architecture(text: Any, max_length: int | None = None) -> None:
 
 def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: int = 2,
               task_grad_every: int | None = None, tied_head: bool | None = None, lower_every: int | None = None,
-              optimizer: str | None = None, optimizer_in_backward: bool | None = None
-              ) -> list[tuple[RowSpec, bool]]:
+              optimizer: str | None = None, optimizer_in_backward: bool | None = None, precision: str = "fp32",
+              method_options: dict[str, Any] | None = None) -> list[tuple[RowSpec, bool]]:
     """The training configurations to plan, as (spec, variant): a variant row (an option's effect on a
     method shown once) is planned without checkpointing only. See ``plan``."""
-    names = list(methods or DEFAULT_METHODS)
+    names = list(methods or DEFAULT_METHODS + tuple(m for m in EXTRA_METHODS if m in method_names()))
+    given = {k: v for k, v in (method_options or {}).items() if v is not None}
+    declared = {f for m in method_names() for f in _option_fields(m)}
+    unknown = sorted(set(given) - declared)
+    if unknown:
+        raise PlanError(f"unknown method option {unknown[0]!r}: the methods declare {', '.join(sorted(declared))}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     out: list[tuple[RowSpec, bool]] = []
     for name in names:
         method, k = parse_method(name, num_blocks)
+        fields_ = _option_fields(method)
+        options = tuple((f, tuple(v) if isinstance(v, list) else v) for f, v in given.items() if f in fields_)
         boundary = get_method(method).boundary
         if method == "lopt" and name == "lopt":
             tg = RECIPE_TASK_GRAD_EVERY if task_grad_every is None else task_grad_every
@@ -772,7 +949,7 @@ def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: in
         # --lower-every: the paper's rows in the full table; any lopt row asked for by name (lopt train
         # refuses it under --task-grad-every without a local loss, and so does the plan)
         le = lower_every if lower_every is not None and method == "lopt" and (methods or not tg) else 1
-        spec = RowSpec(method, k, tg, tied, le, optimizer or "adamw", bool(optimizer_in_backward))
+        spec = RowSpec(method, k, tg, tied, le, optimizer or "adamw", bool(optimizer_in_backward), options, precision)
         spec.check(model_tied)
         out.append((spec, False))
     if methods is not None:
@@ -790,6 +967,12 @@ def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: in
         if optimizer_in_backward is None:
             variants.append((dataclasses.replace(spec, optimizer_in_backward=True), True))
     return out + variants
+
+
+def _option_fields(method: str) -> tuple[str, ...]:
+    """The fields of ``method``'s own options dataclass (lora_r, lisa_layers, ...)."""
+    cls = get_method(method).options
+    return tuple(f.name for f in dataclasses.fields(cls)) if cls is not None else ()
 
 
 def _scopes(method: str, full: str | None, sel: str | None) -> list[tuple[str, str]]:
@@ -816,13 +999,22 @@ def optimizer_bytes(setup: MethodSetup, optimizer: str = "adamw", in_backward: b
     ``in_backward`` every last-block tensor has an optimizer of its own)."""
     sizes = setup.trainable_sizes or [setup.trainable // max(1, setup.trainable_tensors)] * setup.trainable_tensors
     if optimizer == "adamw":
-        return sum(8 * n + 4 for n in sizes)
+        # bf16-true: two bf16 moments and the compensated update's buffer (BF16_TRUE_STATE_BYTES)
+        per = 4 + BF16_TRUE_STATE_BYTES if setup.precision == "bf16-true" else 8
+        return sum(per * n + 4 for n in sizes)
     big = BNB_MIN_8BIT_SIZE
     total = sum(2 * n + 8 * -(-n // BNB_BLOCK) if n >= big else 8 * n for n in sizes)
     own = Counter(setup.last_block_sizes) if in_backward else Counter()
     main = Counter(sizes) - own
     maps = (1 if any(n >= big for n in main.elements()) else 0) + sum(c for n, c in own.items() if n >= big)
     return total + maps * 2 * 256 * 4
+
+
+def device_optimizer(optimizer: str, nbytes: int) -> int:
+    """The part of the optimizer state in the device's own memory: paged-adamw-8bit keeps its state
+    in CUDA unified memory, which the driver pages out to host RAM when the device is full, so it is
+    shown in the optimizer column but not counted in the peak."""
+    return 0 if optimizer.startswith("paged-") else nbytes
 
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 states
@@ -832,19 +1024,21 @@ BNB_BLOCK = 256  # its blockwise quantization's block
 def _row(spec: RowSpec, full: str, sel: str, counts: ParamCounts, shape: LayerShape, batch: int,
          seq: int, amp: bool, capacity: int | None, headroom: int, device: str = "cuda") -> PlanRow:
     n = len(counts.layers)
-    trains = method_trains(spec.method, n, spec.num_blocks)
+    trains = method_trains(spec.method, n, spec.num_blocks, **dict(spec.options))
     ck = checkpointed_layers(full, sel, n, list(trains.blocks or [(0, n)]))
     setup = method_setup(spec.method, counts, num_blocks=spec.num_blocks, checkpoint=ck, trains=trains, spec=spec)
-    weights = 4 * setup.resident
+    weights = setup.weights
     optimizer = optimizer_bytes(setup, spec.optimizer, spec.optimizer_in_backward)
     live, grads, acts, visible, details = _walk(setup, counts, shape, batch, seq, amp,
                                                 step_tmp=step_temporaries(setup, spec.optimizer, device))
-    peak = weights + optimizer + live
+    peak = weights + device_optimizer(spec.optimizer, optimizer) + live
     label = "-" if full == sel == "off" else " + ".join(
         f"{kind} {scope}" for kind, scope in (("full", full), ("selective", sel)) if scope != "off")
     row = PlanRow(method=spec.name(counts.tied), checkpointing=label, trainable_params=setup.trainable,
                   weights=weights, grads=grads, optimizer=optimizer, activations=acts, saved_visible=visible,
-                  peak=peak, details={"phases": details, "gradient_checkpointing": full, "selective_checkpointing": sel},
+                  peak=peak, details={"phases": details, "gradient_checkpointing": full, "selective_checkpointing": sel,
+                                      "precision": setup.precision, "quantized_weights": setup.quantized,
+                                      "paged_optimizer": optimizer - device_optimizer(spec.optimizer, optimizer)},
                   command=spec.command(counts.tied, full, sel))
     if capacity is not None:
         row.fits = peak + headroom <= capacity
@@ -967,6 +1161,30 @@ def format_table(rows: list[PlanRow]) -> str:
     return "\n".join(lines)
 
 
+# The methods' own options that change their memory, planned as lopt train's flags (declared once, in
+# each method's options dataclass: LoRAOptions, LISAOptions, BAdamOptions).
+PLAN_METHOD_OPTIONS = ("lora_r", "lora_target_modules", "lisa_layers", "badam_block_size")
+
+
+def _add_option_flag(p: argparse.ArgumentParser, name: str) -> None:
+    """``--name`` from the method option's dataclass field: its help, default, choices, nargs (absent:
+    the method's default)."""
+    for method in method_names():
+        cls = get_method(method).options
+        f = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls is not None else None
+        if f is None:
+            continue
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = " ".join(default) if isinstance(default, list) else default
+        kw: dict[str, Any] = {k: meta[k] for k in ("choices", "nargs", "metavar") if k in meta}
+        kw["type"] = meta.get("type", type(default) if default is not None and not isinstance(default, list) else str)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       help=f"--method {method}: {meta.get('help', '')} (default: {shown})", **kw)
+        return
+    raise PlanError(f"no method declares the option {name!r}")
+
+
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``lopt plan``."""
     p.add_argument("--model", default=None,
@@ -975,7 +1193,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512, help="tokens per row")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                   help="bf16: lopt's autocast on CUDA (weights, gradients, AdamW state stay fp32); fp32")
+                   help="as lopt train: bf16-mixed (alias bf16; autocast, fp32 master weights, gradients and AdamW "
+                        "state for what trains, frozen weights in bf16), bf16-true (weights, gradients and optimizer "
+                        "state in bf16, plus the compensated update's buffer), fp32, auto (bf16-mixed on CUDA, "
+                        "fp32 on CPU) (default: bf16)")
     p.add_argument("--method", action="append", default=None, metavar="NAME",
                    help=f"plan only this method (repeatable): {', '.join(method_names())} or lopt-kN "
                         f"(default: {' '.join(DEFAULT_METHODS)})")
@@ -989,10 +1210,13 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lower-every", type=int, default=None, metavar="N",
                    help="lopt-kN: update the lower blocks every N-th step (default 1, and a --lower-every 2 row)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                   help="plan only this optimizer (default: adamw, and an adamw-8bit row per method)")
+                   help="plan only this optimizer (default: adamw, and an adamw-8bit row per method; paged-adamw-8bit "
+                        "keeps its state in CUDA unified memory, outside the peak)")
     p.add_argument("--optimizer-in-backward", action=argparse.BooleanOptionalAction, default=None,
                    help="plan with (or without) the last block stepped inside the backward (default: without, and "
                         "one row per method with)")
+    for name in PLAN_METHOD_OPTIONS:
+        _add_option_flag(p, name)
     p.add_argument("--gradient-checkpointing", choices=SCOPES, default=None,
                    help="plan only this full-checkpointing scope (default: off, all and, for lopt, last-block)")
     p.add_argument("--selective-checkpointing", choices=SCOPES, default=None,
@@ -1019,7 +1243,7 @@ def run_plan_cli(ns: argparse.Namespace) -> int:
                 headroom=parse_size(ns.headroom), task_grad_every=ns.task_grad_every, tied_head=ns.tied_head,
                 lower_every=ns.lower_every, optimizer=ns.optimizer, optimizer_in_backward=ns.optimizer_in_backward,
                 max_batch=getattr(ns, "max_batch", False), global_batch_size=getattr(ns, "global_batch_size", None),
-                device=getattr(ns, "device", "cuda"))
+                device=getattr(ns, "device", "cuda"), method_options=namespace_method_options(ns))
     out = sys.stderr if ns.json == "-" else sys.stdout  # `--json -`: stdout holds the JSON only
     if ns.json:
         where = write_json(ns.json, {
@@ -1030,16 +1254,42 @@ def run_plan_cli(ns: argparse.Namespace) -> int:
         if ns.json == "-":
             return 0
     print(format_table(rows), file=out)
-    print(f"\n{ns.model or 'smollm2-135m'}, batch {ns.batch_size} x {ns.max_length} tokens, {ns.precision}; "
-          "weights, gradients and AdamW state in fp32; peak = weights + optimizer + the most gradients, "
-          "activations and temporaries alive at once"
-          + (f"; fits = peak + {ns.headroom} headroom <= {ns.gpu_memory}" if ns.gpu_memory else ""), file=out)
+    pb = precision_bytes(ns.precision, getattr(ns, "device", "cuda"))
+    print(f"\n{ns.model or 'smollm2-135m'}, batch {ns.batch_size} x {ns.max_length} tokens, {precision_note(pb)}; "
+          "peak = weights + optimizer + the most gradients, activations and temporaries alive at once", file=out)
+    print(allowance_note(ns.headroom, ns.gpu_memory), file=out)
     print("rows are lopt train's --method and flags (each row's full command is in --json); lopt = its default "
           f"recipe (--task-grad-every {RECIPE_TASK_GRAD_EVERY}, a tied head kept tied); lopt-kN = the paper's "
           "--method lopt --task-grad-every 0 --num-blocks N", file=out)
     if ns.json:
         print(f"rows written to {where}", file=out)
     return 0
+
+
+def namespace_method_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The method options given on the command line (``PLAN_METHOD_OPTIONS``)."""
+    return {k: getattr(ns, k) for k in PLAN_METHOD_OPTIONS if getattr(ns, k, None) is not None}
+
+
+def precision_note(pb: PrecisionBytes) -> str:
+    """What the rows' bytes assume about ``pb``, in a phrase."""
+    if pb.name == "fp32":
+        return "fp32: weights, gradients and AdamW state in fp32"
+    if pb.name == "bf16-mixed":
+        return ("bf16-mixed: autocast; fp32 master weights, gradients and AdamW state for what trains, frozen "
+                "weights in bf16 (a qlora base in 4-bit NF4)")
+    return (f"bf16-true: weights, gradients and optimizer state in bf16 (AdamW: two bf16 moments plus "
+            f"{BF16_TRUE_STATE_BYTES} bytes of compensation per trained weight; a qlora base in 4-bit NF4)")
+
+
+def allowance_note(headroom: str | int, gpu_memory: str | None) -> str:
+    """The line saying what the peak counts and what it leaves out (shown, never folded into rows)."""
+    return ("basis: live tensor bytes, what torch.cuda.max_memory_allocated reports; not in any row: the CUDA "
+            "context (about 0.3-0.6 GiB) and the caching allocator's reserve above live bytes "
+            "(max_memory_reserved - max_memory_allocated; fragmentation), for which "
+            + (f"the fits column keeps --headroom {headroom} free (fits = peak + {headroom} <= {gpu_memory})"
+               if gpu_memory else f"allow --headroom {headroom} (with --gpu-memory, the fits column keeps it free)")
+            + "; paged-adamw-8bit's state lives in unified memory, outside the peak")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
