@@ -256,3 +256,58 @@ def test_a_wider_sweep_grid_or_another_bench_keeps_finished_records():
     assert budget_spec(replace(b, sweep_lrs=(1e-5, 3e-5, 1e-4, 3e-4), bench_repeats=3)) == budget_spec(b)
     assert budget_spec(replace(b, steps=128)) != budget_spec(b)  # what a record depends on still counts
     assert budget_spec(replace(b, retention_rows=200)) != budget_spec(b)
+
+
+# --------------------------------------------------------------------------- lopt study (issue 26)
+
+
+def test_matched_skill_interpolates_along_each_curve_and_says_does_not_reach():
+    from lopt.recipes.study.matched import Point, at_loss, matched_table
+
+    # e2e: three rates. Its best loss is 1.00; a gentler rate moves less and learns less.
+    e2e = [Point(1.00, 0.30, 0.02), Point(1.10, 0.10, 0.01), Point(1.30, 0.02, 0.0)]
+    # lopt: never as good as e2e's best, reaches 1.02 and 1.05
+    lopt = [Point(1.04, 0.08, None), Point(1.01, 0.20, None)]
+    # lora: only above 1.05
+    lora = [Point(1.20, 0.01)]
+    t = matched_table({"e2e": e2e, "lopt": lopt, "lora": lora}, 1.00)
+    assert t["e2e"][1.0].kl == pytest.approx(0.30) and t["e2e"][1.0].how == "interpolated"
+    # 1.02 lies 20% of the way from (1.00, 0.30) to (1.10, 0.10): 0.30 - 0.2 x 0.20 = 0.26
+    assert t["e2e"][1.02].kl == pytest.approx(0.26) and t["e2e"][1.02].drop == pytest.approx(0.018)
+    assert t["e2e"][1.05].kl == pytest.approx(0.20)
+    assert not t["lopt"][1.0].reached and t["lopt"][1.0].text() == "does not reach"
+    # the points are sorted by loss before joining: 1.02 is a third of the way from 1.01 to 1.04
+    assert t["lopt"][1.02].kl == pytest.approx(0.20 - 0.12 / 3) and t["lopt"][1.02].drop is None
+    assert t["lopt"][1.05].how == "at most" and t["lopt"][1.05].kl == pytest.approx(0.08)
+    assert t["lopt"][1.05].text("{:.2f}") == "<= 0.08"
+    assert all(not m.reached for m in t["lora"].values())
+    # a point exactly at the target, a single point, equal losses (the lower KL counts), no points
+    assert at_loss([Point(1.0, 0.5)], 1.0).kl == 0.5
+    assert at_loss([Point(1.0, 0.5), Point(1.0, 0.4), Point(2.0, 0.0)], 1.5).kl == pytest.approx(0.2)
+    assert not at_loss([], 1.0).reached
+    assert not at_loss([Point(float("nan"), 0.1)], 1.0).reached
+
+
+def test_which_method_when_follows_its_rules_with_evidence_and_seed_noise():
+    from lopt.recipes.study.rules import Cost, RunResult, which_method_when
+
+    runs = [RunResult("e2e", "e2e-lr1e-4", 1.00, 0.30, 1e-4, 0), RunResult("e2e", "e2e-lr1e-4-seed1", 1.01, 0.32, 1e-4, 1),
+            RunResult("e2e", "e2e-lr3e-5", 1.10, 0.10, 3e-5),
+            RunResult("lopt", "lopt-lr1e-4", 1.04, 0.08, 1e-4), RunResult("lora", "lora-lr1e-3", 1.20, 0.01, 1e-3)]
+    cost = {"e2e": Cost(100.0, 1000.0), "lopt": Cost(120.0, 800.0), "lora": Cost(150.0, 500.0)}
+    v = which_method_when(runs, cost)
+    assert [x.rule.split(" (")[0] for x in v] == ["Lowest loss", "Least forgetting within 1.05x of the best loss",
+                                                   "Fastest within 1.05x of the best loss",
+                                                   "Leanest within 1.05x of the best loss"]
+    assert v[0].method == "e2e" and "1.0000" in v[0].evidence and "lopt (lopt-lr1e-4), 1.0400 (1.040x)" in v[0].evidence
+    assert "e2e 0.0100 over 2 seeds" in v[0].noise and "not a finding" not in v[0].noise  # margin 0.04 > 0.01
+    # lora is outside the band (1.20 > 1.05), so lopt forgets least of those inside, and is the fastest of them
+    assert v[1].method == "lopt" and "Methods with no run inside: lora" in v[1].evidence
+    assert v[2].method == "lopt" and v[3].method == "lopt" and "lopt 800, e2e 1000" in v[3].evidence
+    # a margin below the seed noise is flagged
+    close = [RunResult("e2e", "a", 1.00, 0.30, 1e-4, 0), RunResult("e2e", "b", 1.05, 0.3, 1e-4, 1),
+             RunResult("lopt", "c", 1.02, 0.2)]
+    assert "within seed noise" in which_method_when(close, {})[0].noise
+    assert "Seed noise: not measured" in which_method_when([RunResult("lopt", "c", 1.0, 0.2),
+                                                            RunResult("e2e", "d", 1.1, 0.1)], {})[0].noise
+    assert which_method_when([], {})[0].method is None
