@@ -155,6 +155,17 @@ def cmd_train(ns: argparse.Namespace, defaults: dict[str, Any] | None = None) ->
     return 130 if s["interrupted"] else 0
 
 
+def retention_row(r: dict[str, Any] | None, seconds: float) -> str | None:
+    """The summary's retention row: the last retention KL, what it means, and what measuring it cost."""
+    if not r or r.get("kl") is None:
+        return None
+    suite = "; ".join(f"{k} {v['score']:.3f} ({v['change']:+.3f})" for k, v in (r.get("suite") or {}).items())
+    return (f"{r['kl']:.4g} at step {r['step']}: how far the model's answers to general prompts moved from the base "
+            f"model's (0 = unchanged)" + (f"; {suite}" if suite else "")
+            + f"; measuring it took {r['seconds']:.1f} s" + (f" ({100 * r['seconds'] / seconds:.1f}% of the run)"
+                                                            if seconds > 0 else ""))
+
+
 def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer: str | None) -> None:
     def f(x, fmt="{:.4f}"):
         return "-" if x is None else fmt.format(x)
@@ -176,6 +187,7 @@ def print_summary(s: dict[str, Any], seconds: float, prompt: str | None, answer:
         ("aux loss first -> last", first_last(s.get("aux_first"), s.get("aux_last"))),
         ("tokens/s (median)", opt(s.get("tokens_per_s"), "{:.0f}")),
         ("peak memory", opt(s.get("peak_mem_mb"), "{:.0f} MiB")),
+        ("retention KL (general prompts)", retention_row(s.get("retention"), seconds)),
         ("wall time", f"{seconds:.0f} s"),
         ("checkpoint", s.get("output_dir") or None),
     ]

@@ -18,6 +18,7 @@ from lopt.methods import METHODS, LoPTConfig, check_checkpointing, get_method
 
 OPTIMIZERS = ("adamw", "adamw-8bit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report-to; lopt.runtime.trackers logs to them
 
 
 def _engine_help(name: str) -> str:
@@ -100,6 +101,21 @@ class RecipeConfig(LoPTConfig):
                          group=_RUN)
     progress: bool = option(True, "show a progress bar", group=_RUN)
     trust_remote_code: bool = option(False, "allow model repos to run their own code", group=_WHAT)
+    # retention and trackers (issue 28): lopt.eval.retention, lopt.runtime.trackers
+    retention: str = option(
+        "kl", "retention measured in the run: kl (the base model's answers to lopt's general prompts are recorded "
+        "before the first step; KL(base || model) on them, as lopt eval's retention-kl, at every --eval-every and at "
+        "the end), suite[:TASK,...] (kl, plus lm-eval-exact benchmarks on --retention-limit items each; default "
+        "arc-easy,piqa), or none", metavar="none|kl|suite[:TASKS]", group="evaluation")
+    retention_prompts: int = option(8, "general prompts the retention KL averages over (lopt eval's --limit)",
+                                    group="evaluation")
+    retention_new_tokens: int = option(32, "length of the base model's answers for the retention KL (lopt eval's "
+                                           "--kl-new-tokens)", group="evaluation")
+    retention_limit: int = option(50, "--retention suite: items per benchmark", group="evaluation")
+    report_to: list[str] = option(
+        help="trackers that get the run's series (loss, retention KL, tokens/s, memory), as transformers' report_to: "
+        f"{', '.join(TRACKERS)}, all (those installed) or none (default: none; metrics.jsonl is always written)",
+        factory=list, nargs="+", metavar="TRACKER", group=_RUN)
 
     def __post_init__(self) -> None:
         fill_recipe_defaults(self)
@@ -133,6 +149,7 @@ class RecipeConfig(LoPTConfig):
         lc = self.lopt_config()
         lc.validate()
         get_method(self.method).check(lc)
+        check_retention_options(self)
 
 
 @dataclass
@@ -166,7 +183,7 @@ class TrainConfig(RecipeConfig):
     pipeline: bool = option(False, "multi-process: one LoPT block per process (WORLD_SIZE = number of blocks), all "
                                    "blocks computing at once; each process holds only its block",
                             group="several processes")
-    tensorboard: bool = option(False, "also log to OUT/tensorboard", group=_RUN)
+    tensorboard: bool = option(False, "also log to OUT/tensorboard (the same as --report-to tensorboard)", group=_RUN)
     eval_every: int | None = option(None, "evaluate every N steps and at the end (the --val-size rows, "
                                           "--eval-dataset, --eval-tasks); results go to metrics.jsonl", type=int,
                                     group="evaluation")
@@ -221,6 +238,24 @@ class TrainConfig(RecipeConfig):
         if self.fsdp and self.per_block_step == "on":
             raise LoPTError("per_block_step=on is not supported with --fsdp (FSDP reduces gradients inside "
                             "the backward; the whole model steps at the end)")
+
+
+def check_retention_options(cfg: Any) -> None:
+    """``--retention`` and ``--report-to``'s values (one-line LoPTError); the suite's task names and the
+    trackers' packages are checked when the run starts, before the model loads."""
+    mode = str(cfg.retention).strip().lower().partition(":")[0]
+    if mode not in ("none", "kl", "suite") or (mode != "suite" and ":" in str(cfg.retention)):
+        raise LoPTError(f"--retention must be none, kl or suite[:TASK,...], got {cfg.retention!r}")
+    for name in ("retention_prompts", "retention_new_tokens", "retention_limit"):
+        if getattr(cfg, name) < 1:
+            raise LoPTError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if isinstance(cfg.report_to, str):  # YAML / the Python API: one name, or comma-separated as in transformers
+        cfg.report_to = [t for t in cfg.report_to.replace(",", " ").split()]
+    for name in cfg.report_to:
+        if name not in (*TRACKERS, "all", "none"):
+            raise LoPTError(f"--report-to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}, all, none")
+    if "none" in cfg.report_to and len(cfg.report_to) > 1:
+        raise LoPTError(f"--report-to none excludes the other trackers, got {' '.join(cfg.report_to)}")
 
 
 def check_held_out(cfg: Any) -> None:

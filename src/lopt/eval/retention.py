@@ -34,8 +34,8 @@ from lopt.eval.common import EvalError, chunks_of, model_device, pad_id_of, righ
 from lopt.eval.kl import base_continuations
 from lopt.prompts import GENERAL_PROMPTS
 
-__all__ = ["RetentionProbe", "RetentionSuite", "RETENTION_FILE", "RETENTION_MEANING", "parse_retention",
-           "DEFAULT_PROMPTS", "DEFAULT_NEW_TOKENS", "DEFAULT_SUITE", "DEFAULT_SUITE_LIMIT"]
+__all__ = ["RetentionProbe", "RetentionSuite", "RunRetention", "RETENTION_FILE", "SUITE_FILE", "RETENTION_MEANING",
+           "parse_retention", "DEFAULT_PROMPTS", "DEFAULT_NEW_TOKENS", "DEFAULT_SUITE", "DEFAULT_SUITE_LIMIT"]
 
 RETENTION_FILE = "retention_base.pt"  # in the run's output folder
 DEFAULT_PROMPTS = 8
@@ -278,3 +278,96 @@ class RetentionSuite:
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any], data_dir: str | Path | None = None) -> RetentionSuite:
         return cls(sd["tasks"], sd["base_scores"], limit=int(sd["limit"]), data_dir=data_dir)
+
+
+SUITE_FILE = "retention_suite.json"  # the suite's base scores, beside RETENTION_FILE
+
+
+class RunRetention:
+    """Retention for one training run, on its main process: the base record taken (or, on resume, read
+    back from the run folder, so the resumed run compares against the original base model), each
+    measurement, and the summary entry.
+
+    ``start`` returns None for ``--retention none``; ``measure(model, step)`` the numbers that go to
+    metrics.jsonl (``{"kl", "nll", "base_nll", "tokens", "prompts", "seconds"[, "suite"]}``);
+    ``tracker_values(result)`` the series for the trackers; ``summary()`` the entry of ``lopt_run.json``."""
+
+    def __init__(self, probe: RetentionProbe, suite: RetentionSuite | None, *, recorded: bool):
+        self.probe, self.suite = probe, suite
+        self.recorded = recorded  # this process took the record (not read back on resume)
+        self.seconds = probe.record_seconds if recorded else 0.0
+        self.last: dict[str, Any] | None = None
+        self.first_step: int | None = None
+
+    @classmethod
+    def start(cls, spec: str | None, model, tokenizer, out_dir: str | Path, *, resumed: bool,
+              prompts: int = DEFAULT_PROMPTS, max_new_tokens: int = DEFAULT_NEW_TOKENS,
+              suite_limit: int = DEFAULT_SUITE_LIMIT, data_dir: str | Path | None = None,
+              log=None) -> RunRetention | None:
+        """Record the base (``model`` before its first step) into ``out_dir``, or on a resume
+        (``resumed``) read the record the run took at its start. ``log``: where the one-line notes go
+        (default: stderr). A resumed run whose folder has no record measures no retention and says so."""
+        import json
+        import sys
+
+        mode, tasks = parse_retention(spec)
+        if mode == "none":
+            return None
+        say = log or (lambda msg: print(msg, file=sys.stderr))
+        out_dir = Path(out_dir)
+        path, suite_path = out_dir / RETENTION_FILE, out_dir / SUITE_FILE
+        if resumed:
+            if not path.is_file():
+                say(f"lopt: retention: {out_dir} holds no base record ({RETENTION_FILE}; the run began with "
+                    f"--retention none or before lopt recorded one), so this resumed run measures no retention: "
+                    f"the resumed weights are not the base")
+                return None
+            probe = RetentionProbe.load(path)
+            suite = None
+            if tasks:
+                if not suite_path.is_file():
+                    say(f"lopt: retention: {out_dir} holds no suite record ({SUITE_FILE}): this resumed run "
+                        f"measures the KL only")
+                else:
+                    suite = RetentionSuite.from_state_dict(json.loads(suite_path.read_text()), data_dir)
+            return cls(probe, suite, recorded=False)
+        if tasks:
+            RetentionSuite.check(tasks, data_dir)
+        probe = RetentionProbe.record(model, tokenizer, prompts=prompts, max_new_tokens=max_new_tokens)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.save(path)
+        suite = None
+        if tasks:
+            t0 = time.perf_counter()
+            suite = RetentionSuite.record(model, tokenizer, tasks, limit=suite_limit, data_dir=data_dir)
+            probe.record_seconds += time.perf_counter() - t0
+            suite_path.write_text(json.dumps(suite.state_dict()))
+        elif suite_path.exists():
+            suite_path.unlink()  # a fresh run: no stale suite record from an earlier run in this folder
+        return cls(probe, suite, recorded=True)
+
+    def measure(self, model, step: int, tokenizer=None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = self.probe.measure(model, tokenizer)
+        if self.suite is not None:
+            out["suite"] = self.suite.measure(model, tokenizer)
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        self.seconds += out["seconds"]
+        self.last = {"step": step, **out}
+        return out
+
+    @staticmethod
+    def tracker_values(result: dict[str, Any]) -> dict[str, float]:
+        """``retention/kl`` (and ``retention/nll``, ``retention/<task>`` for the suite) for the trackers."""
+        values = {"retention/kl": result["kl"], "retention/nll": result["nll"]}
+        for task, r in (result.get("suite") or {}).items():
+            values[f"retention/{task}"] = r["score"]
+        return values
+
+    def summary(self) -> dict[str, Any]:
+        """``{"kl", "step", "nll", "base_nll", "tokens", "prompts", "seconds", "meaning"[, "suite"]}`` of the
+        last measurement; ``seconds``: this process's time on retention (record + measurements)."""
+        last = dict(self.last or {})
+        last.pop("seconds", None)
+        return {**last, "seconds": round(self.seconds, 2), "record_seconds": round(self.probe.record_seconds, 2),
+                "max_new_tokens": self.probe.max_new_tokens, "meaning": RETENTION_MEANING}

@@ -17,6 +17,7 @@ from lopt.data import (Batches, DataError, build_sft_dataset, chat_prompt, descr
 from lopt.config import TrainConfig, check_optimizer_in_backward  # noqa: F401  (re-exported: lopt.recipes.sft's names)
 from lopt.engine.config import LoPTError
 from lopt.eval.perplexity import examples_loss
+from lopt.eval.retention import RunRetention, parse_retention
 from lopt.eval.runner import evaluate
 from lopt.eval.tasks import check_tasks
 from lopt.methods import get_method, wrap
@@ -31,6 +32,7 @@ from lopt.runtime.resume_options import same_options_on_all_ranks
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
 from lopt.runtime.preflight import preflight_train
 from lopt.runtime.state import Callback, RunLog, TrainResult, TrainState, count_steps
+from lopt.runtime.trackers import check_trackers
 
 
 # The keys a trainer_state.pt of lopt train must hold.
@@ -57,6 +59,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
     cfg.validate()
     checked = preflight_train(cfg)  # a bad output path or data file fails now, not after the model has loaded
     eval_tasks = check_held_out_data(cfg, checked)  # so does held-out evaluation that cannot work
+    check_trackers(cfg.report_to, cfg.tensorboard)  # and a tracker that is not installed
+    parse_retention(cfg.retention)
     ctx = init_distributed(cfg.device)  # None unless a launcher started several processes
     if ctx is not None and cfg.resume:  # the options each rank read from the resumed run: rank 0's
         cfg = same_options_on_all_ranks(ctx, cfg)
@@ -125,6 +129,16 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
         if describe_skips(eval_stats):
             print(f"lopt: --eval-dataset: {describe_skips(eval_stats)}", file=sys.stderr)
         data_stats["eval"] = {k: eval_stats[k] for k in ("source", "format", "rows", "truncated") if k in eval_stats}
+    # Retention: the base model's answers to general prompts, recorded before it is wrapped (on resume, read
+    # back from the run folder: the resumed weights are not the base). Rank 0 only; not across shards.
+    retention = None
+    if main and cfg.retention != "none" and (cfg.fsdp or cfg.pipeline):
+        print("lopt: retention: not measured under --fsdp / --pipeline (no process holds the whole model); "
+              "run lopt eval --tasks retention-kl on the saved model", file=sys.stderr)
+    elif main:
+        retention = RunRetention.start(cfg.retention, model, tokenizer, out_dir, resumed=resume_dir is not None,
+                                       prompts=cfg.retention_prompts, max_new_tokens=cfg.retention_new_tokens,
+                                       suite_limit=cfg.retention_limit, data_dir=cfg.data_dir)
     wrapped = wrap(model, config=cfg.lopt_config()).to(load_device)
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
@@ -214,16 +228,22 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
             stop = state.stop_requested
             if ctx is not None:  # every rank stops after the same step (Ctrl-C reaches them at different times)
                 stop = ctx.any(stop)
-            if run_eval and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps):
+            eval_now = (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps
+            if run_eval and eval_now:
                 last_eval = run_eval(wrapped.model)
                 run.write({"step": state.step, "eval": last_eval})
+            if retention is not None and eval_now:
+                kept = retention.measure(wrapped.model, state.step, tokenizer)
+                run.write({"step": state.step, "retention": kept})
+                run.track(retention.tracker_values(kept), state.step)
             if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == total_steps):
                 checkpoint()  # the last step's too: a finished run can be extended with --resume
         interrupted = stop and state.step < total_steps
         if interrupted:
             run.report_stop(checkpoint())
 
-    summary = run.summary(wrapped, data_stats, interrupted, eval=last_eval)
+    extra = {"retention": retention.summary()} if retention is not None else {}
+    summary = run.summary(wrapped, data_stats, interrupted, eval=last_eval, **extra)
     if not interrupted:
         model_to_save = dp.saveable(wrapped) if dp is not None else wrapped
         if main:

@@ -1,6 +1,6 @@
 """Run state and run reporting, shared by every training loop (``lopt train`` and ``--pipeline``):
 what callbacks see (``TrainState``), what ``train`` returns (``TrainResult``), and ``RunLog``: the
-metrics log, TensorBoard, the progress bar, the logging window, the callbacks, Ctrl-C and the summary.
+metrics log, the trackers (``--report-to``), the progress bar, the logging window, the callbacks, Ctrl-C and the summary.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from lopt.engine.boundary import LoPTModel
 from lopt.engine.config import LoPTError
 from lopt.engine.memory import peak_memory_mb
 from lopt.runtime.checkpoints import stopped_message
+from lopt.runtime.trackers import Trackers, check_trackers
 
 
 @dataclass
@@ -43,7 +44,7 @@ class TrainState:
 
 Callback = Callable[[dict[str, Any], TrainState], None]
 
-# The numbers of a log record that go to TensorBoard (as train/NAME).
+# The numbers of a log record that go to the trackers (as train/NAME).
 _SCALARS = ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb")
 
 
@@ -104,12 +105,21 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
 
 
-def _tensorboard(out_dir: Path):
+def open_trackers(cfg: Any, out_dir: Path) -> Trackers | None:
+    """The trackers of ``cfg.report_to`` (and the old ``cfg.tensorboard``), opened with the run's options as
+    parameters; None when there are none. A tracker that fails to start is a one-line LoPTError."""
+    names = check_trackers(getattr(cfg, "report_to", None), bool(getattr(cfg, "tensorboard", False)))
+    if not names:
+        return None
+    from dataclasses import asdict, is_dataclass
+
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise LoPTError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(out_dir / "tensorboard"))
+        return Trackers(names, out_dir, config=asdict(cfg) if is_dataclass(cfg) else None)
+    except LoPTError:
+        raise
+    except Exception as e:  # the tracker's own error (a store it cannot use, a login): its first line
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LoPTError(f"--report-to {' '.join(names)}: the tracker failed to start: {msg}") from e
 
 
 # A second SIGINT this soon after the first is the launcher's forwarded copy (a terminal's Ctrl-C
@@ -138,7 +148,7 @@ def install_sigint(state: Any, ctx: Any, message: str) -> Any:
 
 def close_run(bar: Any, log_file: Any, tb: Any, old_handler: Any) -> None:
     """The end of a training loop, however it ended: close the progress bar, the metrics log and the
-    TensorBoard writer (each may be None) and give Ctrl-C back its previous handler."""
+    trackers (each may be None) and give Ctrl-C back its previous handler."""
     if bar:
         bar.close()
     if log_file is not None:
@@ -153,11 +163,12 @@ class RunLog:
     """The bookkeeping of one training loop, the same for every trainer that runs its own loop:
 
     * on the main process (``main``), ``OUT/metrics.jsonl`` - started afresh, or on resume trimmed to
-      the resumed step (``trim_log``) - and, with ``cfg.tensorboard``, ``OUT/tensorboard``;
+      the resumed step (``trim_log``) - and the trackers of ``cfg.report_to`` (``lopt.runtime.trackers``);
     * the progress bar (``cfg.progress``, main process only);
     * the logging window: ``end_step`` collects each step's numbers and every ``cfg.log_every``-th
       step (and the last) returns their record (mean loss, tokens/s, peak memory);
-    * ``log``: a record into the history, the log, TensorBoard, the bar and the callbacks;
+    * ``log``: a record into the history, the log, the trackers, the bar and the callbacks; ``track``:
+      other series (retention, evaluation) into the trackers;
     * Ctrl-C while the loop runs (``install_sigint``: the first sets ``state.stop_requested``);
     * ``summary`` of the run, and ``report_stop`` for a run stopped early.
 
@@ -179,7 +190,7 @@ class RunLog:
                 self.path.unlink()  # a fresh run starts a fresh log
             elif resumed:
                 trim_log(self.path, state.step)
-        self.tb = _tensorboard(self.out_dir) if cfg.tensorboard and main else None
+        self.trackers = open_trackers(cfg, self.out_dir) if main else None  # lopt.runtime.trackers.Trackers
         self.file = self.path.open("a") if main else None
         self.bar = None
         self._old_handler = None
@@ -199,8 +210,8 @@ class RunLog:
         self.close()
 
     def close(self) -> None:
-        close_run(self.bar, self.file, self.tb, self._old_handler)
-        self.bar = self.file = self.tb = self._old_handler = None
+        close_run(self.bar, self.file, self.trackers, self._old_handler)
+        self.bar = self.file = self.trackers = self._old_handler = None
 
     def end_step(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         """After ``state.step`` counted a finished step: its numbers (a stepper's record, with
@@ -222,17 +233,19 @@ class RunLog:
 
     def log(self, rec: dict[str, Any]) -> None:
         """One logging step's record: into the history (saved with checkpoints), the metrics log and
-        TensorBoard (main process), the bar's postfix, then the callbacks."""
+        the trackers (main process), the bar's postfix, then the callbacks."""
         self.state.history.append(rec)
         self.write(rec)
-        if self.tb is not None:
-            for k in _SCALARS:
-                if rec[k] is not None:
-                    self.tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+        self.track({f"train/{k}": rec.get(k) for k in _SCALARS}, rec["step"])
         if self.bar:
             self.bar.set_postfix(_postfix(rec), refresh=False)
         for cb in self.callbacks:
             cb(rec, self.state)
+
+    def track(self, values: dict[str, Any], step: int) -> None:
+        """Numbers (name -> value, None left out) into the trackers at ``step`` (main process)."""
+        if self.trackers is not None:
+            self.trackers.log(values, step)
 
     def write(self, rec: dict[str, Any]) -> None:
         """A line of ``metrics.jsonl`` (nothing off the main process)."""
