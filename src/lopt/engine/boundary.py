@@ -34,8 +34,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from lopt.engine.anatomy import (find_loss_head, hidden_of, is_embedding_name, is_tied,
                                  untie_output_embeddings, find_layers, hidden_size_of, split_blocks)
 from lopt.engine.activation_checkpointing import keep_matmul_outputs
-from lopt.engine.config import CHECKPOINT_SCOPES, EngineConfig, LoPTError
-from lopt.engine.heads import ReconstructionHead, masked_mse
+from lopt.engine.config import ANCHOR_OBJECTIVES, CHECKPOINT_SCOPES, HEAD_OBJECTIVES, EngineConfig, LoPTError
+from lopt.engine.heads import (EarlyExitHead, ReconstructionHead, final_norm_of, masked_mse, relative_anchor_loss,
+                               shape_loss, standardised_recon_loss)
 from lopt.engine.loss import causal_lm_loss, chunked_cross_entropy
 
 
@@ -87,8 +88,9 @@ class LoPTModel(nn.Module):
         # Under task_grad_every with lambda 0 no local loss is ever computed: no heads, no anchors (heads
         # that never get a gradient would also have no optimizer state to save or restore).
         has_local = self.local and not (config.task_grad_every and config.lambda_aux == 0)
-        recon = has_local and config.local_objective == "recon"
-        self.heads = nn.ModuleList([ReconstructionHead(hidden) for _ in range(n_lower)] if recon else [])
+        objective = config.local_objective if has_local else None
+        self.heads = nn.ModuleList([ReconstructionHead(hidden) for _ in range(n_lower)]
+                                   if objective in HEAD_OBJECTIVES else [])
         p = next(model.parameters())
         self.heads.to(device=p.device, dtype=torch.float32)  # local losses are computed in fp32
         # anchor: frozen copies of the pretrained lower blocks; the local loss keeps each block's output
@@ -96,9 +98,16 @@ class LoPTModel(nn.Module):
         # once more in memory and one extra no-grad forward of them per step).
         self.anchors = nn.ModuleList(
             [nn.ModuleList(copy.deepcopy(layers[i]) for i in range(s, e)) for s, e in self.block_ranges[:-1]]
-            if has_local and config.local_objective == "anchor" else [])
+            if objective in ANCHOR_OBJECTIVES else [])
         self.anchors.requires_grad_(False)
         self.anchors.eval()
+        # recon+anchor and recon+cos compare the boundary state with the *base model's*: the anchors'
+        # chain starts from what the frozen input embedding gives (a copy: the lowest block trains the
+        # real one), not from the trained embedding's output.
+        self.anchor_embedding = (copy.deepcopy(model.get_input_embeddings()).requires_grad_(False)
+                                 if objective in ANCHOR_OBJECTIVES and objective != "anchor" else None)
+        # early-exit: frozen copies of the final norm and LM head (see EarlyExitHead for the cost).
+        self.exit_head = self._make_exit_head(model) if objective == "early-exit" else None
         # False on the steps that skip the lower blocks' update (lower_every): they run without a graph.
         self.update_lower: bool = True
         # True on the steps that open the boundary (task_grad_every): see the open_boundary property.
@@ -142,10 +151,24 @@ class LoPTModel(nn.Module):
             self._hooks.append(layers[end - 1].register_forward_hook(self._make_boundary_hook(i)))
         if self.tied:
             self._hooks.append(self.model.get_input_embeddings().register_forward_hook(self._tied_lookup_hook))
+        if self.anchor_embedding is not None:  # after the tied lookup's hook: it sees the output layer 0 gets
+            self._hooks.append(self.model.get_input_embeddings().register_forward_hook(self._anchor_embedding_hook))
+
+    def _make_exit_head(self, model: nn.Module) -> EarlyExitHead:
+        loss_head = find_loss_head(model)
+        norm = final_norm_of(model)
+        if loss_head is None or norm is None:
+            raise LoPTError(f"--local-objective early-exit needs a model whose logits are LM head(final norm(hidden)); "
+                            f"{type(model).__name__}'s are not (scaled logits, or no final norm found): choose "
+                            "another --local-objective")
+        return EarlyExitHead(norm, loss_head[1], loss_head[2], self.lopt_config.ce_chunk_size)
 
     def train(self, mode: bool = True) -> "LoPTModel":
         super().train(mode)
         self.anchors.eval()  # the frozen reference blocks never use dropout
+        for m in (self.anchor_embedding, self.exit_head):
+            if m is not None:
+                m.eval()
         return self
 
     # ---- passthrough so the wrapper behaves like the model
@@ -349,6 +372,13 @@ class LoPTModel(nn.Module):
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return hook
 
+    def _anchor_embedding_hook(self, module, args, output):
+        # The base model's embedding output for the same tokens, for the anchors' chain (_reference).
+        if self._active():
+            with torch.no_grad():
+                self._step["base_embedding"] = (self.anchor_embedding(*args), output)
+        return None
+
     def _tied_lookup_hook(self, module, args, output):
         # Under tied_head the embedding matrix is the LM head, trained by the last block. Its lookup is
         # cut from the graph except on an open boundary (where the task gradient goes through it, as
@@ -361,18 +391,49 @@ class LoPTModel(nn.Module):
     def _local_loss(self, block: int, h: torch.Tensor) -> torch.Tensor:
         x = self._step["inputs"].pop(block)
         mask = self._step["mask"]
-        if self.anchors:
-            with torch.no_grad():
-                ref = x.detach()
-                start = self.block_ranges[block][0]
-                for j, layer in enumerate(self.anchors[block]):
-                    rest, kwargs = self._step["layer_args"].pop(start + j)
-                    out = layer(ref, *rest, **kwargs)
-                    ref = out[0] if isinstance(out, tuple) else out
-            return masked_mse(h, ref, mask)  # fp32 inside
+        objective = self.lopt_config.local_objective
+        if objective == "anchor":
+            return masked_mse(h, self._reference(block, x), mask)  # fp32 inside
         with torch.autocast(device_type=h.device.type, enabled=False):
-            pred = self.heads[block](h.float())
-            return masked_mse(pred, x.detach(), mask)
+            if objective == "early-exit":
+                labels = self._step["labels"]
+                if labels is None:
+                    raise LoPTError("--local-objective early-exit scores the lower block on the forward's labels, and "
+                                    "this forward has none (GRPO/DPO trainers call the model without labels): "
+                                    "choose another --local-objective")
+                return self.exit_head(h, labels)
+            if objective == "recon-std":
+                return standardised_recon_loss(self.heads[block], h, x, mask)
+            loss = masked_mse(self.heads[block](h.float()), x.detach(), mask)  # the paper's recon
+            if objective == "recon+anchor":
+                loss = loss + self.lopt_config.anchor_weight * relative_anchor_loss(h, self._reference(block, x), mask)
+            elif objective == "recon+cos":
+                loss = loss + self.lopt_config.anchor_weight * shape_loss(h, self._reference(block, x), mask)
+            return loss
+
+    @torch.no_grad()
+    def _reference(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        """What the frozen pretrained block ``block`` gives. Under ``anchor``, for the block's current
+        input ``x``; under recon+anchor and recon+cos, the base model's own state at the block's output
+        boundary: the chain of frozen blocks from the frozen embedding's output."""
+        ref = x.detach()
+        if self.anchor_embedding is not None:
+            if block == 0:
+                base, trained = self._step.pop("base_embedding")
+                if trained is not x:
+                    raise LoPTError(f"--local-objective {self.lopt_config.local_objective} needs a model whose first "
+                                    f"layer reads the input embedding's output as it is ({type(self.model).__name__} "
+                                    "changes it first: scaled or position embeddings): use anchor or recon")
+                ref = base
+            else:
+                ref = self._step.pop("reference")
+        start = self.block_ranges[block][0]
+        for j, layer in enumerate(self.anchors[block]):
+            rest, kwargs = self._step["layer_args"].pop(start + j)
+            out = layer(ref, *rest, **kwargs)
+            ref = out[0] if isinstance(out, tuple) else out
+        self._step["reference"] = ref
+        return ref
 
     def _aux_weight(self) -> float:
         return self.lopt_config.lambda_aux / max(1, len(self.block_ranges) - 1)
@@ -399,7 +460,8 @@ class LoPTModel(nn.Module):
         """
         if self._step is not None:
             raise LoPTError("a LoPT forward is already running: step scopes cannot nest")
-        self._step = {"inputs": {}, "aux": [], "mask": attention_mask, "layer_args": {}, "skip": False}
+        self._step = {"inputs": {}, "aux": [], "mask": attention_mask, "layer_args": {}, "skip": False,
+                      "labels": None}
         grad_mode = torch.is_grad_enabled()
         try:
             yield self._step
@@ -458,6 +520,7 @@ class LoPTModel(nn.Module):
         chunked = (self._loss_head is not None and labels is not None and self.training
                    and torch.is_grad_enabled())
         with self.step_scope(attention_mask) as step:
+            step["labels"] = labels  # early-exit's local loss scores the lower blocks on them
             if chunked:  # run the decoder stack only; the loss head never forms the full logits
                 decoder, head, softcap = self._loss_head
                 out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

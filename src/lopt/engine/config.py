@@ -8,7 +8,16 @@ from typing import Any, Callable
 
 
 SCHEDULES = ("blockwise", "joint")
-LOCAL_OBJECTIVES = ("recon", "anchor")
+LOCAL_OBJECTIVES = ("recon", "anchor", "recon+anchor", "recon-std", "recon+cos", "early-exit")
+# Which of them train a reconstruction head per lower block, and which keep frozen copies of the
+# pretrained lower blocks (lopt.engine.boundary builds both from these).
+HEAD_OBJECTIVES = ("recon", "recon+anchor", "recon-std", "recon+cos")
+ANCHOR_OBJECTIVES = ("anchor", "recon+anchor", "recon+cos")
+# Default weight of the anchor term of recon+anchor and recon+cos: both terms are dimensionless
+# (0 at the base, about 1 for a state as far from the base's as it is large), and the reconstruction
+# loss starts near 0.013 on SmolLM2-135M, so at weight 1 the anchor takes over once the boundary state
+# has moved by a few percent, long before the cosine of 0.57 that recon alone reached (issue 29).
+ANCHOR_WEIGHT = 1.0
 
 
 # Which layers recompute their activations in the backward (LoPTModel.gradient_checkpointing_enable).
@@ -105,8 +114,15 @@ class EngineConfig:
     schedule: str = option("blockwise", "LoPT backward schedule: blockwise frees lower activations early",
                            choices=SCHEDULES, group=_BOUNDARY)
     local_objective: str = option(
-        "recon", "what the lower blocks learn: recon (reconstruct the block input, the paper's) or anchor (keep "
-        "the block output close to the frozen pretrained block's)", choices=LOCAL_OBJECTIVES, group=_BOUNDARY)
+        "recon", "what the lower blocks learn: recon (reconstruct the block input, the paper's), anchor (keep "
+        "the block output close to the frozen pretrained block's), recon+anchor (recon plus --anchor-weight x "
+        "the relative MSE to the base model's boundary state), recon-std (recon with input, target and "
+        "prediction standardised per dimension), recon+cos (recon plus --anchor-weight x per-token 1 - cosine "
+        "and squared log norm ratio to the base's state) or early-exit (next-token loss of the block output "
+        "through a frozen copy of the final norm and LM head)", choices=LOCAL_OBJECTIVES, group=_BOUNDARY)
+    anchor_weight: float = option(
+        ANCHOR_WEIGHT, "LoPT: weight of the anchor term of --local-objective recon+anchor and recon+cos",
+        type=float, group=_BOUNDARY)
     lower_every: int = option(1, "update the lower blocks only every N-th step (their backward is skipped "
                                  "otherwise)", group=_BOUNDARY)
     chunked_ce: bool = option(True, "compute the task loss in chunks of tokens, never the full logits tensor "
@@ -142,6 +158,11 @@ class EngineConfig:
         if self.local_objective not in LOCAL_OBJECTIVES:
             raise LoPTError(f"unknown local objective {self.local_objective!r}: choose one of "
                             f"{', '.join(LOCAL_OBJECTIVES)}")
+        if not self.anchor_weight >= 0:
+            raise LoPTError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        if self.anchor_weight != ANCHOR_WEIGHT and self.local_objective not in ("recon+anchor", "recon+cos"):
+            raise LoPTError(f"--anchor-weight has no effect with --local-objective {self.local_objective}: it weighs "
+                            "the anchor term of recon+anchor and recon+cos")
         if not isinstance(self.lower_every, int) or self.lower_every < 1:
             raise LoPTError(f"lower_every must be an integer >= 1, got {self.lower_every}")
         if self.lambda_aux < 0:

@@ -52,9 +52,9 @@ def shard_model(wrapped: LoPTModel, ctx: DistContext) -> LoPTModel:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if wrapped.anchors:
-        raise LoPTError("--fsdp does not support --local-objective anchor (its frozen reference blocks "
-                        "would sit in the FSDP root unit); use recon, or data parallel without --fsdp")
+    if wrapped.anchors or wrapped.exit_head is not None:
+        raise LoPTError(f"--fsdp does not support --local-objective {wrapped.lopt_config.local_objective} (its frozen "
+                        "reference modules would sit in the FSDP root unit); use recon, or data parallel without --fsdp")
     if wrapped.method == "lora":
         raise LoPTError("--fsdp does not support --method lora (merging adapters into sharded weights "
                         "is not implemented); LoRA's optimizer state is small: use data parallel without --fsdp")

@@ -279,5 +279,8 @@ def method_extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
     # The anchors are the *pretrained* lower blocks: a resumed run cannot rebuild them from its
     # checkpoint's (trained) weights, so they travel with the trainer state.
     state.update({f"anchors.{k}": v for k, v in wrapped.anchors.state_dict().items()})
+    for name in ("anchor_embedding", "exit_head"):  # frozen copies of the base's embedding, final norm, LM head
+        if getattr(wrapped, name, None) is not None:
+            state.update({f"{name}.{k}": v for k, v in getattr(wrapped, name).state_dict().items()})
     state.update({f"model.{k}": v for k, v in wrapped.method_impl.extra_state(wrapped.model).items()})
     return state
