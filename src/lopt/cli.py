@@ -20,6 +20,7 @@ from lopt.recipes import dpo, grpo
 from lopt.recipes.dpo import DPORunConfig
 from lopt.recipes.grpo import GRPORunConfig
 from lopt.recipes.sft import TrainConfig, sample_answer, train
+from lopt.recipes.study.command import StudyOptions, study_command
 from lopt.parallel.context import exit_worker, launched_distributed
 from lopt.runtime.preflight import check_output_dir
 from lopt.runtime.resume_options import resume_options
@@ -253,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="predict the memory of each method before loading any weights",
         description="Weights, gradients, optimizer state, activations and the peak of every method x "
         "checkpointing scope, from the model's config on the meta device (no weights are loaded)."))
+    add_config_arguments(sub.add_parser(
+        "study", help="which method, on your model and data: a learning-rate sweep per method, runs at 1-3 rates, "
+        "held-out loss, retention and cost, retention at matched task skill, a report (resumable)",
+        description="Compare post-training methods on a model and dataset (lopt.recipes.study.command). Every "
+        "finished piece is recorded under --output-dir/results; run it again to resume. Every option can also "
+        "be set in a YAML file given with --config."), StudyOptions)
     add_eval_arguments(sub.add_parser("eval", help="task skill, retention and drift of a model"))
     add_compare_arguments(sub.add_parser("compare", help="eval results of several runs side by side"))
     return parser
@@ -260,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def print_config(ns: argparse.Namespace) -> int:
     """``--print-config``: the command's resolved options as YAML."""
-    config_cls = {"train": TrainConfig, "demo": TrainConfig, "grpo": GRPORunConfig, "dpo": DPORunConfig}[ns.command]
+    config_cls = {"train": TrainConfig, "demo": TrainConfig, "grpo": GRPORunConfig, "dpo": DPORunConfig,
+                  "study": StudyOptions}[ns.command]
     defaults = DEMO_DEFAULTS if ns.command == "demo" else None
     print(config_yaml(config_from_args(ns, config_cls, defaults, command=ns.command)), end="")
     return 0
@@ -300,6 +308,8 @@ def _run(argv: Sequence[str] | None) -> int:
             return run_compare_cli(ns)
         if ns.command == "plan":
             return run_plan_cli(ns)
+        if ns.command == "study":
+            return study_command(config_from_args(ns, StudyOptions, command="study"))
     except (LoPTError, ValueError, FileNotFoundError) as e:
         # Our errors (LoPTError, DataError, ModelError, EvalError) are one clear line: no stack trace.
         if not _is_lopt_error(e):

@@ -1,0 +1,686 @@
+"""``lopt study``: which post-training method, decided on the user's own model and data.
+
+For every method it sweeps the learning rate on short runs (a grid around a per-method starting
+point, scored by held-out task loss), trains the method at 1-3 rates around the best one, evaluates
+every run (held-out task loss, retention KL on lopt's general prompts, boundary drift, optionally the
+retention suite), measures each method's cost with ``lopt bench`` on the same model, batch and device,
+and writes a report (:mod:`lopt.recipes.study.summary`): loss-vs-retention curves, retention at
+matched task skill (:mod:`lopt.recipes.study.matched`) and a rules-based "which method when"
+(:mod:`lopt.recipes.study.rules`).
+
+Every piece (the bench, the base's evaluation, a sweep point, a run's training, its evaluation) writes
+one record under ``OUT/results`` as soon as it is done (:mod:`lopt.recipes.study.records`); calling
+the study again skips every piece recorded with the same settings, and a killed run continues from
+its last checkpoint.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lopt.config import TrainConfig
+from lopt.engine.config import LoPTError, option
+from lopt.methods import METHODS
+from lopt.recipes.study.records import Records, load_average, machine, write_json, write_text
+
+_WHAT, _PLAN, _EVAL, _RUN = "what to train", "the study's plan", "evaluation", "bookkeeping"
+
+DEFAULT_METHODS = ("e2e", "lopt", "freeze-lower", "lora", "lisa", "badam")
+# Where each method's learning-rate grid is centred: study v2's sweep on SmolLM2-135M chose 1e-4 for the
+# full-parameter methods (grid 1e-5..3e-4) and 1e-3 for LoRA (grid 1e-4..3e-3). The layer-switching
+# methods (LISA, BAdam) update full layers with AdamW, so they start where the full-parameter ones do.
+START_LR = {"e2e": 1e-4, "lopt": 1e-4, "freeze-lower": 1e-4, "lisa": 1e-4, "badam": 1e-4, "lora": 1e-3}
+# The rates each method is trained at, as multiples of its sweep's best: the best, then gentler ones,
+# which move the model less (lower retention KL, higher loss): the curve a matched-skill reading needs.
+RATE_FACTORS = (1.0, 1 / 3, 1 / 10)
+
+
+@dataclass
+class StudyOptions:
+    """The options of ``lopt study`` (its flags, --help and YAML keys are generated from these fields)."""
+
+    model: str | None = option(None, "the model (default: the embedded SmolLM2-135M-Instruct)", group=_WHAT)
+    gguf_file: str | None = option(None, "GGUF file name inside --model", group=_WHAT)
+    dataset: str | None = option(None, "the training data: a .jsonl/.json/.parquet/.csv file, a preset or a hub "
+                                 "id, as lopt train reads it (required)", group=_WHAT)
+    eval_dataset: str | None = option(
+        None, "held-out data for the task loss (its test split); default: a slice of --dataset the runs "
+        "never train on", group=_WHAT)
+    data_dir: str | None = option(None, "the data folder for presets and the retention suite (default: "
+                                  "$LOPT_DATA_DIR)", group=_WHAT)
+    methods: list[str] = option(factory=lambda: list(DEFAULT_METHODS), help="the methods to compare",
+                                nargs="+", choices=METHODS, metavar="METHOD", group=_WHAT)
+    steps: int = option(256, "optimizer steps of every run", group=_PLAN)
+    batch_size: int = option(4, "examples per step (every run, and the bench)", group=_PLAN)
+    max_length: int = option(512, "truncate examples to this many tokens", group=_PLAN)
+    warmup_ratio: float = option(0.05, "fraction of steps with linear warm-up before the cosine decay",
+                                 group=_PLAN)
+    val_size: int = option(100, "rows of --dataset held out to score the sweep (and, without "
+                           "--eval-dataset, as many more to evaluate the runs)", group=_PLAN)
+    sweep_steps: int | None = option(None, "steps of each sweep run (default: a quarter of --steps)", type=int,
+                                     group=_PLAN)
+    lr_factors: list[float] = option(
+        factory=lambda: [1 / 3, 1.0, 3.0], help="the sweep's grid: each method's starting rate (lopt.recipes."
+        "study.command.START_LR) times these", nargs="+", type=float, metavar="X", group=_PLAN)
+    start_lr: list[str] = option(factory=list, help="another starting rate for a method, e.g. lora=2e-4",
+                                 nargs="+", metavar="METHOD=LR", group=_PLAN)
+    rates: int = option(2, "rates each method is trained at: its sweep's best, then best/3, then best/10",
+                        choices=(1, 2, 3), group=_PLAN)
+    seeds: list[int] = option(factory=lambda: [0], help="seeds: every run with the first; each method's best "
+                              "rate again with the others (the seed noise)", nargs="+", type=int, group=_PLAN)
+    adapt_schedules: bool = option(
+        True, "set BAdam's switch interval and LISA's redraw interval so every layer gets a turn within a run's "
+        "steps (--no-adapt-schedules: their library defaults, 50 and 20 steps)", group=_PLAN)
+    retention_prompts: int = option(16, "general prompts the retention KL and drift average over", group=_EVAL)
+    retention_new_tokens: int = option(32, "length of the base model's answers to them", group=_EVAL)
+    retention_suite: str | None = option(None, "also the retention suite: comma-separated tasks (arc-easy,"
+                                         "arc-challenge,piqa,winogrande,lambada)", group=_EVAL)
+    limit: int = option(50, "--retention-suite: items per task", group=_EVAL)
+    eval_limit: int = option(200, "rows of --eval-dataset evaluated", group=_EVAL)
+    eval_batch_size: int = option(8, "batch size of the evaluations", group=_EVAL)
+    bench_steps: int = option(2, "timed steps per method in lopt bench", group=_EVAL)
+    bench_repeats: int = option(1, "lopt bench's repeats (fresh processes, interleaved)", group=_EVAL)
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", group=_RUN)
+    output_dir: str = option("runs/study", "the study's folder: results/ (its records), RESULTS.md, study.json, "
+                             "the plots", group=_RUN)
+    keep_models: bool = option(False, "keep each run's weights (default: records only)", group=_RUN)
+    dry_run: bool = option(False, "check the input, bench the methods, print the plan and the time estimate; "
+                           "train nothing", group=_RUN)
+    progress: bool = option(True, "show the study's progress and ETA", group=_RUN)
+
+
+# --------------------------------------------------------------------------- the plan (pure)
+
+
+def start_rates(opts: StudyOptions) -> dict[str, float]:
+    """Each method's starting rate: START_LR, with --start-lr's overrides (one-line errors)."""
+    out = {m: START_LR.get(m, 1e-4) for m in opts.methods}
+    for item in opts.start_lr:
+        method, _, value = item.partition("=")
+        if method not in opts.methods:
+            raise LoPTError(f"--start-lr {item}: {method!r} is not one of --methods ({' '.join(opts.methods)})")
+        try:
+            out[method] = float(value)
+        except ValueError:
+            raise LoPTError(f"--start-lr {item}: give METHOD=LR, e.g. lora=2e-4") from None
+        if not out[method] > 0:
+            raise LoPTError(f"--start-lr {item}: the rate must be > 0")
+    return out
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def grids(opts: StudyOptions) -> dict[str, list[float]]:
+    """The sweep's learning rates per method: the starting rate times each of --lr-factors."""
+    return {m: sorted({_round(lr * f) for f in opts.lr_factors}) for m, lr in start_rates(opts).items()}
+
+
+def final_rates(best: float, rates: int) -> list[float]:
+    """The rates a method is trained at, from its sweep's best (RATE_FACTORS)."""
+    return [_round(best * f) for f in RATE_FACTORS[:rates]]
+
+
+def schedule(method: str, num_layers: int, steps: int, adapt: bool) -> tuple[dict[str, Any], str]:
+    """The options a layer-switching method gets for a run of ``steps`` steps, and the sentence that
+    says why. BAdam trains one layer at a time in turn; LISA draws one at random every interval."""
+    if method not in ("badam", "lisa"):
+        return {}, ""
+    if not adapt:
+        return {}, (f"{method}: its library default (BAdam switches every 50 steps, LISA redraws every 20), "
+                    "as --no-adapt-schedules asks")
+    every = max(1, steps // num_layers)
+    if method == "badam":
+        turns = min(num_layers, math.ceil(steps / every))
+        what = (f"all {num_layers} layers get a turn" if turns == num_layers else
+                f"only {turns} of {num_layers} layers get a turn (fewer steps than layers)")
+        return {"badam_switch_every": every}, (
+            f"badam: switch every {every} steps, so {what} in {steps} steps (the default, 50, would train "
+            f"{min(num_layers, math.ceil(steps / 50))})")
+    draws = math.ceil(steps / every)
+    covered = 1 - (1 - 1 / num_layers) ** draws
+    return {"lisa_interval": every}, (
+        f"lisa: a layer drawn every {every} steps, {draws} draws for {num_layers} layers in {steps} steps "
+        f"(random draws: about {covered:.0%} of the layers get a turn; the default, 20, would draw "
+        f"{math.ceil(steps / 20)} times)")
+
+
+def run_name(method: str, lr: float, seed: int, first_seed: int) -> str:
+    return f"{method}-lr{lr:g}" + (f"-seed{seed}" if seed != first_seed else "")
+
+
+def final_runs(best: dict[str, float], opts: StudyOptions) -> list[dict[str, Any]]:
+    """``[{"run", "method", "lr", "seed"}]``: every method at its rates with the first seed, then its
+    best rate with each other seed."""
+    out = []
+    for m in opts.methods:
+        if m not in best:
+            continue
+        out += [{"run": run_name(m, lr, opts.seeds[0], opts.seeds[0]), "method": m, "lr": lr, "seed": opts.seeds[0]}
+                for lr in final_rates(best[m], opts.rates)]
+        out += [{"run": run_name(m, best[m], s, opts.seeds[0]), "method": m, "lr": _round(best[m]), "seed": s}
+                for s in opts.seeds[1:]]
+    return out
+
+
+def check_options(opts: StudyOptions) -> None:
+    """The options alone, before any data or model is read (one-line errors)."""
+    if not opts.dataset:
+        raise LoPTError("--dataset is required: the data to train on (a file, a preset or a hub id)")
+    if not opts.methods:
+        raise LoPTError("--methods: name at least one method")
+    unknown = [m for m in opts.methods if m not in METHODS]
+    if unknown:
+        raise LoPTError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    if len(set(opts.methods)) != len(opts.methods):
+        raise LoPTError(f"--methods names a method twice: {' '.join(opts.methods)}")
+    for name in ("steps", "batch_size", "max_length", "val_size", "retention_prompts", "retention_new_tokens",
+                 "limit", "eval_limit", "eval_batch_size", "bench_steps", "bench_repeats"):
+        if getattr(opts, name) < 1:
+            raise LoPTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if opts.rates not in (1, 2, 3):
+        raise LoPTError(f"--rates must be 1, 2 or 3, got {opts.rates}")
+    if opts.sweep_steps is not None and not 1 <= opts.sweep_steps <= opts.steps:
+        raise LoPTError(f"--sweep-steps must be 1..--steps ({opts.steps}), got {opts.sweep_steps}")
+    if not opts.lr_factors or any(not f > 0 for f in opts.lr_factors):
+        raise LoPTError("--lr-factors: give one or more factors > 0")
+    if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
+        raise LoPTError(f"--seeds: give one or more distinct seeds, got {opts.seeds}")
+    start_rates(opts)
+    suite_tasks(opts)
+
+
+def suite_tasks(opts: StudyOptions) -> tuple[str, ...]:
+    if not opts.retention_suite:
+        return ()
+    from lopt.eval.retention import parse_retention
+    from lopt.eval.common import EvalError
+
+    try:
+        return parse_retention("suite:" + opts.retention_suite)[1]
+    except EvalError as e:
+        raise LoPTError(str(e).replace("--retention suite:", "--retention-suite ")) from None
+
+
+def sweep_steps(opts: StudyOptions) -> int:
+    return opts.sweep_steps or max(1, opts.steps // 4)
+
+
+# --------------------------------------------------------------------------- the data
+
+
+class StudyData:
+    """The study's three files under ``OUT/data``: ``train.jsonl`` (the rows every run trains on, in
+    order: steps x batch size of them), ``sweep-val.jsonl`` (held out of --dataset: scores the sweep)
+    and ``eval.jsonl`` (--eval-dataset's test rows, else another slice held out of --dataset)."""
+
+    def __init__(self, opts: StudyOptions, folder: Path):
+        from lopt.data import DataError, hold_out, load_records
+
+        need = opts.steps * opts.batch_size
+        try:
+            rows = load_records(opts.dataset, split="train", data_dir=opts.data_dir)
+            held = opts.val_size * (1 if opts.eval_dataset else 2)
+            if len(rows) <= held:
+                raise LoPTError(f"no held-out split possible: {opts.dataset} has {len(rows)} rows and the study "
+                                f"holds out {held} (--val-size {opts.val_size}"
+                                + ("" if opts.eval_dataset else " for the sweep and as many for the evaluation")
+                                + "); give a smaller --val-size, more data or --eval-dataset")
+            pool, val = hold_out(rows, held, seed=0)
+            if len(pool) < need:
+                raise LoPTError(f"{opts.dataset} is too small for the budget: {len(pool)} rows are left to train "
+                                f"on after holding out {held}, and --steps {opts.steps} x --batch-size "
+                                f"{opts.batch_size} needs {need} (one pass); lower --steps or --val-size")
+            sweep_val, evals = val[:opts.val_size], val[opts.val_size:]
+            if opts.eval_dataset:
+                evals = load_records(opts.eval_dataset, split="test", limit=opts.eval_limit, data_dir=opts.data_dir)
+                self.eval_note = (f"the task loss is measured on the first {len(evals)} rows of "
+                                  f"{opts.eval_dataset} (its test split)")
+            else:
+                evals = evals[:opts.eval_limit]
+                self.eval_note = (f"no --eval-dataset: {held} rows of {opts.dataset} are held out (drawn with "
+                                  f"seed 0) and never trained on; the task loss is measured on {len(evals)} of them")
+        except DataError as e:
+            raise LoPTError(str(e)) from None
+        self.rows, self.train_rows = len(rows), need
+        self.sweep_note = f"the sweep is scored on {len(sweep_val)} other held-out rows of {opts.dataset}"
+        self.train, self.sweep_val, self.eval = (folder / "train.jsonl", folder / "sweep-val.jsonl",
+                                                 folder / "eval.jsonl")
+        self._texts = {p: "".join(json.dumps(r, default=str) + "\n" for r in part)
+                       for p, part in ((self.train, pool[:need]), (self.sweep_val, sweep_val), (self.eval, evals))}
+        self.digest = hashlib.sha1("".join(self._texts.values()).encode()).hexdigest()[:16]
+
+    def write(self) -> None:
+        """Write the three files (only when their content changed, so a resumed study keeps them)."""
+        for path, text in self._texts.items():
+            if not path.is_file() or path.read_text() != text:
+                write_text(path, text)
+
+    def describe(self) -> dict[str, Any]:
+        return {"rows": self.rows, "train_rows": self.train_rows, "digest": self.digest,
+                "eval": self.eval_note, "sweep": self.sweep_note}
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A bar and an ETA for the whole study: every piece has an estimate (from the bench's step times,
+    scaled by how long the pieces already run here took against their estimates)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.total = self.done = 0.0
+        self.measured = self.estimated_measured = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, estimate: float) -> None:
+        self.total += estimate
+
+    def finish(self, estimate: float, seconds: float | None) -> None:
+        """A piece is done: ``seconds`` it took here, or None when its record already existed."""
+        self.done += estimate
+        if seconds is not None and estimate > 0:
+            self.measured += seconds
+            self.estimated_measured += estimate
+
+    def eta(self) -> float:
+        scale = self.measured / self.estimated_measured if self.estimated_measured else 1.0
+        return max(0.0, self.total - self.done) * scale
+
+    def say(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        frac = self.done / self.total if self.total else 0.0
+        bar = "#" * round(20 * frac) + "-" * (20 - round(20 * frac))
+        print(f"[study {bar} {frac:4.0%} ETA {_hms(self.eta())}] {msg}", file=sys.stderr, flush=True)
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# --------------------------------------------------------------------------- the study
+
+
+class Study:
+    """One invocation of ``lopt study``: its options, data, records, base model and estimates."""
+
+    def __init__(self, opts: StudyOptions):
+        check_options(opts)
+        self.opts = opts
+        self.out = Path(opts.output_dir)
+        self.data = StudyData(opts, self.out / "data")
+        self.tasks = suite_tasks(opts)
+        if self.tasks:
+            from lopt.eval.common import EvalError
+            from lopt.eval.retention import RetentionSuite
+
+            try:
+                RetentionSuite.check(self.tasks, opts.data_dir)
+            except EvalError as e:
+                raise LoPTError(str(e)) from None
+        self.records = Records(self.out / "results")
+        self.runs_dir = self.out / "models"
+        self.progress = Progress(opts.progress)
+        self.executed: list[str] = []  # pieces run by this call (a resumed study runs none twice)
+        self._base = self._probe = self._suite = None
+        self.num_layers = self._num_layers()
+        self.grids = grids(opts)
+        self.schedules = {m: schedule(m, self.num_layers, opts.steps, opts.adapt_schedules) for m in opts.methods}
+        self.common = {"model": opts.model, "gguf_file": opts.gguf_file, "data": self.data.digest,
+                       "batch_size": opts.batch_size, "max_length": opts.max_length,
+                       "warmup_ratio": opts.warmup_ratio, "device": opts.device}
+        self.eval_spec = {"prompts": opts.retention_prompts, "new_tokens": opts.retention_new_tokens,
+                          "suite": list(self.tasks), "limit": opts.limit if self.tasks else None}
+
+    def _num_layers(self) -> int:
+        """The model's decoder layers (the base is loaded once: the probe and drift need it anyway)."""
+        return self._load_base()[0].config.num_hidden_layers
+
+    def _load_base(self):
+        from lopt.models import load_model
+
+        if self._base is None:
+            self._base = load_model(self.opts.model, gguf_file=self.opts.gguf_file, device=self._device())
+        return self._base
+
+    def _device(self) -> str:
+        return self.opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    # ------------------------------------------------------------------ configurations
+
+    def overrides(self, method: str, steps: int) -> dict[str, Any]:
+        return {"method": method, **schedule(method, self.num_layers, steps, self.opts.adapt_schedules)[0]}
+
+    def train_config(self, method: str, lr: float, seed: int, steps: int, run_dir: Path) -> TrainConfig:
+        o = self.opts
+        return TrainConfig(model=o.model, gguf_file=o.gguf_file, dataset=str(self.data.train),
+                           limit=steps * o.batch_size, max_length=o.max_length, output_dir=str(run_dir), lr=lr,
+                           batch_size=o.batch_size, max_steps=steps, warmup_ratio=o.warmup_ratio, seed=seed,
+                           device=o.device, progress=False, log_every=1, **self.overrides(method, steps))
+
+    @staticmethod
+    def command(cfg: TrainConfig) -> str:
+        from lopt.recipes.study.plan import train_command
+
+        pinned = ("method", "lr", "batch_size", "seed", "max_steps", "limit", "max_length")
+        return train_command(cfg, lambda name: name in pinned)
+
+    # ------------------------------------------------------------------ estimates
+
+    def step_seconds(self, method: str) -> float | None:
+        rec = self.records.read("bench")
+        for row in (rec or {}).get("rows", []):
+            if row["name"] == method:
+                return row["step_time_s"]
+        return None
+
+    def train_estimate(self, method: str, steps: int) -> float:
+        step = self.step_seconds(method) or 0.0
+        return steps * step + 2.0  # loading and saving the model: a couple of seconds on the embedded one
+
+    def eval_estimate(self) -> float:
+        """A forward pass costs about a third of a training step (no backward, no optimizer)."""
+        o = self.opts
+        step = self.step_seconds(o.methods[0]) or 0.0
+        rows = self.data.eval.read_text().count("\n") if self.data.eval.is_file() else o.eval_limit
+        items = len(self.tasks) * o.limit * 4  # the suite: about 4 choices an item
+        batches = (rows / o.eval_batch_size + 2 * o.retention_prompts / o.eval_batch_size
+                   + items / o.eval_batch_size)
+        return batches * step / 3 * (o.eval_batch_size / o.batch_size) + 2.0
+
+    def estimates(self) -> dict[str, float]:
+        """Seconds of each phase still to run (records that exist count as done)."""
+        o = self.opts
+        per_run_eval = self.eval_estimate()
+        sweep = sum(self.train_estimate(m, sweep_steps(o)) + per_run_eval * 0.3
+                    for m in o.methods for _ in self.grids[m])
+        runs = sum((self.train_estimate(m, o.steps) + per_run_eval) * (o.rates + len(o.seeds) - 1)
+                   for m in o.methods)
+        return {"sweep": sweep, "runs": runs, "base": per_run_eval}
+
+    # ------------------------------------------------------------------ pieces
+
+    def _piece(self, name: str, spec: Any, estimate: float, make: Callable[[], dict[str, Any]],
+               what: str) -> dict[str, Any]:
+        rec = self.records.get(name, spec)
+        if rec is not None:
+            self.progress.finish(estimate, None)
+            return rec
+        self.progress.say(what)
+        t0 = time.perf_counter()
+        rec = self.records.put(name, spec, {**make(), "load_average": load_average()})
+        self.executed.append(name)
+        self.progress.finish(estimate, time.perf_counter() - t0)
+        return rec
+
+    def bench(self) -> dict[str, Any]:
+        """Each method's step time and peak memory: ``lopt bench`` on the model, the batch size and the
+        training rows of the runs, a fresh process per method."""
+        from lopt.bench.runner import bench_json, run_bench
+
+        o = self.opts
+        table = {m: self.overrides(m, o.steps) for m in o.methods}
+        spec = {"table": table, "steps": o.bench_steps, "repeats": o.bench_repeats, **self.common}
+
+        def make():
+            t0 = time.perf_counter()
+            res = run_bench(list(table), [o.batch_size], model=o.model, gguf_file=o.gguf_file, seq_len=o.max_length,
+                            warmup=1, steps=o.bench_steps, repeats=o.bench_repeats, device=o.device,
+                            progress=False, table=table, dataset=str(self.data.train), limit=o.steps * o.batch_size)
+            return {**bench_json(res), "wall_s": round(time.perf_counter() - t0, 1)}
+
+        rec = self._piece("bench", spec, 0.0, make, f"bench: {len(table)} methods, a fresh process each")
+        # The rows in MiB for the estimates and the report, whatever unit the file holds.
+        from lopt.bench.runner import load_bench_json
+
+        return load_bench_json(rec)
+
+    def base(self):
+        model, tok = self._load_base()
+        return model, tok
+
+    def probe(self):
+        """The base model's answers to the general prompts and its log-probs (retention KL), made once."""
+        from lopt.eval.retention import RetentionProbe
+
+        if self._probe is None:
+            o = self.opts
+            path = self.out / "cache" / f"probe-{o.retention_prompts}x{o.retention_new_tokens}-{self.common['model']}.pt"
+            path = path.with_name(path.name.replace("/", "_"))
+            if path.is_file():
+                self._probe = RetentionProbe.load(path)
+            else:
+                model, tok = self.base()
+                self._probe = RetentionProbe.record(model, tok, prompts=o.retention_prompts,
+                                                    max_new_tokens=o.retention_new_tokens,
+                                                    batch_size=o.eval_batch_size)
+                self._probe.save(path)
+        return self._probe
+
+    def evaluate(self, model, tok, boundaries: list[int] | None) -> dict[str, Any]:
+        """Held-out task loss, retention KL, drift by layer (cosine at the boundary), the suite's change."""
+        from lopt.eval.drift import drift
+        from lopt.eval.perplexity import task_loss
+
+        o = self.opts
+        t0 = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            loss = task_loss(model, tok, str(self.data.eval), max_length=o.max_length, batch_size=o.eval_batch_size)
+            loss.pop("items", None)
+            kl = self.probe().measure(model, tok)
+            base, _ = self.base()
+            layers = drift(model, base, tok, sequences=self.probe().sequences, boundaries=boundaries,
+                           batch_size=o.eval_batch_size)
+        b = (boundaries or [self.num_layers // 2])[0]
+        out = {"task_loss": loss, "retention_kl": {k: v for k, v in kl.items() if k != "items"},
+               "drift": {"boundary": b, "cos_at_boundary": layers["layers"][b]["cos"],
+                         "layers": [{"cos": x["cos"], "cka": x.get("cka")} for x in layers["layers"]]}}
+        if self.tasks:
+            out["suite"] = self.suite().measure(model, tok)
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        return out
+
+    def suite(self):
+        from lopt.eval.retention import RetentionSuite
+
+        if self._suite is None:
+            rec = self.base_eval()
+            self._suite = RetentionSuite(self.tasks, rec["base_scores"], limit=self.opts.limit,
+                                         data_dir=self.opts.data_dir)
+        return self._suite
+
+    def base_eval(self) -> dict[str, Any]:
+        from lopt.eval.retention import RetentionSuite
+
+        spec = {"run": "base", "eval": self.eval_spec, **self.common}
+
+        def make():
+            model, tok = self.base()
+            scores = (RetentionSuite.record(model, tok, self.tasks, limit=self.opts.limit,
+                                            data_dir=self.opts.data_dir).base_scores if self.tasks else {})
+            self._suite = RetentionSuite(self.tasks, scores, limit=self.opts.limit, data_dir=self.opts.data_dir)
+            return {"base_scores": scores, "eval": self.evaluate(model, tok, [self.num_layers // 2])}
+
+        return self._piece("base/eval", spec, self.eval_estimate(), make, "base: evaluating the untrained model")
+
+    def sweep(self, method: str) -> float:
+        """``method``'s best rate on the grid: short runs scored by held-out loss on the sweep rows."""
+        from lopt.eval.perplexity import task_loss
+        from lopt.models import load_model
+        from lopt.recipes.sft import train
+
+        o = self.opts
+        steps = sweep_steps(o)
+        losses = {}
+        for lr in self.grids[method]:
+            run_dir = self.runs_dir / "sweep" / f"{method}-lr{lr:g}"
+            cfg = self.train_config(method, lr, o.seeds[0], steps, run_dir)
+            spec = {"method": method, "lr": lr, "steps": steps, "overrides": self.overrides(method, steps),
+                    "val_size": o.val_size, **self.common}
+
+            def make(cfg=cfg, run_dir=run_dir):
+                t0 = time.perf_counter()
+                train(cfg)
+                seconds = time.perf_counter() - t0
+                gc.collect()
+                model, tok = load_model(str(run_dir), device=self._device())
+                with torch.no_grad():
+                    val = task_loss(model, tok, str(self.data.sweep_val), max_length=o.max_length,
+                                    batch_size=o.eval_batch_size)
+                val.pop("items", None)
+                del model
+                self._drop(run_dir)
+                return {"command": self.command(cfg), "val": val, "train_seconds": round(seconds, 1)}
+
+            est = self.train_estimate(method, steps) + self.eval_estimate() * 0.3
+            rec = self._piece(f"sweep/{method}-lr{lr:g}", spec, est, make,
+                              f"sweep: {method} at lr {lr:g}, {steps} steps")
+            losses[lr] = rec["val"]["loss"]
+        finite = {lr: v for lr, v in losses.items() if v == v}
+        if not finite:
+            raise LoPTError(f"sweep: every rate of {method} diverged (NaN loss); give lower --start-lr {method}=LR")
+        return min(finite, key=finite.get)
+
+    def run(self, run: dict[str, Any]) -> None:
+        """Train one run (continuing a killed one from its last checkpoint), then evaluate it."""
+        from lopt.eval.drift import read_boundaries
+        from lopt.models import load_model
+        from lopt.recipes.sft import train
+        from lopt.runtime.checkpoints import latest_checkpoint
+
+        o = self.opts
+        name, method = run["run"], run["method"]
+        run_dir = self.runs_dir / name
+        cfg = self.train_config(method, run["lr"], run["seed"], o.steps, run_dir)
+        spec = {**run, "steps": o.steps, "overrides": self.overrides(method, o.steps), **self.common}
+
+        def make_train():
+            cfg.save_every = max(1, o.steps // 4)
+            cfg.save_total_limit = 1
+            ckpt = latest_checkpoint(run_dir)
+            cfg.resume = str(ckpt) if ckpt else None
+            t0 = time.perf_counter()
+            result = train(cfg)
+            seconds = time.perf_counter() - t0
+            summary = {k: v for k, v in result.summary.items() if k not in ("data", "output_dir", "eval")}
+            del result
+            gc.collect()
+            hist = run_dir / "metrics.jsonl"
+            history = [json.loads(ln) for ln in hist.read_text().splitlines() if ln.strip()] if hist.is_file() else []
+            cfg.save_every = cfg.save_total_limit = cfg.resume = None  # the command is the run, not its bookkeeping
+            return {"command": self.command(cfg), "train_seconds": round(seconds, 1),
+                    "resumed_from": ckpt.name if ckpt else None, "summary": summary,
+                    "history": [{k: h.get(k) for k in ("step", "loss")} for h in history if "loss" in h]}
+
+        self._piece(f"runs/{name}/train", spec, self.train_estimate(method, o.steps), make_train,
+                    f"{name}: training {o.steps} steps")
+
+        def make_eval():
+            model, tok = load_model(str(run_dir), device=self._device())
+            try:
+                return {"eval": self.evaluate(model, tok, read_boundaries(run_dir))}
+            finally:
+                del model
+                gc.collect()
+
+        rec = self.records.get(f"runs/{name}/eval", {**spec, "eval": self.eval_spec})
+        if rec is None and not (run_dir / "config.json").is_file():
+            raise LoPTError(f"{name}: its trained model ({run_dir}) is gone, so it cannot be evaluated; delete "
+                            f"{self.records.path('runs/' + name + '/train')} to train it again")
+        self._piece(f"runs/{name}/eval", {**spec, "eval": self.eval_spec}, self.eval_estimate(), make_eval,
+                    f"{name}: evaluating")
+        self._drop(run_dir)
+
+    def _drop(self, run_dir: Path) -> None:
+        if not self.opts.keep_models:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the plan, said
+
+    def plan_lines(self, bench: dict[str, Any] | None, best: dict[str, float] | None = None) -> list[str]:
+        o = self.opts
+        d = self.data.describe()
+        lines = [f"lopt study: {o.model or 'smollm2-135m-instruct (embedded)'} ({self.num_layers} layers) on "
+                 f"{o.dataset}, methods {' '.join(o.methods)}",
+                 f"data: {d['train_rows']} of {d['rows']} rows trained on ({o.steps} steps x {o.batch_size}); "
+                 f"{d['eval']}; {d['sweep']}",
+                 f"sweep: {sweep_steps(o)} steps a run; grids (starting rate x {', '.join(f'{f:g}' for f in o.lr_factors)}):"]
+        lines += [f"  {m}: " + ", ".join(f"{lr:g}" for lr in self.grids[m]) for m in o.methods]
+        lines.append(f"runs: each method at {o.rates} rate(s) (its sweep's best"
+                     + (", best/3" if o.rates > 1 else "") + (", best/10" if o.rates > 2 else "") + ")"
+                     + (f", the best again with seeds {' '.join(map(str, o.seeds[1:]))}" if len(o.seeds) > 1 else "")
+                     + f": {len(o.methods) * (o.rates + len(o.seeds) - 1)} runs of {o.steps} steps")
+        if best:
+            lines += [f"  {r['run']}" for r in final_runs(best, o)]
+        lines += [f"schedule: {note}" for m, (_, note) in self.schedules.items() if note]
+        lines.append("evaluation of every run: held-out task loss, retention KL on "
+                     f"{o.retention_prompts} general prompts, drift by layer"
+                     + (f", the retention suite ({', '.join(self.tasks)}, {o.limit} items each)" if self.tasks else ""))
+        if bench:
+            est = self.estimates()
+            lines.append("cost (lopt bench, " + ", ".join(
+                f"{r['name']} {r['step_time_s']:.2f} s/step" for r in bench["rows"]) + ")")
+            total = sum(est.values())
+            lines.append(f"estimate: {_hms(total)} in all (sweep {_hms(est['sweep'])}, runs {_hms(est['runs'])}, "
+                         f"base evaluation {_hms(est['base'])}); one run of {o.methods[0]}: "
+                         f"{_hms(self.train_estimate(o.methods[0], o.steps) + self.eval_estimate())}")
+        return lines
+
+    def meta(self, best: dict[str, float] | None) -> None:
+        o = self.opts
+        write_json(self.records.path("meta"), {
+            "options": asdict(o), "num_layers": self.num_layers, "data": self.data.describe(),
+            "grids": self.grids, "start_lr": start_rates(o), "rate_factors": list(RATE_FACTORS[:o.rates]),
+            "schedules": {m: n for m, (_, n) in self.schedules.items() if n}, "sweep_steps": sweep_steps(o),
+            "best": best, "runs": final_runs(best, o) if best else None, "suite": list(self.tasks),
+            "machine": machine()})
+
+
+def study_command(opts: StudyOptions) -> int:
+    """``lopt study``: run (or resume) the study, or with ``--dry-run`` print its plan and estimate."""
+    from lopt.recipes.study.summary import write_summary
+
+    study = Study(opts)  # every input check, before any training
+    study.data.write()
+    study.meta(None)
+    bench = study.bench()
+    if opts.dry_run:
+        print("\n".join(study.plan_lines(bench)))
+        return 0
+    run_study(study, bench)
+    paths = write_summary(study.out)
+    print(f"lopt study: report {paths['markdown']} ({len(study.executed)} pieces run now)")
+    return 0
+
+
+def run_study(study: Study, bench: dict[str, Any] | None = None) -> list[str]:
+    """Every piece not yet recorded: the base's evaluation, the sweep, the runs; returns what ran."""
+    opts = study.opts
+    bench = bench or study.bench()
+    for line in study.plan_lines(bench):
+        study.progress.say(line)
+    est = study.estimates()
+    for v in est.values():
+        study.progress.add(v)
+    study.base_eval()
+    best = {m: study.sweep(m) for m in opts.methods}
+    study.meta(best)
+    for run in final_runs(best, opts):
+        study.run(run)
+    study.progress.say("done")
+    return study.executed

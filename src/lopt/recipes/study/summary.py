@@ -1,0 +1,222 @@
+"""The report of a ``lopt study``, from its records alone (``OUT/results``): ``OUT/RESULTS.md``,
+``OUT/study.json`` and ``OUT/loss-vs-retention.png``.
+
+It holds every run's numbers, each method's loss-vs-retention curve with its cost beside it, the
+retention at matched task skill (:mod:`lopt.recipes.study.matched`: KL and suite drop at e2e's best
+held-out loss and at 1.02x and 1.05x of it, or "does not reach"), tokens/s and peak memory from
+``lopt bench``, and the rules-based "which method when" (:mod:`lopt.recipes.study.rules`). A study
+still running has a true, partial report: what has no record is said to be missing, never guessed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lopt.bench.runner import load_bench_json
+from lopt.recipes.study.matched import FACTORS, Point, matched_table
+from lopt.recipes.study.records import Records, write_json, write_text
+from lopt.recipes.study.rules import WITHIN, Cost, RunResult, which_method_when
+
+
+def _suite_drop(ev: dict[str, Any]) -> float | None:
+    """Mean change of the suite's primary metrics from the base, as a drop (positive: forgotten)."""
+    suite = ev.get("suite")
+    if not suite:
+        return None
+    return -sum(t["change"] for t in suite.values()) / len(suite)
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """Everything the report says, as one JSON-able dict (also written to ``OUT/study.json``)."""
+    records = Records(Path(out) / "results")
+    meta = records.read("meta")
+    if meta is None:
+        raise FileNotFoundError(f"{records.path('meta')}: no study records to report on")
+    methods = meta["options"]["methods"]
+    bench = load_bench_json(records.read("bench"))
+    cost = {r["name"]: {"tokens_per_s": r["tokens_per_s"], "peak_mb": r.get("peak_step_mb"),
+                        "step_time_s": r["step_time_s"]} for r in (bench or {}).get("rows", [])}
+    sweep = {m: [] for m in methods}
+    for m in methods:
+        for lr in meta["grids"][m]:
+            rec = records.read(f"sweep/{m}-lr{lr:g}")
+            if rec:
+                sweep[m].append({"lr": lr, "loss": rec["val"]["loss"], "seconds": rec.get("train_seconds")})
+    base = records.read("base/eval")
+    runs, missing = [], []
+    for r in meta.get("runs") or []:
+        train, ev = records.read(f"runs/{r['run']}/train"), records.read(f"runs/{r['run']}/eval")
+        if not ev:
+            missing.append(r["run"])
+            continue
+        e = ev["eval"]
+        runs.append({**r, "loss": e["task_loss"]["loss"], "kl": e["retention_kl"]["kl"], "drop": _suite_drop(e),
+                     "cos_at_boundary": e["drift"]["cos_at_boundary"], "boundary": e["drift"]["boundary"],
+                     "train_seconds": (train or {}).get("train_seconds"), "eval_seconds": e.get("seconds"),
+                     "command": (train or {}).get("command")})
+    curves = {m: [Point(r["loss"], r["kl"], r["drop"], r["run"]) for r in runs if r["method"] == m] for m in methods}
+    e2e = [p.loss for p in curves.get("e2e", [])]
+    if e2e:
+        ref, ref_from = min(e2e), "e2e's best held-out loss"
+    elif runs:
+        ref, ref_from = min(r["loss"] for r in runs), "the best held-out loss of any run (e2e is not in the study)"
+    else:
+        ref, ref_from = None, None
+    matched = {}
+    if ref is not None:
+        for m, row in matched_table({m: c for m, c in curves.items() if c}, ref).items():
+            matched[m] = {f"{f:g}": {"target": x.target, "reached": x.reached, "kl": x.kl, "drop": x.drop,
+                                     "how": x.how} for f, x in row.items()}
+    verdicts = which_method_when(
+        [RunResult(r["method"], r["run"], r["loss"], r["kl"], r["lr"], r["seed"], r["drop"]) for r in runs],
+        {m: Cost(c["tokens_per_s"], c["peak_mb"]) for m, c in cost.items()})
+    seconds = {"bench": (bench or {}).get("wall_s") or 0.0,
+               "sweep": sum(p["seconds"] or 0.0 for pts in sweep.values() for p in pts),
+               "runs": sum((r["train_seconds"] or 0.0) + (r["eval_seconds"] or 0.0) for r in runs),
+               "base": ((base or {}).get("eval") or {}).get("seconds", 0.0)}
+    return {"meta": {k: v for k, v in meta.items() if k != "spec"}, "base": (base or {}).get("eval"),
+            "sweep": sweep, "runs": runs, "missing": missing, "cost": cost, "reference_loss": ref,
+            "reference": ref_from, "matched": matched, "which_method_when": [
+                {"rule": v.rule, "method": v.method, "evidence": v.evidence, "noise": v.noise} for v in verdicts],
+            "which_lines": [v.line() for v in verdicts], "seconds": seconds}
+
+
+def _f(x: Any, spec: str = "{:.4f}") -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def _matched_cell(m: dict[str, Any], with_drop: bool) -> str:
+    if not m["reached"]:
+        return "does not reach"
+    text = ("<= " if m["how"] == "at most" else "") + f"{m['kl']:.4f}"
+    if with_drop and m["drop"] is not None:
+        text += f" / {m['drop'] * 100:+.1f} pt"
+    return text
+
+
+def markdown(s: dict[str, Any]) -> str:
+    meta, o = s["meta"], s["meta"]["options"]
+    suite = bool(meta.get("suite"))
+    lines = [f"# lopt study: {o['model'] or 'smollm2-135m-instruct (embedded)'} on {o['dataset']}", "",
+             "Generated by `lopt study` from the records in `results/`; rerun the command to resume or refresh.", ""]
+    if meta.get("runs") is None or s["missing"]:
+        todo = "the sweep is not finished" if meta.get("runs") is None else \
+            f"{len(s['missing'])} runs have no evaluation yet ({', '.join(s['missing'])})"
+        lines += [f"**Partial report**: {todo}. The study resumes where it stopped.", ""]
+    lines += ["## Which method when", "", "Derived from the numbers below by stated rules (lopt.recipes.study.rules): "
+              f"lowest loss; least forgetting (retention KL) among runs within {WITHIN:g}x of the best loss; the "
+              "fastest and the leanest of the methods with a run within it.", "", *s["which_lines"], ""]
+    lines += ["## Retention at matched task skill", ""]
+    if s["reference_loss"] is None:
+        lines += ["No finished run yet.", ""]
+    else:
+        head = " | ".join(f"KL at {f:g}x ({f * s['reference_loss']:.4f})" for f in FACTORS)
+        lines += [f"Reference: {s['reference']}, {s['reference_loss']:.4f}. Each method's retention KL"
+                  + (" / suite drop" if suite else "") + " read off its own loss-vs-KL curve (lopt.recipes.study."
+                  "matched): interpolated between its runs, \"does not reach\" when every run's loss is above the "
+                  "target, \"<=\" when every run is below it (the lowest KL of its runs, an upper bound).", "",
+                  f"| method | {head} | tokens/s | peak MiB |", "|---|" + "---|" * (len(FACTORS) + 2)]
+        for m, row in s["matched"].items():
+            c = s["cost"].get(m, {})
+            lines.append(f"| {m} | " + " | ".join(_matched_cell(row[f"{f:g}"], suite) for f in FACTORS)
+                         + f" | {_f(c.get('tokens_per_s'), '{:.0f}')} | {_f(c.get('peak_mb'), '{:.0f}')} |")
+        lines.append("")
+    lines += ["## Runs", "", "| run | method | lr | seed | held-out loss | retention KL | "
+              + ("suite drop (pt) | " if suite else "") + "cos at boundary | train s |",
+              "|---|---|---|---|---|---|" + ("---|" if suite else "") + "---|---|"]
+    base = s["base"]
+    if base:
+        lines.append(f"| base | - | - | - | {base['task_loss']['loss']:.4f} | 0 | " + ("0 | " if suite else "")
+                     + "1 | - |")
+    for r in s["runs"]:
+        lines.append(f"| {r['run']} | {r['method']} | {r['lr']:g} | {r['seed']} | {r['loss']:.4f} | {r['kl']:.4f} | "
+                     + (f"{_f(r['drop'] * 100 if r['drop'] is not None else None, '{:+.1f}')} | " if suite else "")
+                     + f"{r['cos_at_boundary']:.4f} | {_f(r['train_seconds'], '{:.0f}')} |")
+    lines += ["", "Held-out loss: " + meta["data"]["eval"] + ". Retention KL: mean per-token KL(base || run) on the "
+              f"base's answers to {o['retention_prompts']} general prompts (0 = unchanged). Cos at boundary: mean "
+              "cosine to the base of the hidden state entering the boundary layer (the midpoint for methods "
+              "without one).", ""]
+    lines += ["## Cost: `lopt bench`", "", f"Batch {o['batch_size']}, up to {o['max_length']} tokens, on the "
+              "study's training rows; a fresh process per method.", "",
+              "| method | step s | tokens/s | peak MiB |", "|---|---|---|---|"]
+    lines += [f"| {m} | {c['step_time_s']:.3f} | {c['tokens_per_s']:.0f} | {_f(c['peak_mb'], '{:.0f}')} |"
+              for m, c in s["cost"].items()]
+    lines += ["", "## Learning-rate sweep", "", f"{meta['sweep_steps']} steps a run; {meta['data']['sweep']}. "
+              f"Each method's grid is its starting rate times {', '.join(f'{f:g}' for f in o['lr_factors'])}; "
+              "it is then trained at " + ", ".join(f"{f:g}" for f in meta["rate_factors"]) + " x its best.", "",
+              "| method | rate -> held-out loss |", "|---|---|"]
+    for m, pts in s["sweep"].items():
+        best = (meta.get("best") or {}).get(m)
+        lines.append(f"| {m} | " + ", ".join(f"{p['lr']:g} -> {p['loss']:.4f}" + (" (best)" if p["lr"] == best else "")
+                                             for p in pts) + " |")
+    lines += ["", "## Setup", "", f"- Data: {meta['data']['train_rows']} of {meta['data']['rows']} rows of "
+              f"{o['dataset']} trained on, {o['steps']} steps of {o['batch_size']}; {meta['data']['eval']}."]
+    lines += [f"- Schedule: {n}." for n in meta["schedules"].values()]
+    m = meta["machine"]
+    lines += [f"- Machine: {m['cpus']} CPUs ({m['platform']}), GPU {m.get('cuda') or 'none'}; torch {m['torch']}, "
+              f"transformers {m['transformers']}.", "",
+              "## Wall time", "", "| phase | minutes |", "|---|---|"]
+    lines += [f"| {k} | {v / 60:.1f} |" for k, v in s["seconds"].items()]
+    lines += [f"| **total** | **{sum(s['seconds'].values()) / 60:.1f}** |", "", "## Reproduce", "",
+              "Each run is this `lopt train` command (the study saves a checkpoint every quarter of the steps to "
+              "resume a killed run, then evaluates the saved model):", "", "```"]
+    lines += [r["command"] for r in s["runs"] if r.get("command")]
+    lines += ["```", "", "![loss against retention, cost beside it](loss-vs-retention.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(s: dict[str, Any], path: Path) -> bool:
+    """Each method's held-out loss against retention KL (its runs joined in loss order), e2e's reference
+    losses as lines, and each method's cost beside it (tokens/s against peak memory)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax, cx) = plt.subplots(1, 2, figsize=(12, 5))
+    colors = {}
+    for m in s["meta"]["options"]["methods"]:
+        pts = sorted((r["loss"], r["kl"]) for r in s["runs"] if r["method"] == m)
+        if not pts:
+            continue
+        line, = ax.plot([p[1] for p in pts], [p[0] for p in pts], marker="o", label=m)
+        colors[m] = line.get_color()
+    if s["reference_loss"] is not None:
+        for f in FACTORS:
+            ax.axhline(f * s["reference_loss"], color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("retention KL(base || run) (right: forgot more)")
+    ax.set_ylabel("held-out task loss (lower: better)")
+    ax.set_title("Loss against retention, one point per run")
+    if colors:
+        ax.legend(fontsize=8)
+    for m, c in s["cost"].items():
+        if c.get("peak_mb") is None:
+            continue
+        cx.scatter(c["tokens_per_s"], c["peak_mb"], color=colors.get(m))
+        cx.annotate(m, (c["tokens_per_s"], c["peak_mb"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    cx.set_xlabel("tokens/s (lopt bench)")
+    cx.set_ylabel("whole-step peak memory, MiB")
+    cx.set_title("Cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_summary(out: Path) -> dict[str, str]:
+    """Write ``OUT/RESULTS.md``, ``OUT/study.json`` and ``OUT/loss-vs-retention.png`` from the records."""
+    out = Path(out)
+    s = collect(out)
+    write_json(out / "study.json", s)
+    write_text(out / "RESULTS.md", markdown(s))
+    paths = {"markdown": str(out / "RESULTS.md"), "json": str(out / "study.json")}
+    if plot(s, out / "loss-vs-retention.png"):
+        paths["plot"] = str(out / "loss-vs-retention.png")
+    return paths
+
+
+def read_summary(out: Path) -> dict[str, Any]:
+    return json.loads((Path(out) / "study.json").read_text())
