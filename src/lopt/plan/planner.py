@@ -670,10 +670,22 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
         setup = dataclasses.replace(setup, phases=[dataclasses.replace(
             ph, steps_after=False, in_backward=(), top_in_backward=True, base_in_backward=True,
             layer_max_grads=tuple(ph.layer_grads)) for ph in setup.phases])
+    # Autocast caches the bf16 cast of every trained (fp32) weight it meets until the forward's
+    # autocast region ends: a lower block's casts outlive its local backward (which runs inside the
+    # forward) while the blocks above run, and the LM head's cast lives through the loss's forward.
+    cache, prev_recon = 0, False
     for ph in setup.phases:
         mem = cached_phase_memory(ph.spec, shape, batch, seq, counts.vocab, amp)
         max_held, max_vis = max(max_held, mem.held), max(max_vis, mem.visible)
-        fwd = grads + mem.held + (ce_tmp if ph.spec.top == "ce" else 0)
+        cache = cache if prev_recon else 0
+        inside = cache if ph.spec.top == "recon" else 0  # a lower block's backward and step run in the forward
+        head_cast = 2 * counts.head if amp and ph.spec.head_trained and ph.spec.trained_bytes == 4 else 0
+        # lopt's chunked loss multiplies each chunk's fp32 logit gradient by weight.to(fp32): a 16-bit
+        # head is copied to fp32 for it (and under autocast that copy and the gradient cast to bf16).
+        head16 = (ph.spec.trained_bytes if ph.spec.head_trained else ph.spec.frozen_bytes) == 2
+        ce_extra = ((4 + (2 if amp else 0)) * counts.head if head16 else 0) + (
+            2 * min(CE_CHUNK, n_ce) * counts.vocab if amp else 0)
+        fwd = grads + mem.held + (ce_tmp + head_cast + ce_extra if ph.spec.top == "ce" else 0) + cache
         live = max(live, fwd)
         if ph.top_grads and setup.precision == "bf16-true":  # the loss's fp32 head gradient cast to bf16
             live = max(live, mem.held + grads + ph.top_grads)
@@ -688,20 +700,23 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
             # The layer's backward frees its saved tensors op by op as its gradients appear: at most the
             # larger of the two is alive beside the rest, plus the backward's temporaries.
             new = min(g, big) + (step_tmp if g else 0) if own else g
-            live = max(live, held - layer.held + grads + max(layer.held, new) + rebuilt)
+            live = max(live, held - layer.held + grads + max(layer.held, new) + rebuilt + inside)
             max_grads = max(max_grads, grads + (min(g, big) if own else 0))
             held -= layer.held
             grads += 0 if own else g
         # A tied matrix: its dense embedding gradient is summed with the head's into a new tensor while
         # both are alive (autograd's input buffer does not add in place into the loss's saved gradient).
-        live = max(live, held + grads + ph.base_grads + 2 * ph.tied_extra)
+        live = max(live, held + grads + ph.base_grads + 2 * ph.tied_extra + inside)
         grads += 0 if ph.base_in_backward else ph.base_grads
         max_grads = max(max_grads, grads)
         details.append({"layers": len(ph.spec.layers), "top": ph.spec.top, "activations": mem.held,
                         "saved_visible": mem.visible, "grads": grads, "label": ph.label})
         if ph.steps_after:
-            live = max(live, held + grads + step_tmp)
+            live = max(live, held + grads + step_tmp + inside)
             grads = 0
+        if amp and ph.spec.trained_bytes == 4:
+            cache += sum(ph.layer_grads) // 2  # the phase's trained weights (fp32 gradients) as bf16 casts
+        prev_recon = ph.spec.top == "recon"
     return live, max_grads, max_held, max_vis, details
 
 

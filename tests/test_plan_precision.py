@@ -1,0 +1,119 @@
+"""lopt plan at each precision (issue 32): bf16-mixed (16-bit frozen weights) and bf16-true against real
+steps on tiny models (stored bytes exact, saved activations within 10%, the step's live peak within 15%),
+the methods' own options (LoRA rank and PEFT target modules), bitsandbytes' NF4 bytes for qlora, the
+paged optimizer's state outside the peak, and the documented command."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lopt.config import OPTIMIZERS, PRECISIONS
+from lopt.methods import method_names
+from lopt.plan.planner import PlanError, main, nf4_bytes, plan
+
+from test_plan import LIVE_CFG, T, run_step, tiny_config
+
+TRAINS_BF16_TRUE = "bf16-true" in PRECISIONS  # lopt train takes it (else its storage is emulated)
+
+# row name -> (method for run_step, lopt train options / method options)
+CASES = {
+    "e2e": ("e2e", {}),
+    "lopt-k2": ("lopt-k2", {}),
+    "freeze-lower": ("freeze-lower", {}),
+    "lora --lora-r 4 --lora-target-modules q_proj v_proj": ("lora", {"lora_r": 4,
+                                                                      "lora_target_modules": ["q_proj", "v_proj"]}),
+}
+BATCH = 4
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_step_at_precision_against_a_real_step(name, precision):
+    """Weights as stored and trainable parameters exactly; saved activations against the saved-tensor
+    tracker within 10% and the step's live peak (after a warm-up step, optimizer state resident) within
+    15%. bf16-mixed: frozen weights in bf16; bf16-true: every weight in bf16 (emulated as lopt train's
+    storage where it does not take the precision yet: tests/test_plan.py's train_precision; the emulation
+    has neither lopt's bf16 reconstruction heads nor its compensated optimizer, so then lopt-k2 is left
+    out and the step's peak, whose optimizer step is not lopt's, not compared)."""
+    method, opts = CASES[name]
+    emulated = precision == "bf16-true" and not TRAINS_BF16_TRUE
+    if emulated and method == "lopt-k2":
+        pytest.skip("lopt train does not take --precision bf16-true yet")
+    cfg = tiny_config(tie=True) | LIVE_CFG
+    options = {k: v for k, v in opts.items() if k.startswith("lora_")}
+    row = plan(cfg, batch_size=BATCH, max_length=T, precision=precision, methods=[method], gradient_checkpointing="off",
+               optimizer="adamw", optimizer_in_backward=False, device="cpu", method_options=options)[0]
+    assert row.method == name
+    wrapped, stepper, saved = run_step(cfg, method, precision, steps=1, warmup=1, batch=BATCH, **opts)
+    params = list({id(p): p for p in wrapped.parameters()}.values())  # a tied matrix once
+    assert row.weights == sum(p.numel() * p.element_size() for p in params)
+    assert row.trainable_params == sum(p.numel() for p in params if p.requires_grad)
+    assert row.saved_visible == pytest.approx(saved, rel=0.10)
+    if not emulated:
+        assert row.peak - row.weights - row.optimizer == pytest.approx(stepper.live_peak, rel=0.15)
+
+
+def test_bytes_per_precision_on_a_large_model():
+    """llama-3.1-8b: fp32 16 bytes a trained weight (weights, gradients, AdamW), bf16-true 2 + 2 + the
+    compensated AdamW's 6; LoRA's frozen base 2 bytes under both bf16 precisions, 4 under fp32."""
+    def row(precision, method="e2e", **kw):
+        return plan("llama-3.1-8b", batch_size=1, max_length=16, precision=precision, methods=[method],
+                    gradient_checkpointing="off", optimizer="adamw", optimizer_in_backward=False, **kw)[0]
+    n = 8_030_261_248
+    fp32, true = row("fp32"), row("bf16-true")
+    assert fp32.weights == 4 * n and true.weights == 2 * n
+    assert true.optimizer == 6 * n + 4 * 291 and fp32.optimizer == 8 * n + 4 * 291  # 291 tensors, a step each
+    assert row("bf16").weights == row("bf16-mixed").weights == 4 * n  # everything trains: fp32 masters
+    lora = row("bf16-mixed", "lora", method_options={"lora_r": 8, "lora_target_modules": ["q_proj", "v_proj"]})
+    adapters = 32 * 8 * (4096 + 4096 + 4096 + 1024)
+    assert lora.trainable_params == adapters and lora.weights == 2 * n + 4 * adapters
+    assert row("fp32", "lora").weights > 4 * n
+    with pytest.raises(PlanError, match="precision must be one of"):
+        row("fp8")
+
+
+@pytest.mark.skipif("paged-adamw-8bit" not in OPTIMIZERS, reason="lopt train does not take paged-adamw-8bit yet")
+def test_paged_optimizer_state_is_outside_the_peak():
+    cfg = tiny_config(tie=True) | LIVE_CFG
+    eight, paged = (plan(cfg, batch_size=2, max_length=T, methods=["e2e"], gradient_checkpointing="off",
+                         optimizer=o, optimizer_in_backward=False)[0] for o in ("adamw-8bit", "paged-adamw-8bit"))
+    assert paged.optimizer == eight.optimizer > 0
+    assert paged.peak == eight.peak - eight.optimizer and paged.details["paged_optimizer"] == paged.optimizer
+    with pytest.raises(PlanError, match="CUDA only"):
+        plan(cfg, batch_size=2, max_length=T, methods=["e2e"], optimizer="paged-adamw-8bit", device="cpu")
+
+
+def test_nf4_bytes_are_bitsandbytes():
+    """What a 4-bit NF4 weight costs, against bitsandbytes' own quantization (its CPU backend): packed
+    data, absmax per block of 64 (fp32, or 8-bit plus the second-level state under double quantization),
+    the NF4 code."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    for shape in ((96, 64), (1000, 37)):
+        w = torch.randn(shape, dtype=torch.bfloat16)
+        for nested in (False, True):
+            q, state = bnb_f.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+            parts = [q, state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset]
+                                                     if nested else [])
+            assert nf4_bytes(w.numel(), nested) == sum(t.numel() * t.element_size() for t in parts)
+
+
+@pytest.mark.skipif("qlora" not in method_names(), reason="the qlora method is not registered")
+def test_qlora_row():
+    lora, qlora = plan("llama-3.1-8b", batch_size=2, max_length=2048, precision="bf16-true", methods=["lora", "qlora"],
+                       gradient_checkpointing="all", method_options={"lora_r": 8})
+    assert qlora.trainable_params == lora.trainable_params
+    assert qlora.details["quantized_weights"] > 0 and qlora.weights < 0.45 * lora.weights
+
+
+@pytest.mark.skipif(not TRAINS_BF16_TRUE, reason="lopt train does not take --precision bf16-true yet")
+def test_documented_command_and_bad_targets(capsys):
+    argv = ["--model", "llama-3.1-8b", "--batch-size", "2", "--max-length", "2048", "--precision", "bf16-true",
+            "--method", "lora", "--lora-r", "8", "--lora-target-modules", "q_proj", "v_proj",
+            "--gradient-checkpointing", "all"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| lora --lora-r 8 --lora-target-modules q_proj v_proj | full all | 3.4M |" in out
+    assert "basis: live tensor bytes" in out and "CUDA context" in out
+    assert main(argv[:-4] + ["c_attn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "matches no linear map" in err and "q_proj" in err and "\n" not in err
