@@ -16,8 +16,13 @@ from lopt.data import held_out_count, val_size_arg
 from lopt.engine.config import (CHECKPOINT_SCOPES, EngineConfig, LoPTError, fill_recipe_defaults, option)
 from lopt.methods import METHODS, LoPTConfig, check_checkpointing, get_method
 
-OPTIMIZERS = ("adamw", "adamw-8bit")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
+# bf16 is bf16-mixed's older name. bf16-mixed: fp32 master weights of what trains, bf16 autocast, frozen
+# weights stored in bf16; bf16-true: weights, gradients and optimizer state all in bf16 (lopt.runtime.precision).
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16", "bf16-true", "fp16")
+# How an AdamW step lands on bf16 weights under bf16-true: Kahan-compensated (torch-optimi), stochastically
+# rounded (torchao), or plain round-to-nearest, which loses every update under half a bf16 step of the weight.
+BF16_UPDATES = ("kahan", "stochastic-round", "plain")
 TRACKERS = ("tensorboard", "wandb", "mlflow")  # --report-to; lopt.runtime.trackers logs to them
 
 
@@ -71,8 +76,16 @@ class RecipeConfig(LoPTConfig):
     max_grad_norm: float | None = option(
         1.0, "clip the global gradient norm (0 or none: no clipping; per block for LoPT's lower blocks under the "
         "per-block step)", type="optional_float", group=_OPT)
-    precision: str = option("auto", "auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16, fp16 (with a grad "
-                                    "scaler)", choices=PRECISIONS, group=_OPT)
+    precision: str = option(
+        "auto", "auto (fp32 on CPU, bf16-mixed on CUDA); fp32; bf16-mixed (alias bf16): fp32 master weights of what "
+        "trains under bf16 autocast, frozen weights stored in bf16; bf16-true: weights, gradients and AdamW state "
+        "all in bf16, the update compensated (--bf16-update); fp16: fp16 autocast with a grad scaler",
+        choices=PRECISIONS, group=_OPT)
+    bf16_update: str = option(
+        "kahan", "under --precision bf16-true, how AdamW's update lands on the bf16 weights: kahan (torch-optimi's "
+        "Kahan-summed AdamW: a bf16 compensation buffer per weight; pip install torch-optimi), stochastic-round "
+        "(torchao's AdamW with bf16 stochastic rounding; slow on CPU), plain (round to nearest: updates smaller "
+        "than half a bf16 step of the weight are lost)", choices=BF16_UPDATES, group=_OPT)
     device: str | None = option(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", group=_OPT)
     # memory
     gradient_checkpointing: str = option(
@@ -132,7 +145,9 @@ class RecipeConfig(LoPTConfig):
         """LoPTError (one line) for an option value that cannot work."""
         check_checkpointing(self)
         if self.precision not in PRECISIONS:
-            raise LoPTError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise LoPTError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.bf16_update not in BF16_UPDATES:
+            raise LoPTError(f"bf16_update must be one of {', '.join(BF16_UPDATES)}, got {self.bf16_update!r}")
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise LoPTError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -174,8 +189,10 @@ class TrainConfig(RecipeConfig):
         "free that gradient: no gradient of the last block outlives its backward. max_grad_norm then clips each "
         "parameter's gradient separately; needs grad_accum 1, no fp16, one process", group=_MEM)
     optimizer: str = option(
-        "adamw", "adamw (PyTorch's, fused where possible) or adamw-8bit (bitsandbytes' blockwise 8-bit states: a "
-        "quarter of the optimizer memory)", choices=OPTIMIZERS, group=_OPT)
+        "adamw", "adamw (PyTorch's, fused where possible; under bf16-true see --bf16-update), adamw-8bit "
+        "(bitsandbytes' blockwise 8-bit states: a quarter of the optimizer memory), paged-adamw-8bit (the same "
+        "states in CUDA unified memory, paged to the CPU when the GPU runs short; CUDA only)",
+        choices=OPTIMIZERS, group=_OPT)
     # several processes (launched by torchrun / accelerate launch; see lopt.parallel)
     fsdp: bool = option(False, "multi-process (torchrun/accelerate launch): shard weights, gradients and optimizer "
                                "state with FSDP2 (one unit per decoder layer) instead of replicating them",
@@ -228,6 +245,7 @@ class TrainConfig(RecipeConfig):
             raise LoPTError("per_block_step=on needs method lopt, schedule blockwise, grad_accum 1 and no fp16")
         if self.optimizer not in OPTIMIZERS:
             raise LoPTError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        check_optimizer_precision(self)
         if self.optimizer_in_backward:
             check_optimizer_in_backward(self)
         if self.max_length < 1:
@@ -235,6 +253,9 @@ class TrainConfig(RecipeConfig):
         check_held_out(self)
         if self.fsdp and self.pipeline:
             raise LoPTError("--fsdp and --pipeline exclude each other: choose one")
+        if self.precision == "bf16-true" and (self.fsdp or self.pipeline):
+            raise LoPTError(f"--precision bf16-true is not supported with --{'fsdp' if self.fsdp else 'pipeline'} yet; "
+                            f"use --precision bf16-mixed there")
         if self.fsdp and self.per_block_step == "on":
             raise LoPTError("per_block_step=on is not supported with --fsdp (FSDP reduces gradients inside "
                             "the backward; the whole model steps at the end)")
@@ -269,6 +290,15 @@ def check_held_out(cfg: Any) -> None:
         raise LoPTError(f"eval_max_length must be >= 2, got {cfg.eval_max_length}")
     if cfg.eval_dataset is not None and not str(cfg.eval_dataset).strip():
         raise LoPTError("--eval-dataset is empty: give a file, a preset or a hub dataset")
+
+
+def check_optimizer_precision(cfg: Any) -> None:
+    """An 8-bit optimizer under bf16-true updates the bf16 weights without compensation (bitsandbytes
+    rounds to nearest): allowed only when asked for with ``--bf16-update plain``."""
+    if cfg.optimizer != "adamw" and cfg.precision == "bf16-true" and cfg.bf16_update != "plain":
+        raise LoPTError(f"--optimizer {cfg.optimizer} updates bf16-true weights without compensation (bitsandbytes "
+                        f"rounds to nearest, losing small updates): add --bf16-update plain to accept that, or use "
+                        f"--precision bf16-mixed / --optimizer adamw")
 
 
 def check_optimizer_in_backward(cfg: Any) -> None:

@@ -62,6 +62,9 @@ class Method:
     # The method's own options: a dataclass of ``lopt.engine.config.option`` fields, each named with
     # the method's prefix (lisa_layers). None: the method has none.
     options: ClassVar[type | None] = None
+    # The one dtype a saved checkpoint holds when the weights are stored in two (bf16-mixed keeps frozen
+    # weights in bf16 and what trains in fp32: lopt.runtime.precision.apply_precision sets it); None: as stored.
+    save_dtype: torch.dtype | None = None
 
     def __init__(self, config: Any):
         self.check(config)
@@ -110,8 +113,13 @@ class Method:
         return model
 
     def save_pretrained(self, model: nn.Module, directory: Path, **kwargs: Any) -> None:
-        """Write a plain transformers checkpoint of ``model`` (as prepared)."""
-        model.save_pretrained(directory, **kwargs)
+        """Write a plain transformers checkpoint of ``model`` (as prepared), in ``save_dtype`` throughout
+        when it is set."""
+        if self.save_dtype is None:
+            model.save_pretrained(directory, **kwargs)
+            return
+        model.save_pretrained(directory, state_dict=cast_state_dict(model.state_dict(), self.save_dtype), **kwargs)
+        set_saved_dtype(directory, self.save_dtype)
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Trainable tensors of ``model`` (as prepared) that the plain checkpoint does not hold."""
@@ -120,6 +128,32 @@ class Method:
     def describe(self) -> dict[str, Any]:
         """What this method adds to ``lopt_run.json`` (besides the config)."""
         return {}
+
+
+def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` with every floating-point tensor in ``dtype``; the cast copies go to the CPU (the device
+    keeps its memory), and a tensor shared by two keys (a tied head) stays shared."""
+    cast: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dtype != dtype:
+            if id(v) not in cast:
+                cast[id(v)] = v.detach().to("cpu", dtype)
+            v = cast[id(v)]
+        out[k] = v
+    return out
+
+
+def set_saved_dtype(directory: Path, dtype: torch.dtype) -> None:
+    """Record ``dtype`` in a saved checkpoint's config.json (transformers writes the first weight's dtype,
+    which under bf16-mixed may be a frozen embedding's bf16), so a plain load with ``dtype="auto"`` gets
+    the dtype the weights were saved in."""
+    import json
+
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def register(cls: type[Method]) -> type[Method]:

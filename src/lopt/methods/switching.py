@@ -57,9 +57,14 @@ class LayerSwitching(Method):
         layers = self._layers(wrapped)
         active = set(self.active_layers(step, len(layers)))
         new_period = step % self.interval == 0
+        # Under bf16-mixed (lopt.runtime.precision.apply_precision) a layer that trains gets an fp32 master
+        # copy of its bf16 weights, and a layer that stops goes back to bf16, as BAdam keeps its blocks.
+        dtypes = getattr(wrapped, "weight_dtypes", None)
         for i, layer in enumerate(layers):
             on = i in active
             for p in layer.parameters():
+                if dtypes is not None and p.is_floating_point():
+                    p.data = p.data.to(dtypes[0] if on else dtypes[1])
                 p.requires_grad_(on)
                 if not on:
                     p.grad = None

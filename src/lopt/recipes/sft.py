@@ -30,6 +30,7 @@ from lopt.runtime.checkpoints import (STATE_FILE, method_extra_state, save_plain
 from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
 from lopt.runtime.resume_options import same_options_on_all_ranks
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
+from lopt.runtime.precision import apply_precision, check_device_options
 from lopt.runtime.preflight import preflight_train
 from lopt.runtime.state import Callback, RunLog, TrainResult, TrainState, count_steps
 from lopt.runtime.trackers import check_trackers
@@ -85,6 +86,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
     dp = DataParallel(ctx, fsdp=cfg.fsdp) if ctx is not None else None
     out_dir = Path(cfg.output_dir)
     device = ctx.device if ctx is not None else resolve_device(cfg.device)
+    check_device_options(cfg, device)  # bf16 on a GPU without it, a paged optimizer off CUDA: before any load
     set_seed(cfg.seed)
 
     if main:
@@ -140,6 +142,7 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
                                        prompts=cfg.retention_prompts, max_new_tokens=cfg.retention_new_tokens,
                                        suite_limit=cfg.retention_limit, data_dir=cfg.data_dir)
     wrapped = wrap(model, config=cfg.lopt_config()).to(load_device)
+    apply_precision(wrapped, cfg.precision, device)  # bf16 weights where --precision stores them so
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
 

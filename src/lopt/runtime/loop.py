@@ -11,6 +11,7 @@ from lopt.engine.boundary import LoPTModel
 from lopt.config import OPTIMIZERS
 from lopt.engine.config import LoPTError
 from lopt.runtime.optim_in_backward import OptimizerInBackward
+from lopt.runtime.precision import autocast_dtype, check_device_options, resolve_precision  # noqa: F401  (autocast_dtype: lopt.runtime.loop's name)
 
 
 def set_seed(seed: int) -> None:
@@ -39,39 +40,57 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16
-    return torch.bfloat16
-
-
-
-
 def build_optimizer(wrapped: LoPTModel, lr: float, lr_lower: float | None = None,
-                    weight_decay: float = 0.0, fused: bool = True, kind: str = "adamw") -> torch.optim.Optimizer:
+                    weight_decay: float = 0.0, fused: bool = True, kind: str = "adamw",
+                    bf16_update: str | None = None) -> torch.optim.Optimizer:
     """AdamW over ``wrapped.param_groups`` (upper block at ``lr``, lower blocks, embeddings and local
     heads at ``lr_lower``), with PyTorch's fused kernel where the parameters allow it (CPU and CUDA
     floating point): besides being faster, the default multi-tensor kernel allocates a temporary the
     size of all parameters (the square root of the second moment), which made the optimizer step the
-    peak of a whole training step. ``kind="adamw-8bit"``: bitsandbytes' blockwise 8-bit AdamW."""
-    return make_optimizer(wrapped.param_groups(lr, lr_lower, weight_decay), kind, fused)
+    peak of a whole training step. ``kind="adamw-8bit"``: bitsandbytes' blockwise 8-bit AdamW.
+    ``bf16_update``: under bf16-true, how the update lands on bf16 weights (``make_optimizer``)."""
+    return make_optimizer(wrapped.param_groups(lr, lr_lower, weight_decay), kind, fused, bf16_update)
 
 
-def make_optimizer(groups: list[dict[str, Any]], kind: str = "adamw", fused: bool = True) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict[str, Any]], kind: str = "adamw", fused: bool = True,
+                   bf16_update: str | None = None) -> torch.optim.Optimizer:
     """The optimizer ``kind`` (one of ``OPTIMIZERS``) over parameter ``groups`` (each with its lr and
-    weight_decay), betas (0.9, 0.999), eps 1e-8."""
+    weight_decay), betas (0.9, 0.999), eps 1e-8.
+
+    ``bf16_update`` (bf16-true's ``--bf16-update``; None otherwise) picks AdamW's update of bf16 weights:
+    ``kahan``: torch-optimi's AdamW with Kahan summation (a bf16 buffer per weight carries what rounding
+    dropped into the next step); ``stochastic-round``: torchao's AdamW rounding each update stochastically
+    (unbiased; its compiled step is slow on CPU); ``plain`` (or None): PyTorch's AdamW, round to nearest.
+    fp32 parameters in the same groups (the local heads) get the ordinary update from either library."""
     params = [p for g in groups for p in g["params"]]
-    if kind == "adamw-8bit":
+    lr = groups[0]["lr"] if groups else 1e-3
+    if kind in ("adamw-8bit", "paged-adamw-8bit"):
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise LoPTError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(groups, lr=groups[0]["lr"], betas=(0.9, 0.999), eps=1e-8)
+            raise LoPTError(f"--optimizer {kind} needs bitsandbytes: pip install bitsandbytes") from e
+        cls = bnb.optim.AdamW8bit if kind == "adamw-8bit" else bnb.optim.PagedAdamW8bit
+        return cls(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     if kind != "adamw":
         raise LoPTError(f"unknown optimizer {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if bf16_update == "kahan":
+        try:
+            import optimi
+        except ImportError as e:
+            raise LoPTError("--precision bf16-true --bf16-update kahan needs torch-optimi: pip install torch-optimi "
+                            "(or lopt[bf16]), or choose --bf16-update plain") from e
+        # optimi's defaults differ from AdamW's (betas (0.9, 0.99), eps 1e-6): lopt's are given explicitly.
+        return optimi.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, kahan_sum=True)
+    if bf16_update == "stochastic-round":
+        try:
+            from torchao.optim import _AdamW as StochasticAdamW  # torchao's AdamW with the bf16 option
+        except ImportError as e:
+            raise LoPTError("--precision bf16-true --bf16-update stochastic-round needs torchao: pip install torchao "
+                            "(or choose --bf16-update kahan)") from e
+        return StochasticAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                               bf16_stochastic_round=True)
+    if bf16_update not in (None, "plain"):
+        raise LoPTError(f"unknown bf16_update {bf16_update!r}: choose kahan, stochastic-round or plain")
     fused = fused and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=groups[0]["lr"] if groups else 1e-3, betas=(0.9, 0.999), eps=1e-8,
                              fused=fused or None)
@@ -87,7 +106,10 @@ class Stepper:
         # losses, synchronises gradients); None in a single process.
         self.wrapped, self.cfg, self.device, self.dist = wrapped, cfg, device, dist
         kind = getattr(cfg, "optimizer", "adamw")
-        self.optimizer = build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay, kind=kind)
+        check_device_options(cfg, device)
+        bf16_update = cfg.bf16_update if resolve_precision(cfg.precision, device) == "bf16-true" else None
+        self.optimizer = build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay, kind=kind,
+                                         bf16_update=bf16_update)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_ratio * total_steps)))
         self.amp_dtype = autocast_dtype(cfg.precision, device)
@@ -105,7 +127,7 @@ class Stepper:
         if getattr(cfg, "optimizer_in_backward", False):
             self.in_backward = OptimizerInBackward(
                 wrapped.block_parameters(len(wrapped.block_ranges) - 1), self.optimizer,
-                lambda groups: make_optimizer(groups, kind), cfg.max_grad_norm)
+                lambda groups: make_optimizer(groups, kind, bf16_update=bf16_update), cfg.max_grad_norm)
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         """The optimizer state to checkpoint (the same format with or without the optimizer in backward)."""

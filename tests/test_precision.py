@@ -1,0 +1,193 @@
+"""--precision (fp32, bf16-mixed / bf16, bf16-true, fp16), --bf16-update, --optimizer, --method qlora.
+
+Tiny models on the CPU: what each precision stores in which dtype (frozen parts bf16, trainable
+masters fp32 under bf16-mixed, everything bf16 under bf16-true, LISA/BAdam moving layers between the
+two at a switch), that fp32 is unchanged, that bf16-true trains and its compensated update keeps
+updates that plain bf16 rounding loses, that checkpoints load with plain transformers in one dtype, and
+the one-line errors before training."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from lopt.config import TrainConfig
+from lopt.engine.config import LoPTError
+from lopt.methods import wrap
+from lopt.recipes.sft import train
+from lopt.runtime.loop import Stepper, autocast_dtype, make_optimizer
+from lopt.runtime.precision import apply_precision, check_device_options, resolve_precision
+
+from conftest import addition_rows, make_tiny_model, save_tiny, write_jsonl
+
+CPU = torch.device("cpu")
+
+
+def batch(seed: int = 0, vocab: int = 320) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (2, 12), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def stepper(method: str = "e2e", total_steps: int = 8, **kw) -> Stepper:
+    cfg = TrainConfig(method=method, lr=1e-3, warmup_ratio=0.0, max_grad_norm=None, **kw)
+    cfg.validate()
+    w = wrap(make_tiny_model("llama", layers=4, tie=method not in ("lopt", "freeze-lower")),
+             config=cfg.lopt_config())
+    apply_precision(w, cfg.precision, CPU)
+    w.train()
+    return Stepper(w, cfg, CPU, total_steps)
+
+
+def dtypes(params) -> set[torch.dtype]:
+    return {p.dtype for p in params}
+
+
+def test_precision_names_resolve():
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "bf16-mixed"
+    assert resolve_precision("bf16", "cpu") == "bf16-mixed"  # the old name
+    assert autocast_dtype("bf16", CPU) == autocast_dtype("bf16-mixed", CPU) == torch.bfloat16
+    assert autocast_dtype("bf16-true", CPU) is None and autocast_dtype("fp32", CPU) is None
+    assert autocast_dtype("fp16", CPU) == torch.float16
+
+
+def test_fp32_steps_exactly_as_before():
+    """--precision fp32 (and auto on CPU) leaves every weight fp32 and the step unchanged."""
+    a, b = stepper(precision="fp32"), stepper(precision="auto")
+    for i in range(2):
+        ra, rb = a.step([batch(i)]), b.step([batch(i)])
+        assert ra["loss"] == rb["loss"]
+    assert dtypes(a.wrapped.parameters()) == {torch.float32}
+    for pa, pb in zip(a.wrapped.parameters(), b.wrapped.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze-lower"])
+def test_bf16_mixed_frozen_bf16_trainable_fp32(method):
+    s = stepper(method, precision="bf16-mixed")
+    w = s.wrapped
+    frozen = [p for p in w.parameters() if not p.requires_grad]
+    trainable = [p for p in w.parameters() if p.requires_grad]
+    assert frozen and trainable
+    assert dtypes(frozen) == {torch.bfloat16}
+    assert dtypes(trainable) == {torch.float32}
+    before = [p.detach().clone() for p in trainable]
+    s.step([batch()])
+    assert dtypes(trainable) == {torch.float32}
+    assert any(not torch.equal(p, q) for p, q in zip(trainable, before))
+
+
+@pytest.mark.parametrize("method, opts", [("badam", {"badam_switch_every": 1}), ("lisa", {"lisa_interval": 1})])
+def test_switching_layers_get_an_fp32_master_while_active(method, opts):
+    s = stepper(method, precision="bf16-mixed", **opts)
+    w = s.wrapped
+    layers = w.model.get_submodule(w.layers_name)
+    for step in range(3):
+        s.step([batch(step)])
+        active = set(w.method_impl.active)
+        for i, layer in enumerate(layers):
+            want = torch.float32 if i in active else torch.bfloat16
+            assert dtypes(layer.parameters()) == {want}, (step, i, active)
+        # (BAdam's next block, LISA's next draw: the switch happens at the next step's begin_step)
+
+
+@pytest.mark.parametrize("method", ["e2e", "lopt"])
+def test_bf16_true_stores_everything_in_bf16_and_trains(method):
+    s = stepper(method, precision="bf16-true", total_steps=12)
+    w = s.wrapped
+    head_ids = {id(p) for p in w.heads.parameters()}
+    assert dtypes(p for p in w.parameters() if id(p) not in head_ids) == {torch.bfloat16}
+    assert dtypes(w.heads.parameters()) <= {torch.float32}  # the local heads' loss is fp32
+    assert type(s.optimizer).__module__.startswith("optimi")  # the Kahan-compensated update by default
+    ref = stepper(method, precision="fp32", total_steps=12)
+    fixed = batch(0)
+    losses = [s.step([fixed])["loss"] for _ in range(12)]
+    ref_losses = [ref.step([fixed])["loss"] for _ in range(12)]
+    assert losses[-1] < losses[0] - 0.3
+    # bf16-true follows fp32's descent (bf16 forward rounding aside)
+    assert losses[-1] - ref_losses[-1] == pytest.approx(0, abs=0.05 * (ref_losses[0] - ref_losses[-1]) + 0.02)
+    for st in s.optimizer.state.values():  # AdamW state in bf16 too (the heads' aside)
+        if st and st["exp_avg"].dtype != torch.float32:
+            assert st["exp_avg"].dtype == torch.bfloat16
+
+
+def test_compensated_update_keeps_what_plain_bf16_loses():
+    """Steps far below half a bf16 step of the weight: round-to-nearest drops every one, Kahan
+    summation accumulates them like fp32 does."""
+    w32 = torch.nn.Parameter(torch.ones(256))
+    out = {}
+    for update in ("fp32", "plain", "kahan"):
+        p = torch.nn.Parameter(w32.detach().clone().to(torch.float32 if update == "fp32" else torch.bfloat16))
+        opt = make_optimizer([{"params": [p], "lr": 1e-4, "weight_decay": 0.0}],
+                             bf16_update=None if update == "fp32" else update)
+        for _ in range(50):
+            p.grad = torch.ones_like(p)  # Adam's step is then lr in size: 50 x 1e-4 in all
+            opt.step()
+        out[update] = float(p.float().mean())
+    assert out["plain"] == 1.0  # 1e-4 is under half of bf16's step at 1.0 (2**-8): every update lost
+    assert out["fp32"] == pytest.approx(1 - 50e-4, abs=1e-5)
+    assert out["kahan"] == pytest.approx(out["fp32"], abs=2e-3)  # within the bf16 weight's own resolution
+
+
+def test_optimizer_in_backward_under_bf16_true():
+    a = stepper("e2e", precision="bf16-true")
+    b = stepper("e2e", precision="bf16-true", optimizer_in_backward=True)
+    for i in range(2):
+        ra, rb = a.step([batch(i)]), b.step([batch(i)])
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-2)
+    assert dtypes(b.wrapped.parameters()) == {torch.bfloat16}
+    for pa, pb in zip(a.wrapped.parameters(), b.wrapped.parameters()):
+        torch.testing.assert_close(pb.float(), pa.float(), rtol=0.02, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precision")
+    return save_tiny(root / "tiny"), write_jsonl(root / "qa.jsonl", addition_rows())
+
+
+@pytest.mark.parametrize("method, precision, saved", [("lora", "bf16-mixed", torch.float32),
+                                                      ("freeze-lower", "bf16-mixed", torch.float32),
+                                                      ("e2e", "bf16-true", torch.bfloat16)])
+def test_checkpoint_loads_with_plain_transformers(files, tmp_path, method, precision, saved):
+    from transformers import AutoModelForCausalLM
+
+    tiny, data = files
+    res = train(TrainConfig(model=str(tiny), dataset=str(data), method=method, precision=precision, batch_size=4,
+                            max_steps=2, lr=1e-3, output_dir=str(tmp_path), progress=False))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert dtypes(plain.parameters()) == {saved}
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == str(saved).removeprefix("torch.")
+    ids = batch()["input_ids"]
+    model = res.model.plain_model() if method != "lora" else res.model.model
+    with torch.no_grad():  # the saved weights are the trained ones (LoRA: merged in fp32)
+        want = model(ids).logits.float()
+        got = plain(ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    for precision in ("bf16-true", "bf16", "auto"):
+        with pytest.raises(LoPTError, match="Tesla T4 has no bf16 support; use --precision fp16"):
+            check_device_options(TrainConfig(precision=precision), torch.device("cuda"))
+    check_device_options(TrainConfig(precision="fp16"), torch.device("cuda"))
+
+
+def test_bad_combinations_are_one_line(files, tmp_path, monkeypatch):
+    tiny, data = files
+    with pytest.raises(LoPTError, match="paged-adamw-8bit .* needs a CUDA device"):
+        train(TrainConfig(model=str(tiny), dataset=str(data), optimizer="paged-adamw-8bit", device="cpu",
+                          output_dir=str(tmp_path / "o"), progress=False))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    with pytest.raises(LoPTError, match="--bf16-update plain"):
+        TrainConfig(optimizer="adamw-8bit", precision="bf16-true").validate()
+    TrainConfig(optimizer="adamw-8bit", precision="bf16-true", bf16_update="plain").validate()
+    with pytest.raises(LoPTError, match="not supported with --pipeline"):
+        TrainConfig(precision="bf16-true", pipeline=True, num_blocks=2).validate()
+    monkeypatch.setitem(sys.modules, "optimi", None)
+    with pytest.raises(LoPTError, match="pip install torch-optimi"):
+        stepper(precision="bf16-true")
