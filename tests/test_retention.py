@@ -77,3 +77,88 @@ def test_parse_retention(spec, want):
 def test_parse_retention_rejects(spec, why):
     with pytest.raises(EvalError, match=why):
         parse_retention(spec)
+
+
+# ---- lopt train: recorded before the first step, reported at --eval-every and the end, kept over a resume
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny-retention"), eos_token_id=3)
+
+
+def train_args(tiny_dir, out, *extra):
+    # A learning rate that moves the tiny model: the retention KL is then far from 0.
+    return ["train", "--model", str(tiny_dir), "--dataset", "arithmetic", "--limit", "64", "--output-dir", str(out),
+            "--batch-size", "4", "--lr", "3e-3", "--no-progress", "--retention-prompts", "4",
+            "--retention-new-tokens", "8", *extra]
+
+
+def retention_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"retention"' in line]
+
+
+def final_retention(out):
+    return json.loads((out / "lopt_run.json").read_text())["final_metrics"]["retention"]
+
+
+def lopt_eval_kl(model_dir, base_dir, prompts=4, new_tokens=8):
+    """``lopt eval --tasks retention-kl --base BASE --limit 4 --kl-new-tokens 8``, through its Python API."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    return retention_kl(model, base, AutoTokenizer.from_pretrained(base_dir), limit=prompts,
+                        max_new_tokens=new_tokens)["kl"]
+
+
+def test_train_reports_retention_and_keeps_the_original_base_over_a_resume(tiny_dir, tmp_path, capsys):
+    from lopt.cli import main
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_dir, out, "--max-steps", "4", "--eval-every", "2", "--save-every", "2")) == 0
+    table = capsys.readouterr().out
+    assert "retention KL (general prompts)" in table and "0 = unchanged" in table
+    recs = retention_records(out)
+    assert [r["step"] for r in recs] == [2, 4]
+    assert recs[-1]["retention"]["kl"] > recs[0]["retention"]["kl"] > 1e-4  # the model moved
+    final = final_retention(out)
+    assert final["step"] == 4 and final["kl"] == recs[-1]["retention"]["kl"]
+    assert "0 = unchanged" in final["meaning"]
+    # The same number as lopt eval's retention-kl on the saved model against the base.
+    assert final["kl"] == pytest.approx(lopt_eval_kl(out, tiny_dir), rel=1e-4)
+    record = (out / RETENTION_FILE).read_bytes()
+
+    # Resume to step 6: the run measures against the original base, not the step-4 weights it resumed from.
+    assert main(train_args(tiny_dir, out, "--max-steps", "6", "--eval-every", "2", "--save-every", "2",
+                           "--resume")) == 0
+    assert (out / RETENTION_FILE).read_bytes() == record
+    assert [r["step"] for r in retention_records(out)] == [2, 4, 6]
+    final = final_retention(out)
+    assert final["step"] == 6
+    assert final["kl"] == pytest.approx(lopt_eval_kl(out, tiny_dir), rel=1e-4)
+    against_resumed = lopt_eval_kl(out, out / "checkpoint-4")
+    assert abs(final["kl"] - against_resumed) > 0.1 * final["kl"]
+
+
+def test_retention_none_records_nothing_and_a_resume_without_a_record_says_so(tiny_dir, tmp_path, capsys):
+    from lopt.cli import main
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_dir, out, "--max-steps", "2", "--save-every", "2", "--retention", "none")) == 0
+    assert not (out / RETENTION_FILE).exists() and retention_records(out) == []
+    assert "retention" not in json.loads((out / "lopt_run.json").read_text())["final_metrics"]
+    assert "retention KL" not in capsys.readouterr().out
+    # Resumed with retention on: the step-2 weights are not the base, so it measures none, in one line.
+    assert main(train_args(tiny_dir, out, "--max-steps", "3", "--resume", "--retention", "kl")) == 0
+    err = capsys.readouterr().err
+    assert "holds no base record" in err and "measures no retention" in err
+    assert retention_records(out) == []
+
+
+def test_bad_retention_flag_is_one_line(tiny_dir, tmp_path, capsys):
+    from lopt.cli import main
+
+    assert main(train_args(tiny_dir, tmp_path / "run", "--max-steps", "1", "--retention", "suite:mmlu")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lopt train: error: ") and "no task 'mmlu'" in err[-1]
+    assert not (tmp_path / "run").exists()

@@ -371,3 +371,45 @@ class RunRetention:
         last.pop("seconds", None)
         return {**last, "seconds": round(self.seconds, 2), "record_seconds": round(self.probe.record_seconds, 2),
                 "max_new_tokens": self.probe.max_new_tokens, "meaning": RETENTION_MEANING}
+
+
+def retention_callback(tokenizer, *, retention: str = "kl", eval_every: int | None = None,
+                       prompts: int = DEFAULT_PROMPTS, max_new_tokens: int = DEFAULT_NEW_TOKENS,
+                       suite_limit: int = DEFAULT_SUITE_LIMIT, data_dir: str | Path | None = None,
+                       trainer=None):
+    """A ``transformers.TrainerCallback`` that brings ``RunRetention`` to a Trainer (TRL's included): at
+    ``on_train_begin`` it records the base model into ``args.output_dir`` (or, when the trainer resumed
+    a checkpoint, reads the run's record back), and after every ``eval_every``-th step (default: the
+    trainer's ``eval_steps`` when it evaluates by steps) and the last it measures retention. The numbers
+    go to ``metrics.jsonl``-style ``callback.history``, and, given ``trainer``, through
+    ``transformers.Trainer.log`` to the trainer's ``report_to`` trackers as ``retention/kl`` etc.
+    ``callback.run`` is the ``RunRetention`` (its ``summary()`` at the end). Main process only."""
+    from transformers import Trainer, TrainerCallback
+
+    class RetentionCallback(TrainerCallback):
+        def __init__(self):
+            self.run: RunRetention | None = None
+            self.history: list[dict[str, Any]] = []
+            self.trainer = trainer
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if state.is_world_process_zero and self.run is None:
+                self.run = RunRetention.start(retention, model, tokenizer, args.output_dir,
+                                              resumed=state.global_step > 0, prompts=prompts,
+                                              max_new_tokens=max_new_tokens, suite_limit=suite_limit,
+                                              data_dir=data_dir)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if self.run is None:
+                return
+            every = eval_every or (args.eval_steps if str(args.eval_strategy).endswith("steps") else None)
+            step = state.global_step
+            if not ((every and step % int(every) == 0) or step == state.max_steps):
+                return
+            result = self.run.measure(model, step, tokenizer)
+            self.history.append({"step": step, "retention": result})
+            if self.trainer is not None:
+                # Trainer.log itself, not a subclass's override (TRL's GRPO log flushes its metric window).
+                Trainer.log(self.trainer, RunRetention.tracker_values(result))
+
+    return RetentionCallback()
