@@ -105,6 +105,7 @@ class LayerMode:
     lora_r: int = 0
     checkpoint: str = "off"
     lora_targets: tuple[str, ...] | None = None
+    lora_dropout: bool = False  # dropout on the adapters' input (its mask and output are kept)
 
 
 # --------------------------------------------------------------------------- symbolic autograd
@@ -288,11 +289,16 @@ class Trace:
 # --------------------------------------------------------------------------- one decoder layer
 
 
-def _lora(tr: Trace, x: _T, out: _T, in_f: int, out_f: int, r: int) -> _T:
-    """PEFT's LoRA linear: base(x) + lora_B(lora_A(x)) * scaling (dropout 0 is the identity). PEFT casts
-    x to the adapters' dtype first (a new tensor when they differ: fp32 adapters on a bf16 stream)."""
-    a = tr.linear(x if x.itemsize == tr.trained_bytes else tr.tensor(x.numel, tr.trained_bytes, x.grad),
-                  tr.param(in_f * r, True), r)
+def _lora(tr: Trace, x: _T, out: _T, in_f: int, out_f: int, r: int, dropout: bool = False) -> _T:
+    """PEFT's LoRA linear: base(x) + lora_B(lora_A(dropout(x))) * scaling. PEFT casts x to the adapters'
+    dtype first (a new tensor when they differ: fp32 adapters on a bf16 stream); dropout 0 is the
+    identity, a positive one keeps its bool mask and makes a new tensor (which lora_A keeps)."""
+    xa = x if x.itemsize == tr.trained_bytes else tr.tensor(x.numel, tr.trained_bytes, x.grad)
+    if dropout:
+        if xa.grad:
+            tr.save(tr.tensor(xa.numel, 1, False))  # the mask
+        xa = tr.tensor(xa.numel, xa.itemsize, xa.grad)
+    a = tr.linear(xa, tr.param(in_f * r, True), r)
     b = tr.linear(a, tr.param(r * out_f, True), out_f)
     return tr.add(out, b)  # the scaling is a Python number: nothing saved
 
@@ -307,7 +313,7 @@ def replay_layer(tr: Trace, shape: LayerShape, tokens: int, batch: int, x: _T, c
         _, in_f, out_f = next(t for t in s.linears() if t[0] == name)
         out = tr.linear(inp, tr.param(in_f * out_f, trained), out_f)
         adapted = mode.lora_r and (mode.lora_targets is None or name in mode.lora_targets)
-        return _lora(tr, inp, out, in_f, out_f, mode.lora_r) if adapted else out
+        return _lora(tr, inp, out, in_f, out_f, mode.lora_r, mode.lora_dropout) if adapted else out
 
     def norm(inp: _T, width: int) -> _T:
         f = {"rms": tr.rms_norm, "gemma": tr.gemma_norm, "layer": tr.layer_norm}[s.norm]

@@ -127,7 +127,7 @@ def aliases() -> list[str]:
 def _alias_key(name: str) -> str:
     # "Qwen/Qwen2.5-7B", "llama3.1-8b", "SmolLM2-135M-Instruct" -> the shipped names
     key = name.strip().lower().rsplit("/", 1)[-1]
-    key = re.sub(r"-instruct$", "", key)
+    key = re.sub(r"-(instruct|hf|chat-hf)$", "", key)
     key = re.sub(r"^(meta-)?llama-?(\d)", r"llama-\2", key)
     return key
 
@@ -497,7 +497,8 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
 
     def modes(idx: range, forced: dict[int, str] | None = None) -> tuple[LayerMode, ...]:
         c = {**ck, **(forced or {})}
-        return tuple(LayerMode(trained=i in trained, lora_r=t.lora_r, checkpoint=c.get(i, "off"), lora_targets=targets)
+        return tuple(LayerMode(trained=i in trained, lora_r=t.lora_r, checkpoint=c.get(i, "off"), lora_targets=targets,
+                               lora_dropout=bool(t.lora_r and getattr(config, "lora_dropout", 0.0)))
                      for i in idx)
 
     def layer_grads(idx: range) -> list[int]:
@@ -1178,7 +1179,7 @@ def format_table(rows: list[PlanRow]) -> str:
 
 # The methods' own options that change their memory, planned as lopt train's flags (declared once, in
 # each method's options dataclass: LoRAOptions, LISAOptions, BAdamOptions).
-PLAN_METHOD_OPTIONS = ("lora_r", "lora_target_modules", "lisa_layers", "badam_block_size")
+PLAN_METHOD_OPTIONS = ("lora_r", "lora_target_modules", "lora_dropout", "lisa_layers", "badam_block_size")
 
 
 def _add_option_flag(p: argparse.ArgumentParser, name: str) -> None:
