@@ -43,7 +43,8 @@ def run_step(cfg: dict, method: str, precision: str = "fp32", gc: str = "off", s
     base, k = ("lopt", int(method[6:])) if method.startswith("lopt-k") else ({"lisa": "e2e", "badam": "e2e"}.get(method, method), 2)
     # lopt-kN: the paper's mechanism (task_grad_every 0); --method lopt: lopt train's recipe defaults
     options = {"task_grad_every": 0, **options} if method != "lopt" else options
-    tc = TrainConfig(method=base, num_blocks=k, batch_size=batch, max_length=T, precision=precision, progress=False,
+    tc = TrainConfig(method=base, num_blocks=k, batch_size=batch, max_length=T, precision=train_precision(precision),
+                     progress=False,
                      max_steps=8, warmup_ratio=0.0, gradient_checkpointing=gc, selective_checkpointing=sel, **options)
     wrapped = wrap(model, config=tc.lopt_config())
     if method in ("lisa", "badam"):
@@ -68,6 +69,17 @@ def run_step(cfg: dict, method: str, precision: str = "fp32", gc: str = "off", s
     with SavedTensorTracker(wrapped.parameters()) as tracker:
         stepper.live_peak = live_peak_bytes(measured) if warmup else measured()
     return wrapped, stepper, tracker.peak_bytes
+
+
+def train_precision(precision: str) -> str:
+    """lopt train's --precision for the plan's ``precision``; where lopt train does not take it yet, the
+    same step emulated: bf16-mixed is its bf16, bf16-true an fp32 trainer (no autocast) on bf16 weights
+    (``store_16bit``)."""
+    from lopt.config import PRECISIONS
+
+    if precision in PRECISIONS:
+        return precision
+    return {"bf16-mixed": "bf16", "bf16-true": "fp32"}[precision]
 
 
 def store_16bit(model: torch.nn.Module, precision: str) -> None:
