@@ -162,3 +162,30 @@ def test_bad_retention_flag_is_one_line(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lopt train: error: ") and "no task 'mmlu'" in err[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_retention_callback_in_a_transformers_trainer(tokenizer, tmp_path):
+    """The TrainerCallback (what lopt's TRL integration uses): records the base at on_train_begin and logs
+    retention/kl through Trainer.log at every eval_every-th step and the last."""
+    from transformers import Trainer, TrainingArguments
+
+    from lopt.eval.retention import retention_callback
+
+    model = make_tiny_model(seed=0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in
+            (tokenizer(f"What is {a} + 2? {a + 2}")["input_ids"] for a in range(12))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=1,
+                             learning_rate=3e-3, report_to="none", save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    base = make_tiny_model(seed=0)
+    cb = retention_callback(tokenizer, eval_every=2, prompts=2, max_new_tokens=4, trainer=trainer)
+    trainer.add_callback(cb)
+    trainer.train()
+    assert [h["step"] for h in cb.history] == [2, 3]
+    assert (tmp_path / RETENTION_FILE).is_file()
+    logged = [h for h in trainer.state.log_history if "retention/kl" in h]
+    assert [h["retention/kl"] for h in logged] == [h["retention"]["kl"] for h in cb.history]
+    assert cb.history[-1]["retention"]["kl"] == pytest.approx(
+        retention_kl(model, base, tokenizer, limit=2, max_new_tokens=4)["kl"], rel=1e-4)
+    assert cb.history[-1]["retention"]["kl"] > 1e-4
