@@ -151,6 +151,8 @@ def why_not_run(cmd: DocCommand) -> str | None:
         return f"a measurement of its own ({argv[2]}): minutes"
     if argv[0] != "lopt":
         return "tests/test_scripts.py runs every script on small inputs"
+    if argv[:2] == ["lopt", "study"]:
+        return "a bench, a sweep and many runs (tests/test_study.py runs lopt study end to end on a tiny model)"
     if argv[:2] == ["lopt", "bench"]:
         return "each configuration in fresh processes, minutes (tests/test_bench.py runs the bench on a tiny model)"
     if "--resume" in argv:
@@ -434,6 +436,10 @@ def check_lopt(argv: list[str], cmd: DocCommand) -> None:
         cls = {"train": TrainConfig, "demo": TrainConfig, "grpo": GRPORunConfig, "dpo": DPORunConfig}[ns.command]
         cfg = config_from_args(ns, cls, DEMO_DEFAULTS if ns.command == "demo" else None, command=ns.command)
         cfg.validate()  # what a run checks before it loads anything
+    if ns.command == "study":  # the checks a study makes before it reads any data
+        from lopt.recipes.study.command import StudyOptions, check_options
+
+        check_options(config_from_args(ns, StudyOptions, command="study"))
     if ns.command == "bench":
         unknown = [c for c in ns.configs if c not in CONFIGS and c not in PEER_CONFIGS]
         assert not unknown, f"{cmd.id}: unknown bench configurations {unknown}"
