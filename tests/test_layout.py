@@ -86,6 +86,7 @@ LEVELS = {
     "eval": 5, "parallel": 5,
     "rewards": 6, "plan": 6,
     "bench": 7,      # may use the planner; not the recipes
+    "integrations": 7,  # lopt inside other libraries' trainers (TRL); the recipes grpo/dpo use it
     "recipes": 8,
     "cli": 9,
     "__main__": 10, "lopt": 10,  # lopt/__init__.py: the public API, imported by nobody inside lopt

@@ -21,9 +21,8 @@ from lopt.data import DataError, data_file, load_records
 from lopt.engine.config import LoPTError, option
 from lopt.eval.common import EvalError
 from lopt.eval.generation import load_gsm8k
-from lopt.recipes.trl_bridge import (LoPTTrainerMixin, RLConfig, RLResult, RunState, build_optimizer,
-                                     load_and_wrap, prepare_trainer, resolve_resume, run_command,
-                                     train_and_finish, trl_common_args)
+from lopt.recipes.trl_bridge import (RLConfig, RLResult, RunState, load_and_wrap, make_trainer, prepare_trainer,
+                                     resolve_resume, run_command, train_and_finish, trl_common_args)
 from lopt.runtime.loop import resolve_device, set_seed
 
 
@@ -171,26 +170,14 @@ def load_preferences(source: str, tokenizer, split: str = "train", limit: int | 
 # --------------------------------------------------------------------------- the trainer
 
 
-def _trainer_class():
-    from trl import DPOTrainer
-
-
-    class LoPTDPOTrainer(LoPTTrainerMixin, DPOTrainer):
-        """TRL's DPOTrainer on a lopt-wrapped model."""
-
-        def __init__(self, *, lopt_model, lopt_run, **kwargs):
-            self.lopt_model, self.lopt_run = lopt_model, lopt_run
-            super().__init__(**kwargs)
-
-    return LoPTDPOTrainer
-
-
 def dpo(cfg: DPORunConfig, callbacks: list | None = None) -> RLResult:
     """Run DPO; returns the summary (also in ``lopt_run.json``), the trained wrapped model and the
     tokenizer. The reference is the frozen base model (LoRA: the base with its adapters off)."""
-    from trl import DPOConfig
+    from trl import DPOConfig, DPOTrainer
 
+    from lopt.plan.rl import resolve_batch_size
 
+    resolve_batch_size(cfg, "dpo")  # --batch-size auto: lopt plan's largest DPO step for this device
     cfg.validate()
     resume_dir = resolve_resume(cfg)
     device = resolve_device(cfg.device)
@@ -213,11 +200,10 @@ def dpo(cfg: DPORunConfig, callbacks: list | None = None) -> RLResult:
     args = DPOConfig(**trl_common_args(cfg, device), beta=cfg.beta, loss_type=[cfg.loss_type],
                      max_length=cfg.max_length, precompute_ref_log_probs=False, **evaluation)
     run = RunState(cfg=cfg, command="dpo", device=device, extra_info={"data": data_stats})
-    trainer = _trainer_class()(
-        lopt_model=wrapped, lopt_run=run, model=wrapped.model, ref_model=reference, args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
+    trainer = make_trainer(
+        DPOTrainer, cfg, wrapped, run, ref_model=reference, args=args, train_dataset=datasets.Dataset.from_list(rows),
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows is not None else None,
-        processing_class=tokenizer, optimizers=(build_optimizer(wrapped, cfg), None))
+        processing_class=tokenizer)
     prepare_trainer(trainer, run, wrapped, ("loss", "rewards/margins"), callbacks)
     print(f"lopt dpo: {cfg.method} on {type(wrapped.plain_model()).__name__} ({wrapped.num_layers} layers, "
           f"blocks {wrapped.block_ranges}), {len(rows)} preference pairs from {data_stats['source']}"

@@ -5,10 +5,11 @@
 
 Completions are sampled from the current policy every step; the rewards (``lopt.rewards``) score
 them; TRL's GRPO loss trains the last block (LoPT: through the gradient boundary only), while the
-lower blocks learn from their local loss alone (see ``lopt.rl`` for how LoPT runs inside TRL).
+lower blocks learn from their local loss alone (see ``lopt.integrations.trl`` for how LoPT runs inside TRL).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -18,9 +19,8 @@ from typing import Any
 from lopt.config import check_held_out
 from lopt.data import DataError, chat_prompt, has_test_split, hold_out, load_records, local_preset, val_size_arg
 from lopt.engine.config import LoPTError, option
-from lopt.recipes.trl_bridge import (LoPTTrainerMixin, RLConfig, RLResult, RunState, build_optimizer,
-                                     load_and_wrap, prepare_trainer, resolve_resume, run_command,
-                                     train_and_finish, trl_common_args)
+from lopt.recipes.trl_bridge import (RLConfig, RLResult, RunState, load_and_wrap, make_trainer, prepare_trainer,
+                                     resolve_resume, run_command, train_and_finish, trl_common_args)
 from lopt.rewards import (ANSWER_FORMATS, RewardError, boxed_reference, extract_boxed, gsm8k_answer,
                           math_value, normalize_math_answer, resolve_rewards)
 from lopt.runtime.loop import resolve_device, set_seed
@@ -64,7 +64,8 @@ class GRPORunConfig(RLConfig):
     num_generations: int = option(4, "completions sampled per prompt (the GRPO group)", group=_GRPO)
     batch_size: int | None = option(
         None, "completions per micro-batch (default: --num-generations, one prompt's group; batch_size x "
-        "steps_per_generation must be a multiple of it)", type=int, group="optimisation")
+        "steps_per_generation must be a multiple of it); auto: the largest that fits the device's free memory",
+        type="batch_size", group="optimisation")
     max_prompt_length: int | None = option(512, "drop prompts longer than this many tokens (they are never cut)",
                                            type=int, group=_GRPO)
     max_completion_length: int = option(256, "tokens generated per completion at most", group=_GRPO)
@@ -230,16 +231,16 @@ def build_prompts(rows: list[dict[str, str]], tokenizer, instruction: str | None
 # --------------------------------------------------------------------------- the trainer
 
 
+@functools.cache
 def _trainer_class():
     from trl import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 
-    class LoPTGRPOTrainer(LoPTTrainerMixin, GRPOTrainer):
-        """TRL's GRPOTrainer on a lopt-wrapped model, with a given frozen reference model."""
+    class RefGRPOTrainer(GRPOTrainer):
+        """TRL's GRPOTrainer with a given frozen reference model."""
 
-        def __init__(self, *, lopt_model, lopt_run, ref_model=None, **kwargs):
-            self.lopt_model, self.lopt_run = lopt_model, lopt_run
+        def __init__(self, *, ref_model=None, **kwargs):
             args = kwargs["args"]
             beta = args.beta
             if ref_model is not None:
@@ -258,7 +259,7 @@ def _trainer_class():
                                   cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
                 self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
-    return LoPTGRPOTrainer
+    return RefGRPOTrainer
 
 
 def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
@@ -266,7 +267,9 @@ def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
     tokenizer. ``callbacks`` are extra ``transformers.TrainerCallback`` objects."""
     from trl import GRPOConfig
 
+    from lopt.plan.rl import resolve_batch_size
 
+    resolve_batch_size(cfg, "grpo")  # --batch-size auto: lopt plan's largest GRPO step for this device
     cfg.validate()
     if getattr(cfg, "batch_size_from_generations", False):
         print(f"lopt grpo: --batch-size {cfg.batch_size} (one group of --num-generations {cfg.num_generations} "
@@ -313,11 +316,10 @@ def grpo(cfg: GRPORunConfig, callbacks: list | None = None) -> RLResult:
     )
     run = RunState(cfg=cfg, command="grpo", device=device,
                    extra_info={"data": data_stats, "rewards": list(cfg.reward)}, eval_info=eval_info or {})
-    trainer = _trainer_class()(
-        lopt_model=wrapped, lopt_run=run, ref_model=reference, model=wrapped.model,
-        reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
-        eval_dataset=datasets.Dataset.from_list(eval_prompts) if eval_prompts is not None else None,
-        optimizers=(build_optimizer(wrapped, cfg), None))
+    trainer = make_trainer(
+        _trainer_class(), cfg, wrapped, run, ref_model=reference, reward_funcs=reward_funcs, args=args,
+        train_dataset=dataset, processing_class=tokenizer,
+        eval_dataset=datasets.Dataset.from_list(eval_prompts) if eval_prompts is not None else None)
     prepare_trainer(trainer, run, wrapped, ("reward", "kl", "loss"), callbacks)
     print(f"lopt grpo: {cfg.method} on {type(wrapped.plain_model()).__name__} ({wrapped.num_layers} layers, "
           f"blocks {wrapped.block_ranges}), {len(prompts)} prompts from {data_stats['source']} "

@@ -1,35 +1,19 @@
-"""What ``lopt grpo`` and ``lopt dpo`` share: LoPT inside a TRL trainer, checkpoints, resume, metrics.
+"""What ``lopt grpo`` and ``lopt dpo`` share around TRL's trainer: loading and wrapping the model,
+the TrainingArguments that follow from lopt's options, resume, metrics.jsonl, the progress bar,
+Ctrl-C, the summary.
 
-How LoPT runs inside TRL's training step:
-
-* TRL gets the **plain** transformers model (TRL expects a ``PreTrainedModel`` and patches its own
-  fused LM head onto it). ``LoPTModel.route_forward`` makes the model's decoder stack open LoPT's
-  per-step scope on every training forward, so the boundary hooks act exactly as under
-  ``lopt train``: the lower blocks' output is detached at the boundary (the policy/DPO loss reaches
-  the last block only) and, with the ``blockwise`` schedule, each lower block's local loss is
-  backpropagated inside the forward. Generation and reference passes run under ``no_grad`` and go
-  straight through.
-* The optimizer is built here from ``wrapped.param_groups`` (it holds the local heads, which are not
-  part of the plain model) and handed to TRL; the LR schedule is lopt's warm-up + cosine.
-* Gradient accumulation: TRL's loss is an average over the micro-batches of an optimizer step, so
-  before each micro-batch ``wrapped.loss_scale`` is set to ``1 / micro-batches``: the local loss
-  gets the same averaging although its backward runs inside the forward. The ``joint`` schedule's
-  local loss is backpropagated right after TRL's backward (the two graphs are disjoint at the
-  boundary, so this equals one backward of the sum).
-* Clipping is per block under LoPT (as with ``lopt train``'s per-block step): a global norm would
-  make the lower blocks' step size depend on the task gradient.
-* Checkpoints are lopt's: ``OUT/checkpoint-N`` is written whole in a temporary directory and renamed
-  (``models.save_checkpoint``); it is a plain transformers checkpoint plus TRL's resume files
-  (optimizer, scheduler, RNG, ``trainer_state.json``) and ``lopt_state.pt`` (local heads, anchors,
-  LoRA adapters), then lopt's manifest. TRL's own resume machinery reads them back (transformers
-  loads its files with ``weights_only=True``; so does lopt). ``--save-only-model`` leaves out all
-  but ``trainer_state.json``; ``--save-total-limit`` deletes older checkpoints after each save.
+LoPT itself runs inside TRL's step through ``lopt.integrations.trl`` (``wrap_trainer``), the same
+code that puts any lopt method into a user's own TRL or ``Trainer`` script: the optimizer over
+``wrapped.param_groups``, the local loss scaled for gradient accumulation, per-block clipping, lopt's
+checkpoints (a plain transformers checkpoint plus TRL's resume files and ``lopt_state.pt``). The
+commands add lopt's LR schedule (warm-up + cosine), the frozen base as the reference model and the
+bookkeeping below. ``--save-only-model`` leaves out all but ``trainer_state.json``;
+``--save-total-limit`` deletes older checkpoints after each save.
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
 import signal
 import sys
 import time
@@ -40,30 +24,18 @@ from typing import Any
 
 import torch
 
-from lopt.runtime import loop
 from lopt.config import RLConfig  # noqa: F401  (re-exported: lopt.recipes.trl_bridge's name)
 from lopt.engine.boundary import LoPTModel
-from lopt.engine.config import LoPTError
-from lopt.methods import wrap
 from lopt.engine.memory import peak_memory_mb
-from lopt.models import load_model, save_checkpoint
+from lopt.integrations.trl import (CHECKPOINT_PREFIX, LOPT_STATE_FILE, RUN_FILE, STATE_FILES,  # noqa: F401  (names of lopt.recipes.trl_bridge)
+                                   TRAINER_STATE_FILE, TRAINER_TORCH_FILES, checkpoint_global_step, lopt_schedule,
+                                   lopt_trainer_class, wrap_seeded, wrap_trainer)
+from lopt.models import load_model
 from lopt.runtime import checkpoints as ckpt
-from lopt.runtime.checkpoints import (method_extra_state, save_plain_into, clean_stale_temporaries,
-                                      rotate_checkpoints, state_writer, stopped_message, versions)
+from lopt.runtime.checkpoints import clean_stale_temporaries, method_extra_state, save_plain_into, stopped_message, versions
 from lopt.runtime.resume import CorruptStateError, find_resume, load_state
-from lopt.runtime.loop import autocast_dtype, cosine_with_warmup
+from lopt.runtime.loop import autocast_dtype
 from lopt.runtime.state import trim_log
-
-
-CHECKPOINT_PREFIX = "checkpoint-"
-LOPT_STATE_FILE = "lopt_state.pt"
-TRAINER_STATE_FILE = "trainer_state.json"  # transformers' name, read back by Trainer.train(resume_from_checkpoint)
-# What must be there to resume, as lopt 0.1 checked it (newer checkpoints list every file in their manifest).
-STATE_FILES = (TRAINER_STATE_FILE, LOPT_STATE_FILE)
-# transformers' own resume files (optimizer.pt, scheduler.pt, scaler.pt, rng_state.pth): checked before
-# TRL reads them, so that a damaged one makes --resume fall back instead of failing mid-start.
-TRAINER_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth")
-RUN_FILE = "lopt_run.json"
 
 
 @dataclass
@@ -130,7 +102,7 @@ def load_and_wrap(cfg: RLConfig, device: torch.device, with_reference: bool):
     if with_reference and cfg.method != "lora":
         reference = copy.deepcopy(model).eval()
         reference.requires_grad_(False)
-    wrapped = wrap(model, config=cfg.lopt_config()).to(device)
+    wrapped = wrap_seeded(model, cfg.lopt_config(), cfg.seed).to(device)  # as wrap_trainer draws the heads
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
     wrapped.route_forward()
@@ -150,6 +122,9 @@ def trl_common_args(cfg: RLConfig, device: torch.device) -> dict[str, Any]:
         report_to="none", bf16=amp == torch.bfloat16, fp16=amp == torch.float16,
         use_cpu=device.type == "cpu", seed=cfg.seed, disable_tqdm=True,
         dataloader_num_workers=0,
+        # Not the fused kernel: resumed under TRL's checkpoint loading it did not reproduce the
+        # uninterrupted run to 1e-4 (LoRA DPO), which the default kernel does.
+        optim="adamw_torch",
         # lopt checkpoints the layers itself (wrapped.gradient_checkpointing_enable), so the
         # boundary hooks and the checkpointing scope stay under its control. (transformers >= 5.2x
         # calls it activation checkpointing; the old name still works but warns.)
@@ -164,147 +139,21 @@ def _has_arg(name: str) -> bool:
     return name in TrainingArguments.__dataclass_fields__
 
 
-def build_optimizer(wrapped: LoPTModel, cfg: RLConfig) -> torch.optim.Optimizer:
-    """AdamW over ``wrapped.param_groups``: upper block at ``lr``, lower blocks, embeddings and local
-    heads at ``lr_lower``; TRL would otherwise build one over the plain model and miss the heads."""
-    # Not the fused kernel: resumed under TRL's checkpoint loading it did not reproduce the uninterrupted
-    # run to 1e-4 (LoRA DPO), which the default kernel does.
-    return loop.build_optimizer(wrapped, cfg.lr, cfg.lr_lower, cfg.weight_decay, fused=False)
-
-
-# --------------------------------------------------------------------------- the TRL trainer mix-in
-
-
 def lopt_extra_state(wrapped: LoPTModel) -> dict[str, torch.Tensor]:
     """Trainable tensors that the plain checkpoint does not hold: local heads, anchors, LoRA adapters."""
     return method_extra_state(wrapped)
 
 
-class LoPTTrainerMixin:
-    """Put in front of a TRL trainer class (``class T(LoPTTrainerMixin, GRPOTrainer)``). Needs
-    ``self.lopt_model`` (the LoPTModel whose ``.model`` TRL trains) and ``self.lopt_run`` (RunState)
-    set before ``__init__`` of the trainer runs."""
-
-    lopt_model: LoPTModel
-    lopt_run: "RunState"
-
-    def _send_telemetry(self) -> None:
-        # lopt runs offline by default and never phones home; TRL would ping the Hub here.
-        return None
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        w = self.lopt_model
-        # TRL averages its loss over the micro-batches of a step; the blockwise local backward runs
-        # inside the forward, so it must know that scale before the forward. Under fp16 it also takes
-        # the grad scaler's factor, which accelerate applies to TRL's loss and unscales from all
-        # gradients before the step.
-        scaler = getattr(self.accelerator, "scaler", None)
-        amp_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        w.loss_scale = amp_scale / max(1, getattr(self, "current_gradient_accumulation_steps", 1) or 1)
-        w.routed_aux_losses.clear()
-        try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            aux = [a for a in w.routed_aux_losses]
-            if w.lopt_config.schedule == "joint":
-                live = [a for a in aux if a.requires_grad]
-                if live:  # the lower graph is disjoint from TRL's: one more backward equals the joint sum
-                    (torch.stack(live).sum() * (w.lopt_config.lambda_aux * w.loss_scale)).backward()
-            if aux:
-                self.lopt_run.aux_window.append(float(torch.stack([a.detach() for a in aux]).mean()))
-        finally:
-            w.routed_aux_losses.clear()
-        return loss
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if isinstance(inputs, dict) and model.training:
-            # Tokens the policy is trained on in this micro-batch (prompt + completion, padding excluded).
-            n = sum(int(inputs[k].sum()) for k in ("prompt_mask", "completion_mask", "attention_mask")
-                    if isinstance(inputs.get(k), torch.Tensor))
-            self.lopt_run.tokens += n
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                   num_items_in_batch=num_items_in_batch)
-        w = self.lopt_model
-        live = [a for a in w.routed_aux_losses if a.requires_grad]
-        if w.open_boundary and live and model.training:
-            # An open step: the lower blocks' graph is shared with TRL's loss, so their local loss must
-            # join that loss's one backward (a second backward would find the graph freed). Added as
-            # (x - x.detach()), it changes the gradient, not the loss TRL reports, and gets the same
-            # scaling (accumulation, AMP) as the task loss, as in lopt train's open step.
-            extra = torch.stack(live).sum() * w.lopt_config.lambda_aux
-            extra = extra - extra.detach()
-            w.routed_aux_losses[:] = [a.detach() for a in w.routed_aux_losses]
-            out = (out[0] + extra, *out[1:]) if isinstance(out, tuple) else out + extra
-        return out
-
-    def _clip_grad_norm(self, model):
-        w, max_norm = self.lopt_model, self.args.max_grad_norm
-        if getattr(self.accelerator, "scaler", None) is not None:
-            self.accelerator.unscale_gradients()  # fp16: clip the true gradients (accelerate's order)
-        if w.local and not w.open_boundary:
-            # Each block on its own (like lopt train's per-block step): the lower blocks' update then
-            # depends on their local loss only, never on the size of the task gradient. (On an open
-            # step they have the task gradient too: one global norm, as end-to-end.)
-            norms = [_clip_norm([p for p in w.block_parameters(i)], max_norm) for i in range(len(w.block_ranges))]
-            return torch.tensor(math.sqrt(sum(n * n for n in norms)))
-        return torch.tensor(_clip_norm(list(w.parameters()), max_norm))
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is None:
-            opt = optimizer or self.optimizer
-            warmup = int(self.lopt_run.cfg.warmup_ratio * num_training_steps)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(num_training_steps, warmup))
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
-
-    def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer_callback import ExportableState
-
-
-        out = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        self.store_flos()
-
-        def write_trainer_files(d: Path) -> None:
-            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
-                name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(name), list):
-                    self.state.stateful_callbacks[name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name] = cb.state()
-            self.state.save_to_json(str(d / TRAINER_STATE_FILE))
-
-        def write_resume_files(d: Path) -> None:
-            self._save_optimizer_and_scheduler(str(d))
-            self._save_scaler(str(d))
-            self._save_rng_state(str(d))
-            torch.save(lopt_extra_state(self.lopt_model), d / LOPT_STATE_FILE)
-
-        def write_all(d: Path) -> None:
-            write_trainer_files(d)
-            # --save-only-model: trainer_state.json (the log history) stays; nothing to resume from.
-            state_writer(self.state.global_step, None if self.args.save_only_model else write_resume_files,
-                         [*STATE_FILES, *TRAINER_TORCH_FILES])(d)
-
-        save_checkpoint(self.lopt_model, self.processing_class, out,
-                        extra_json={RUN_FILE: self.lopt_run.info(self.lopt_model, None)},
-                        write_extra=write_all)
-        self.lopt_run.checkpoints.append(out)
-        rotate_checkpoints(Path(self.args.output_dir), self.args.save_total_limit, keep=out)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        w = self.lopt_model
-        state = load_state(Path(resume_from_checkpoint) / LOPT_STATE_FILE)  # tensors and plain data only
-        missing = w.load_state_dict(state, strict=False)
-        if missing.unexpected_keys:
-            raise LoPTError(f"{resume_from_checkpoint} was written by another method/config (unexpected keys "
-                            f"{missing.unexpected_keys[:3]}...): resume with the same options")
-        if w.method != "lora":
-            # LoRA checkpoints hold merged weights; its base stays the pretrained model and the
-            # adapters came back with lopt_state.pt above.
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-
-def _clip_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    return loop.clip_gradients(params, max_norm or None) or 0.0
+def make_trainer(base: type, cfg: RLConfig, wrapped: LoPTModel, run: "RunState", **kwargs: Any):
+    """``base`` (a TRL trainer class) built with ``kwargs`` on ``wrapped.model`` and given LoPT through
+    ``lopt.integrations.trl.wrap_trainer``, with lopt's LR schedule, the lower blocks' ``--lr-lower``,
+    and the run's bookkeeping (tokens and local losses counted in ``run``, ``lopt_run.json`` of each
+    checkpoint from it)."""
+    trainer = lopt_trainer_class(base)(model=wrapped.model, **kwargs)  # lopt's class from the start: no telemetry
+    wrap_trainer(trainer, wrapped=wrapped, lr_lower=cfg.lr_lower, stats=run, schedule=lopt_schedule(cfg.warmup_ratio))
+    trainer.lopt_info = lambda: run.info(wrapped, None)
+    trainer.lopt_on_checkpoint = run.checkpoints.append
+    return trainer
 
 
 # --------------------------------------------------------------------------- run bookkeeping
@@ -312,7 +161,8 @@ def _clip_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> floa
 
 @dataclass
 class RunState:
-    """Per-run counters the trainer and the callback share."""
+    """Per-run counters the trainer and the callback share (the trainer counts ``tokens`` and
+    ``aux_window`` here: ``lopt.integrations.trl.StepStats``'s fields)."""
 
     cfg: RLConfig
     command: str
@@ -336,8 +186,9 @@ class RunState:
 
 
 def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix_keys: tuple[str, ...]):
-    """The TrainerCallback that keeps LoPT's per-step switches, writes ``metrics.jsonl``, shows the
-    progress bar and turns a requested stop (Ctrl-C) into a checkpoint and the end of the run."""
+    """The TrainerCallback that writes ``metrics.jsonl``, shows the progress bar and turns a requested
+    stop (Ctrl-C) into a checkpoint and the end of the run (LoPT's per-step switches are
+    ``lopt.integrations.trl``'s callback)."""
     from transformers import TrainerCallback
 
     class LoPTCallback(TrainerCallback):
@@ -354,19 +205,7 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
                                 dynamic_ncols=True, file=sys.stderr)
             self.t_window = time.perf_counter()
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            step = state.global_step  # restored on resume: the schedules below follow it
-            optimizer = kwargs.get("optimizer")
-            # accelerate wraps the optimizer; the method frees state in the torch optimizer inside
-            # Layer switching, --lower-every, --task-grad-every.
-            wrapped.begin_step(step, getattr(optimizer, "optimizer", optimizer))
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            # The Trainer zeroes the plain model's gradients only; the local heads' are ours to clear.
-            wrapped.heads.zero_grad(set_to_none=True)
-
         def on_step_end(self, args, state, control, **kwargs):
-            wrapped.open_boundary = False
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
             if state.global_step >= state.max_steps:
@@ -393,8 +232,7 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
             now = time.perf_counter()
             dt, tokens = now - self.t_window, run.tokens - self.tokens_window
             self.t_window, self.tokens_window = now, run.tokens
-            aux = sum(run.aux_window) / len(run.aux_window) if run.aux_window else None
-            run.aux_window.clear()
+            aux = logs.pop("aux_loss", None)  # the trainer's mean local loss since the last log
             rec: dict[str, Any] = {"step": state.global_step, "loss": logs.pop("loss", None),
                                    "aux_loss": aux, "lr": logs.pop("learning_rate", None),
                                    "grad_norm": logs.pop("grad_norm", None),
@@ -454,7 +292,7 @@ def run_trainer(trainer, run: RunState, resume_dir: Path | None) -> bool:
 
     main = threading.current_thread() is threading.main_thread()
     if resume_dir is not None:  # the log continues from the checkpoint's step
-        trim_log(Path(run.cfg.output_dir) / "metrics.jsonl", _checkpoint_global_step(resume_dir))
+        trim_log(Path(run.cfg.output_dir) / "metrics.jsonl", checkpoint_global_step(resume_dir))
     old = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         with warnings.catch_warnings():
@@ -465,10 +303,6 @@ def run_trainer(trainer, run: RunState, resume_dir: Path | None) -> bool:
         if old is not None:
             signal.signal(signal.SIGINT, old)
     return run.stop_requested and trainer.state.global_step < trainer.state.max_steps
-
-
-def _checkpoint_global_step(checkpoint: Path) -> int:
-    return int(json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["global_step"])
 
 
 def finish(run: RunState, trainer, wrapped: LoPTModel, tokenizer, interrupted: bool,
