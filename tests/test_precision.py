@@ -191,3 +191,49 @@ def test_bad_combinations_are_one_line(files, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optimi", None)
     with pytest.raises(LoPTError, match="pip install torch-optimi"):
         stepper(precision="bf16-true")
+
+
+def test_lora_target_modules_that_match_nothing_is_one_line():
+    cfg = TrainConfig(method="lora", lora_target_modules=["q_proj", "qkv_proj"])
+    cfg.validate()
+    with pytest.raises(LoPTError, match="--lora-target-modules qkv_proj: LlamaForCausalLM has no module of that "
+                                        "name; its linear maps are .*q_proj"):
+        wrap(make_tiny_model("llama", layers=2), config=cfg.lopt_config())
+
+
+def test_qlora_without_bitsandbytes_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # the import fails
+    with pytest.raises(LoPTError, match="--method qlora needs bitsandbytes .*pip install bitsandbytes"):
+        TrainConfig(method="qlora", precision="bf16-true").validate()
+
+
+def test_qlora_trains_adapters_over_a_4bit_base_and_saves_a_plain_model(files, tmp_path):
+    """bitsandbytes' CPU backend runs NF4: the base's linear maps are packed 4-bit, the adapters bf16
+    (bf16-true), the loss drops, and the checkpoint is a plain bf16 model with the adapters merged into
+    the dequantized weights."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(LoPTError, match="--method qlora computes in bf16 .* not fp32"):
+        TrainConfig(method="qlora", precision="fp32").validate()
+
+    tiny, data = files
+    res = train(TrainConfig(model=str(tiny), dataset=str(data), method="qlora", precision="bf16-true", lr=3e-3,
+                            lora_target_modules=["q_proj", "v_proj"], batch_size=4, max_steps=6, warmup_ratio=0.0,
+                            output_dir=str(tmp_path), progress=False))
+    w = res.model
+    quantized = [m for m in w.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 7 * 4  # every linear map of the 4 layers, adapters on q_proj and v_proj
+    assert all(m.weight.dtype == torch.uint8 for m in quantized)
+    assert dtypes(p for p in w.parameters() if p.requires_grad) == {torch.bfloat16}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in w.named_parameters() if p.requires_grad} == {"q_proj", "v_proj"}
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert dtypes(plain.parameters()) == {torch.bfloat16}
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        want, got = w.model(ids).logits.float(), plain(ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.1)  # NF4 dequantized then rounded to bf16

@@ -164,6 +164,9 @@ class RecipeConfig(LoPTConfig):
         lc = self.lopt_config()
         lc.validate()
         get_method(self.method).check(lc)
+        if get_method(self.method).bf16_only and self.precision in ("fp32", "fp16"):
+            raise LoPTError(f"--method {self.method} computes in bf16 (its 4-bit base): use --precision bf16-true "
+                            f"(bf16 adapters) or bf16-mixed (fp32 adapter masters), not {self.precision}")
         check_retention_options(self)
 
 
@@ -322,16 +325,24 @@ class RLConfig(RecipeConfig):
     chunked_ce: bool = option(False, _engine_help("chunked_ce"), cli=False)
     output_dir: str = option("runs/rl", "where checkpoints, metrics.jsonl and the final model go", group=_RUN)
     lr: float = option(1e-6, "learning rate of the last block, final norm and LM head", group=_OPT)
-    batch_size: int = option(4, "sequences per micro-batch (grpo: completions; dpo: preference pairs)", group=_OPT)
+    batch_size: int | str = option(
+        4, "sequences per micro-batch (grpo: completions; dpo: preference pairs); auto: the largest step that fits "
+        "the device's free memory (GPU memory, or available RAM on CPU), as lopt plan grpo|dpo predicts it, printed "
+        "before training", type="batch_size", group=_OPT)
+    global_batch_size: int | None = option(
+        None, "with --batch-size auto: sequences per optimizer step to keep, as the fitting batch x --grad-accum",
+        type=int, group=_OPT)
     warmup_ratio: float = option(0.0, "fraction of steps with linear warm-up before the cosine decay", group=_OPT)
     max_grad_norm: float | None = option(
         1.0, "clip gradient norms (per block under LoPT, so the lower blocks' step never depends on the task "
         "gradient; 0 or none: no clipping)", type="optional_float", group=_OPT)
 
     def validate(self) -> None:
-        if self.batch_size == "auto":
-            raise LoPTError("--batch-size auto is lopt train's only for now: give grpo / dpo a number (lopt plan "
-                            "--max-batch predicts the largest that fits)")
+        if self.global_batch_size is not None and self.batch_size != "auto":
+            raise LoPTError(f"--global-batch-size {self.global_batch_size} needs --batch-size auto")
+        if self.batch_size == "auto":  # the recipes resolve it first (lopt.plan.rl.resolve_batch_size)
+            raise LoPTError("--batch-size auto is resolved when lopt grpo / dpo starts, from the device's free "
+                            "memory: validate the resolved numbers (lopt.plan.rl.resolve_batch_size)")
         super().validate()
         if not 0 <= self.warmup_ratio < 1:
             raise LoPTError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

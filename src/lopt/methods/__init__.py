@@ -3,7 +3,7 @@
 To add one: a new file here with a ``Method`` subclass (and its options) decorated with ``@register``,
 imported below; or, from another package, an entry point in the group ``lopt.methods``.
 """
-from lopt.methods import lopt, e2e, freeze_lower, lora, lisa, badam  # noqa: F401,I001  (each registers itself; this order is --help's)
+from lopt.methods import lopt, e2e, freeze_lower, lora, qlora, lisa, badam  # noqa: F401,I001  (each registers itself; this order is --help's)
 from lopt.methods.base import Method, Trains, get_method, load_plugins, method_names, register
 
 load_plugins()

@@ -42,6 +42,9 @@ class Trains:
     blocks: tuple[tuple[int, int], ...] | None = None
     local_heads: bool = False
     label: str = ""  # the plan row's name when it is not the method's
+    # Bits per weight of the frozen base when the method fixes them (qlora: 4, bitsandbytes NF4 with its
+    # double-quantized constants); None: the base is stored as --precision stores frozen weights.
+    base_bits: int | None = None
 
 
 class Method:
@@ -54,6 +57,8 @@ class Method:
     local_loss: ClassVar[bool] = False
     # Default learning rate of the lower blocks, embeddings and local heads, as a multiple of lr.
     lr_lower_ratio: ClassVar[float] = 1.0
+    # The method computes in bf16 only (qlora's 4-bit base): --precision must be a bf16 one.
+    bf16_only: ClassVar[bool] = False
     # A resumed run reloads the base model rather than the checkpoint's weights (LoRA: the checkpoint
     # has the adapters merged in; the adapters themselves travel in the trainer state).
     resume_from_base: ClassVar[bool] = False

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lopt.engine.config import option
+from lopt.engine.config import LoPTError, option
 from lopt.methods.base import Method, Trains, register, set_saved_dtype
 
 _GROUP = "method: lora"
@@ -39,9 +39,7 @@ class LoRA(Method):
         from peft import LoraConfig, get_peft_model
 
         c = self.config
-        targets = c.lora_target_modules
-        if isinstance(targets, list) and targets == ["all-linear"]:  # the flag's nargs makes a list of one
-            targets = "all-linear"
+        targets = lora_target_names(model, c.lora_target_modules) or "all-linear"
         lcfg = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                           target_modules=targets, task_type="CAUSAL_LM")
         return get_peft_model(model, lcfg)
@@ -68,6 +66,24 @@ class LoRA(Method):
 
     def extra_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def lora_target_names(model: nn.Module, targets: list[str] | str) -> list[str] | None:
+    """``--lora-target-modules`` as PEFT takes it: None for ``all-linear`` (every linear map but the LM
+    head), else the names, each of which must name a module of ``model`` (PEFT matches a name against
+    the end of a module's dotted path); a one-line LoPTError names one that matches nothing."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if list(targets) == ["all-linear"]:  # the flag's nargs makes a list of one
+        return None
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    paths = {name for name, _ in model.named_modules()}
+    for t in targets:
+        if t not in leaves and not any(path == t or path.endswith("." + t) for path in paths):
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise LoPTError(f"--lora-target-modules {t}: {type(model).__name__} has no module of that name; its "
+                            f"linear maps are {' '.join(linear)} (or all-linear)")
+    return list(targets)
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:

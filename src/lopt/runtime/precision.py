@@ -63,6 +63,14 @@ def check_precision_device(precision: str, device: torch.device | str) -> None:
         raise LoPTError(f"--precision {precision}: {name} has no bf16 support; use --precision fp16 or fp32")
 
 
+def check_method_precision(method: Any, precision: str, device: torch.device | str) -> None:
+    """LoPTError (one line) for a method that computes in bf16 only (qlora) under fp32 or fp16."""
+    p = resolve_precision(precision, device)
+    if getattr(method, "bf16_only", False) and not p.startswith("bf16"):
+        raise LoPTError(f"--method {method.name} computes in bf16 (its 4-bit base): --precision {precision} is {p} "
+                        f"here; use --precision bf16-true (bf16 adapters) or bf16-mixed (fp32 adapter masters)")
+
+
 def cast_parameters(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
     """Store floating-point ``params`` in ``dtype``, in place (the Parameter objects stay the same, so
     optimizers and hooks that hold them keep working). Gradients are dropped when their dtype changes."""
@@ -79,6 +87,7 @@ def apply_precision(wrapped: Any, precision: str, device: torch.device | str) ->
     (the local heads stay fp32), under bf16-mixed the frozen weights in bf16. The method's switching
     (LISA, BAdam) reads ``wrapped.weight_dtypes`` to move layers between the two at each switch."""
     check_precision_device(precision, device)
+    check_method_precision(wrapped.method_impl, precision, device)
     train_dtype, frozen_dtype = weight_dtypes(precision, device)
     wrapped.weight_dtypes = (train_dtype, frozen_dtype)
     if train_dtype == frozen_dtype == torch.float32:
