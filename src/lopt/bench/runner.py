@@ -31,6 +31,7 @@ from lopt.engine.memory import SavedTensorTracker, current_rss_mb, peak_rss_mb
 from lopt.models import load_model
 from lopt.config import TrainConfig
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
+from lopt.runtime.precision import apply_precision
 
 # name -> TrainConfig overrides. The memory tricks (blockwise, chunked CE, per-block step) are on by
 # default; the "-no-*" variants switch one off for the comparison.
@@ -76,6 +77,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lopt-k2+8bit": {"method": "lopt", "num_blocks": 2, "optimizer": "adamw-8bit"},
     "lopt-k2+oib+8bit": {"method": "lopt", "num_blocks": 2, "optimizer_in_backward": True,
                          "optimizer": "adamw-8bit"},
+    "e2e+paged8bit": {"method": "e2e", "optimizer": "paged-adamw-8bit"},  # CUDA only
+    # --precision (lopt.runtime.precision): bf16-mixed keeps fp32 masters of what trains under bf16 autocast and
+    # stores frozen weights in bf16; bf16-true keeps everything in bf16 (Kahan-compensated update by default).
+    "e2e+bf16": {"method": "e2e", "precision": "bf16-mixed"},
+    "e2e+bf16-true": {"method": "e2e", "precision": "bf16-true"},
+    "e2e+bf16-true-plain": {"method": "e2e", "precision": "bf16-true", "bf16_update": "plain"},
+    "e2e+bf16-true+oib": {"method": "e2e", "precision": "bf16-true", "optimizer_in_backward": True},
+    "e2e+bf16-true+8bit": {"method": "e2e", "precision": "bf16-true", "optimizer": "adamw-8bit",
+                           "bf16_update": "plain"},
+    "lopt-default+bf16": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4, "tied_head": None,
+                          "precision": "bf16-mixed"},
+    "lopt-default+bf16-true": {"method": "lopt", "num_blocks": 2, "task_grad_every": 4, "tied_head": None,
+                               "precision": "bf16-true"},
+    "lora+bf16": {"method": "lora", "precision": "bf16-mixed"},
+    "lora+bf16-true": {"method": "lora", "precision": "bf16-true"},
+    "qlora": {"method": "qlora", "precision": "bf16-true"},  # a 4-bit NF4 base (bitsandbytes), bf16 adapters
 }
 DEFAULT_CONFIGS = ["e2e", "e2e+gc", "e2e+sel", "lopt-default", "lopt-k2", "lopt-k2+gc-last", "lopt-k4", "lopt-k2-joint",
                    "freeze-lower", "lora"]
@@ -179,6 +196,7 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
 def _run_lopt(spec: BenchSpec, cfg: TrainConfig, model, batches: list[dict[str, torch.Tensor]],
               device: torch.device) -> dict[str, Any]:
     wrapped = wrap(model, config=cfg.lopt_config()).to(device)
+    apply_precision(wrapped, cfg.precision, device)  # as lopt train stores the weights
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
     stepper = Stepper(wrapped, cfg, device, cfg.max_steps)
