@@ -84,8 +84,14 @@ def train_precision(precision: str) -> str:
 
 def store_16bit(model: torch.nn.Module, precision: str) -> None:
     """The storage lopt train gives ``precision`` (issue 32): under bf16(-mixed) the frozen parameters in
-    bf16, under bf16-true every parameter. Idempotent, so it also holds where lopt train casts them
-    itself, and here it covers the emulated LISA and BAdam (frozen after wrapping)."""
+    bf16, under bf16-true every parameter: lopt.runtime.precision.apply_precision, called after the
+    emulated LISA and BAdam froze their layers; emulated the same way where lopt train does not take the
+    precision (``train_precision``)."""
+    if precision != "fp32" and train_precision(precision) == precision:
+        from lopt.runtime.precision import apply_precision
+
+        apply_precision(model, precision, "cpu")  # as lopt train stores it (its local heads stay fp32)
+        return
     for p in model.parameters():
         if (precision == "bf16-true" or (precision in ("bf16", "bf16-mixed") and not p.requires_grad)) \
                 and p.dtype == torch.float32:

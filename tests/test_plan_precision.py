@@ -22,6 +22,7 @@ CASES = {
     "freeze-lower": ("freeze-lower", {}),
     "lora --lora-r 4 --lora-target-modules q_proj v_proj": ("lora", {"lora_r": 4,
                                                                       "lora_target_modules": ["q_proj", "v_proj"]}),
+    "qlora --lora-r 4": ("qlora", {"lora_r": 4}),
 }
 BATCH = 4
 
@@ -46,11 +47,22 @@ def test_step_at_precision_against_a_real_step(name, precision):
     assert row.method == name
     wrapped, stepper, saved = run_step(cfg, method, precision, steps=1, warmup=1, batch=BATCH, **opts)
     params = list({id(p): p for p in wrapped.parameters()}.values())  # a tied matrix once
-    assert row.weights == sum(p.numel() * p.element_size() for p in params)
+    assert row.weights == stored_bytes(params)
     assert row.trainable_params == sum(p.numel() for p in params if p.requires_grad)
     assert row.saved_visible == pytest.approx(saved, rel=0.10)
     if not emulated:
         assert row.peak - row.weights - row.optimizer == pytest.approx(stepper.live_peak, rel=0.15)
+
+
+def stored_bytes(params: list[torch.Tensor]) -> int:
+    """Bytes of ``params`` as stored, a 4-bit weight's quantization state (absmax, codes, the second
+    level's absmax and offset) included; each storage once."""
+    tensors = list(params)
+    for p in params:
+        q = getattr(p, "quant_state", None)
+        if q is not None:
+            tensors += [q.absmax, q.code] + ([q.state2.absmax, q.state2.code, q.offset] if q.nested else [])
+    return sum({t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
 
 
 def test_bytes_per_precision_on_a_large_model():
@@ -62,7 +74,11 @@ def test_bytes_per_precision_on_a_large_model():
     n = 8_030_261_248
     fp32, true = row("fp32"), row("bf16-true")
     assert fp32.weights == 4 * n and true.weights == 2 * n
-    assert true.optimizer == 6 * n + 4 * 291 and fp32.optimizer == 8 * n + 4 * 291  # 291 tensors, a step each
+    # kahan (torch-optimi): two bf16 moments and a bf16 compensation buffer, the step in the group; fused
+    # AdamW: two fp32 moments and a step tensor for each of the 291 tensors
+    assert true.optimizer == 6 * n and fp32.optimizer == 8 * n + 4 * 291
+    plain = row("bf16-true", bf16_update="plain")
+    assert plain.optimizer == 4 * n + 4 * 291
     assert row("bf16").weights == row("bf16-mixed").weights == 4 * n  # everything trains: fp32 masters
     lora = row("bf16-mixed", "lora", method_options={"lora_r": 8, "lora_target_modules": ["q_proj", "v_proj"]})
     adapters = 32 * 8 * (4096 + 4096 + 4096 + 1024)
@@ -101,8 +117,14 @@ def test_nf4_bytes_are_bitsandbytes():
 def test_qlora_row():
     lora, qlora = plan("llama-3.1-8b", batch_size=2, max_length=2048, precision="bf16-true", methods=["lora", "qlora"],
                        gradient_checkpointing="all", method_options={"lora_r": 8})
-    assert qlora.trainable_params == lora.trainable_params
-    assert qlora.details["quantized_weights"] > 0 and qlora.weights < 0.45 * lora.weights
+    assert qlora.trainable_params == lora.trainable_params == 32 * 8 * (3 * (4096 + 14336) + 2 * 4096 + 2 * 1024
+                                                                         + 2 * (4096 + 4096))
+    # every decoder-layer linear map in NF4 (double quantization), the rest (embedding, norms, head) in bf16
+    linears = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert qlora.details["quantized_weights"] == pytest.approx(linears / 2 * (1 + 2 / 64 * 1.01), rel=1e-3)
+    assert qlora.weights - qlora.details["quantized_weights"] == 2 * (8_030_261_248 - linears + lora.trainable_params)
+    with pytest.raises(PlanError, match="computes in bf16"):
+        plan("llama-3.1-8b", batch_size=1, max_length=16, precision="fp32", methods=["qlora"])
 
 
 @pytest.mark.skipif(not TRAINS_BF16_TRUE, reason="lopt train does not take --precision bf16-true yet")

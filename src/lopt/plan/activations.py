@@ -481,19 +481,21 @@ def _ce_top(tr: Trace, spec: PhaseSpec, shape: LayerShape, batch: int, seq: int,
 
 
 def _recon_top(tr: Trace, shape: LayerShape, tokens: int, h: _T) -> None:
-    """``lopt.heads.ReconstructionHead`` and ``masked_mse``: in fp32 (autocast is off there), or in the
-    head's dtype (bf16-true)."""
+    """``lopt.heads.ReconstructionHead`` and ``masked_mse``, in fp32 (autocast is off there, and under
+    bf16-true the heads stay fp32: the head reads ``h.float()``)."""
     tr.owner, amp, tr.amp = "head", tr.amp, False
+    trained, tr.trained_bytes = tr.trained_bytes, 4
     width = shape.hidden
     bottleneck = max(1, width // 4)
+    h = h if h.itemsize == 4 else tr.tensor(h.numel, 4, h.grad)
     tr.save(h)  # layer_norm: input, mean, rstd
     tr.save(tr.tensor(tokens, 4, False))
     tr.save(tr.tensor(tokens, 4, False))
-    ln = tr.tensor(tokens * width, tr.trained_bytes, True)
+    ln = tr.tensor(tokens * width, 4, True)
     down = tr.linear(ln, tr.param(width * bottleneck, True), bottleneck)
     pred = tr.linear(tr.silu(down), tr.param(bottleneck * width, True), width)  # gelu saves its input, like silu
     diff = tr.tensor(pred.numel, 4, True)
     tr.save(diff)  # pow(2)
     tr.save(tr.tensor(tokens, 4, False))  # err * mask: the fp32 mask
     tr.save(tr.tensor(1, 4, False))  # / mask.sum(): the denominator
-    tr.amp = amp
+    tr.amp, tr.trained_bytes = amp, trained

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 from lopt.engine.anatomy import find_layers
 from lopt.engine.config import RECIPE_TASK_GRAD_EVERY, LoPTError
 from lopt.config import OPTIMIZERS
+from lopt.config import BF16_UPDATES, RecipeConfig
 from lopt.config import PRECISIONS as TRAIN_PRECISIONS
 from lopt.jsonout import json_help, write_json
 from lopt.methods import LoPTConfig, Trains, get_method, method_names
@@ -95,14 +96,17 @@ def precision_bytes(precision: str, device: str = "cuda") -> PrecisionBytes:
     return PRECISION_BYTES[name]
 
 
-# bf16-true: a bf16 AdamW needs a compensated update (plain bf16 AdamW loses most fine-tuning updates).
-# The state it keeps per trained element beyond the two bf16 moments: Kahan summation's bf16 compensation
-# buffer (torch-optimi's kahan_sum), 2 bytes; stochastic rounding (torchao) keeps none.
-BF16_TRUE_STATE_BYTES = 2
-# 4-bit NF4 bases (bitsandbytes' Linear4bit, as transformers' BitsAndBytesConfig quantizes them for
-# QLoRA): two weights a byte, an absmax per block of 64 (fp32, or 8-bit plus an fp32 absmax per 256
-# blocks and a 256-entry fp32 code under double quantization) and a 16-entry fp32 NF4 code per tensor.
-QUANTIZED_METHODS = ("qlora",)
+# bf16-true's AdamW state (lopt.runtime.loop.make_optimizer, --bf16-update), as (bytes per element, bytes
+# per tensor) for a bf16 and for an fp32 parameter (the local reconstruction heads stay fp32): kahan is
+# torch-optimi's AdamW (two moments and a Kahan compensation buffer in the weight's dtype, the step count
+# in the group: measured with torch-optimi 0.3.3), stochastic-round torchao's AdamW (two moments and a step
+# tensor), plain PyTorch's fused AdamW (two moments and an fp32 step tensor).
+BF16_UPDATE_STATE = {"kahan": ((6, 0), (8, 0)), "stochastic-round": ((4, 4), (8, 4)), "plain": ((4, 4), (8, 4))}
+BF16_TRUE_STATE_BYTES = 2  # kahan's compensation buffer per bf16 weight, beyond the two moments
+DEFAULT_BF16_UPDATE = next(f.default for f in dataclasses.fields(RecipeConfig) if f.name == "bf16_update")
+# 4-bit NF4 bases (bitsandbytes' Params4bit, as lopt.methods.qlora quantizes every decoder-layer linear
+# map): two weights a byte, an absmax per block of 64 (fp32, or under double quantization 8-bit plus an
+# fp32 absmax per 256 blocks, a 256-entry fp32 code and an offset) and a 16-entry fp32 NF4 code per tensor.
 NF4_BLOCK = 64
 SCOPES = ("off", "all", "last-block", "lower-blocks")
 CE_CHUNK = 1024  # LoPTConfig.ce_chunk_size
@@ -328,6 +332,7 @@ class RowSpec:
     optimizer_in_backward: bool = False
     options: tuple[tuple[str, Any], ...] = ()
     precision: str = "fp32"
+    bf16_update: str = DEFAULT_BF16_UPDATE
 
     def keeps_tied(self, model_tied: bool) -> bool:
         """Whether the LM head stays tied to the embedding (a boundary unties it unless told not to)."""
@@ -427,6 +432,8 @@ class MethodSetup:
     hidden_bytes: int = 4  # bytes per element of the hidden states (the residual stream)
     final_bytes: int = 4  # of the final norm's output (what the loss reads)
     dequant_tmp: int = 0  # a 4-bit base: the largest weight dequantized to bf16 in the backward
+    bf16_update: str = DEFAULT_BF16_UPDATE
+    fp32_sizes: list[int] = field(default_factory=list)  # trained tensors kept fp32 under bf16-true (local heads)
 
     @property
     def weights(self) -> int:
@@ -532,8 +539,8 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
     emb_stored_trained = t.embedding or (counts.tied and keep_tied and t.head)
     stream = pb.trained if emb_stored_trained else pb.frozen
     final_b = 4 if pb.amp and t.final_norm else stream
-    quant = method in QUANTIZED_METHODS
-    double_quant = bool(getattr(config, "qlora_double_quant", False))
+    quant = getattr(t, "base_bits", 16) == 4  # qlora: every decoder-layer linear map in NF4
+    double_quant = True  # lopt's qlora quantizes the quantization constants again (lopt.methods.qlora)
     qlin = [m for layer in counts.layer_linears for m in layer] if quant else []
 
     def ce(idx: range, emb: bool, forced: dict[int, str] | None = None) -> PhaseSpec:
@@ -547,10 +554,11 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
         frozen = resident - sum(all_s)
         q = sum(nf4_bytes(i * o, double_quant) for _, i, o in qlin)
         frozen -= sum(i * o for _, i, o in qlin)
-        weight_bytes = pb.trained * sum(all_s) + pb.frozen * frozen + q
+        weight_bytes = pb.trained * sum(all_s) + pb.frozen * frozen + q + (4 - pb.trained) * sum(extra_s)
         return MethodSetup(name, resident, sum(all_s), len(all_s), phases, all_s, last_s, precision=pb.name,
                            weight_bytes=weight_bytes, quantized=q, hidden_bytes=stream, final_bytes=final_b,
-                           dequant_tmp=2 * max((i * o for _, i, o in qlin), default=0))
+                           dequant_tmp=2 * max((i * o for _, i, o in qlin), default=0), bf16_update=spec.bf16_update,
+                           fp32_sizes=list(extra_s) if pb.name == "bf16-true" else [])
 
     if not boundary:
         emb_grads = emb_g if t.embedding else 0
@@ -591,7 +599,7 @@ def method_setup(method: str, counts: ParamCounts, *, num_blocks: int = 2, check
             emb = i == 0 and emb_trained
             phases.append(Phase(PhaseSpec(modes(range(s, e)), embedding_trained=emb, top="recon",
                                           trained_bytes=pb.trained, frozen_bytes=pb.frozen, stream_bytes=stream),
-                                layer_grads(range(s, e)), top_grads=gb * rh, base_grads=emb_g if emb else 0,
+                                layer_grads(range(s, e)), top_grads=4 * rh, base_grads=emb_g if emb else 0,
                                 label=f"block {i}", **grad_flags(range(s, e), n)))
     phases.append(upper)
     if t.local_heads and spec.lower_every > 1:  # the steps in between run the lower blocks without a graph
@@ -764,7 +772,7 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
          headroom: int = DEFAULT_HEADROOM, task_grad_every: int | None = None, tied_head: bool | None = None,
          lower_every: int | None = None, optimizer: str | None = None, optimizer_in_backward: bool | None = None,
          max_batch: bool = False, global_batch_size: int | None = None, device: str = "cuda",
-         method_options: dict[str, Any] | None = None) -> list[PlanRow]:
+         method_options: dict[str, Any] | None = None, bf16_update: str = DEFAULT_BF16_UPDATE) -> list[PlanRow]:
     """Predict the memory of one training step for each training configuration x checkpointing scope.
 
     ``config_or_model_source``: an alias (``qwen2.5-7b``; see ``aliases()``), a checkpoint directory,
@@ -777,7 +785,8 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
     ``optimizer_in_backward``: lopt train's options, applied to every row they apply to (given: no
     variant rows for it). ``method_options``: the methods' own options (``lora_r``,
     ``lora_target_modules``, ``lisa_layers``, ``badam_block_size``, ...), each applied to the methods that
-    declare it. ``precision``: fp32, bf16-mixed (alias bf16), bf16-true or auto (see ``PRECISION_BYTES``).
+    declare it. ``precision``: fp32, bf16-mixed (alias bf16), bf16-true or auto (see ``PRECISION_BYTES``);
+    ``bf16_update``: bf16-true's AdamW update (kahan, stochastic-round, plain; ``BF16_UPDATE_STATE``).
     ``gradient_checkpointing`` / ``selective_checkpointing``: a scope (off, all, last-block,
     lower-blocks) to plan only that; by default each method is shown without checkpointing and with
     full and selective checkpointing of all layers (LoPT: of its last block too).
@@ -808,7 +817,8 @@ def plan(config_or_model_source: Any = None, *, batch_size: int, max_length: int
     amp = pb.amp
     specs = row_specs(methods, counts.tied, num_blocks=num_blocks, task_grad_every=task_grad_every,
                       tied_head=tied_head, lower_every=lower_every, optimizer=optimizer,
-                      optimizer_in_backward=optimizer_in_backward, precision=pb.name, method_options=method_options)
+                      optimizer_in_backward=optimizer_in_backward, precision=pb.name, method_options=method_options,
+                      bf16_update=bf16_update)
     rows = []
     for spec, variant in specs:
         scopes = _scopes(spec.method, gradient_checkpointing, selective_checkpointing)
@@ -939,7 +949,8 @@ def check_architecture(text: Any, max_length: int | None = None) -> None:
 def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: int = 2,
               task_grad_every: int | None = None, tied_head: bool | None = None, lower_every: int | None = None,
               optimizer: str | None = None, optimizer_in_backward: bool | None = None, precision: str = "fp32",
-              method_options: dict[str, Any] | None = None) -> list[tuple[RowSpec, bool]]:
+              method_options: dict[str, Any] | None = None, bf16_update: str = DEFAULT_BF16_UPDATE
+              ) -> list[tuple[RowSpec, bool]]:
     """The training configurations to plan, as (spec, variant): a variant row (an option's effect on a
     method shown once) is planned without checkpointing only. See ``plan``."""
     names = list(methods or DEFAULT_METHODS + tuple(m for m in EXTRA_METHODS if m in method_names()))
@@ -950,9 +961,21 @@ def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: in
         raise PlanError(f"unknown method option {unknown[0]!r}: the methods declare {', '.join(sorted(declared))}")
     if optimizer is not None and optimizer not in OPTIMIZERS:
         raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if bf16_update not in BF16_UPDATES:
+        raise PlanError(f"bf16_update must be one of {', '.join(BF16_UPDATES)}, got {bf16_update!r}")
+    # lopt train refuses an 8-bit optimizer under bf16-true with a compensated update (it has none)
+    no_8bit = precision == "bf16-true" and bf16_update != "plain"
+    if optimizer not in (None, "adamw") and no_8bit:
+        raise PlanError(f"--optimizer {optimizer} under --precision bf16-true has no compensated update: lopt train "
+                        f"takes it with --bf16-update plain only (or use --optimizer adamw)")
     out: list[tuple[RowSpec, bool]] = []
     for name in names:
         method, k = parse_method(name, num_blocks)
+        if getattr(get_method(method), "bf16_only", False) and not precision.startswith("bf16"):
+            if methods is None:
+                continue  # the full table at fp32: lopt train refuses qlora there
+            raise PlanError(f"--method {method} computes in bf16 (its 4-bit base): plan --precision bf16-true (bf16 "
+                            f"adapters) or bf16-mixed (fp32 adapter masters), not {precision}")
         fields_ = _option_fields(method)
         options = tuple((f, tuple(v) if isinstance(v, list) else v) for f, v in given.items() if f in fields_)
         boundary = get_method(method).boundary
@@ -965,7 +988,8 @@ def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: in
         # --lower-every: the paper's rows in the full table; any lopt row asked for by name (lopt train
         # refuses it under --task-grad-every without a local loss, and so does the plan)
         le = lower_every if lower_every is not None and method == "lopt" and (methods or not tg) else 1
-        spec = RowSpec(method, k, tg, tied, le, optimizer or "adamw", bool(optimizer_in_backward), options, precision)
+        spec = RowSpec(method, k, tg, tied, le, optimizer or "adamw", bool(optimizer_in_backward), options, precision,
+                       bf16_update)
         spec.check(model_tied)
         out.append((spec, False))
     if methods is not None:
@@ -978,7 +1002,7 @@ def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: in
         if spec is first_k and lower_every is None:
             variants.append((dataclasses.replace(spec, lower_every=2), True))
     for spec, _ in out:
-        if optimizer is None:
+        if optimizer is None and not no_8bit:
             variants.append((dataclasses.replace(spec, optimizer="adamw-8bit"), True))
         if optimizer_in_backward is None:
             variants.append((dataclasses.replace(spec, optimizer_in_backward=True), True))
@@ -986,8 +1010,9 @@ def row_specs(methods: Sequence[str] | None, model_tied: bool, *, num_blocks: in
 
 
 def _option_fields(method: str) -> tuple[str, ...]:
-    """The fields of ``method``'s own options dataclass (lora_r, lisa_layers, ...)."""
-    cls = get_method(method).options
+    """The fields of ``method``'s own options dataclass (lora_r, lisa_layers, ...; a method without one of
+    its own, qlora, takes the class it derives from's)."""
+    cls = next((k.options for k in get_method(method).__mro__ if getattr(k, "options", None) is not None), None)
     return tuple(f.name for f in dataclasses.fields(cls)) if cls is not None else ()
 
 
@@ -1015,9 +1040,13 @@ def optimizer_bytes(setup: MethodSetup, optimizer: str = "adamw", in_backward: b
     ``in_backward`` every last-block tensor has an optimizer of its own)."""
     sizes = setup.trainable_sizes or [setup.trainable // max(1, setup.trainable_tensors)] * setup.trainable_tensors
     if optimizer == "adamw":
-        # bf16-true: two bf16 moments and the compensated update's buffer (BF16_TRUE_STATE_BYTES)
-        per = 4 + BF16_TRUE_STATE_BYTES if setup.precision == "bf16-true" else 8
-        return sum(per * n + 4 for n in sizes)
+        if setup.precision != "bf16-true":
+            return sum(8 * n + 4 for n in sizes)
+        (per16, each16), (per32, each32) = BF16_UPDATE_STATE[setup.bf16_update]
+        fp32 = Counter(setup.fp32_sizes)
+        bf16 = Counter(sizes) - fp32
+        return (sum((per16 * n + each16) * c for n, c in bf16.items())
+                + sum((per32 * n + each32) * c for n, c in fp32.items()))
     big = BNB_MIN_8BIT_SIZE
     total = sum(2 * n + 8 * -(-n // BNB_BLOCK) if n >= big else 8 * n for n in sizes)
     own = Counter(setup.last_block_sizes) if in_backward else Counter()
@@ -1195,8 +1224,9 @@ def _add_option_flag(p: argparse.ArgumentParser, name: str) -> None:
         shown = " ".join(default) if isinstance(default, list) else default
         kw: dict[str, Any] = {k: meta[k] for k in ("choices", "nargs", "metavar") if k in meta}
         kw["type"] = meta.get("type", type(default) if default is not None and not isinstance(default, list) else str)
+        users = "/".join(m for m in method_names() if name in _option_fields(m))
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                       help=f"--method {method}: {meta.get('help', '')} (default: {shown})", **kw)
+                       help=f"--method {users}: {meta.get('help', '')} (default: {shown})", **kw)
         return
     raise PlanError(f"no method declares the option {name!r}")
 
@@ -1231,6 +1261,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer-in-backward", action=argparse.BooleanOptionalAction, default=None,
                    help="plan with (or without) the last block stepped inside the backward (default: without, and "
                         "one row per method with)")
+    f = next(f for f in dataclasses.fields(RecipeConfig) if f.name == "bf16_update")
+    p.add_argument("--bf16-update", choices=BF16_UPDATES, default=f.default,
+                   help=f"{f.metadata.get('help', '')} (default: {f.default})")
     for name in PLAN_METHOD_OPTIONS:
         _add_option_flag(p, name)
     p.add_argument("--gradient-checkpointing", choices=SCOPES, default=None,
@@ -1259,7 +1292,8 @@ def run_plan_cli(ns: argparse.Namespace) -> int:
                 headroom=parse_size(ns.headroom), task_grad_every=ns.task_grad_every, tied_head=ns.tied_head,
                 lower_every=ns.lower_every, optimizer=ns.optimizer, optimizer_in_backward=ns.optimizer_in_backward,
                 max_batch=getattr(ns, "max_batch", False), global_batch_size=getattr(ns, "global_batch_size", None),
-                device=getattr(ns, "device", "cuda"), method_options=namespace_method_options(ns))
+                device=getattr(ns, "device", "cuda"), method_options=namespace_method_options(ns),
+                bf16_update=getattr(ns, "bf16_update", DEFAULT_BF16_UPDATE))
     out = sys.stderr if ns.json == "-" else sys.stdout  # `--json -`: stdout holds the JSON only
     if ns.json:
         where = write_json(ns.json, {
@@ -1294,8 +1328,8 @@ def precision_note(pb: PrecisionBytes) -> str:
     if pb.name == "bf16-mixed":
         return ("bf16-mixed: autocast; fp32 master weights, gradients and AdamW state for what trains, frozen "
                 "weights in bf16 (a qlora base in 4-bit NF4)")
-    return (f"bf16-true: weights, gradients and optimizer state in bf16 (AdamW: two bf16 moments plus "
-            f"{BF16_TRUE_STATE_BYTES} bytes of compensation per trained weight; a qlora base in 4-bit NF4)")
+    return ("bf16-true: weights, gradients and optimizer state in bf16 (AdamW's state as --bf16-update keeps it: "
+            "kahan adds a bf16 compensation buffer per weight; the local heads stay fp32; a qlora base in 4-bit NF4)")
 
 
 def allowance_note(headroom: str | int, gpu_memory: str | None) -> str:
