@@ -14,6 +14,7 @@ class LivePeak:
     yet freed during the block, above what was alive when it started."""
 
     peak: int = 0
+    missed_frees: int = 0  # blocks whose free the profiler did not record (see ``live_bytes``)
 
 
 @contextmanager
@@ -36,16 +37,24 @@ def live_bytes() -> Iterator[LivePeak]:
             walk(e.children)
 
     walk(prof.profiler.kineto_results.experimental_event_tree())
+    # The profiler records a free only on a thread it profiles: a block whose last reference a
+    # process-group worker thread drops (gloo's, holding a collective's tensors) is freed unseen. The
+    # allocator hands out an address again only once it is free, so an allocation at an address still
+    # counted live closes the earlier block there; ``missed_frees`` counts them (a caller that needs
+    # exact figures measures again, or makes such frees happen on its own thread).
     sizes: dict[int, int] = {}
-    live = peak = 0
+    live = peak = missed = 0
     for _, ptr, size in sorted(allocs, key=lambda a: a[0]):
         if size > 0:
+            if ptr in sizes:
+                live -= sizes.pop(ptr)
+                missed += 1
             sizes[ptr] = size
             live += size
         else:
             live -= sizes.pop(ptr, -size)
         peak = max(peak, live)
-    out.peak = peak
+    out.peak, out.missed_frees = peak, missed
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ def test_ddp_per_rank(measured, s, c):
         assert m["resident"] == pytest.approx(row.weights + row.optimizer, rel=0.01)
         assert row.saved_visible == pytest.approx(m["saved"], rel=0.10)
         # the whole-step peak: resident state plus the live peak above it
+        assert m["missed_frees"] == 0
         assert row.peak == pytest.approx(m["resident"] + m["live"], rel=0.15)
         assert row.peak - row.weights - row.optimizer == pytest.approx(m["live"], rel=0.15)
 
@@ -78,10 +79,9 @@ def test_fsdp_per_rank(measured, s, c):
         m = rank[f"{s}/{c}/fsdp"]
         assert m["resident"] == pytest.approx(row.weights + row.optimizer, rel=0.01)  # 1/N shards
         assert row.saved_visible == pytest.approx(m["saved"], rel=0.10)
-        # The step's live peak under gloo on CPU varies from run to run (when the unsharded units'
-        # memory is released depends on gloo's worker threads; docs/plan-validation.md), so only
-        # a loose band is checked here: the model of the step is checked on CUDA (tests/test_cuda.py).
-        assert 0.5 < row.peak / (m["resident"] + m["live"]) < 1.5
+        assert m["missed_frees"] == 0  # every free seen (plan_dist_worker.settle_collectives)
+        # the whole-step peak: sharded state plus the live peak above it (unsharded units, buffers)
+        assert row.peak == pytest.approx(m["resident"] + m["live"], rel=0.15)
 
 
 def test_per_rank_arithmetic():
@@ -92,7 +92,9 @@ def test_per_rank_arithmetic():
                         gradient_checkpointing="off")[0]
     fsdp = plan_parallel(cfg, nproc=4, parallel="fsdp", batch_size=B, max_length=T, methods=["e2e"],
                          gradient_checkpointing="off")[0]
-    assert ddp.weights == one.weights and ddp.peak > one.peak and ddp.details["global_batch"] == 4 * B
+    # a full replica, plus the gradient-sync buffer (which raises the peak only where the sync point is it)
+    assert ddp.weights == one.weights and ddp.peak >= one.peak and ddp.details["comm"] > 0
+    assert ddp.details["global_batch"] == 4 * B
     assert fsdp.weights * 4 == pytest.approx(one.weights, rel=0.01) and fsdp.activations == one.activations
     stages = plan_parallel(cfg, nproc=2, parallel="pipeline", batch_size=B, max_length=T, gradient_checkpointing="off")
     assert [r.details["rank"] for r in stages] == [0, 1] and stages[0].details["global_batch"] == B

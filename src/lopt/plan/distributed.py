@@ -214,12 +214,14 @@ def _walk_rank(setup: MethodSetup, counts: Any, shape: LayerShape, n: int, batch
         return 2 * g + _shard(g, n) if fsdp else g
 
     live = grads = max_grads = comm_at = 0
-    start = 0
+    start, n_layers = 0, len(counts.layers)
     for ph in setup.phases:
-        if start + len(ph.spec.layers) > len(counts.layers):
-            start = 0  # the next step of a --task-grad-every cycle
-        layers = list(range(start, start + len(ph.spec.layers)))
-        start += len(ph.spec.layers)
+        # Which layers the phase runs: a lower block's (recon) the next ones up; a phase with the task
+        # loss (ce) the top ones (the open step every layer, a closed or idle step the last block).
+        width = len(ph.spec.layers)
+        first = start if ph.spec.top == "recon" else n_layers - width
+        layers = list(range(first, first + width))
+        start = 0 if ph.spec.top == "ce" else first + width
         mem = phase_memory(ph.spec, shape, batch, seq, counts.vocab, amp=amp)
         ce = ph.spec.top == "ce"
         biggest = max([unit[i] for i in layers] + [top_w if ce else 0, emb_w])
@@ -232,7 +234,9 @@ def _walk_rank(setup: MethodSetup, counts: Any, shape: LayerShape, n: int, batch
         grads += _shard(top_g, k)
         for j in reversed(range(len(layers))):
             i, layer, g = layers[j], mem.layers[j], ph.layer_grads[j]
-            prefetch = unit[layers[j - 1]] if j > 0 else emb_w
+            # FSDP2 prefetches the unit that ran just before in the forward, whether or not its backward
+            # comes (a boundary's: the lower block's top layer, or the embedding below layer 0).
+            prefetch = unit[i - 1] if i > 0 else emb_w
             rebuilt = layer.rebuilt + bwd_tmp if (g or layer.held) else 0
             point = held + grads + unit[i] + prefetch + max(g + rebuilt, reduce(g))
             if point > live:
