@@ -123,7 +123,8 @@ def plan_rl(recipe: str, config_or_model_source: Any = None, *, batch_size: int 
             methods: Sequence[str] | None = None, num_blocks: int = 2, gradient_checkpointing: str | None = None,
             selective_checkpointing: str | None = None, task_grad_every: int | None = None,
             tied_head: bool | None = None, logprobs: str = "chunked", device: str = "cuda",
-            gpu_memory: str | int | None = None, headroom: int = DEFAULT_HEADROOM) -> list[PlanRow]:
+            gpu_memory: str | int | None = None, headroom: int = DEFAULT_HEADROOM,
+            generation_rows: int | None = None) -> list[PlanRow]:
     """Rows for one ``lopt grpo`` or ``lopt dpo`` step per method (see the module's docstring).
 
     GRPO: ``batch_size`` completions per step (default ``num_generations``: one prompt's group), each
@@ -133,7 +134,9 @@ def plan_rl(recipe: str, config_or_model_source: Any = None, *, batch_size: int 
     default (GRPO 0.04, DPO 0.1). ``device``: "cuda" (TRL's Triton kernel scores only the labelled
     positions) or "cpu" (every position, through fp32 temporaries). Each row's ``details`` holds the
     step's parts (``reference``, ``kv_cache``, ``generation``, ``reference_pass``, ``logprobs``,
-    ``optimizer_step``, ``where``: the part of the step where the peak falls)."""
+    ``optimizer_step``, ``where``: the part of the step where the peak falls). ``generation_rows``
+    (GRPO): completions generated at once, ``batch_size`` x TRL's ``steps_per_generation`` (default
+    ``batch_size``: one micro-batch per generation round)."""
     if recipe == "grpo":
         num_generations = GRPO_DEFAULTS["num_generations"] if num_generations is None else num_generations
         beta = GRPO_DEFAULTS["beta"] if beta is None else beta
@@ -158,8 +161,11 @@ def plan_rl(recipe: str, config_or_model_source: Any = None, *, batch_size: int 
         if scope is not None and scope not in SCOPES:
             raise PlanError(f"{name} scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if recipe == "grpo":
+        gen_rows = batch_size if generation_rows is None else generation_rows
+        if not isinstance(gen_rows, int) or gen_rows < batch_size or gen_rows % batch_size:
+            raise PlanError(f"generation rows must be a multiple of the batch size {batch_size}, got {gen_rows}")
         steps = RLShape(rows=batch_size, seq=prompt_length + completion_length, completion=completion_length,
-                        gen_rows=batch_size, gen_seq=prompt_length + completion_length, prompt=prompt_length)
+                        gen_rows=gen_rows, gen_seq=prompt_length + completion_length, prompt=prompt_length)
     else:
         steps = RLShape(rows=2 * batch_size, seq=max_length, completion=max_length - prompt_length,
                         prompt=prompt_length)
@@ -206,6 +212,110 @@ def plan_rl(recipe: str, config_or_model_source: Any = None, *, batch_size: int 
 
 
 _POINTS = ("generation", "reference_pass", "forward", "backward", "optimizer_step")
+
+
+def resolve_batch_size(cfg: Any, recipe: str, device: Any = None, model_config: Any = None) -> None:
+    """``lopt grpo|dpo --batch-size auto``: set ``cfg.batch_size`` and ``cfg.grad_accum`` to the largest
+    step ``plan_rl`` predicts to fit the device's free memory (GPU free memory; on CPU the available RAM,
+    ``planner.device_memory``), or with ``cfg.global_batch_size`` G to the batch x accumulation = G with
+    the fewest accumulation steps that fits; say so on stderr. Does nothing for a numeric batch.
+
+    GRPO: the batch counts completions and stays a multiple of ``num_generations`` (whole groups, as
+    TRL requires); the generation round makes batch x (``steps_per_generation``, default the
+    accumulation) completions at once, which the plan counts. Called by the recipes before
+    ``cfg.validate()``; every other option is validated first (one-line LoPTError)."""
+    import dataclasses
+    import os
+
+    import torch
+
+    from lopt.engine.config import LoPTError
+    from lopt.plan.planner import device_memory, load_config
+
+    if cfg.batch_size != "auto":
+        return
+    if cfg.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LoPTError(f"--batch-size auto plans one process's device for a new run: give lopt {recipe} a number "
+                        "under torchrun, and none with --resume (the run recorded its batch)")
+    unit = cfg.num_generations if recipe == "grpo" else 1
+    global_batch = cfg.global_batch_size
+    if global_batch is not None and (not isinstance(global_batch, int) or global_batch < 1):
+        raise LoPTError(f"--global-batch-size must be >= 1, got {global_batch}")
+    if global_batch is None and cfg.grad_accum != 1:
+        raise LoPTError("--batch-size auto chooses the gradient accumulation too: give --global-batch-size G "
+                        f"(examples per step) instead of --grad-accum {cfg.grad_accum}")
+    # Every other option as a numeric batch would have it (bad ones fail here, before any planning).
+    dataclasses.replace(cfg, batch_size=unit if isinstance(unit, int) and unit > 0 else 1, global_batch_size=None,
+                        grad_accum=1).validate()
+    if global_batch is not None and global_batch % unit:
+        raise LoPTError(f"--global-batch-size {global_batch} is not a multiple of --num-generations {unit}: a GRPO "
+                        f"step holds whole groups of completions")
+    if recipe == "grpo" and cfg.max_prompt_length is None:
+        raise LoPTError("--batch-size auto plans prompts of --max-prompt-length tokens at most: give one")
+    if recipe == "dpo" and cfg.max_length is None:
+        raise LoPTError("--batch-size auto plans pairs of --max-length tokens at most: give one")
+    if device is None:
+        from lopt.runtime.loop import resolve_device
+
+        device = resolve_device(cfg.device)
+    device = torch.device(device)
+    try:
+        if model_config is None:
+            model_config = load_config(cfg.model)
+        free, headroom, where = device_memory(device)
+    except PlanError as e:
+        raise LoPTError(str(e)) from e
+    precision = "fp32" if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda") else "bf16"
+    options = dict(methods=[cfg.method], num_blocks=cfg.num_blocks, beta=cfg.beta, precision=precision,
+                   gradient_checkpointing=cfg.gradient_checkpointing,
+                   selective_checkpointing=cfg.selective_checkpointing,
+                   task_grad_every=cfg.task_grad_every if cfg.method == "lopt" else None, tied_head=cfg.tied_head,
+                   device="cuda" if device.type == "cuda" else "cpu")
+    if recipe == "grpo":
+        options.update(num_generations=cfg.num_generations, prompt_length=cfg.max_prompt_length,
+                       completion_length=cfg.max_completion_length)
+    else:
+        options.update(max_length=cfg.max_length)
+
+    def peak(batch: int, accum: int) -> PlanRow:
+        gen = batch * (getattr(cfg, "steps_per_generation", None) or accum) if recipe == "grpo" else None
+        return plan_rl(recipe, model_config, batch_size=batch, generation_rows=gen, **options)[0]
+
+    def fits(batch: int, accum: int = 1) -> bool:
+        return peak(batch, accum).peak + headroom <= free
+
+    # The largest fitting batch (in whole groups): doubling, then halving the gap (the peak grows with it).
+    k = 0
+    if fits(unit):
+        k, hi = 1, 2
+        while fits(unit * hi) and hi < 1 << 20:
+            k, hi = hi, hi * 2
+        while hi - k > 1:
+            mid = (k + hi) // 2
+            k, hi = (mid, hi) if fits(unit * mid) else (k, mid)
+    largest = unit * k
+    one = peak(unit, 1)
+    what = f"{one.method}" + ("" if one.checkpointing == "-" else f", checkpointing {one.checkpointing}")
+    step = (f"{cfg.max_prompt_length} + {cfg.max_completion_length} tokens per completion" if recipe == "grpo"
+            else f"pairs of {cfg.max_length} tokens")
+    if not largest:
+        raise LoPTError(f"--batch-size auto: a {recipe} step of {what} does not fit even {unit} "
+                        f"{'completions' if recipe == 'grpo' else 'pair'} of {step} in {where} (peak "
+                        f"{format_size(one.peak)} + {format_size(headroom)} kept free)")
+    if global_batch is None:
+        batch, accum = largest, 1
+    else:  # the fewest accumulation steps whose batch (whole groups) fits
+        choice = next(((global_batch // a, a) for a in range(1, global_batch + 1)
+                       if global_batch % a == 0 and (global_batch // a) % unit == 0 and global_batch // a <= largest
+                       and fits(global_batch // a, a)), None)
+        if choice is None:
+            raise LoPTError(f"--batch-size auto: no batch x accumulation = --global-batch-size {global_batch} fits a "
+                            f"{recipe} step of {what} in {where}")
+        batch, accum = choice
+    cfg.batch_size, cfg.grad_accum, cfg.global_batch_size = batch, accum, None
+    print(f"lopt {recipe}: --batch-size auto: {batch}" + (f" x --grad-accum {accum}" if accum > 1 else "")
+          + f" ({what}, {step}, {precision}: lopt plan's largest {recipe} batch is {largest} in {where}, "
+          f"{format_size(headroom)} kept free)", file=sys.stderr)
 
 
 def _command(recipe: str, train: str, batch: int, gens: int | None, beta: float, prompt: int | None,
