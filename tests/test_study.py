@@ -181,41 +181,6 @@ def test_the_goal_falls_back_to_retention_kl_when_e2e_lost_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_study_runs_the_whole_pipeline_and_resumes(shared_data, tmp_path, monkeypatch):
-    model = save_tiny(tmp_path / "tiny")
-    monkeypatch.setenv("LOPT_EXPERIMENT_RUNS", str(tmp_path / "runs"))
-    out = tmp_path / "out"
-    run_study(out, quick=True, model=str(model), data_dir=shared_data, progress=False)
-    rec = Records(out / "results")
-    b = plan.QUICK
-    for lr in b.sweep_lrs:
-        assert rec.read(f"sweep/e2e-lr{lr:g}")["val"]["loss"] > 0
-    base = rec.read("base/eval")["eval"]
-    assert abs(base["retention_kl"]["kl"]) < 1e-6
-    assert {k: t["n"] for k, t in base["retention"]["tasks"].items()} == dict.fromkeys(
-        ("arc-easy", "arc-challenge", "piqa", "winogrande", "lambada"), b.retention_rows)
-    for run, name, _ in plan.runs(list(plan.QUICK_CONFIGS), b):
-        train = rec.read(f"{run}/train")
-        assert train["summary"]["steps"] == b.steps and train["command"].startswith("lopt train")
-        ev = rec.read(f"{run}/eval")["eval"]
-        assert ev["retention_kl"]["kl"] > 0 and len(ev["task_loss"]["items"]) == b.eval_questions
-        for step in b.curve_steps:
-            point = rec.read(f"{run}/curve-{step}")
-            assert point["step"] == step
-            assert {t["n"] for t in point["eval"]["retention"]["tasks"].values()} == {b.curve_retention_rows}
-    assert {r["name"] for r in rec.read("bench")["rows"]} == set(plan.QUICK_CONFIGS)
-    text = (out / "RESULTS.md").read_text()
-    assert "Partial report" not in text and "## Forgetting curves" in text and "## Wall time" in text
-    for png in ("curves.png", "loss-vs-retention.png", "memory-vs-speed.png", "drift.png"):
-        assert (out / "results" / png).stat().st_size > 1000
-    assert not (tmp_path / "runs" / "e2e").exists()  # records are kept, weights are not
-    # a second call finds every record and redoes nothing
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json") if p.name != "meta.json"}
-    run_study(out, quick=True, model=str(model), data_dir=shared_data, progress=False)
-    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json") if p.name != "meta.json"} == stamps
-
-
-@pytest.mark.slow
 def test_a_killed_run_continues_from_its_checkpoint(shared_data, tmp_path, monkeypatch):
     """A run whose training was interrupted after a checkpoint continues from it: the record says so and
     the curve point at that step is still measured."""
@@ -311,3 +276,55 @@ def test_which_method_when_follows_its_rules_with_evidence_and_seed_noise():
     assert "Seed noise: not measured" in which_method_when([RunResult("lopt", "c", 1.0, 0.2),
                                                             RunResult("e2e", "d", 1.1, 0.1)], {})[0].noise
     assert which_method_when([], {})[0].method is None
+
+
+def _study_args(model: Path, out: Path, data: Path) -> list[str]:
+    return ["study", "--model", str(model), "--dataset", "arithmetic", "--methods", "e2e", "lopt", "--steps", "2",
+            "--batch-size", "2", "--max-length", "128", "--val-size", "3", "--eval-limit", "3", "--lr-factors", "1",
+            "10", "--retention-prompts", "2", "--retention-new-tokens", "4", "--retention-suite", "arc-easy",
+            "--limit", "2", "--data-dir", str(data), "--bench-steps", "1", "--eval-batch-size", "4",
+            "--output-dir", str(out), "--no-progress"]
+
+
+def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data, tmp_path, capsys):
+    """lopt study on a tiny model: bench, base, sweep, runs at two rates, evaluation, report, plot; a
+    second call runs nothing; a missing piece is the only one redone; --dry-run prints the plan."""
+    from lopt.cli import build_parser, config_from_args, main
+    from lopt.recipes.study.command import Study, StudyOptions, run_study
+
+    model, out = save_tiny(tmp_path / "tiny"), tmp_path / "study"
+    args = _study_args(model, out, shared_data)
+    assert main(args) == 0
+    assert "(14 pieces run now)" in capsys.readouterr().out  # bench, base, 2 x 2 sweep points, 4 runs x (train, eval)
+    s = json.loads((out / "study.json").read_text())
+    assert [(r["method"], r["lr"]) for r in s["runs"]] == [
+        ("e2e", s["meta"]["best"]["e2e"]), ("e2e", round(0.3 * s["meta"]["best"]["e2e"], 8)),
+        ("lopt", s["meta"]["best"]["lopt"]), ("lopt", round(0.3 * s["meta"]["best"]["lopt"], 8))]
+    for r in s["runs"]:
+        assert r["loss"] > 0 and r["kl"] > 0 and r["drop"] is not None and 0 < r["cos_at_boundary"] <= 1
+        assert r["command"].startswith(f"lopt train --method {r['method']} ")
+    assert s["runs"][2]["boundary"] == 2  # lopt's boundary at the midpoint of the 4 layers
+    assert s["reference_loss"] == min(r["loss"] for r in s["runs"] if r["method"] == "e2e")
+    assert s["matched"]["e2e"]["1"]["reached"] and s["matched"]["e2e"]["1"]["kl"] == pytest.approx(
+        min((r for r in s["runs"] if r["method"] == "e2e"), key=lambda r: r["loss"])["kl"])
+    assert {r["name"] for r in s["meta"] and json.loads((out / "results" / "bench.json").read_text())["rows"]} == {
+        "e2e", "lopt"}
+    text = (out / "RESULTS.md").read_text()
+    for section in ("## Which method when", "## Retention at matched task skill", "## Cost: `lopt bench`",
+                    "- Lowest loss: **", "KL at 1.02x"):
+        assert section in text
+    assert "Partial report" not in text and (out / "loss-vs-retention.png").stat().st_size > 1000
+    assert not (out / "models" / "e2e-lr0.001").exists()  # records are kept, weights are not
+    # Again: every piece is recorded, nothing runs.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json") if p.name != "meta.json"}
+    opts = config_from_args(build_parser().parse_args(args), StudyOptions, command="study")
+    assert run_study(Study(opts)) == []
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json") if p.name != "meta.json"} == stamps
+    # A missing piece (a sweep point) is the only one redone.
+    (out / "results" / "sweep" / "lopt-lr0.0001.json").unlink()
+    assert run_study(Study(opts)) == ["sweep/lopt-lr0.0001"]
+    # The dry run: the plan and the estimate from the recorded bench.
+    capsys.readouterr()
+    assert main(args + ["--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "e2e: 0.0001, 0.001" in plan and "4 runs of 2 steps" in plan and "estimate: " in plan

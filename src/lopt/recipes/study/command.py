@@ -42,7 +42,7 @@ DEFAULT_METHODS = ("e2e", "lopt", "freeze-lower", "lora", "lisa", "badam")
 START_LR = {"e2e": 1e-4, "lopt": 1e-4, "freeze-lower": 1e-4, "lisa": 1e-4, "badam": 1e-4, "lora": 1e-3}
 # The rates each method is trained at, as multiples of its sweep's best: the best, then gentler ones,
 # which move the model less (lower retention KL, higher loss): the curve a matched-skill reading needs.
-RATE_FACTORS = (1.0, 1 / 3, 1 / 10)
+RATE_FACTORS = (1.0, 0.3, 0.1)
 
 
 @dataclass
@@ -70,11 +70,11 @@ class StudyOptions:
     sweep_steps: int | None = option(None, "steps of each sweep run (default: a quarter of --steps)", type=int,
                                      group=_PLAN)
     lr_factors: list[float] = option(
-        factory=lambda: [1 / 3, 1.0, 3.0], help="the sweep's grid: each method's starting rate (lopt.recipes."
+        factory=lambda: [0.3, 1.0, 3.0], help="the sweep's grid: each method's starting rate (lopt.recipes."
         "study.command.START_LR) times these", nargs="+", type=float, metavar="X", group=_PLAN)
     start_lr: list[str] = option(factory=list, help="another starting rate for a method, e.g. lora=2e-4",
                                  nargs="+", metavar="METHOD=LR", group=_PLAN)
-    rates: int = option(2, "rates each method is trained at: its sweep's best, then best/3, then best/10",
+    rates: int = option(2, "rates each method is trained at: its sweep's best, then 0.3x and 0.1x of it",
                         choices=(1, 2, 3), group=_PLAN)
     seeds: list[int] = option(factory=lambda: [0], help="seeds: every run with the first; each method's best "
                               "rate again with the others (the seed noise)", nargs="+", type=int, group=_PLAN)
@@ -438,9 +438,13 @@ class Study:
 
         def make():
             t0 = time.perf_counter()
-            res = run_bench(list(table), [o.batch_size], model=o.model, gguf_file=o.gguf_file, seq_len=o.max_length,
-                            warmup=1, steps=o.bench_steps, repeats=o.bench_repeats, device=o.device,
-                            progress=False, table=table, dataset=str(self.data.train), limit=o.steps * o.batch_size)
+            try:
+                res = run_bench(list(table), [o.batch_size], model=o.model, gguf_file=o.gguf_file, seq_len=o.max_length,
+                                warmup=1, steps=o.bench_steps, repeats=o.bench_repeats, device=o.device,
+                                progress=False, table=table, dataset=str(self.data.train),
+                                limit=o.steps * o.batch_size)
+            except RuntimeError as e:  # a child's failure: its last line says why (max length, memory, ...)
+                raise LoPTError(f"lopt bench, before any training: {e}") from None
             return {**bench_json(res), "wall_s": round(time.perf_counter() - t0, 1)}
 
         rec = self._piece("bench", spec, 0.0, make, f"bench: {len(table)} methods, a fresh process each")
@@ -459,8 +463,9 @@ class Study:
 
         if self._probe is None:
             o = self.opts
-            path = self.out / "cache" / f"probe-{o.retention_prompts}x{o.retention_new_tokens}-{self.common['model']}.pt"
-            path = path.with_name(path.name.replace("/", "_"))
+            # Named by the model too: another --model in the same folder must not read this base's answers.
+            key = hashlib.sha1(f"{o.model}|{o.gguf_file}".encode()).hexdigest()[:12]
+            path = self.out / "cache" / f"probe-{o.retention_prompts}x{o.retention_new_tokens}-{key}.pt"
             if path.is_file():
                 self._probe = RetentionProbe.load(path)
             else:
@@ -468,6 +473,7 @@ class Study:
                 self._probe = RetentionProbe.record(model, tok, prompts=o.retention_prompts,
                                                     max_new_tokens=o.retention_new_tokens,
                                                     batch_size=o.eval_batch_size)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 self._probe.save(path)
         return self._probe
 
@@ -535,9 +541,9 @@ class Study:
 
             def make(cfg=cfg, run_dir=run_dir):
                 t0 = time.perf_counter()
-                train(cfg)
+                train(cfg)  # its result (the model, the optimizer) is not kept
                 seconds = time.perf_counter() - t0
-                gc.collect()
+                gc.collect()  # the trained model's hooks and optimizer state form cycles
                 model, tok = load_model(str(run_dir), device=self._device())
                 with torch.no_grad():
                     val = task_loss(model, tok, str(self.data.sweep_val), max_length=o.max_length,
@@ -595,8 +601,7 @@ class Study:
             try:
                 return {"eval": self.evaluate(model, tok, read_boundaries(run_dir))}
             finally:
-                del model
-                gc.collect()
+                del model  # a loaded model holds no cycles: freed here, no gc pass needed
 
         rec = self.records.get(f"runs/{name}/eval", {**spec, "eval": self.eval_spec})
         if rec is None and not (run_dir / "config.json").is_file():
@@ -622,7 +627,7 @@ class Study:
                  f"sweep: {sweep_steps(o)} steps a run; grids (starting rate x {', '.join(f'{f:g}' for f in o.lr_factors)}):"]
         lines += [f"  {m}: " + ", ".join(f"{lr:g}" for lr in self.grids[m]) for m in o.methods]
         lines.append(f"runs: each method at {o.rates} rate(s) (its sweep's best"
-                     + (", best/3" if o.rates > 1 else "") + (", best/10" if o.rates > 2 else "") + ")"
+                     + (", 0.3x" if o.rates > 1 else "") + (", 0.1x" if o.rates > 2 else "") + ")"
                      + (f", the best again with seeds {' '.join(map(str, o.seeds[1:]))}" if len(o.seeds) > 1 else "")
                      + f": {len(o.methods) * (o.rates + len(o.seeds) - 1)} runs of {o.steps} steps")
         if best:
