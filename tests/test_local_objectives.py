@@ -195,3 +195,24 @@ def test_bad_local_objective_options_fail_clearly():
     w.train()
     with pytest.raises(LoPTError, match="early-exit scores the lower block on the forward's labels"):
         w(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+
+
+@pytest.mark.parametrize("objective", ["early-exit", "recon+cos"])
+def test_frozen_base_copies_travel_with_the_trainer_state(objective):
+    """A resumed run rebuilds the wrapper from its checkpoint's *trained* weights: the frozen copies of
+    the base (LM head and final norm; input embedding) must come back from the trainer state instead."""
+    from lopt.runtime.checkpoints import method_extra_state
+
+    w = lopt.wrap(make_tiny_model("llama", layers=4, tie=False), local_objective=objective, task_grad_every=0)
+    frozen = w.exit_head if objective == "early-exit" else w.anchor_embedding
+    expected = {k: v.clone() for k, v in frozen.state_dict().items()}
+    state = method_extra_state(w)
+    with torch.no_grad():  # training moved the real head, norm and embedding
+        for p in w.model.parameters():
+            p.add_(1.0)
+    resumed = lopt.wrap(copy.deepcopy(w.model), local_objective=objective, task_grad_every=0)
+    again = resumed.exit_head if objective == "early-exit" else resumed.anchor_embedding
+    assert not torch.equal(next(iter(again.state_dict().values())), next(iter(expected.values())))
+    resumed.load_state_dict(state, strict=False)  # what lopt train's --resume does with extra_state
+    for k, v in again.state_dict().items():
+        torch.testing.assert_close(v, expected[k])

@@ -394,6 +394,8 @@ class LoPTModel(nn.Module):
         objective = self.lopt_config.local_objective
         if objective == "anchor":
             return masked_mse(h, self._reference(block, x), mask)  # fp32 inside
+        # The frozen blocks run as the model's do (under the step's autocast, if any); the losses in fp32.
+        ref = self._reference(block, x) if objective in ANCHOR_OBJECTIVES else None
         with torch.autocast(device_type=h.device.type, enabled=False):
             if objective == "early-exit":
                 labels = self._step["labels"]
@@ -406,9 +408,9 @@ class LoPTModel(nn.Module):
                 return standardised_recon_loss(self.heads[block], h, x, mask)
             loss = masked_mse(self.heads[block](h.float()), x.detach(), mask)  # the paper's recon
             if objective == "recon+anchor":
-                loss = loss + self.lopt_config.anchor_weight * relative_anchor_loss(h, self._reference(block, x), mask)
+                loss = loss + self.lopt_config.anchor_weight * relative_anchor_loss(h, ref, mask)
             elif objective == "recon+cos":
-                loss = loss + self.lopt_config.anchor_weight * shape_loss(h, self._reference(block, x), mask)
+                loss = loss + self.lopt_config.anchor_weight * shape_loss(h, ref, mask)
             return loss
 
     @torch.no_grad()
