@@ -109,6 +109,57 @@ def test_embedded_model_grpo_and_dpo_steps(tmp_path, monkeypatch):
         assert abs(r["peak_pred"] / r["peak_meas"] - 1) <= TOLERANCE, table([r], "MiB")
 
 
+def test_batch_size_auto(tmp_path, monkeypatch, capsys):
+    """lopt grpo / dpo --batch-size auto under a memory cap set here (the plan's own whole-step peak for
+    two GRPO groups of 4 completions, for 2 DPO pairs; lopt's default recipe, fp32 on CPU): the chosen
+    batch is printed; GRPO's runs and its measured step peak is under the cap (within the plan's
+    validated 15%); one group (one pair) more is predicted not to fit; a cap that fits nothing is a
+    one-line error before the run writes anything."""
+    import lopt.plan.planner as P
+    from lopt.engine.config import LoPTError
+    from lopt.plan.rl import resolve_batch_size
+    from lopt.recipes.dpo import DPORunConfig
+    from lopt.recipes.grpo import GRPORunConfig
+    from rl_measure import measure_dpo, measure_grpo
+
+    model_dir = tiny_model_dir(tmp_path / "tiny")
+    common = dict(methods=["lopt"], precision="fp32", device="cpu")
+    grpo_size = dict(num_generations=4, prompt_length=128, completion_length=16, beta=0.04)
+    cap = plan_rl("grpo", str(model_dir), batch_size=8, **grpo_size, **common)[0].peak
+    assert plan_rl("grpo", str(model_dir), batch_size=12, **grpo_size, **common)[0].peak > cap
+    monkeypatch.setattr(P, "device_memory", lambda device: (cap, 0, "a test cap"))
+    meter, _ = measure_grpo(model_dir, tmp_path / "grpo", monkeypatch, method="lopt", task_grad_every=None,
+                            batch_size="auto", num_generations=4, completion=16, max_prompt_length=128)
+    assert "lopt grpo: --batch-size auto: 8 (lopt, 128 + 16 tokens per completion, fp32: lopt plan's largest grpo " \
+           "batch is 8 in a test cap" in capsys.readouterr().err
+    assert meter.lengths()["rows"] == 8 and meter.peak <= cap * (1 + TOLERANCE)
+    # with a global batch: the fewest accumulation steps whose batch (whole groups) fits
+    cfg = GRPORunConfig(model=str(model_dir), batch_size="auto", global_batch_size=24, num_generations=4,
+                        max_prompt_length=128, max_completion_length=16, method="lopt", device="cpu")
+    resolve_batch_size(cfg, "grpo")
+    # 24 x 1 and 12 x 2 are over the largest (8); 8 x 3 fits (its generation round of 24 completions included)
+    assert (cfg.batch_size, cfg.grad_accum, cfg.global_batch_size) == (8, 3, None)
+    for bad, match in [(dict(grad_accum=2), "give --global-batch-size"), (dict(global_batch_size=6), "not a multiple"),
+                       (dict(max_prompt_length=None), "give one")]:
+        with pytest.raises(LoPTError, match=match):
+            resolve_batch_size(GRPORunConfig(**{**dict(model=str(model_dir), batch_size="auto", method="lopt"), **bad}),
+                               "grpo")
+
+    dpo_size = dict(max_length=37, beta=0.1)
+    cap = plan_rl("dpo", str(model_dir), batch_size=2, **dpo_size, **common)[0].peak
+    assert plan_rl("dpo", str(model_dir), batch_size=3, **dpo_size, **common)[0].peak > cap
+    monkeypatch.setattr(P, "device_memory", lambda device: (cap, 0, "a test cap"))
+    cfg = DPORunConfig(model=str(model_dir), batch_size="auto", max_length=37, method="lopt", device="cpu")
+    resolve_batch_size(cfg, "dpo")  # its step (lopt, 2 pairs x 37) is test_step_peak_within_15_percent[dpo-lopt]
+    assert (cfg.batch_size, cfg.grad_accum) == (2, 1)
+    assert "lopt dpo: --batch-size auto: 2 (lopt, pairs of 37 tokens, fp32: lopt plan's largest dpo batch is 2 in " \
+           "a test cap" in capsys.readouterr().err
+    monkeypatch.setattr(P, "device_memory", lambda device: (cap // 4, 0, "a test cap"))
+    with pytest.raises(LoPTError, match="does not fit even 1 pair"):
+        measure_dpo(model_dir, tmp_path / "dpo-none", monkeypatch, batch_size="auto", max_length=37)
+    assert not (tmp_path / "dpo-none").exists()  # refused before anything is written
+
+
 def test_defaults_are_lopts_and_trls():
     import trl
     from trl import DPOConfig, GRPOConfig
