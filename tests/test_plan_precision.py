@@ -139,3 +139,73 @@ def test_documented_command_and_bad_targets(capsys):
     assert main(argv[:-4] + ["c_attn"]) == 2
     err = capsys.readouterr().err.strip()
     assert "matches no linear map" in err and "q_proj" in err and "\n" not in err
+
+
+# Published peak-memory measurements (docs/plan-validation.md section 6): name -> (measured bytes, lopt plan's
+# arguments for the matching options). GB = 1e9 bytes (litgpt prints max_memory_allocated() / 1e9), GiB = 2**30.
+GB, GiB = 10**9, 2**30
+_LIT = {"lora_r": 8, "lora_target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.05}
+_TT = {"lora_r": 8, "lora_target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+PUBLISHED = {
+    "litgpt Llama 2 7B LoRA, micro-batch 1": (21.30 * GB, dict(model="llama-2-7b", batch_size=1, max_length=1304,
+                                                               methods=["lora"], method_options=_LIT)),
+    "litgpt Llama 2 7B LoRA, micro-batch 2": (29.07 * GB, dict(model="llama-2-7b", batch_size=2, max_length=1304,
+                                                               methods=["lora"], method_options=_LIT)),
+    "litgpt Llama 2 13B LoRA, micro-batch 1": (38.12 * GB, dict(model="llama-2-13b", batch_size=1, max_length=1304,
+                                                                methods=["lora"], method_options=_LIT)),
+    "litgpt Llama 2 7B LoRA, bnb.nf4-dq": (13.84 * GB, dict(model="llama-2-7b", batch_size=1, max_length=1304,
+                                                            methods=["qlora"], method_options=_LIT)),
+    "litgpt Llama 2 13B LoRA, bnb.nf4-dq": (22.55 * GB, dict(model="llama-2-13b", batch_size=1, max_length=1304,
+                                                             methods=["qlora"], method_options=_LIT)),
+    "torchtune Llama 3.1 8B full": (18.9 * GiB, dict(model="llama-3.1-8b", batch_size=2, max_length=2048, methods=["e2e"],
+                                                     gradient_checkpointing="all", optimizer="paged-adamw-8bit",
+                                                     optimizer_in_backward=True)),
+    "torchtune Llama 3.1 8B LoRA": (16.2 * GiB, dict(model="llama-3.1-8b", batch_size=2, max_length=2048, methods=["lora"],
+                                                     gradient_checkpointing="all", method_options=_TT)),
+    "torchtune Llama 3.1 8B QLoRA": (7.4 * GiB, dict(model="llama-3.1-8b", batch_size=2, max_length=2048,
+                                                     methods=["qlora"], gradient_checkpointing="all", method_options=_TT)),
+    # not pinned: the sequence length is the data's (LLaMA-Factory cuts at 1024 and pads a batch to its longest)
+    "BAdam Llama 2 7B (length <= 1024)": (21.8 * GB, dict(model="llama-2-7b", batch_size=2, max_length=1024,
+                                                          methods=["badam"], gradient_checkpointing="all",
+                                                          precision="bf16-mixed")),
+    "BAdam Llama 3 8B (length <= 1024)": (23.5 * GB, dict(model="llama-3.1-8b", batch_size=2, max_length=1024,
+                                                          methods=["badam"], gradient_checkpointing="all",
+                                                          precision="bf16-mixed")),
+}
+
+
+def published_row(name: str):
+    """lopt plan's row for a published measurement (bf16-true with a plain update unless it says otherwise)."""
+    _, kw = PUBLISHED[name]
+    kw = {"precision": "bf16-true", "bf16_update": "plain", "gradient_checkpointing": "off", "optimizer": "adamw",
+          "optimizer_in_backward": False, **kw}
+    return plan(kw.pop("model"), **kw)[0]
+
+
+if __name__ == "__main__":  # docs/plan-validation.md section 6: python tests/test_plan_precision.py
+    import sys
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    print("| configuration | precision | weights pred / meas B | saved act. pred / meas B | x | live step pred / meas B | x |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (method, opts) in CASES.items():
+        for precision in ("bf16-mixed", "bf16-true"):
+            cfg = tiny_config(tie=True) | LIVE_CFG
+            options = {k: v for k, v in opts.items() if k.startswith("lora_")}
+            row = plan(cfg, batch_size=BATCH, max_length=T, precision=precision, methods=[method],
+                       gradient_checkpointing="off", optimizer="adamw", optimizer_in_backward=False, device="cpu",
+                       method_options=options)[0]
+            wrapped, stepper, saved = run_step(cfg, method, precision, steps=1, warmup=1, batch=BATCH, **opts)
+            stored = stored_bytes(list({id(p): p for p in wrapped.parameters()}.values()))
+            live = row.peak - row.weights - row.optimizer
+            print(f"| {name} | {precision} | {row.weights:,} / {stored:,} | {row.saved_visible:,} / {saved:,} | "
+                  f"{row.saved_visible / saved:.3f} | {live:,} / {stepper.live_peak:,} | {live / stepper.live_peak:.3f} |")
+    print()
+    print("| measurement | lopt plan row | peak pred / meas GiB | pred / meas |")
+    print("|---|---|---|---|")
+    for name, (measured, _) in PUBLISHED.items():
+        row = published_row(name)
+        print(f"| {name} | {row.method}, {row.checkpointing} | {row.peak / GiB:.2f} / {measured / GiB:.2f} | "
+              f"{row.peak / measured:.3f} |")
+    sys.exit(0)
