@@ -254,6 +254,10 @@ def build_trainer_optimizer(trainer) -> torch.optim.Optimizer:
     decay on biases and norms)."""
     args, w = trainer.args, trainer.lopt_model
     groups = w.param_groups(args.learning_rate, trainer.lopt_lr_lower, args.weight_decay)
+    update = getattr(w, "bf16_update", None)  # --precision bf16-true (lopt.runtime.precision.apply_precision)
+    if trainer.optimizer_cls_and_kwargs is None and update not in (None, "plain"):
+        # AdamW whose update of bf16 weights is compensated (Kahan or stochastic rounding), at the trainer's lrs
+        return loop.make_optimizer(groups, bf16_update=update)
     if trainer.optimizer_cls_and_kwargs is not None:
         cls, kwargs = trainer.optimizer_cls_and_kwargs
     else:

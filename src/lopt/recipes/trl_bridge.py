@@ -35,6 +35,7 @@ from lopt.runtime import checkpoints as ckpt
 from lopt.runtime.checkpoints import clean_stale_temporaries, method_extra_state, save_plain_into, stopped_message, versions
 from lopt.runtime.resume import CorruptStateError, find_resume, load_state
 from lopt.runtime.loop import autocast_dtype
+from lopt.runtime.precision import apply_precision, cast_reference
 from lopt.runtime.state import trim_log
 
 
@@ -103,6 +104,8 @@ def load_and_wrap(cfg: RLConfig, device: torch.device, with_reference: bool):
         reference = copy.deepcopy(model).eval()
         reference.requires_grad_(False)
     wrapped = wrap_seeded(model, cfg.lopt_config(), cfg.seed).to(device)  # as wrap_trainer draws the heads
+    apply_precision(wrapped, cfg.precision, device, cfg.bf16_update)  # frozen weights (all, under bf16-true) in bf16
+    cast_reference(reference, cfg.precision, device)  # frozen too: bf16 under the bf16 precisions
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
     wrapped.route_forward()

@@ -81,15 +81,18 @@ def cast_parameters(params: Iterable[nn.Parameter], dtype: torch.dtype) -> None:
                 p.grad = None
 
 
-def apply_precision(wrapped: Any, precision: str, device: torch.device | str) -> None:
+def apply_precision(wrapped: Any, precision: str, device: torch.device | str, bf16_update: str | None = None) -> None:
     """Store ``wrapped``'s weights as ``precision`` asks (a ``lopt.wrap`` model, after the method's
     setup froze what it never trains): under bf16-true every weight of the model and anchors in bf16
     (the local heads stay fp32), under bf16-mixed the frozen weights in bf16. The method's switching
-    (LISA, BAdam) reads ``wrapped.weight_dtypes`` to move layers between the two at each switch."""
+    (LISA, BAdam) reads ``wrapped.weight_dtypes`` to move layers between the two at each switch.
+    ``bf16_update`` (``--bf16-update``) is recorded as ``wrapped.bf16_update`` under bf16-true, for the
+    optimizers built elsewhere (``lopt.integrations.trl``'s)."""
     check_precision_device(precision, device)
     check_method_precision(wrapped.method_impl, precision, device)
     train_dtype, frozen_dtype = weight_dtypes(precision, device)
     wrapped.weight_dtypes = (train_dtype, frozen_dtype)
+    wrapped.bf16_update = bf16_update if resolve_precision(precision, device) == "bf16-true" else None
     if train_dtype == frozen_dtype == torch.float32:
         return
     if train_dtype != frozen_dtype:  # a checkpoint gets one dtype, the trained weights' (lopt.methods.base)
