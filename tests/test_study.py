@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny
+from conftest import addition_rows, save_tiny, write_jsonl
 from lopt.recipes.study import plan
 from lopt.recipes.study.records import Records
 from lopt.recipes.study.report import (HEADLINE_END, HEADLINE_START, headline, readme_table, sync_readme,
@@ -328,3 +328,77 @@ def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data
     assert main(args + ["--dry-run"]) == 0
     plan = capsys.readouterr().out
     assert "e2e: 0.0001, 0.001" in plan and "4 runs of 2 steps" in plan and "estimate: " in plan
+
+
+def test_the_study_plan_states_grids_rates_and_budget_adapted_schedules():
+    from lopt.recipes.study.command import StudyOptions, final_runs, grids, schedule
+
+    o = StudyOptions(dataset="d.jsonl", start_lr=["lora=2e-4"], seeds=[0, 1])
+    g = grids(o)
+    assert g["e2e"] == [3e-5, 1e-4, 3e-4] and g["lora"] == [6e-5, 2e-4, 6e-4]  # study v2's e2e grid; a moved start
+    runs = final_runs({"e2e": 1e-4, "lora": 1e-3}, o)
+    assert [(r["run"], r["lr"], r["seed"]) for r in runs] == [
+        ("e2e-lr0.0001", 1e-4, 0), ("e2e-lr3e-05", 3e-5, 0), ("e2e-lr0.0001-seed1", 1e-4, 1),
+        ("lora-lr0.001", 1e-3, 0), ("lora-lr0.0003", 3e-4, 0), ("lora-lr0.001-seed1", 1e-3, 1)]
+    # BAdam at LLaMA-Factory's 50 steps trains 6 of SmolLM2's 30 layers in 256 steps; adapted, all of them
+    opts, why = schedule("badam", 30, 256, adapt=True)
+    assert opts == {"badam_switch_every": 8} and "all 30 layers get a turn" in why and "would train 6" in why
+    opts, why = schedule("lisa", 30, 256, adapt=True)
+    assert opts == {"lisa_interval": 8} and "32 draws for 30 layers" in why
+    assert schedule("badam", 30, 8, adapt=True)[0] == {"badam_switch_every": 1}
+    assert "only 8 of 30 layers" in schedule("badam", 30, 8, adapt=True)[1]
+    assert schedule("badam", 30, 256, adapt=False)[0] == {} and schedule("e2e", 30, 256, adapt=True) == ({}, "")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "{rows}", "--steps", "50"], "is too small for the budget: 20 rows are left to train on after "
+                                               "holding out 12, and --steps 50 x --batch-size 2 needs 100"),
+    (["--dataset", "{rows}", "--val-size", "20"], "no held-out split possible: "),
+    (["--dataset", "{rows}", "--methods", "e2e", "--start-lr", "lisa=1e-4"],
+     "--start-lr lisa=1e-4: 'lisa' is not one of --methods (e2e)"),
+    (["--dataset", "{rows}", "--start-lr", "e2e=fast"], "--start-lr e2e=fast: give METHOD=LR"),
+    (["--dataset", "{rows}", "--retention-suite", "arc-easy,mmlu"], "--retention-suite arc-easy,mmlu: no task 'mmlu'"),
+    (["--dataset", "{rows}", "--methods", "e2e", "e2e"], "--methods names a method twice"),
+    ([], "--dataset is required"),
+])
+def test_bad_study_input_is_one_line_before_anything_loads(tmp_path, capsys, extra, message):
+    from lopt.cli import main
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows())  # 32 rows
+    out = tmp_path / "out"
+    argv = ["study", "--model", str(tmp_path / "no-such-model"), "--batch-size", "2", "--val-size", "6",
+            "--output-dir", str(out), *[a.format(rows=rows) for a in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()  # nothing written, no model loaded (the model named does not exist)
+
+
+def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
+    """A study run killed after a checkpoint continues from it; its record says so."""
+    from lopt.recipes.sft import train
+    from lopt.recipes.study.command import Study, StudyOptions
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows())
+    opts = StudyOptions(model=str(save_tiny(tmp_path / "tiny")), dataset=str(rows), methods=["e2e"], steps=4,
+                        batch_size=2, max_length=128, val_size=3, eval_limit=3, retention_prompts=2,
+                        retention_new_tokens=4, output_dir=str(tmp_path / "out"), progress=False)
+    study = Study(opts)
+    study.data.write()
+    run = {"run": "e2e-lr0.001", "method": "e2e", "lr": 1e-3, "seed": 0}
+    run_dir = study.runs_dir / run["run"]
+    cfg = study.train_config("e2e", 1e-3, 0, 4, run_dir)
+    cfg.save_every = 2
+    train(cfg)
+    # What a kill right after checkpoint-2 leaves: no final model, no later checkpoint.
+    shutil.rmtree(run_dir / "checkpoint-4")
+    for p in run_dir.iterdir():
+        if p.is_file() and p.name != "metrics.jsonl":
+            p.unlink()
+    study.run(run)
+    rec = study.records.read("runs/e2e-lr0.001/train")
+    assert rec["resumed_from"] == "checkpoint-2" and rec["summary"]["steps"] == 4
+    assert [h["step"] for h in rec["history"]] == [1, 2, 3, 4]
+    assert "--save-every" not in rec["command"] and "--resume" not in rec["command"]
+    assert study.records.read("runs/e2e-lr0.001/eval")["eval"]["task_loss"]["loss"] > 0
+    assert study.executed == ["runs/e2e-lr0.001/train", "runs/e2e-lr0.001/eval"] and not run_dir.exists()
