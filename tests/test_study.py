@@ -402,3 +402,44 @@ def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
     assert "--save-every" not in rec["command"] and "--resume" not in rec["command"]
     assert study.records.read("runs/e2e-lr0.001/eval")["eval"]["task_loss"]["loss"] > 0
     assert study.executed == ["runs/e2e-lr0.001/train", "runs/e2e-lr0.001/eval"] and not run_dir.exists()
+
+
+def _study_eval(loss: float, kl: float, change: float | None = None) -> dict:
+    ev = {"task_loss": {"loss": loss}, "retention_kl": {"kl": kl}, "seconds": 1.0,
+          "drift": {"boundary": 2, "cos_at_boundary": 0.99, "layers": [{"cos": 1.0, "cka": 1.0}] * 5}}
+    if change is not None:
+        ev["suite"] = {"arc-easy": {"score": 0.5 + change, "base": 0.5, "change": change, "n": 2}}
+    return {"eval": ev}
+
+
+def test_the_study_report_reads_matched_skill_and_rules_off_the_records(tmp_path):
+    """The report of hand-made records: matched-skill cells, the rules' lines, a partial report."""
+    from lopt.recipes.study.command import StudyOptions
+    from lopt.recipes.study.summary import write_summary
+
+    rec = Records(tmp_path / "results")
+    runs = [{"run": f"{m}-lr{lr:g}", "method": m, "lr": lr, "seed": 0} for m, lr in
+            (("e2e", 1e-4), ("e2e", 3e-5), ("lopt", 1e-4), ("lopt", 3e-5))]
+    rec.put("meta", None, {"options": asdict(StudyOptions(dataset="d.jsonl", methods=["e2e", "lopt"])),
+                           "num_layers": 4, "data": {"rows": 100, "train_rows": 40, "eval": "E", "sweep": "S"},
+                           "grids": {"e2e": [1e-4], "lopt": [1e-4]}, "rate_factors": [1.0, 0.3], "schedules": {},
+                           "sweep_steps": 2, "best": {"e2e": 1e-4, "lopt": 1e-4}, "runs": runs, "suite": ["arc-easy"],
+                           "machine": {"cpus": 2, "platform": "p", "torch": "t", "transformers": "x"}})
+    rec.put("base/eval", {}, _study_eval(2.0, 0.0, 0.0))
+    rec.put("runs/e2e-lr0.0001/eval", {}, _study_eval(1.00, 0.30, -0.10))
+    rec.put("runs/e2e-lr3e-05/eval", {}, _study_eval(1.10, 0.10, 0.0))
+    rec.put("runs/lopt-lr0.0001/eval", {}, _study_eval(1.04, 0.08, -0.02))
+    rec.put("bench", {}, {"rows": [{"name": "e2e", "step_time_s": 1.0, "tokens_per_s": 100.0, "peak_step_mb": 900.0},
+                                   {"name": "lopt", "step_time_s": 0.8, "tokens_per_s": 125.0, "peak_step_mb": 700.0}]})
+    write_summary(tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "**Partial report**: 1 runs have no evaluation yet (lopt-lr3e-05)" in text
+    # lopt's one run (1.04) lies above e2e's best loss and below 1.05x of it
+    assert "| e2e | 0.3000 / +10.0 pt | 0.2600 / +8.0 pt | 0.2000 / +5.0 pt | 100 | 900 |" in text
+    assert "| lopt | does not reach | does not reach | <= 0.0800 / +2.0 pt | 125 | 700 |" in text
+    assert "- Least forgetting within 1.05x of the best loss (<= 1.0500): **lopt**. lopt-lr0.0001: retention KL " \
+           "0.0800" in text
+    assert "- Fastest within 1.05x of the best loss: **lopt**. tokens/s: lopt 125, e2e 100." in text
+    s = json.loads((tmp_path / "study.json").read_text())
+    assert s["matched"]["lopt"]["1.05"] == {"target": 1.05, "reached": True, "kl": 0.08, "drop": 0.02, "how": "at most"}
+    assert (tmp_path / "loss-vs-retention.png").stat().st_size > 1000

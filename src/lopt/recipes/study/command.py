@@ -304,7 +304,8 @@ class Progress:
             return
         frac = self.done / self.total if self.total else 0.0
         bar = "#" * round(20 * frac) + "-" * (20 - round(20 * frac))
-        print(f"[study {bar} {frac:4.0%} ETA {_hms(self.eta())}] {msg}", file=sys.stderr, flush=True)
+        eta = _hms(self.eta()) if self.total else "?"  # no estimate before the bench has timed a step
+        print(f"[study {bar} {frac:4.0%} ETA {eta}] {msg}", file=sys.stderr, flush=True)
 
 
 def _hms(s: float) -> str:
