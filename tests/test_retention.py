@@ -93,6 +93,10 @@ def train_args(tiny_dir, out, *extra):
             "--retention-new-tokens", "8", *extra]
 
 
+def with_retention(*extra):
+    return ["--retention", "kl", *extra]
+
+
 def retention_records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"retention"' in line]
 
@@ -115,7 +119,8 @@ def test_train_reports_retention_and_keeps_the_original_base_over_a_resume(tiny_
     from lopt.cli import main
 
     out = tmp_path / "run"
-    assert main(train_args(tiny_dir, out, "--max-steps", "4", "--eval-every", "2", "--save-every", "2")) == 0
+    assert main(train_args(tiny_dir, out, *with_retention("--max-steps", "4", "--eval-every", "2",
+                                                         "--save-every", "2"))) == 0
     table = capsys.readouterr().out
     assert "retention KL (general prompts)" in table and "0 = unchanged" in table
     recs = retention_records(out)
@@ -129,8 +134,7 @@ def test_train_reports_retention_and_keeps_the_original_base_over_a_resume(tiny_
     record = (out / RETENTION_FILE).read_bytes()
 
     # Resume to step 6: the run measures against the original base, not the step-4 weights it resumed from.
-    assert main(train_args(tiny_dir, out, "--max-steps", "6", "--eval-every", "2", "--save-every", "2",
-                           "--resume")) == 0
+    assert main(train_args(tiny_dir, out, "--max-steps", "6", "--resume")) == 0  # its options: --retention kl ...
     assert (out / RETENTION_FILE).read_bytes() == record
     assert [r["step"] for r in retention_records(out)] == [2, 4, 6]
     final = final_retention(out)
@@ -140,14 +144,16 @@ def test_train_reports_retention_and_keeps_the_original_base_over_a_resume(tiny_
     assert abs(final["kl"] - against_resumed) > 0.1 * final["kl"]
 
 
-def test_retention_none_records_nothing_and_a_resume_without_a_record_says_so(tiny_dir, tmp_path, capsys):
+def test_retention_is_off_by_default_says_so_and_a_resume_without_a_record_says_so(tiny_dir, tmp_path, capsys):
     from lopt.cli import main
 
     out = tmp_path / "run"
-    assert main(train_args(tiny_dir, out, "--max-steps", "2", "--save-every", "2", "--retention", "none")) == 0
+    assert main(train_args(tiny_dir, out, "--max-steps", "2", "--save-every", "2")) == 0
     assert not (out / RETENTION_FILE).exists() and retention_records(out) == []
     assert "retention" not in json.loads((out / "lopt_run.json").read_text())["final_metrics"]
-    assert "retention KL" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "retention KL" not in printed.out
+    assert "lopt: retention: off by default" in printed.err and "--retention kl" in printed.err
     # Resumed with retention on: the step-2 weights are not the base, so it measures none, in one line.
     assert main(train_args(tiny_dir, out, "--max-steps", "3", "--resume", "--retention", "kl")) == 0
     err = capsys.readouterr().err

@@ -27,8 +27,8 @@ def tiny_dir(tmp_path_factory):
 
 def train_args(tiny_dir, out, *extra):
     return ["train", "--model", str(tiny_dir), "--dataset", "arithmetic", "--limit", "32", "--output-dir", str(out),
-            "--max-steps", "3", "--batch-size", "4", "--no-progress", "--eval-every", "2", "--retention-prompts", "2",
-            "--retention-new-tokens", "4", *extra]
+            "--max-steps", "3", "--batch-size", "4", "--no-progress", "--eval-every", "2", "--retention", "kl",
+            "--retention-prompts", "2", "--retention-new-tokens", "4", *extra]
 
 
 def wandb_history(wandb_dir) -> list[dict]:

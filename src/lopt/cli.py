@@ -214,7 +214,9 @@ def cmd_dpo(ns: argparse.Namespace) -> int:
 
 
 DEMO_DEFAULTS = {"dataset": "arithmetic", "method": "lopt", "max_steps": 24, "batch_size": 8,
-                 "lr": 1e-4, "max_length": 256, "output_dir": "runs/demo", "warmup_ratio": 0.1}
+                 "lr": 1e-4, "max_length": 256, "output_dir": "runs/demo", "warmup_ratio": 0.1,
+                 # the demo shows the retention KL, on a small probe (4 prompts x 16 tokens) to stay quick
+                 "retention": "kl", "retention_prompts": 4, "retention_new_tokens": 16}
 
 
 def build_parser() -> argparse.ArgumentParser:

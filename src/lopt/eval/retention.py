@@ -35,6 +35,7 @@ from lopt.eval.kl import base_continuations
 from lopt.prompts import GENERAL_PROMPTS
 
 __all__ = ["RetentionProbe", "RetentionSuite", "RunRetention", "RETENTION_FILE", "SUITE_FILE", "RETENTION_MEANING",
+           "RETENTION_OFF_NOTE",
            "parse_retention", "DEFAULT_PROMPTS", "DEFAULT_NEW_TOKENS", "DEFAULT_SUITE", "DEFAULT_SUITE_LIMIT"]
 
 RETENTION_FILE = "retention_base.pt"  # in the run's output folder
@@ -42,6 +43,9 @@ DEFAULT_PROMPTS = 8
 DEFAULT_NEW_TOKENS = 32
 DEFAULT_SUITE = ("arc-easy", "piqa")
 DEFAULT_SUITE_LIMIT = 50
+# What a run says when --retention was not given (off by default: records/retention-cost has the measurement).
+RETENTION_OFF_NOTE = ("lopt: retention: off by default (on a 2-core CPU it cost over 5% of lopt demo's wall time); "
+                      "--retention kl reports how far the model's answers to general prompts move from the base's")
 RETENTION_MEANING = ("retention KL: how far the model's answers to general prompts moved from the base "
                      "model's (mean per-token KL(base || model) in nats; 0 = unchanged)")
 
@@ -344,6 +348,9 @@ class RunRetention:
             suite_path.write_text(json.dumps(suite.state_dict()))
         elif suite_path.exists():
             suite_path.unlink()  # a fresh run: no stale suite record from an earlier run in this folder
+        say(f"lopt: retention: recorded the base model's answers to {len(probe.sequences)} general prompts "
+            f"({probe.tokens} tokens{', and ' + ', '.join(tasks) if tasks else ''}) in {probe.record_seconds:.1f} s; "
+            f"retention KL against them at each evaluation and the end (--retention none: off)")
         return cls(probe, suite, recorded=True)
 
     def measure(self, model, step: int, tokenizer=None) -> dict[str, Any]:

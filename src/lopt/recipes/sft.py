@@ -17,7 +17,7 @@ from lopt.data import (Batches, DataError, build_sft_dataset, chat_prompt, descr
 from lopt.config import TrainConfig, check_optimizer_in_backward  # noqa: F401  (re-exported: lopt.recipes.sft's names)
 from lopt.engine.config import LoPTError
 from lopt.eval.perplexity import examples_loss
-from lopt.eval.retention import RunRetention, parse_retention
+from lopt.eval.retention import RETENTION_OFF_NOTE, RunRetention, parse_retention
 from lopt.eval.runner import evaluate
 from lopt.eval.tasks import check_tasks
 from lopt.methods import get_method, wrap
@@ -134,7 +134,9 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
     # Retention: the base model's answers to general prompts, recorded before it is wrapped (on resume, read
     # back from the run folder: the resumed weights are not the base). Rank 0 only; not across shards.
     retention = None
-    if main and cfg.retention != "none" and (cfg.fsdp or cfg.pipeline):
+    if main and cfg.retention is None:  # the default: off, and the run says so
+        print(RETENTION_OFF_NOTE, file=sys.stderr)
+    elif main and cfg.retention != "none" and (cfg.fsdp or cfg.pipeline):
         print("lopt: retention: not measured under --fsdp / --pipeline (no process holds the whole model); "
               "run lopt eval --tasks retention-kl on the saved model", file=sys.stderr)
     elif main:
