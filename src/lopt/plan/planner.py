@@ -19,10 +19,13 @@ recipe (``--task-grad-every 4``, a tied head kept tied, no local loss): a cycle 
 lower layers keep only their inputs and are recomputed in the backward, the task gradient reaches every
 layer, all gradients wait for the step) and N-1 closed steps (the lower half without a graph), the
 row's peak the cycle's; ``lopt-kN`` is the paper's pure local learning (``--task-grad-every 0``).
-``--optimizer adamw-8bit`` is bitsandbytes' blockwise AdamW8bit, ``--optimizer-in-backward`` frees the
-last block's gradients one tensor at a time inside the backward.
-fp32 weights, gradients and AdamW state in both precisions; ``bf16`` is lopt's autocast. CUDA's context (about 0.5 GiB) and allocator slack are not in the peak: the fit
-column keeps ``headroom`` free for them.
+``--optimizer adamw-8bit`` is bitsandbytes' blockwise AdamW8bit (``paged-adamw-8bit`` the same in CUDA
+unified memory, outside the peak), ``--optimizer-in-backward`` frees the last block's gradients one tensor
+at a time inside the backward. Bytes per element follow ``--precision`` as lopt train stores it
+(``PRECISION_BYTES``: fp32; bf16-mixed, fp32 masters of what trains and bf16 frozen weights under
+autocast; bf16-true, bf16 everything plus ``--bf16-update``'s state), a qlora base in NF4 (``nf4_bytes``).
+The basis is live tensor bytes (what ``torch.cuda.max_memory_allocated`` counts): CUDA's context and the
+caching allocator's reserve are not in the peak; the fit column keeps ``headroom`` free for them.
 """
 from __future__ import annotations
 
@@ -1132,14 +1135,16 @@ def auto_batch_size(cfg: Any, device: Any, model_config: Any = None) -> tuple[in
 
             model_config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     free, headroom, where = device_memory(device)
-    precision = "fp32" if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda") else "bf16"
+    precision = precision_bytes(cfg.precision if cfg.precision != "fp16" else "bf16-mixed", device.type).name
+    options = {f: getattr(cfg, f) for f in _option_fields(cfg.method) if f in PLAN_METHOD_OPTIONS and hasattr(cfg, f)}
     rows = plan(model_config, batch_size=1, max_length=cfg.max_length, precision=precision, methods=[cfg.method],
                 num_blocks=cfg.num_blocks, gradient_checkpointing=cfg.gradient_checkpointing,
                 selective_checkpointing=cfg.selective_checkpointing, gpu_memory=free, headroom=headroom,
                 task_grad_every=cfg.task_grad_every if cfg.method == "lopt" else None, tied_head=cfg.tied_head,
                 lower_every=cfg.lower_every if cfg.method == "lopt" else None, optimizer=cfg.optimizer,
                 optimizer_in_backward=cfg.optimizer_in_backward, max_batch=True,
-                global_batch_size=cfg.global_batch_size, device=device.type)
+                global_batch_size=cfg.global_batch_size, device=device.type, method_options=options,
+                bf16_update=getattr(cfg, "bf16_update", DEFAULT_BF16_UPDATE))
     row = rows[0]
     what = f"{row.method}" + ("" if row.checkpointing == "-" else f", checkpointing {row.checkpointing}")
     if not row.max_batch:
