@@ -237,3 +237,28 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_saves_a_plain_model(files, t
     with torch.no_grad():
         want, got = w.model(ids).logits.float(), plain(ids).logits.float()
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.1)  # NF4 dequantized then rounded to bf16
+
+
+@pytest.mark.parametrize("precision, policy, reference", [("bf16-mixed", {torch.float32, torch.bfloat16}, torch.bfloat16),
+                                                          ("bf16-true", {torch.bfloat16}, torch.bfloat16),
+                                                          ("fp32", {torch.float32}, torch.float32)])
+def test_dpo_reference_and_policy_dtypes(files, precision, policy, reference):
+    """lopt dpo / grpo store the policy as lopt train does and the frozen reference in bf16 under the bf16
+    precisions; bf16-true's TRL optimizer is the compensated one."""
+    from types import SimpleNamespace
+
+    from lopt.integrations.trl import build_trainer_optimizer
+    from lopt.recipes.dpo import DPORunConfig
+    from lopt.recipes.trl_bridge import load_and_wrap
+
+    tiny, _ = files
+    cfg = DPORunConfig(model=str(tiny), method="freeze-lower", precision=precision, task_grad_every=0)
+    cfg.validate()
+    wrapped, _, ref = load_and_wrap(cfg, CPU, with_reference=True)
+    assert dtypes(wrapped.parameters()) == policy and dtypes(ref.parameters()) == {reference}
+    trainer = SimpleNamespace(args=SimpleNamespace(learning_rate=1e-3, weight_decay=0.0, optim="adamw_torch"),
+                              lopt_model=wrapped, model=wrapped.model,
+                              lopt_lr_lower=None, optimizer_cls_and_kwargs=None,
+                              get_optimizer_cls_and_kwargs=lambda args, model: (torch.optim.AdamW, {}))
+    opt = build_trainer_optimizer(trainer)
+    assert type(opt).__module__.startswith("optimi" if precision == "bf16-true" else "torch")
