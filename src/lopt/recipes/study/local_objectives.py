@@ -151,6 +151,9 @@ class Runner:
             cfg = plan.train_config(overrides, 0, plan.V2, lr=LR, model=self.model_name, dataset=str(self.data.train),
                                     run_dir=run_dir, steps=b.steps)
             cfg.save_every = b.save_every
+            # The run's own retention KL (lopt train's default since issue 28) would add its base answers and
+            # evaluations to the training time; the runner measures retention itself, on the study's text.
+            cfg.retention = "none"
             ckpt = latest_checkpoint(run_dir)
             cfg.resume = str(ckpt) if ckpt else None
             self.say(f"{name}: training {b.steps} steps" + (f", continuing from {ckpt.name}" if ckpt else ""))
