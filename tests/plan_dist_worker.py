@@ -3,6 +3,9 @@ tiny models, each rank measuring its own memory.
 
     torchrun --standalone --nproc_per_node 2 tests/plan_dist_worker.py JOBS.json OUT.json
 
+On CPU (gloo) by default; with ``LOPT_PLAN_DEVICE=cuda`` each rank runs on its GPU over NCCL and measures
+``torch.cuda.max_memory_allocated`` (tests/test_cuda.py).
+
 Each job is ``{"name", "model": {config dict}, "train": {TrainConfig fields}, "batch": rows per rank,
 "seq": tokens}``. One warm-up step (AdamW state exists after it), then the measured steps under the
 live-bytes profiler and again under the saved-tensor tracker: a whole ``--task-grad-every 4`` cycle
@@ -22,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plan_measure import live_bytes, resident_bytes, state_tensors  # noqa: E402
+from plan_measure import LivePeak, live_bytes, resident_bytes, state_tensors  # noqa: E402
 
 
 def param_views_excluded(tracker_cls):
@@ -85,12 +88,15 @@ def run_job(job: dict, ctx) -> dict:
     cfg = TrainConfig(**{"progress": False, "max_steps": 9, "warmup_ratio": 0.0, "lr": 1e-4, **job["train"]})
     fill_recipe_defaults(cfg)
     cfg.validate()
+    dev = ctx.device
+    if not cfg.fsdp:  # as lopt train: DDP loads on the device, FSDP on the CPU (fully_shard moves the shards)
+        model = model.to(dev)
     wrapped = wrap(model, config=cfg.lopt_config())
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
     dp = DataParallel(ctx, fsdp=cfg.fsdp)
     wrapped = dp.prepare_model(wrapped)
-    stepper = Stepper(wrapped, cfg, torch.device("cpu"), 9, dist=dp)
+    stepper = Stepper(wrapped, cfg, dev, 9, dist=dp)
     g = torch.Generator().manual_seed(1)
     vocab, rows, seq = job["model"]["vocab_size"], job["batch"] * ctx.world_size, job["seq"]
 
@@ -102,7 +108,16 @@ def run_job(job: dict, ctx) -> dict:
     resident = resident_bytes(state_tensors(wrapped, stepper.optimizer) + list(wrapped.buffers()))
     # lopt's default recipe is measured over a whole --task-grad-every 4 cycle; the others' steps are alike.
     steps = 4 if cfg.task_grad_every else 1
-    for _ in range(3):  # measured again (a whole cycle later) when a free went unrecorded: rare, see settle_collectives
+    if dev.type == "cuda":  # the caching allocator's own count: every free is seen, whichever thread makes it
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            stepper.step(batch())
+        torch.cuda.synchronize()
+        live = LivePeak()
+        live.peak = torch.cuda.max_memory_allocated() - base
+    for _ in range(3 if dev.type != "cuda" else 0):  # measured again (a whole cycle later) when a free went unrecorded: rare, see settle_collectives
         # Each step under a fresh collection: FSDP2's step leaves reference cycles (hooks on the autograd
         # graph) whose tensors Python's collector frees at a moment of its choosing, not the step's.
         gc.collect()
@@ -125,8 +140,10 @@ def main(jobs_path: str, out_path: str) -> int:
     from lopt.parallel.context import init_distributed
 
     torch.set_num_threads(1)
-    settle_collectives()
-    ctx = init_distributed("cpu")
+    device = os.environ.get("LOPT_PLAN_DEVICE", "cpu")
+    if device == "cpu":
+        settle_collectives()
+    ctx = init_distributed(device)
     out = {}
     for job in json.loads(Path(jobs_path).read_text()):
         out[job["name"]] = run_job(job, ctx)

@@ -111,6 +111,7 @@ def test_per_rank_arithmetic():
     (dict(nproc=2, parallel="fsdp", methods=["badam"]), "refuses it"),
     (dict(nproc=2, parallel="fsdp", methods=["lora"]), "refuses it"),
     (dict(nproc=2, parallel="mesh"), "--parallel must be one of"),
+    (dict(nproc=2, parallel="fsdp", precision="bf16-true"), "bf16-true is not supported with --parallel fsdp"),
 ])
 def test_bad_input_is_one_line(kw, match):
     with pytest.raises(PlanError, match=match) as e:

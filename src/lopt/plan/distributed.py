@@ -51,7 +51,7 @@ from lopt.plan import planner
 from lopt.plan.activations import LayerShape, phase_memory
 from lopt.plan.planner import (CE_CHUNK, DEFAULT_HEADROOM, DEFAULT_METHODS, MethodSetup, PlanError, PlanRow,
                                checkpointed_layers, method_setup, method_trains, model_shape, parse_method,
-                               parse_size, plan, row_specs)
+                               parse_size, plan, precision_bytes, row_specs)
 
 PARALLEL_MODES = ("ddp", "fsdp", "pipeline")
 
@@ -106,6 +106,10 @@ def plan_parallel(config_or_model_source: Any = None, *, nproc: int, parallel: s
         raise PlanError(f"grad_accum must be >= 1, got {grad_accum}")
     if options.get("optimizer_in_backward"):
         raise PlanError("--optimizer-in-backward runs in one process only: lopt train refuses it with --nproc > 1")
+    pb = precision_bytes(precision)
+    if parallel in ("fsdp", "pipeline") and pb.name == "bf16-true":
+        raise PlanError(f"--precision bf16-true is not supported with --parallel {parallel} (lopt train refuses it); "
+                        f"plan --precision bf16-mixed")
     capacity = parse_size(gpu_memory) if gpu_memory is not None else None
     options["optimizer_in_backward"] = False
     if parallel in ("fsdp", "pipeline"):
@@ -121,7 +125,7 @@ def plan_parallel(config_or_model_source: Any = None, *, nproc: int, parallel: s
     counts, shape = model_shape(config_or_model_source, max_length)
     specs = {spec.name(counts.tied): spec for spec, _ in row_specs(names, counts.tied, num_blocks=num_blocks,
                                                                      **options)}
-    amp = precision == "bf16"
+    amp = pb.amp
     out: list[PlanRow] = []
     for row in base:
         if parallel == "ddp":
@@ -129,7 +133,7 @@ def plan_parallel(config_or_model_source: Any = None, *, nproc: int, parallel: s
         else:
             setup, trains = _setup(specs[row.method], row, counts)
             if parallel == "fsdp":
-                new = [_fsdp(row, setup, counts, shape, nproc, batch_size, max_length, amp)]
+                new = [_fsdp(row, setup, trains, counts, shape, nproc, batch_size, max_length, pb)]
             else:
                 new = _pipeline(row, setup, trains, counts, shape, nproc, batch_size, max_length, amp)
         for r in new:
@@ -177,20 +181,26 @@ def _shard(nbytes: int, n: int) -> int:
     return 4 * math.ceil(nbytes / 4 / n)
 
 
-def _fsdp(row: PlanRow, setup: MethodSetup, counts: Any, shape: LayerShape, n: int, batch: int, seq: int,
-          amp: bool) -> PlanRow:
+def _fsdp(row: PlanRow, setup: MethodSetup, trains: Any, counts: Any, shape: LayerShape, n: int, batch: int,
+          seq: int, pb: Any) -> PlanRow:
     weights = _shard(row.weights, n)
     sizes = setup.trainable_sizes or []
     n_tensors = len(sizes) or setup.trainable_tensors
     # Moments sharded (8-bit state too, by the same factor); the step counters on every rank.
     optimizer = _shard(row.optimizer - 4 * n_tensors, n) + 4 * n_tensors
-    live, grads_sh, comm = _walk_rank(setup, counts, shape, n, batch, seq, amp, fsdp=True)
+    # A unit is gathered in its parameters' stored dtype: what trains fp32, the frozen weights in the
+    # precision's (bf16 under bf16-mixed).
+    def stored(trained: bool) -> int:
+        return pb.trained if trained else pb.frozen
+    unit_bytes = ([stored(i in set(trains.layers)) for i in range(len(counts.layers))],
+                  stored(trains.embedding), stored(trains.head or trains.final_norm))
+    live, grads_sh, comm = _walk_rank(setup, counts, shape, n, batch, seq, pb.amp, fsdp=True, unit_bytes=unit_bytes)
     return replace(row, weights=weights, optimizer=optimizer, grads=grads_sh, peak=weights + optimizer + live,
                    details=dict(row.details, rank="all", comm=comm))
 
 
 def _walk_rank(setup: MethodSetup, counts: Any, shape: LayerShape, n: int, batch: int, seq: int, amp: bool,
-               *, fsdp: bool) -> tuple[int, int, int]:
+               *, fsdp: bool, unit_bytes: tuple[list[int], int, int] | None = None) -> tuple[int, int, int]:
     """(peak of gradients + activations + temporaries (+ under FSDP the unsharded units and the
     reduce-scatter buffers; gradients kept as 1/n shards), most gradient bytes kept, the communication
     bytes at the peak). Without ``fsdp`` (a pipeline stage) this is the single-process walk."""
@@ -200,10 +210,11 @@ def _walk_rank(setup: MethodSetup, counts: Any, shape: LayerShape, n: int, batch
               + n_ce * shape.hidden * 4)
     bwd_tmp = 2 * tokens * shape.hidden * 4 + 3 * tokens * shape.intermediate * c
     k = n if fsdp else 1
-    unit = [4 * x if fsdp else 0 for x in counts.layers]
+    layer_b, emb_b, top_b = unit_bytes or ([4] * len(counts.layers), 4, 4)
+    unit = [b * x if fsdp else 0 for b, x in zip(layer_b, counts.layers)]
     below = len(setup.phases) > 1 or any(ph.spec.top == "recon" for ph in setup.phases)
-    emb_w = 4 * counts.embedding if fsdp else 0
-    top_w = 4 * (counts.other + (counts.head if not counts.tied or below else 0)) if fsdp else 0
+    emb_w = emb_b * counts.embedding if fsdp else 0
+    top_w = top_b * (counts.other + (counts.head if not counts.tied or below else 0)) if fsdp else 0
     if fsdp and counts.tied and not below:
         top_w, emb_w = top_w + emb_w, 0  # e2e with a tied head: embedding, norm and head are one unit
 
