@@ -195,3 +195,24 @@ def test_retention_callback_in_a_transformers_trainer(tokenizer, tmp_path):
     assert cb.history[-1]["retention"]["kl"] == pytest.approx(
         retention_kl(model, base, tokenizer, limit=2, max_new_tokens=4)["kl"], rel=1e-4)
     assert cb.history[-1]["retention"]["kl"] > 1e-4
+
+
+def test_run_retention_suite_records_base_scores_and_reads_them_back(tokenizer, tmp_path, shared_data):
+    from lopt.eval.retention import SUITE_FILE, RunRetention
+    from lopt.eval.suite import run_benchmark
+
+    base = make_tiny_model(seed=0)
+    notes = []
+    run = RunRetention.start("suite:arc-easy", base, tokenizer, tmp_path, resumed=False, prompts=2, max_new_tokens=3,
+                             suite_limit=4, data_dir=shared_data, log=notes.append)
+    assert (tmp_path / SUITE_FILE).is_file() and "arc-easy" in notes[0]
+    tuned = perturbed(base, scale=0.5)
+    got = run.measure(tuned, 1, tokenizer)["suite"]["arc-easy"]
+    want = run_benchmark("arc-easy", tuned, tokenizer, limit=4, data_dir=shared_data)["acc_norm"]
+    base_score = run_benchmark("arc-easy", base, tokenizer, limit=4, data_dir=shared_data)["acc_norm"]
+    assert (got["score"], got["base"], got["change"]) == (want, base_score, pytest.approx(want - base_score))
+    # On resume the base scores come from the run folder, not from the (resumed) model given.
+    again = RunRetention.start("suite:arc-easy", tuned, tokenizer, tmp_path, resumed=True, suite_limit=4,
+                               data_dir=shared_data, log=notes.append)
+    assert again.suite.base_scores == {"arc-easy": base_score}
+    assert again.probe.sequences == run.probe.sequences
