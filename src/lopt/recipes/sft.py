@@ -144,7 +144,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
                                        prompts=cfg.retention_prompts, max_new_tokens=cfg.retention_new_tokens,
                                        suite_limit=cfg.retention_limit, data_dir=cfg.data_dir)
     wrapped = wrap(model, config=cfg.lopt_config()).to(load_device)
-    apply_precision(wrapped, cfg.precision, device)  # bf16 weights where --precision stores them so
+    if not cfg.fsdp:  # FSDP2 wants one dtype per sharded unit: under --fsdp frozen weights stay fp32
+        apply_precision(wrapped, cfg.precision, device)  # bf16 weights where --precision stores them so
     wrapped.gradient_checkpointing_enable(cfg.gradient_checkpointing, cfg.selective_checkpointing)
     wrapped.train()
 
