@@ -433,7 +433,7 @@ def test_the_study_report_reads_matched_skill_and_rules_off_the_records(tmp_path
                                    {"name": "lopt", "step_time_s": 0.8, "tokens_per_s": 125.0, "peak_step_mb": 700.0}]})
     write_summary(tmp_path)
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "**Partial report**: 1 runs have no evaluation yet (lopt-lr3e-05)" in text
+    assert "**Partial report**: 1 of 4 runs have no evaluation yet (lopt-lr3e-05)" in text
     # lopt's one run (1.04) lies above e2e's best loss and below 1.05x of it
     assert "| e2e | 0.3000 / +10.0 pt | 0.2600 / +8.0 pt | 0.2000 / +5.0 pt | 100 | 900 |" in text
     assert "| lopt | does not reach | does not reach | <= 0.0800 / +2.0 pt | 125 | 700 |" in text
