@@ -54,7 +54,8 @@ from lopt.plan import distributed
 from lopt.plan.activations import LayerShape
 from lopt.plan.planner import (DEFAULT_HEADROOM, PLAN_UNITS, PRECISIONS, SCOPES, MethodSetup, ParamCounts, Phase,
                                PlanError, PlanRow, cached_phase_memory, checkpointed_layers, format_size,
-                               method_setup, method_trains, model_shape, optimizer_bytes, parse_size, row_specs)
+                               method_setup, method_trains, model_shape, optimizer_bytes, parse_size,
+                               precision_bytes, row_specs)
 
 TRL_VERSION = "1.16.0"  # the TRL whose trainers and defaults this module models
 RECIPES = ("sft", "grpo", "dpo")
@@ -154,6 +155,8 @@ def plan_rl(recipe: str, config_or_model_source: Any = None, *, batch_size: int 
              logprobs=logprobs)
     if precision not in PRECISIONS:
         raise PlanError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision_bytes(precision, device).name == "bf16-true":
+        raise PlanError("lopt plan grpo|dpo plans fp32 weights (--precision fp32 or bf16-mixed), not bf16-true")
     if device not in ("cuda", "cpu"):
         raise PlanError(f"device must be cuda or cpu, got {device!r}")
     for name, scope in (("gradient checkpointing", gradient_checkpointing),
@@ -170,7 +173,7 @@ def plan_rl(recipe: str, config_or_model_source: Any = None, *, batch_size: int 
         steps = RLShape(rows=2 * batch_size, seq=max_length, completion=max_length - prompt_length,
                         prompt=prompt_length)
     counts, shape = model_shape(config_or_model_source, steps.seq)
-    amp = precision == "bf16"
+    amp = precision_bytes(precision, device).amp
     capacity = parse_size(gpu_memory) if gpu_memory is not None else None
     specs = row_specs(list(methods or RL_METHODS), counts.tied, num_blocks=num_blocks,
                       task_grad_every=task_grad_every, tied_head=tied_head)
@@ -265,12 +268,17 @@ def resolve_batch_size(cfg: Any, recipe: str, device: Any = None, model_config: 
         free, headroom, where = device_memory(device)
     except PlanError as e:
         raise LoPTError(str(e)) from e
-    precision = "fp32" if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda") else "bf16"
+    # auto as lopt resolves it on this device; fp16 costs what bf16-mixed does (planner.precision_bytes)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    try:
+        precision = precision_bytes("bf16-mixed" if cfg.precision == "fp16" else cfg.precision, kind).name
+    except PlanError as e:
+        raise LoPTError(f"--batch-size auto: {e}") from e
     options = dict(methods=[cfg.method], num_blocks=cfg.num_blocks, beta=cfg.beta, precision=precision,
                    gradient_checkpointing=cfg.gradient_checkpointing,
                    selective_checkpointing=cfg.selective_checkpointing,
                    task_grad_every=cfg.task_grad_every if cfg.method == "lopt" else None, tied_head=cfg.tied_head,
-                   device="cuda" if device.type == "cuda" else "cpu")
+                   device=kind)
     if recipe == "grpo":
         options.update(num_generations=cfg.num_generations, prompt_length=cfg.max_prompt_length,
                        completion_length=cfg.max_completion_length)
@@ -279,7 +287,10 @@ def resolve_batch_size(cfg: Any, recipe: str, device: Any = None, model_config: 
 
     def peak(batch: int, accum: int) -> PlanRow:
         gen = batch * (getattr(cfg, "steps_per_generation", None) or accum) if recipe == "grpo" else None
-        return plan_rl(recipe, model_config, batch_size=batch, generation_rows=gen, **options)[0]
+        try:
+            return plan_rl(recipe, model_config, batch_size=batch, generation_rows=gen, **options)[0]
+        except PlanError as e:
+            raise LoPTError(f"--batch-size auto: {e}") from e
 
     def fits(batch: int, accum: int = 1) -> bool:
         return peak(batch, accum).peak + headroom <= free
