@@ -141,6 +141,32 @@ def test_documented_command_and_bad_targets(capsys):
     assert "matches no linear map" in err and "q_proj" in err and "\n" not in err
 
 
+def test_method_options_and_rows():
+    """--lisa-layers and --badam-block-size train that many layers (the lisa/badam rows say so); the full
+    table under bf16-true has qlora and no 8-bit rows (lopt train refuses 8-bit with a compensated update)
+    unless --bf16-update plain; a LoRA target that matches nothing is a one-line error."""
+    cfg = tiny_config(tie=True) | LIVE_CFG
+    layer = plan(cfg, batch_size=1, max_length=T, methods=["e2e"], gradient_checkpointing="off")[0].trainable_params
+    one = {r.method: r for r in plan(cfg, batch_size=1, max_length=T, methods=["lisa", "badam"],
+                                     gradient_checkpointing="off")}
+    two = {r.method: r for r in plan(cfg, batch_size=1, max_length=T, methods=["lisa", "badam"],
+                                     gradient_checkpointing="off", method_options={"lisa_layers": 2,
+                                                                                   "badam_block_size": 2})}
+    per_layer = two["badam --badam-block-size 2"].trainable_params - one["badam"].trainable_params
+    assert per_layer > 0 and two["lisa --lisa-layers 2"].trainable_params - one["lisa"].trainable_params == per_layer
+    assert layer > 4 * per_layer
+    names = {r.method for r in plan(cfg, batch_size=1, max_length=T, precision="bf16-true", gradient_checkpointing="off")}
+    assert "qlora" in names and not any("8bit" in n for n in names)
+    plain = {r.method for r in plan(cfg, batch_size=1, max_length=T, precision="bf16-true", bf16_update="plain",
+                                    gradient_checkpointing="off")}
+    assert "e2e --optimizer adamw-8bit" in plain
+    with pytest.raises(PlanError, match="--bf16-update plain"):
+        plan(cfg, batch_size=1, max_length=T, precision="bf16-true", optimizer="adamw-8bit")
+    with pytest.raises(PlanError, match="matches no linear map") as e:
+        plan(cfg, batch_size=1, max_length=T, methods=["lora"], method_options={"lora_target_modules": ["c_attn"]})
+    assert "\n" not in str(e.value)
+
+
 # Published peak-memory measurements (docs/plan-validation.md section 6): name -> (measured bytes, lopt plan's
 # arguments for the matching options). GB = 1e9 bytes (litgpt prints max_memory_allocated() / 1e9), GiB = 2**30.
 GB, GiB = 10**9, 2**30
