@@ -203,7 +203,7 @@ def test_dpo_trainer_is_lopt_dpo(tiny_dir, tmp_path):
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_gsm8k_pairs(write_jsonl(tmp_path / "g.jsonl", gsm8k_rows(8))))
     cli = dpo(DPORunConfig(model=str(tiny_dir), dataset=str(pairs), output_dir=str(tmp_path / "cli"), batch_size=2,
-                           max_steps=2, lr=LR, progress=False, device="cpu", precision="fp32"))  # lopt's default
+                           max_steps=2, lr=LR, progress=False, device="cpu", precision="fp32", retention="kl"))
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, max_steps=2, learning_rate=LR,
@@ -216,6 +216,10 @@ def test_dpo_trainer_is_lopt_dpo(tiny_dir, tmp_path):
     trainer.train()
     assert trainer.lopt_model.lopt_config.task_grad_every == 4
     assert_same_weights(weights(trainer.model), weights(cli.model.plain_model()))
+    # lopt dpo measured retention (--retention kl) through the integration: the last step's record and the summary.
+    last = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 2 and last["retention"]["kl"] > 0
+    assert cli.summary["retention"]["kl"] == last["retention"]["kl"]
 
 
 # ----------------------------------------------------------------------------- what lopt cannot honour
@@ -234,6 +238,7 @@ def test_options_lopt_cannot_honour_are_one_line_errors(tiny_dir, qa_file, tmp_p
         (dict(gradient_checkpointing_kwargs={"use_reentrant": True}), {}, r"use_reentrant"),
         ({}, {"lambda_auxx": 1.0}, r"unknown option 'lambda_auxx'"),
         ({}, {"method": "e2e", "task_grad_every": 4}, r"--task-grad-every .* needs --method lopt"),
+        ({}, {"retention": "kll"}, r"wrap_trainer\(retention=\.\.\.\) must be none, kl or suite"),
     ]
     for args_kw, wrap_kw, match in cases:
         with pytest.raises(LoPTError, match=match) as e:
@@ -247,6 +252,11 @@ def test_options_lopt_cannot_honour_are_one_line_errors(tiny_dir, qa_file, tmp_p
     with pytest.raises(LoPTError, match=r"optimizers=\(\.\.\.\)"):
         wrap_trainer(SFTTrainer(model=model, args=sft_args(tmp_path), train_dataset=ds, processing_class=tok,
                                 optimizers=(opt, None)))
+    from peft import LoraConfig
+
+    with pytest.raises(LoPTError, match=r"peft_config=: .* use method='lora'"):
+        wrap_trainer(SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=sft_args(tmp_path),
+                                train_dataset=ds, processing_class=tok, peft_config=LoraConfig(r=4)), method="e2e")
 
 
 # ----------------------------------------------------------------------------- the guide's example
@@ -259,6 +269,7 @@ def test_the_guides_example_runs(tiny_dir, tmp_path, monkeypatch):
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "trl.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert 'retention="kl"' in code
     assert "wrap_trainer(trainer" in code and "SFTTrainer(" in code
     subs = {r'MODEL = ".*"': f'MODEL = {str(tiny_dir)!r}',
             r'dataset = load_dataset\(.*\)': 'dataset = _tiny_dataset',
@@ -275,7 +286,11 @@ def test_the_guides_example_runs(tiny_dir, tmp_path, monkeypatch):
     scope = {"_tiny_dataset": datasets.Dataset.from_list(rows)}
     exec(compile(code, "docs/trl.md", "exec"), scope)
     out = tmp_path / "runs" / "sft-lopt"
-    assert scope["trainer"].state.global_step == 2
+    trainer = scope["trainer"]
+    assert trainer.state.global_step == 2
+    # retention="kl": the base recorded before the first step, its KL logged at the last.
+    kl = [h["retention/kl"] for h in trainer.state.log_history if "retention/kl" in h]
+    assert len(kl) == 1 and kl[0] > 0
     assert json.loads((out / "lopt_run.json").read_text())["method"] == "lopt"
     assert (out / "checkpoint-2" / "lopt_state.pt").is_file()
     AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads it

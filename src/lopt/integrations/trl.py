@@ -37,7 +37,9 @@ What it changes in the trainer, and why:
   renamed; ``trainer.train(resume_from_checkpoint=...)`` reads them back. ``trainer.save_model(dir)``
   writes the plain model and ``lopt_run.json``.
 * bf16/fp16, the scheduler (``lr_scheduler_type``, warm-up), ``report_to`` and logging are the
-  trainer's own; the mean local loss is logged as ``aux_loss``.
+  trainer's own; the mean local loss is logged as ``aux_loss``, and the retention KL (how far the
+  model's answers to general prompts moved from the base's; 0 = unchanged) as ``retention/kl`` at
+  every ``eval_steps`` and the last step with ``retention="kl"`` (off by default).
 
 Options lopt cannot honour raise a one-line ``LoPTError`` naming the option (see ``check_trainer``).
 ``lopt grpo`` and ``lopt dpo`` run through this same code.
@@ -54,6 +56,8 @@ import torch
 
 from lopt.engine.boundary import LoPTModel
 from lopt.engine.config import LoPTError, fill_recipe_defaults
+from lopt.eval.common import EvalError
+from lopt.eval.retention import parse_retention, retention_callback
 from lopt.methods import LoPTConfig, get_method, wrap
 from lopt.models import save_checkpoint
 from lopt.runtime import loop
@@ -325,8 +329,9 @@ def trainer_config(method: str = "lopt", **options: Any) -> Any:
     return config
 
 
-def check_trainer(trainer, config: Any) -> None:
-    """One-line LoPTError for a trainer option that lopt cannot honour with ``config``'s method."""
+def check_trainer(trainer, config: Any, wrapped: LoPTModel | None = None) -> None:
+    """One-line LoPTError for a trainer option that lopt cannot honour with ``config``'s method
+    (``wrapped``: the model lopt already wrapped, which the trainer trains)."""
     from transformers import Trainer
 
     if not isinstance(trainer, Trainer):
@@ -339,7 +344,7 @@ def check_trainer(trainer, config: Any) -> None:
                         "blocks' lr); choose it with optim= or optimizer_cls_and_kwargs= instead")
     if trainer.state.global_step:
         raise LoPTError("wrap_trainer: the trainer has trained already; wrap it before trainer.train()")
-    if hasattr(trainer.model, "peft_config"):
+    if wrapped is None and hasattr(trainer.model, "peft_config"):
         # lopt's methods take the plain model: LoRA is its own method (which merges the adapters into
         # a plain checkpoint), and wrapping a PEFT model would save adapters, not a plain model.
         raise LoPTError("peft_config=: the trainer's model is already a PEFT model; drop peft_config and use "
@@ -372,7 +377,8 @@ def lopt_trainer_class(base: type) -> type:
 _CLASSES: dict[type, type] = {}
 
 
-def wrap_trainer(trainer, method: str = "lopt", *, lr_lower: float | None = None,
+def wrap_trainer(trainer, method: str = "lopt", *, lr_lower: float | None = None, retention: str | None = None,
+                 retention_options: dict[str, Any] | None = None,
                  schedule: Callable[[int], Callable[[int], float]] | None = None, wrapped: LoPTModel | None = None,
                  stats: Any = None, **options: Any):
     """Train ``trainer``'s model with lopt's ``method`` (``lopt``, ``e2e``, ``freeze-lower``, ``lora``,
@@ -383,7 +389,12 @@ def wrap_trainer(trainer, method: str = "lopt", *, lr_lower: float | None = None
     ``options``: the method's and the boundary's options (``lopt.LoPTConfig`` fields:
     ``task_grad_every``, ``num_blocks``, ``lambda_aux``, ``lora_r``, ...), with ``lopt train``'s
     defaults. ``lr_lower``: the learning rate of the lower blocks, embeddings and local heads (default:
-    the method's, from the trainer's ``learning_rate``). ``schedule``: a function of the number of
+    the method's, from the trainer's ``learning_rate``). ``retention``: ``kl`` records the base model's
+    answers to lopt's general prompts when training starts and logs ``retention/kl`` (KL(base || model)
+    on them, ``lopt eval``'s retention-kl; 0 = unchanged) at every ``eval_steps`` and the last step, to
+    the trainer's ``report_to`` trackers; ``suite[:TASKS]`` adds lm-eval-exact benchmarks; ``none`` or
+    None (the default, as for lopt's commands: it cost over 5% of a short CPU run) measures nothing
+    (``lopt.eval.retention.retention_callback``, whose keyword arguments ``retention_options`` passes on). ``schedule``: a function of the number of
     steps giving the LR factor per step (``lopt_schedule(warmup_ratio)`` is ``lopt train``'s); default:
     the trainer's own ``lr_scheduler_type``. ``wrapped``: a model already wrapped (its
     ``.model`` must be the trainer's model; the options then come from it). ``stats``: where tokens
@@ -391,6 +402,10 @@ def wrap_trainer(trainer, method: str = "lopt", *, lr_lower: float | None = None
 
     Call it after building the trainer and before ``trainer.train()``.
     """
+    try:
+        parse_retention(retention)
+    except EvalError as e:
+        raise LoPTError(str(e).replace("--retention", "wrap_trainer(retention=...)")) from None
     if wrapped is None:
         config = trainer_config(method, **options)
         check_trainer(trainer, config)
@@ -404,7 +419,7 @@ def wrap_trainer(trainer, method: str = "lopt", *, lr_lower: float | None = None
         if options:
             raise LoPTError(f"wrap_trainer(wrapped=...): the options come from the wrapped model; drop "
                             f"{sorted(options)[0]}=")
-        check_trainer(trainer, wrapped.lopt_config)
+        check_trainer(trainer, wrapped.lopt_config, wrapped)
         if trainer.model is not wrapped.model:
             raise LoPTError("wrap_trainer(wrapped=...): the trainer must train wrapped.model")
         wrapped.route_forward()
@@ -414,6 +429,12 @@ def wrap_trainer(trainer, method: str = "lopt", *, lr_lower: float | None = None
     trainer.lopt_lr_lower = lr_lower
     trainer.lopt_schedule = schedule
     trainer.add_callback(lopt_step_callback(wrapped))
+    trainer.lopt_retention = None
+    if retention is not None and parse_retention(retention)[0] != "none":
+        # Its record is taken at on_train_begin, before the first step: the weights are still the base's.
+        trainer.lopt_retention = retention_callback(trainer.processing_class, retention=retention, trainer=trainer,
+                                                    **(retention_options or {}))
+        trainer.add_callback(trainer.lopt_retention)
     return trainer
 
 

@@ -27,6 +27,7 @@ import torch
 from lopt.config import RLConfig  # noqa: F401  (re-exported: lopt.recipes.trl_bridge's name)
 from lopt.engine.boundary import LoPTModel
 from lopt.engine.memory import peak_memory_mb
+from lopt.eval.retention import RETENTION_OFF_NOTE
 from lopt.integrations.trl import (CHECKPOINT_PREFIX, LOPT_STATE_FILE, RUN_FILE, STATE_FILES,  # noqa: F401  (names of lopt.recipes.trl_bridge)
                                    TRAINER_STATE_FILE, TRAINER_TORCH_FILES, checkpoint_global_step, lopt_schedule,
                                    lopt_trainer_class, wrap_seeded, wrap_trainer)
@@ -153,7 +154,12 @@ def make_trainer(base: type, cfg: RLConfig, wrapped: LoPTModel, run: "RunState",
     and the run's bookkeeping (tokens and local losses counted in ``run``, ``lopt_run.json`` of each
     checkpoint from it)."""
     trainer = lopt_trainer_class(base)(model=wrapped.model, **kwargs)  # lopt's class from the start: no telemetry
-    wrap_trainer(trainer, wrapped=wrapped, lr_lower=cfg.lr_lower, stats=run, schedule=lopt_schedule(cfg.warmup_ratio))
+    retention = dict(eval_every=getattr(cfg, "eval_every", None), prompts=cfg.retention_prompts,
+                     max_new_tokens=cfg.retention_new_tokens, suite_limit=cfg.retention_limit, data_dir=cfg.data_dir)
+    if cfg.retention is None:  # the default: off, and the run says so
+        print(RETENTION_OFF_NOTE, file=sys.stderr)
+    wrap_trainer(trainer, wrapped=wrapped, lr_lower=cfg.lr_lower, stats=run, schedule=lopt_schedule(cfg.warmup_ratio),
+                 retention=cfg.retention, retention_options=retention)
     trainer.lopt_info = lambda: run.info(wrapped, None)
     trainer.lopt_on_checkpoint = run.checkpoints.append
     return trainer
@@ -188,7 +194,8 @@ class RunState:
                 **self.extra_info, "final_metrics": metrics or {}}
 
 
-def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix_keys: tuple[str, ...]):
+def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix_keys: tuple[str, ...],
+                  retention: Any = None):
     """The TrainerCallback that writes ``metrics.jsonl``, shows the progress bar and turns a requested
     stop (Ctrl-C) into a checkpoint and the end of the run (LoPT's per-step switches are
     ``lopt.integrations.trl``'s callback)."""
@@ -196,6 +203,7 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
 
     class LoPTCallback(TrainerCallback):
         def __init__(self):
+            self.retention = None  # (step, measurement) waiting for that step's record
             self.bar = None
             self.t_window = time.perf_counter()
             self.tokens_window = 0
@@ -224,6 +232,14 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
             logs = dict(logs or {})
             if "train_runtime" in logs:  # the end-of-training summary, not a step
                 return
+            if "loss" not in logs and any(k.startswith("retention/") for k in logs):  # (Trainer.log adds the epoch)
+                # A retention measurement (made at the step's end, before the step's own log): the whole
+                # of it (kl, nll, tokens, seconds, suite) joins that step's record.
+                kept = retention.history[-1]["retention"] if retention is not None and retention.history \
+                    else {k[len("retention/"):]: v for k, v in logs.items() if k.startswith("retention/")}
+                self.flush_retention()
+                self.retention = (state.global_step, kept)
+                return
             if any(k.startswith("eval_") for k in logs):  # an evaluation: its own record, as lopt train writes
                 rec = {"step": state.global_step, "eval": {**run.eval_info, **{
                     k[len("eval_"):]: v for k, v in logs.items() if k.startswith("eval_")}}}
@@ -244,6 +260,9 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
             for k, v in logs.items():
                 if isinstance(v, (int, float)) and k not in rec:
                     rec[k] = v
+            if self.retention is not None and self.retention[0] == state.global_step:
+                rec["retention"], self.retention = self.retention[1], None
+            self.flush_retention()
             run.history.append(rec)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -253,7 +272,17 @@ def make_callback(run: RunState, wrapped: LoPTModel, metrics_path: Path, postfix
                     shown["aux"] = f"{aux:.4f}"
                 self.bar.set_postfix(shown, refresh=False)
 
+        def flush_retention(self):
+            # A measurement whose step was not logged (--log-every): a record of its own.
+            if self.retention is not None:
+                rec = {"step": self.retention[0], "retention": self.retention[1]}
+                self.retention = None
+                run.history.append(rec)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
         def on_train_end(self, args, state, control, **kwargs):
+            self.flush_retention()
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -277,7 +306,7 @@ def prepare_trainer(trainer, run: RunState, wrapped: LoPTModel, postfix_keys: tu
     for cb in callbacks or []:
         trainer.add_callback(cb)
     # Last, so that a stop requested by any callback during a step is acted on at that step's end.
-    trainer.add_callback(make_callback(run, wrapped, metrics_path, postfix_keys))
+    trainer.add_callback(make_callback(run, wrapped, metrics_path, postfix_keys, getattr(trainer, "lopt_retention", None)))
     return metrics_path
 
 
@@ -333,6 +362,9 @@ def finish(run: RunState, trainer, wrapped: LoPTModel, tokenizer, interrupted: b
         summary[f"{name}_last"] = vals[-1] if vals else None
     evals = [h for h in hist if "eval" in h]
     summary["eval"] = evals[-1]["eval"] if evals else None
+    retention = getattr(getattr(trainer, "lopt_retention", None), "run", None)
+    if retention is not None and retention.last is not None:
+        summary["retention"] = retention.summary()
     if not interrupted:
         save_plain_into(wrapped, tokenizer, out, run.info(wrapped, summary))
     return summary
@@ -377,6 +409,12 @@ def print_summary(summary: dict[str, Any], seconds: float, headline: dict[str, s
                  if k in ("loss", "reward", "rewards/margins", "rewards/accuracies")}
         where = f" ({summary['eval']['split']}, n {summary['eval'].get('n')})" if "split" in summary["eval"] else ""
         rows.append(("held-out eval (last)", ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + where))
+    r = summary.get("retention")
+    if r and r.get("kl") is not None:
+        rows.append(("retention KL (general prompts)",
+                     f"{r['kl']:.4g} at step {r['step']}: how far the model's answers to general prompts moved from "
+                     f"the base model's (0 = unchanged); measuring it took {r['seconds']:.1f} s"
+                     + (f" ({100 * r['seconds'] / seconds:.1f}% of the run)" if seconds > 0 else "")))
     rows += [("aux loss first -> last", first_last(summary.get("aux_first"), summary.get("aux_last"))),
              ("tokens/s (median)", opt(summary.get("tokens_per_s"), "{:.0f}")),
              ("peak memory", opt(summary.get("peak_mem_mb"), "{:.0f} MiB")),
