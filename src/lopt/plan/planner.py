@@ -1279,7 +1279,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                         "fp32 on CPU) (default: bf16)")
     p.add_argument("--method", action="append", default=None, metavar="NAME",
                    help=f"plan only this method (repeatable): {', '.join(method_names())} or lopt-kN "
-                        f"(default: {' '.join(DEFAULT_METHODS)})")
+                        f"(default: {' '.join(DEFAULT_METHODS + tuple(m for m in EXTRA_METHODS if m in method_names()))}; "
+                        "qlora at bf16 precisions only)")
     p.add_argument("--num-blocks", type=int, default=2, help="blocks for --method lopt")
     p.add_argument("--task-grad-every", type=int, default=None, metavar="N",
                    help=f"--method lopt: open the boundary every N-th step (default {RECIPE_TASK_GRAD_EVERY}, as lopt "
