@@ -190,7 +190,13 @@ PUBLISHED = {
                                                      gradient_checkpointing="all", method_options=_TT)),
     "torchtune Llama 3.1 8B QLoRA": (7.4 * GiB, dict(model="llama-3.1-8b", batch_size=2, max_length=2048,
                                                      methods=["qlora"], gradient_checkpointing="all", method_options=_TT)),
-    # not pinned: the sequence length is the data's (LLaMA-Factory cuts at 1024 and pads a batch to its longest)
+    # partly pinned: the sequence length is the data's, up to each run's cap (the longest batch is not published)
+    "PEFT MetaMathQA Llama 3.2 3B LoRA r=32 (length <= 768)": (
+        22_273_851_392, dict(model="llama-3.2-3b", batch_size=4, max_length=768, methods=["lora"],
+                             precision="bf16-mixed", method_options={"lora_r": 32,
+                                                                     "lora_target_modules": ["q_proj", "v_proj"]})),
+    "PEFT MetaMathQA Llama 3.2 3B full (length <= 768)": (
+        37_241_225_216, dict(model="llama-3.2-3b", batch_size=4, max_length=768, methods=["e2e"])),
     "BAdam Llama 2 7B (length <= 1024)": (21.8 * GB, dict(model="llama-2-7b", batch_size=2, max_length=1024,
                                                           methods=["badam"], gradient_checkpointing="all",
                                                           precision="bf16-mixed")),
