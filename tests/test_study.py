@@ -443,3 +443,21 @@ def test_the_study_report_reads_matched_skill_and_rules_off_the_records(tmp_path
     s = json.loads((tmp_path / "study.json").read_text())
     assert s["matched"]["lopt"]["1.05"] == {"target": 1.05, "reached": True, "kl": 0.08, "drop": 0.02, "how": "at most"}
     assert (tmp_path / "loss-vs-retention.png").stat().st_size > 1000
+
+
+def test_the_study_holds_out_rows_or_reads_the_eval_dataset(tmp_path):
+    from lopt.recipes.study.command import StudyData, StudyOptions
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows())  # 32 rows
+    held = StudyData(StudyOptions(dataset=str(rows), steps=5, batch_size=2, val_size=4), tmp_path / "a")
+    held.write()
+    train, val, ev = ([json.loads(ln) for ln in p.read_text().splitlines()] for p in (held.train, held.sweep_val, held.eval))
+    assert (len(train), len(val), len(ev)) == (10, 4, 4) and "held out" in held.eval_note
+    qs = [r["question"] for r in train + val + ev]
+    assert len(set(qs)) == len(qs)  # no row both trained on and held out
+    other = write_jsonl(tmp_path / "other.jsonl", addition_rows()[:6])
+    given = StudyData(StudyOptions(dataset=str(rows), eval_dataset=str(other), steps=5, batch_size=2, val_size=4,
+                                   eval_limit=5), tmp_path / "b")
+    given.write()
+    assert given.eval.read_text().count("\n") == 5 and "other.jsonl" in given.eval_note
+    assert given.sweep_val.read_text().count("\n") == 4 and given.digest != held.digest
