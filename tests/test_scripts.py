@@ -26,7 +26,7 @@ def load(name: str):
 def test_the_scripts_are_the_known_ones():
     # a new script gets its checks here; a deleted one leaves this list
     assert [p.stem for p in SCRIPTS] == ["lmeval_compare", "lmeval_requests_check", "lmeval_tasks",
-                                         "math_verify_agreement", "retention_timing"]
+                                         "math_verify_agreement", "precision_quality", "retention_timing"]
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
@@ -85,3 +85,28 @@ def test_math_verify_agreement_runs(capsys):
     assert load("math_verify_agreement").main(["--n", "30", "--seed", "0", "--show", "0"]) == 0
     out = capsys.readouterr().out
     assert "30 pairs (seed 0)" in out and "### lopt vs mv" in out
+
+
+def test_precision_quality_never_redoes_a_finished_run_and_reports_against_fp32(tmp_path, monkeypatch):
+    pq = load("precision_quality")
+    args = pq.argparse.Namespace(steps=128, eval_limit=300, data_dir=None, records=str(tmp_path / "runs"),
+                                 runs_dir=str(tmp_path / "out"))
+    losses = {("e2e", "fp32", 0): 1.00, ("e2e", "fp32", 1): 1.02, ("e2e", "bf16-true", 0): 1.01,
+              ("e2e", "bf16-true", 1): 1.03, ("e2e", "bf16-true-plain", 0): 1.5}
+    for (m, p, s), loss in losses.items():
+        name = f"{m}-{p}-s{s}-128steps"
+        spec = {"method": m, "precision": p, "seed": s, "steps": 128, "eval_limit": 300}
+        (tmp_path / "runs").mkdir(exist_ok=True)
+        (tmp_path / "runs" / f"{name}.json").write_text(json.dumps({"spec": spec, "heldout_loss": loss}))
+    monkeypatch.setattr(pq.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was started again"))
+    assert pq.run_one("e2e-fp32-s0-128steps", "e2e", "fp32", 0, args)["heldout_loss"] == 1.00
+    table = pq.report(tmp_path / "runs", 128)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines() if line.startswith("| e2e")}
+    assert "| 1.0100 | 2 |  | 0.99% |" in rows[("e2e", "fp32")]  # seeds 1.00 and 1.02
+    assert "+0.99%" in rows[("e2e", "bf16-true")] and "+48.51%" in rows[("e2e", "bf16-true-plain")]
+    cmd = pq.command("e2e", "bf16-true-plain", 1, args, tmp_path / "o")
+    assert cmd[:2] == ["lopt", "train"] and "--bf16-update" in cmd and cmd[cmd.index("--bf16-update") + 1] == "plain"
+    from lopt.cli import main as cli_main  # the recorded command is lopt train's own
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", *cmd[2:], "--help"])
+    assert e.value.code == 0
