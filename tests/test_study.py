@@ -395,6 +395,11 @@ def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
     for p in run_dir.iterdir():
         if p.is_file() and p.name != "metrics.jsonl":
             p.unlink()
+    # only a checkpoint of this run's settings is resumed (one left by another rate is dropped)
+    from dataclasses import replace
+
+    from lopt.recipes.study.command import same_run
+    assert same_run(run_dir / "checkpoint-2", cfg) and not same_run(run_dir / "checkpoint-2", replace(cfg, lr=2e-3))
     study.run(run)
     rec = study.records.read("runs/e2e-lr0.001/train")
     assert rec["resumed_from"] == "checkpoint-2" and rec["summary"]["steps"] == 4

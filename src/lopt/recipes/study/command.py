@@ -580,6 +580,9 @@ class Study:
             cfg.save_every = max(1, o.steps // 4)
             cfg.save_total_limit = 1
             ckpt = latest_checkpoint(run_dir)
+            if ckpt is not None and not same_run(ckpt, cfg):  # left by a run with other settings: start afresh
+                shutil.rmtree(run_dir)
+                ckpt = None
             cfg.resume = str(ckpt) if ckpt else None
             t0 = time.perf_counter()
             result = train(cfg)
@@ -655,6 +658,22 @@ class Study:
             "schedules": {m: n for m, (_, n) in self.schedules.items() if n}, "sweep_steps": sweep_steps(o),
             "best": best, "runs": final_runs(best, o) if best else None, "suite": list(self.tasks),
             "machine": machine()})
+
+
+# The options that make a checkpoint this run's (the rest are bookkeeping: save_every, resume, ...).
+_RUN_KEYS = ("model", "gguf_file", "method", "lr", "seed", "max_steps", "batch_size", "max_length", "limit",
+             "warmup_ratio", "badam_switch_every", "lisa_interval")
+
+
+def same_run(ckpt: Path, cfg: TrainConfig) -> bool:
+    """Whether ``ckpt`` was written by a run with ``cfg``'s settings (its recorded options), so that
+    resuming it continues this run; a checkpoint without a record is not trusted."""
+    from lopt.runtime.resume_options import find_recorded_run
+
+    rec = find_recorded_run(ckpt.parent, str(ckpt))
+    if rec is None:
+        return False
+    return all(rec.options.get(k) == getattr(cfg, k) for k in _RUN_KEYS)
 
 
 def study_command(opts: StudyOptions) -> int:
