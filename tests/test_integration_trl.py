@@ -133,6 +133,26 @@ def test_lopt_in_sft_trainer_is_lopt_train(tiny_dir, qa_file, tmp_path, setting)
                                    trainer.model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_from_a_checkpoint_is_the_uninterrupted_run(tiny_dir, qa_file, tmp_path):
+    """save_steps + trainer.train(resume_from_checkpoint=...) under the paper's LoPT (local heads in
+    lopt_state.pt, the optimizer, schedule and data position in the trainer's files): the same weights."""
+    from trl import SFTTrainer
+
+    ds, tok = lopt_ordered_dataset(tiny_dir, qa_file)
+
+    def run(out, steps, resume=None):
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir),
+                             args=sft_args(out, max_steps=steps, save_strategy="steps", save_steps=2),
+                             train_dataset=ds, processing_class=tok)
+        wrap_trainer(trainer, method="lopt", task_grad_every=0).train(resume_from_checkpoint=resume)
+        return weights(trainer.model), weights(trainer.lopt_model.heads)
+
+    full = run(tmp_path / "full", 4)  # its checkpoint-2 stands for a run stopped after step 2
+    resumed = run(tmp_path / "resumed", 4, resume=str(tmp_path / "full" / "checkpoint-2"))
+    for got, want in zip(resumed, full):
+        assert_same_weights(got, want)
+
+
 def test_plain_transformers_trainer_with_grad_accumulation(tiny_dir, qa_file, tmp_path):
     """transformers.Trainer (the model computes its own loss) under LoPT with gradient accumulation:
     trains, logs the local loss, and writes a plain model with trainer.save_model."""
