@@ -327,18 +327,19 @@ def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data
     capsys.readouterr()
     assert main(args + ["--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert "e2e: 0.0001, 0.001" in plan and "4 runs of 2 steps" in plan and "estimate: " in plan
+    assert "e2e: 0.0001, 0.001" in plan and "e2e 2, lopt 2)" in plan and "4 runs of 2 steps" in plan
+    assert "estimate: " in plan
 
 
 def test_the_study_plan_states_grids_rates_and_budget_adapted_schedules():
     from lopt.recipes.study.command import StudyOptions, final_runs, grids, schedule
 
-    o = StudyOptions(dataset="d.jsonl", start_lr=["lora=2e-4"], seeds=[0, 1])
+    o = StudyOptions(dataset="d.jsonl", start_lr=["lora=2e-4"], seeds=[0, 1], method_rates=["e2e=3"])
     g = grids(o)
     assert g["e2e"] == [3e-5, 1e-4, 3e-4] and g["lora"] == [6e-5, 2e-4, 6e-4]  # study v2's e2e grid; a moved start
     runs = final_runs({"e2e": 1e-4, "lora": 1e-3}, o)
     assert [(r["run"], r["lr"], r["seed"]) for r in runs] == [
-        ("e2e-lr0.0001", 1e-4, 0), ("e2e-lr3e-05", 3e-5, 0), ("e2e-lr0.0001-seed1", 1e-4, 1),
+        ("e2e-lr0.0001", 1e-4, 0), ("e2e-lr3e-05", 3e-5, 0), ("e2e-lr1e-05", 1e-5, 0), ("e2e-lr0.0001-seed1", 1e-4, 1),
         ("lora-lr0.001", 1e-3, 0), ("lora-lr0.0003", 3e-4, 0), ("lora-lr0.001-seed1", 1e-3, 1)]
     # BAdam at LLaMA-Factory's 50 steps trains 6 of SmolLM2's 30 layers in 256 steps; adapted, all of them
     opts, why = schedule("badam", 30, 256, adapt=True)
@@ -359,6 +360,7 @@ def test_the_study_plan_states_grids_rates_and_budget_adapted_schedules():
     (["--dataset", "{rows}", "--start-lr", "e2e=fast"], "--start-lr e2e=fast: give METHOD=LR"),
     (["--dataset", "{rows}", "--retention-suite", "arc-easy,mmlu"], "--retention-suite arc-easy,mmlu: no task 'mmlu'"),
     (["--dataset", "{rows}", "--methods", "e2e", "e2e"], "--methods names a method twice"),
+    (["--dataset", "{rows}", "--method-rates", "e2e=4"], "--method-rates e2e=4: give METHOD=N with N 1, 2 or 3"),
     ([], "--dataset is required"),
 ])
 def test_bad_study_input_is_one_line_before_anything_loads(tmp_path, capsys, extra, message):
@@ -456,7 +458,8 @@ def test_the_study_holds_out_rows_or_reads_the_eval_dataset(tmp_path):
     rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows())  # 32 rows
     held = StudyData(StudyOptions(dataset=str(rows), steps=5, batch_size=2, val_size=4), tmp_path / "a")
     held.write()
-    train, val, ev = ([json.loads(ln) for ln in p.read_text().splitlines()] for p in (held.train, held.sweep_val, held.eval))
+    train, val, ev = ([json.loads(ln) for ln in p.read_text().splitlines()]
+                      for p in (held.train, held.sweep_val, held.eval))
     assert (len(train), len(val), len(ev)) == (10, 4, 4) and "held out" in held.eval_note
     qs = [r["question"] for r in train + val + ev]
     assert len(set(qs)) == len(qs)  # no row both trained on and held out

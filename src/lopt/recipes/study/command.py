@@ -76,6 +76,8 @@ class StudyOptions:
                                  nargs="+", metavar="METHOD=LR", group=_PLAN)
     rates: int = option(2, "rates each method is trained at: its sweep's best, then 0.3x and 0.1x of it",
                         choices=(1, 2, 3), group=_PLAN)
+    method_rates: list[str] = option(factory=list, help="another number of rates for a method, e.g. e2e=3",
+                                     nargs="+", metavar="METHOD=N", group=_PLAN)
     seeds: list[int] = option(factory=lambda: [0], help="seeds: every run with the first; each method's best "
                               "rate again with the others (the seed noise)", nargs="+", type=int, group=_PLAN)
     adapt_schedules: bool = option(
@@ -156,6 +158,19 @@ def schedule(method: str, num_layers: int, steps: int, adapt: bool) -> tuple[dic
         f"{math.ceil(steps / 20)} times)")
 
 
+def rates_of(opts: StudyOptions) -> dict[str, int]:
+    """How many rates each method is trained at: --rates, with --method-rates' overrides (one-line errors)."""
+    out = dict.fromkeys(opts.methods, opts.rates)
+    for item in opts.method_rates:
+        method, _, value = item.partition("=")
+        if method not in opts.methods:
+            raise LoPTError(f"--method-rates {item}: {method!r} is not one of --methods ({' '.join(opts.methods)})")
+        if value not in ("1", "2", "3"):
+            raise LoPTError(f"--method-rates {item}: give METHOD=N with N 1, 2 or 3, e.g. e2e=3")
+        out[method] = int(value)
+    return out
+
+
 def run_name(method: str, lr: float, seed: int, first_seed: int) -> str:
     return f"{method}-lr{lr:g}" + (f"-seed{seed}" if seed != first_seed else "")
 
@@ -163,12 +178,12 @@ def run_name(method: str, lr: float, seed: int, first_seed: int) -> str:
 def final_runs(best: dict[str, float], opts: StudyOptions) -> list[dict[str, Any]]:
     """``[{"run", "method", "lr", "seed"}]``: every method at its rates with the first seed, then its
     best rate with each other seed."""
-    out = []
+    out, rates = [], rates_of(opts)
     for m in opts.methods:
         if m not in best:
             continue
         out += [{"run": run_name(m, lr, opts.seeds[0], opts.seeds[0]), "method": m, "lr": lr, "seed": opts.seeds[0]}
-                for lr in final_rates(best[m], opts.rates)]
+                for lr in final_rates(best[m], rates[m])]
         out += [{"run": run_name(m, best[m], s, opts.seeds[0]), "method": m, "lr": _round(best[m]), "seed": s}
                 for s in opts.seeds[1:]]
     return out
@@ -198,6 +213,7 @@ def check_options(opts: StudyOptions) -> None:
     if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
         raise LoPTError(f"--seeds: give one or more distinct seeds, got {opts.seeds}")
     start_rates(opts)
+    rates_of(opts)
     suite_tasks(opts)
 
 
@@ -409,7 +425,8 @@ class Study:
         per_run_eval = self.eval_estimate()
         sweep = sum(self.train_estimate(m, sweep_steps(o)) + per_run_eval * 0.3
                     for m in o.methods for _ in self.grids[m])
-        runs = sum((self.train_estimate(m, o.steps) + per_run_eval) * (o.rates + len(o.seeds) - 1)
+        rates = rates_of(o)
+        runs = sum((self.train_estimate(m, o.steps) + per_run_eval) * (rates[m] + len(o.seeds) - 1)
                    for m in o.methods)
         return {"sweep": sweep, "runs": runs, "base": per_run_eval}
 
@@ -628,12 +645,14 @@ class Study:
                  f"{o.dataset}, methods {' '.join(o.methods)}",
                  f"data: {d['train_rows']} of {d['rows']} rows trained on ({o.steps} steps x {o.batch_size}); "
                  f"{d['eval']}; {d['sweep']}",
-                 f"sweep: {sweep_steps(o)} steps a run; grids (starting rate x {', '.join(f'{f:g}' for f in o.lr_factors)}):"]
+                 f"sweep: {sweep_steps(o)} steps a run; grids (starting rate x "
+                 f"{', '.join(f'{f:g}' for f in o.lr_factors)}):"]
         lines += [f"  {m}: " + ", ".join(f"{lr:g}" for lr in self.grids[m]) for m in o.methods]
-        lines.append(f"runs: each method at {o.rates} rate(s) (its sweep's best"
-                     + (", 0.3x" if o.rates > 1 else "") + (", 0.1x" if o.rates > 2 else "") + ")"
+        rates = rates_of(o)
+        counts = ", ".join(f"{m} {n}" for m, n in rates.items())
+        lines.append(f"runs: each method at its rates (its sweep's best, then 0.3x, then 0.1x of it: {counts})"
                      + (f", the best again with seeds {' '.join(map(str, o.seeds[1:]))}" if len(o.seeds) > 1 else "")
-                     + f": {len(o.methods) * (o.rates + len(o.seeds) - 1)} runs of {o.steps} steps")
+                     + f": {sum(n + len(o.seeds) - 1 for n in rates.values())} runs of {o.steps} steps")
         if best:
             lines += [f"  {r['run']}" for r in final_runs(best, o)]
         lines += [f"schedule: {note}" for m, (_, note) in self.schedules.items() if note]
@@ -654,7 +673,8 @@ class Study:
         o = self.opts
         write_json(self.records.path("meta"), {
             "options": asdict(o), "num_layers": self.num_layers, "data": self.data.describe(),
-            "grids": self.grids, "start_lr": start_rates(o), "rate_factors": list(RATE_FACTORS[:o.rates]),
+            "grids": self.grids, "start_lr": start_rates(o),
+            "rate_factors": list(RATE_FACTORS[:max(rates_of(o).values())]), "rates": rates_of(o),
             "schedules": {m: n for m, (_, n) in self.schedules.items() if n}, "sweep_steps": sweep_steps(o),
             "best": best, "runs": final_runs(best, o) if best else None, "suite": list(self.tasks),
             "machine": machine()})

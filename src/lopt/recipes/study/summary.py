@@ -144,7 +144,8 @@ def markdown(s: dict[str, Any]) -> str:
               for m, c in s["cost"].items()]
     lines += ["", "## Learning-rate sweep", "", f"{meta['sweep_steps']} steps a run; {meta['data']['sweep']}. "
               f"Each method's grid is its starting rate times {', '.join(f'{f:g}' for f in o['lr_factors'])}; "
-              "it is then trained at " + ", ".join(f"{f:g}" for f in meta["rate_factors"]) + " x its best.", "",
+              "it is then trained at the first rates of " + ", ".join(f"{f:g}" for f in meta["rate_factors"])
+              + " x its best (" + ", ".join(f"{m} {n}" for m, n in (meta.get("rates") or {}).items()) + ").", "",
               "| method | rate -> held-out loss |", "|---|---|"]
     for m, pts in s["sweep"].items():
         best = (meta.get("best") or {}).get(m)
