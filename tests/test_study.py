@@ -334,6 +334,10 @@ def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data
 def test_the_study_plan_states_grids_rates_and_budget_adapted_schedules():
     from lopt.recipes.study.command import StudyOptions, final_runs, grids, schedule
 
+    from lopt.methods import METHODS
+    from lopt.recipes.study.command import START_LR
+
+    assert set(START_LR) == set(METHODS)  # every method has a stated starting rate
     o = StudyOptions(dataset="d.jsonl", start_lr=["lora=2e-4"], seeds=[0, 1], method_rates=["e2e=3"])
     g = grids(o)
     assert g["e2e"] == [3e-5, 1e-4, 3e-4] and g["lora"] == [6e-5, 2e-4, 6e-4]  # study v2's e2e grid; a moved start

@@ -39,7 +39,9 @@ DEFAULT_METHODS = ("e2e", "lopt", "freeze-lower", "lora", "lisa", "badam")
 # Where each method's learning-rate grid is centred: study v2's sweep on SmolLM2-135M chose 1e-4 for the
 # full-parameter methods (grid 1e-5..3e-4) and 1e-3 for LoRA (grid 1e-4..3e-3). The layer-switching
 # methods (LISA, BAdam) update full layers with AdamW, so they start where the full-parameter ones do.
-START_LR = {"e2e": 1e-4, "lopt": 1e-4, "freeze-lower": 1e-4, "lisa": 1e-4, "badam": 1e-4, "lora": 1e-3}
+# QLoRA trains the same adapters as LoRA (over a 4-bit base), so it starts where LoRA does.
+START_LR = {"e2e": 1e-4, "lopt": 1e-4, "freeze-lower": 1e-4, "lisa": 1e-4, "badam": 1e-4, "lora": 1e-3,
+            "qlora": 1e-3}
 # The rates each method is trained at, as multiples of its sweep's best: the best, then gentler ones,
 # which move the model less (lower retention KL, higher loss): the curve a matched-skill reading needs.
 RATE_FACTORS = (1.0, 0.3, 0.1)
@@ -106,7 +108,7 @@ class StudyOptions:
 
 def start_rates(opts: StudyOptions) -> dict[str, float]:
     """Each method's starting rate: START_LR, with --start-lr's overrides (one-line errors)."""
-    out = {m: START_LR.get(m, 1e-4) for m in opts.methods}
+    out = {m: START_LR[m] for m in opts.methods}
     for item in opts.start_lr:
         method, _, value = item.partition("=")
         if method not in opts.methods:
