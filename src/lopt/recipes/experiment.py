@@ -5,7 +5,9 @@ records/study-v2/ (its records in results/, the report RESULTS.md) and the READM
     python -m lopt.recipes.experiment --only e2e lisa    # some runs; the report uses every record
     python -m lopt.recipes.experiment --quick            # the whole pipeline in minutes; not a result
 
-Study v1 (20 steps) is kept as it was, frozen, in records/study-v1/.
+Study v1 (20 steps) is kept as it was, frozen, in records/study-v1/. ``lopt study``
+(:mod:`lopt.recipes.study.command`) is the general command: any model, data and methods, with a
+learning-rate sweep per method and retention at matched task skill; study v2 keeps its own code and records.
 """
 from __future__ import annotations
 
