@@ -264,6 +264,12 @@ def test_options_lopt_cannot_honour_are_one_line_errors(tiny_dir, qa_file, tmp_p
         with pytest.raises(LoPTError, match=match) as e:
             wrap_trainer(trainer(**args_kw), **wrap_kw)
         assert "\n" not in str(e.value)
+    import transformers
+
+    with pytest.MonkeyPatch.context() as mp:  # as under torchrun --nproc_per_node 2
+        mp.setattr(transformers.TrainingArguments, "world_size", property(lambda self: 2))
+        with pytest.raises(LoPTError, match=r"2 processes: method lopt's local losses"):
+            wrap_trainer(trainer())
     t = wrap_trainer(trainer())
     with pytest.raises(LoPTError, match="already wrapped"):
         wrap_trainer(t)

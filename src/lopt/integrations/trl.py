@@ -351,6 +351,13 @@ def check_trainer(trainer, config: Any, wrapped: LoPTModel | None = None) -> Non
                         "method='lora' (lopt's LoRA: lora_r=, lora_alpha=, lora_target_modules=)")
     args = trainer.args
     boundary = get_method(config.method).boundary
+    if get_method(config.method).local_loss and args.world_size > 1:
+        # Checked with torchrun on 2 CPU processes (gloo): with --task-grad-every 0 DDP stops ("Expected to have
+        # finished reduction in the prior iteration"), with the default the two ranks' weights drift apart;
+        # e2e, freeze-lower and lisa kept the ranks equal.
+        raise LoPTError(f"{args.world_size} processes: method {config.method}'s local losses backpropagate inside the "
+                        f"forward, which the trainer's DDP/FSDP gradient sync cannot follow; train on one process, "
+                        f"or use lopt train, whose data parallel handles them (docs/distributed.md)")
     kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
         args, "gradient_checkpointing_kwargs", None) or {}
     checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
