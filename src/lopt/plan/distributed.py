@@ -317,7 +317,8 @@ def run_plan_cli(ns: Any) -> int:
             raise PlanError(f"--nproc {ns.nproc} needs --parallel ddp, fsdp or pipeline")
         return planner.run_plan_cli(ns)
     options = {k: getattr(ns, k) for k in ("task_grad_every", "tied_head", "lower_every", "optimizer",
-                                           "optimizer_in_backward") if getattr(ns, k, None) is not None}
+                                           "optimizer_in_backward", "bf16_update") if getattr(ns, k, None) is not None}
+    options["method_options"] = planner.namespace_method_options(ns)  # --lora-r, --lisa-layers, ...
     rows = plan_parallel(ns.model, nproc=ns.nproc, parallel=ns.parallel, batch_size=ns.batch_size,
                          max_length=ns.max_length, precision=ns.precision, methods=ns.method,
                          num_blocks=ns.num_blocks, gradient_checkpointing=ns.gradient_checkpointing,
