@@ -262,3 +262,17 @@ def test_dpo_reference_and_policy_dtypes(files, precision, policy, reference):
                               get_optimizer_cls_and_kwargs=lambda args, model: (torch.optim.AdamW, {}))
     opt = build_trainer_optimizer(trainer)
     assert type(opt).__module__.startswith("optimi" if precision == "bf16-true" else "torch")
+
+
+def test_which_runs_load_the_model_in_bf16():
+    """The model loads in bf16 where no loaded weight stays fp32: bf16-true, and a frozen base (LoRA,
+    qlora) under bf16-mixed; never under fp32, for what bf16-mixed trains, or under --fsdp."""
+    from lopt.recipes.sft import loads_in_bf16
+
+    def loads(method, precision, **kw):
+        return loads_in_bf16(TrainConfig(method=method, precision=precision, **kw), CPU)
+    assert loads("e2e", "bf16-true") and loads("lopt", "bf16-true")
+    assert loads("lora", "bf16-mixed") and loads("lora", "bf16")
+    assert not loads("lora", "fp32") and not loads("lora", "auto")  # auto is fp32 on the CPU
+    assert not any(loads(m, "bf16-mixed") for m in ("e2e", "lopt", "freeze-lower", "lisa", "badam"))
+    assert not loads("e2e", "bf16-true", fsdp=True)

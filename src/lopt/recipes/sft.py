@@ -30,7 +30,7 @@ from lopt.runtime.checkpoints import (STATE_FILE, method_extra_state, save_plain
 from lopt.runtime.resume import CheckpointError, CorruptStateError, find_resume, load_state, resume_on_all_ranks
 from lopt.runtime.resume_options import same_options_on_all_ranks
 from lopt.runtime.loop import Stepper, resolve_device, set_seed
-from lopt.runtime.precision import apply_precision, check_device_options
+from lopt.runtime.precision import apply_precision, check_device_options, resolve_precision
 from lopt.runtime.preflight import preflight_train
 from lopt.runtime.state import Callback, RunLog, TrainResult, TrainState, count_steps
 from lopt.runtime.trackers import check_trackers
@@ -115,8 +115,11 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
     source = str(resume_dir) if resume_dir is not None and not get_method(cfg.method).resume_from_base else cfg.model
     # FSDP: every rank loads on the CPU and fully_shard moves its shard to the device.
     load_device = torch.device("cpu") if cfg.fsdp else device
+    # Where no loaded weight is kept in fp32 (bf16-true; a frozen base under bf16-mixed: lora, qlora) the model
+    # loads in bf16, never holding its fp32 copy on the device.
+    load_dtype = torch.bfloat16 if loads_in_bf16(cfg, device) else None
     model, tokenizer = load_model(source, gguf_file=None if source != cfg.model else cfg.gguf_file,
-                                  device=load_device, trust_remote_code=cfg.trust_remote_code)
+                                  device=load_device, dtype=load_dtype, trust_remote_code=cfg.trust_remote_code)
     examples, data_stats = build_sft_dataset(cfg.dataset, tokenizer, max_length=cfg.max_length,
                                              split=cfg.split, limit=cfg.limit, data_dir=cfg.data_dir)
     held = {}  # the held-out examples: spec -> (examples, split, their data stats)
@@ -258,6 +261,20 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
         ctx.barrier()
         ctx.close()
     return TrainResult(summary, wrapped, tokenizer)
+
+
+def loads_in_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether every weight of the checkpoint ends up stored in bf16 under ``cfg.precision``: under
+    bf16-true, and under bf16-mixed when the method trains none of them (its base is frozen)."""
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.fsdp or not precision.startswith("bf16"):
+        return False
+    if precision == "bf16-true":
+        return True
+    if get_method(cfg.method).boundary:  # the boundary's methods train the layers above it
+        return False
+    t = get_method(cfg.method).trains(1, cfg.lopt_config())
+    return not (t.layers or t.embedding or t.head or t.final_norm)
 
 
 def eval_max_length(cfg: TrainConfig) -> int:
