@@ -139,3 +139,18 @@ def test_report_to_names_resolve_like_transformers(monkeypatch):
     assert "wandb" not in installed and set(installed) <= {"tensorboard", "mlflow"}
     if "tensorboard" in installed:  # the old --tensorboard flag adds it once
         assert check_trackers(["tensorboard"], tensorboard=True) == ["tensorboard"]
+
+
+def test_grpo_and_dpo_pass_report_to_to_transformers(monkeypatch):
+    """lopt grpo / dpo run TRL's trainers: --report-to becomes their TrainingArguments' report_to."""
+    import torch
+
+    from lopt.recipes.dpo import DPORunConfig
+    from lopt.recipes.trl_bridge import trl_common_args
+
+    cpu = torch.device("cpu")
+    assert trl_common_args(DPORunConfig(), cpu)["report_to"] == "none"
+    assert trl_common_args(DPORunConfig(report_to=["tensorboard", "tensorboard"]), cpu)["report_to"] == ["tensorboard"]
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(LoPTError, match=re.escape("pip install 'lopt[wandb]'")):
+        trl_common_args(DPORunConfig(report_to=["wandb"]), cpu)

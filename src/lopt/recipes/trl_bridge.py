@@ -33,6 +33,7 @@ from lopt.integrations.trl import (CHECKPOINT_PREFIX, LOPT_STATE_FILE, RUN_FILE,
                                    lopt_trainer_class, wrap_seeded, wrap_trainer)
 from lopt.models import load_model
 from lopt.runtime import checkpoints as ckpt
+from lopt.runtime.trackers import check_trackers
 from lopt.runtime.checkpoints import clean_stale_temporaries, method_extra_state, save_plain_into, stopped_message, versions
 from lopt.runtime.resume import CorruptStateError, find_resume, load_state
 from lopt.runtime.loop import autocast_dtype
@@ -123,7 +124,8 @@ def trl_common_args(cfg: RLConfig, device: torch.device) -> dict[str, Any]:
         max_grad_norm=cfg.max_grad_norm or 0.0, logging_steps=cfg.log_every,
         save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
         save_total_limit=cfg.save_total_limit, save_only_model=cfg.save_only_model,
-        report_to="none", bf16=amp == torch.bfloat16, fp16=amp == torch.float16,
+        # --report-to: transformers' own trackers (its report_to), checked first: a missing one is one line
+        report_to=check_trackers(cfg.report_to) or "none", bf16=amp == torch.bfloat16, fp16=amp == torch.float16,
         use_cpu=device.type == "cpu", seed=cfg.seed, disable_tqdm=True,
         dataloader_num_workers=0,
         # Not the fused kernel: resumed under TRL's checkpoint loading it did not reproduce the
