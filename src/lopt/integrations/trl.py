@@ -50,7 +50,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -65,6 +65,9 @@ from lopt.runtime.checkpoints import (method_extra_state, rotate_checkpoints, sa
                                       versions)
 from lopt.runtime.loop import cosine_with_warmup
 from lopt.runtime.resume import load_state
+
+if TYPE_CHECKING:  # transformers is imported when a trainer is wrapped
+    from transformers import Trainer
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -252,7 +255,7 @@ def _clip_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> floa
     return loop.clip_gradients(params, max_norm or None) or 0.0
 
 
-def build_trainer_optimizer(trainer) -> torch.optim.Optimizer:
+def build_trainer_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
     """The optimizer the trainer's arguments name, over ``lopt_model.param_groups`` (the last block
     at ``learning_rate``, the lower blocks, embeddings and local heads at ``lr_lower``; no weight
     decay on biases and norms)."""
@@ -276,7 +279,7 @@ def build_trainer_optimizer(trainer) -> torch.optim.Optimizer:
     return cls(groups, **kwargs)
 
 
-def lopt_step_callback(wrapped: LoPTModel):
+def lopt_step_callback(wrapped: LoPTModel) -> Any:
     """The per-step switches of the method: ``begin_step`` before each optimizer step (layer
     switching, ``lower_every``, ``task_grad_every``'s open boundary), the local heads' gradients freed
     after it (the trainer zeroes the plain model's only), the boundary closed at the step's end."""
@@ -329,7 +332,7 @@ def trainer_config(method: str = "lopt", **options: Any) -> Any:
     return config
 
 
-def check_trainer(trainer, config: Any, wrapped: LoPTModel | None = None) -> None:
+def check_trainer(trainer: Trainer, config: Any, wrapped: LoPTModel | None = None) -> None:
     """One-line LoPTError for a trainer option that lopt cannot honour with ``config``'s method
     (``wrapped``: the model lopt already wrapped, which the trainer trains)."""
     from transformers import Trainer
@@ -384,10 +387,10 @@ def lopt_trainer_class(base: type) -> type:
 _CLASSES: dict[type, type] = {}
 
 
-def wrap_trainer(trainer, method: str = "lopt", *, lr_lower: float | None = None, retention: str | None = None,
+def wrap_trainer(trainer: Trainer, method: str = "lopt", *, lr_lower: float | None = None, retention: str | None = None,
                  retention_options: dict[str, Any] | None = None,
                  schedule: Callable[[int], Callable[[int], float]] | None = None, wrapped: LoPTModel | None = None,
-                 stats: Any = None, **options: Any):
+                 stats: Any = None, **options: Any) -> Trainer:
     """Train ``trainer``'s model with lopt's ``method`` (``lopt``, ``e2e``, ``freeze-lower``, ``lora``,
     ``lisa``, ``badam`` or a plugin's), keeping everything else of the trainer. Returns the trainer
     (the same object, its class now ``lopt_trainer_class(type(trainer))``); the wrapped model is
@@ -401,10 +404,11 @@ def wrap_trainer(trainer, method: str = "lopt", *, lr_lower: float | None = None
     on them, ``lopt eval``'s retention-kl; 0 = unchanged) at every ``eval_steps`` and the last step, to
     the trainer's ``report_to`` trackers; ``suite[:TASKS]`` adds lm-eval-exact benchmarks; ``none`` or
     None (the default, as for lopt's commands: it cost over 5% of a short CPU run) measures nothing
-    (``lopt.eval.retention.retention_callback``, whose keyword arguments ``retention_options`` passes on). ``schedule``: a function of the number of
-    steps giving the LR factor per step (``lopt_schedule(warmup_ratio)`` is ``lopt train``'s); default:
-    the trainer's own ``lr_scheduler_type``. ``wrapped``: a model already wrapped (its
-    ``.model`` must be the trainer's model; the options then come from it). ``stats``: where tokens
+    (``lopt.eval.retention.retention_callback``, whose keyword arguments ``retention_options`` passes
+    on). ``schedule``: a function of the number of steps giving the LR factor per step
+    (``lopt_schedule(warmup_ratio)`` is ``lopt train``'s); default: the trainer's own
+    ``lr_scheduler_type``. ``wrapped``: a model already wrapped (its ``.model`` must be the trainer's
+    model; the options then come from it). ``stats``: where tokens
     and local losses are counted (a :class:`StepStats` by default).
 
     Call it after building the trainer and before ``trainer.train()``.
