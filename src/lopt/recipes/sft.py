@@ -136,12 +136,12 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
         data_stats["eval"] = {k: eval_stats[k] for k in ("source", "format", "rows", "truncated") if k in eval_stats}
     # Retention: the base model's answers to general prompts, recorded before it is wrapped (on resume, read
     # back from the run folder: the resumed weights are not the base). Rank 0 only; not across shards.
-    retention = None
+    retention, retention_note = None, None  # the note is printed under the run's first line
     if main and cfg.retention is None:  # the default: off, and the run says so
-        print(RETENTION_OFF_NOTE, file=sys.stderr)
+        retention_note = RETENTION_OFF_NOTE
     elif main and cfg.retention != "none" and (cfg.fsdp or cfg.pipeline):
-        print("lopt: retention: not measured under --fsdp / --pipeline (no process holds the whole model); "
-              "run lopt eval --tasks retention-kl on the saved model", file=sys.stderr)
+        retention_note = ("lopt: retention: not measured under --fsdp / --pipeline (no process holds the whole "
+                          "model); run lopt eval --tasks retention-kl on the saved model")
     elif main:
         retention = RunRetention.start(cfg.retention, model, tokenizer, out_dir, resumed=resume_dir is not None,
                                        prompts=cfg.retention_prompts, max_new_tokens=cfg.retention_new_tokens,
@@ -195,6 +195,8 @@ def train(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> TrainRes
               f"{total_steps} steps on {device}" + (f", resumed at step {state.step}" if resume_dir else "")
               + (f", {world} processes ({'FSDP' if cfg.fsdp else 'data parallel'}, global batch "
                  f"{cfg.batch_size * world})" if ctx is not None else ""), file=sys.stderr)
+        if retention_note:
+            print(retention_note, file=sys.stderr)
     if data_stats.get("truncated") and main:
         print(f"lopt: {data_stats['truncated']} examples truncated to {cfg.max_length} tokens", file=sys.stderr)
     if describe_skips(data_stats) and main:
