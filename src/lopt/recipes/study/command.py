@@ -31,7 +31,7 @@ import torch
 from lopt.config import TrainConfig
 from lopt.engine.config import LoPTError, option
 from lopt.methods import METHODS
-from lopt.recipes.study.records import Records, load_average, machine, write_json, write_text
+from lopt.recipes.study.records import Records, load_average, machine, timed_train, write_json, write_text
 
 _WHAT, _PLAN, _EVAL, _RUN = "what to train", "the study's plan", "evaluation", "bookkeeping"
 
@@ -586,7 +586,6 @@ class Study:
         """Train one run (continuing a killed one from its last checkpoint), then evaluate it."""
         from lopt.eval.drift import read_boundaries
         from lopt.models import load_model
-        from lopt.recipes.sft import train
         from lopt.runtime.checkpoints import latest_checkpoint
 
         o = self.opts
@@ -603,18 +602,11 @@ class Study:
                 shutil.rmtree(run_dir)
                 ckpt = None
             cfg.resume = str(ckpt) if ckpt else None
-            t0 = time.perf_counter()
-            result = train(cfg)
-            seconds = time.perf_counter() - t0
-            summary = {k: v for k, v in result.summary.items() if k not in ("data", "output_dir", "eval")}
-            del result
-            gc.collect()
-            hist = run_dir / "metrics.jsonl"
-            history = [json.loads(ln) for ln in hist.read_text().splitlines() if ln.strip()] if hist.is_file() else []
+            seconds, summary, history = timed_train(cfg, run_dir, keys=("step", "loss"))
             cfg.save_every = cfg.save_total_limit = cfg.resume = None  # the command is the run, not its bookkeeping
             return {"command": self.command(cfg), "train_seconds": round(seconds, 1),
                     "resumed_from": ckpt.name if ckpt else None, "summary": summary,
-                    "history": [{k: h.get(k) for k in ("step", "loss")} for h in history if "loss" in h]}
+                    "history": history}
 
         self._piece(f"runs/{name}/train", spec, self.train_estimate(method, o.steps), make_train,
                     f"{name}: training {o.steps} steps")

@@ -33,7 +33,7 @@ import torch
 
 from lopt.engine.config import LoPTError
 from lopt.recipes.study import plan
-from lopt.recipes.study.records import Records, load_average, machine, write_json, write_text
+from lopt.recipes.study.records import Records, load_average, machine, timed_train, write_json, write_text
 
 OUT = Path("records/local-objectives")
 STUDY = Path("records/study-v2/results")
@@ -133,7 +133,6 @@ class Runner:
 
     def run(self, name: str, objective: str, lr_lower: float, anchor_weight: float | None = None) -> None:
         """Train one run (continuing a killed one), evaluate it, drop its weights; skip it if recorded."""
-        from lopt.recipes.sft import train
         from lopt.runtime.checkpoints import latest_checkpoint
 
         b = self.budget
@@ -158,20 +157,12 @@ class Runner:
             cfg.resume = str(ckpt) if ckpt else None
             self.say(f"{name}: training {b.steps} steps" + (f", continuing from {ckpt.name}" if ckpt else ""))
             load = load_average()
-            t0 = time.perf_counter()
-            result = train(cfg)
-            seconds = time.perf_counter() - t0
-            summary = {k: v for k, v in result.summary.items() if k not in ("data", "output_dir", "eval")}
-            del result
-            gc.collect()
-            hist = run_dir / "metrics.jsonl"
-            history = [json.loads(ln) for ln in hist.read_text().splitlines() if ln.strip()] if hist.is_file() else []
+            seconds, summary, history = timed_train(cfg, run_dir)
             done["train"] = self.records.put(f"{name}/train", spec, {
                 "command": plan.train_command(cfg), "train_seconds": round(seconds, 1),
                 "resumed_from": ckpt.name if ckpt else None, "load_average": load,
                 "load_average_end": load_average(), "machine": machine(), "summary": summary,
-                "history": [{k: h.get(k) for k in ("step", "loss", "aux_loss", "grad_norm")} for h in history
-                            if "loss" in h]})
+                "history": history})
             self.say(f"{name}: trained in {seconds:.0f}s")
         if done["eval"] is None:
             if not run_dir.is_dir():

@@ -6,9 +6,11 @@ an interrupted study resumes where it stopped and a record is committed as soon 
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +80,20 @@ def load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
+
+
+def timed_train(cfg: Any, run_dir: Path, keys: tuple[str, ...] = ("step", "loss", "aux_loss", "grad_norm")
+                ) -> tuple[float, dict[str, Any], list[dict[str, Any]]]:
+    """Train one study run (``lopt.recipes.sft.train``): its wall seconds, its summary (without the data,
+    output dir and eval, which the study records itself) and its logged steps (``keys`` of each)."""
+    from lopt.recipes.sft import train  # the records stay importable without the training stack
+
+    t0 = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - t0
+    summary = {k: v for k, v in result.summary.items() if k not in ("data", "output_dir", "eval")}
+    del result  # the model and optimizer: freed before the next run loads its own
+    gc.collect()
+    hist = Path(run_dir) / "metrics.jsonl"
+    history = [json.loads(ln) for ln in hist.read_text().splitlines() if ln.strip()] if hist.is_file() else []
+    return seconds, summary, [{k: h.get(k) for k in keys} for h in history if "loss" in h]

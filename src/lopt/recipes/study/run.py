@@ -31,7 +31,7 @@ from lopt.models import load_model
 from lopt.recipes.sft import train
 from lopt.recipes.study import plan
 from lopt.recipes.study.plan import QUICK, V2, Budget
-from lopt.recipes.study.records import Records, load_average, machine, write_json
+from lopt.recipes.study.records import Records, load_average, machine, timed_train, write_json
 from lopt.runtime.checkpoints import latest_checkpoint
 
 Say = Callable[[str], None]
@@ -223,20 +223,11 @@ class Study:
             cfg.resume = str(ckpt) if ckpt else None
             self.say(f"{run}: training {b.steps} steps" + (f", continuing from {ckpt.name}" if ckpt else ""))
             load = load_average()
-            t0 = time.perf_counter()
-            result = train(cfg)
-            seconds = time.perf_counter() - t0
-            summary = {k: v for k, v in result.summary.items() if k not in ("data", "output_dir", "eval")}
-            del result
-            gc.collect()
-            hist = run_dir / "metrics.jsonl"
-            history = [json.loads(ln) for ln in hist.read_text().splitlines() if ln.strip()] if hist.is_file() else []
+            seconds, summary, history = timed_train(cfg, run_dir)
             done["train"] = self.records.put(f"{run}/train", spec, {
                 "command": plan.train_command(cfg), "train_seconds": round(seconds, 1),
                 "resumed_from": ckpt.name if ckpt else None, "load_average": load,
-                "load_average_end": load_average(), "summary": summary,
-                "history": [{k: h.get(k) for k in ("step", "loss", "aux_loss", "grad_norm")} for h in history
-                            if "loss" in h]})
+                "load_average_end": load_average(), "summary": summary, "history": history})
             self.say(f"{run}: trained in {seconds:.0f}s")
         if done["eval"] is None:
             self.say(f"{run}: evaluating the final model")
