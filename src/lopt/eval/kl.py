@@ -51,6 +51,23 @@ def pair_sequences(model, base, tokenizer, sequences, prompts, **gen) -> Sequenc
 
 
 @torch.inference_mode()
+def answer_logprobs(model, tokenizer, sequences: Sequence[tuple[list[int], list[int]]],
+                     batch: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One batch of ``sequences`` (indices ``batch``), right-padded: the model's float32 log-probabilities at the positions that predict an answer token
+    (rows in batch order), the answer tokens, and each sequence's row count."""
+    device = model_device(model)
+    seqs = [sequences[i][0] + sequences[i][1] for i in batch]
+    ids, mask = right_pad(seqs, pad_id_of(tokenizer))
+    score = torch.zeros_like(mask, dtype=torch.bool)
+    for r, i in enumerate(batch):
+        p, c = len(sequences[i][0]), len(sequences[i][1])
+        score[r, p - 1: p - 1 + c] = True
+    targets = torch.roll(ids, -1, dims=1)[score]
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    lp = F.log_softmax(logits[score.to(device)].float(), dim=-1)
+    return lp, targets.to(device), [len(sequences[i][1]) for i in batch]
+
+
 def retention_kl(model, base, tokenizer, *, sequences: Sequence[tuple[list[int], list[int]]] | None = None,
                  prompts: Sequence[str] | None = None, max_new_tokens: int = 48, batch_size: int = 8,
                  limit: int | None = None, progress: bool = False) -> dict[str, Any]:
@@ -63,25 +80,15 @@ def retention_kl(model, base, tokenizer, *, sequences: Sequence[tuple[list[int],
     """
     sequences = pair_sequences(model, base, tokenizer, sequences, prompts, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, limit=limit, progress=progress)
-    device = model_device(model)
     kl_sum = nll_sum = base_nll_sum = 0.0
     count = 0
     order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
     batches = list(chunks_of(order, batch_size))
     for batch in progress_bar(batches, total=len(batches), desc="retention-kl", enabled=progress):
-        seqs = [sequences[i][0] + sequences[i][1] for i in batch]
-        ids, mask = right_pad(seqs, pad_id_of(tokenizer))
-        # score[r, t] is True where position t predicts a continuation token (at t + 1).
-        score = torch.zeros_like(mask, dtype=torch.bool)
-        for r, i in enumerate(batch):
-            p, c = len(sequences[i][0]), len(sequences[i][1])
-            score[r, p - 1: p - 1 + c] = True
-        targets = torch.roll(ids, -1, dims=1)[score].to(device)
-        score = score.to(device)
-        lp_base = F.log_softmax(base(input_ids=ids.to(device), attention_mask=mask.to(device)
-                                     ).logits[score].float(), dim=-1)
-        lp_model = F.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)
-                                       ).logits[score].float(), dim=-1)
+        lp_base, targets, _ = answer_logprobs(base, tokenizer, sequences, batch)
+        lp_model, _, _ = answer_logprobs(model, tokenizer, sequences, batch)
+        lp_base = lp_base.to(lp_model.device)
+        targets = targets.to(lp_model.device)
         kl_sum += float((lp_base.exp() * (lp_base - lp_model)).sum())
         nll_sum -= float(lp_model.gather(1, targets[:, None]).sum())
         base_nll_sum -= float(lp_base.gather(1, targets[:, None]).sum())

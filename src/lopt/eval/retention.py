@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from lopt.eval.common import EvalError, chunks_of, model_device, pad_id_of, right_pad
-from lopt.eval.kl import base_continuations
+from lopt.eval.common import EvalError, chunks_of, pad_id_of
+from lopt.eval.kl import answer_logprobs, base_continuations
 from lopt.prompts import GENERAL_PROMPTS
 
 __all__ = ["RetentionProbe", "RetentionSuite", "RunRetention", "RETENTION_FILE", "SUITE_FILE", "RETENTION_MEANING",
@@ -74,22 +73,6 @@ def _unwrap(model):
     return inner if hasattr(model, "block_ranges") and inner is not None else model
 
 
-def _answer_logprobs(model, tokenizer, sequences: Sequence[tuple[list[int], list[int]]],
-                     batch: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """One batch of ``sequences`` (indices ``batch``), right-padded as :func:`lopt.eval.kl.retention_kl`
-    pads them: the model's float32 log-probabilities at the positions that predict an answer token
-    (rows in batch order), the answer tokens, and each sequence's row count."""
-    device = model_device(model)
-    seqs = [sequences[i][0] + sequences[i][1] for i in batch]
-    ids, mask = right_pad(seqs, pad_id_of(tokenizer))
-    score = torch.zeros_like(mask, dtype=torch.bool)
-    for r, i in enumerate(batch):
-        p, c = len(sequences[i][0]), len(sequences[i][1])
-        score[r, p - 1: p - 1 + c] = True
-    targets = torch.roll(ids, -1, dims=1)[score]
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    lp = F.log_softmax(logits[score.to(device)].float(), dim=-1)
-    return lp, targets.to(device), [len(sequences[i][1]) for i in batch]
 
 
 class RetentionProbe:
@@ -140,7 +123,7 @@ class RetentionProbe:
             rows: list[torch.Tensor | None] = [None] * len(sequences)
             nll = 0.0
             for batch in chunks_of(cls._order(sequences), batch_size):
-                lp, targets, counts = _answer_logprobs(hf, tokenizer, sequences, batch)
+                lp, targets, counts = answer_logprobs(hf, tokenizer, sequences, batch)
                 nll -= float(lp.gather(1, targets[:, None]).sum())
                 for i, part in zip(batch, lp.split(counts)):
                     rows[i] = part.cpu()
@@ -172,7 +155,7 @@ class RetentionProbe:
         pad = _PadOnly(tokenizer)
         try:
             for batch in chunks_of(self._order(self.sequences), self.batch_size):
-                lp, targets, _ = _answer_logprobs(hf, pad, self.sequences, batch)
+                lp, targets, _ = answer_logprobs(hf, pad, self.sequences, batch)
                 if lp.shape[-1] != self.vocab_size:
                     raise EvalError(f"retention: the model has {lp.shape[-1]} output tokens, its base record "
                                     f"{self.vocab_size}; retention needs the same tokenizer")
