@@ -100,7 +100,7 @@ def report(records_dir: Path, steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("LOPT_DATA_DIR"),
                     help="the folder holding gsm8k/train.jsonl and test.jsonl (default: $LOPT_DATA_DIR)")
@@ -110,7 +110,7 @@ def main() -> int:
     ap.add_argument("--records", default="records/precision/runs")
     ap.add_argument("--runs-dir", default="runs/precision")
     ap.add_argument("--report", action="store_true", help="only write the table from the records")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     failed = 0
     if not args.report:
         for name, m, p, s in runs(args.steps):

@@ -66,7 +66,9 @@ def settle_collectives() -> None:
         def settled(*args, _fn=fn, async_op=False, **kwargs):
             work = _fn(*args, async_op=True, **kwargs)
             work.wait()
-            time.sleep(0)  # yields: gloo's worker lets go of the work right after finishing it
+            # gloo's worker lets go of the work right after finishing it; a bare yield (sleep(0)) was not
+            # always enough on a loaded machine (CI missed a free in three cycles running), 2 ms is.
+            time.sleep(0.002)
             return work if async_op else None
         setattr(dist, name, settled)
 
@@ -117,7 +119,7 @@ def run_job(job: dict, ctx) -> dict:
         torch.cuda.synchronize()
         live = LivePeak()
         live.peak = torch.cuda.max_memory_allocated() - base
-    for _ in range(3 if dev.type != "cuda" else 0):  # measured again (a whole cycle later) when a free went unrecorded: rare, see settle_collectives
+    for _ in range(5 if dev.type != "cuda" else 0):  # measured again (a whole cycle later) when a free went unrecorded: rare, see settle_collectives
         # Each step under a fresh collection: FSDP2's step leaves reference cycles (hooks on the autograd
         # graph) whose tensors Python's collector frees at a moment of its choosing, not the step's.
         gc.collect()
