@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import shutil
 import sys
@@ -33,7 +32,8 @@ import torch
 
 from lopt.engine.config import LoPTError
 from lopt.recipes.study import plan
-from lopt.recipes.study.records import Records, load_average, machine, timed_train, write_json, write_text
+from lopt.recipes.study.records import (Records, cached_continuations, load_average, machine, timed_train,
+                                        write_text)
 
 OUT = Path("records/local-objectives")
 STUDY = Path("records/study-v2/results")
@@ -90,18 +90,8 @@ class Runner:
     def continuations(self):
         """The base's greedy answers to the general prompts: the study's retention-KL text (same
         function, same settings, so the same tokens), made once and cached."""
-        from lopt.eval.kl import base_continuations
-
         if self._continuations is None:
-            b = self.budget
-            cache = self.runs_dir / f"continuations-{b.kl_prompts}x{b.kl_new_tokens}.json"
-            if cache.is_file():
-                self._continuations = [tuple(x) for x in json.loads(cache.read_text())]
-            else:
-                self._continuations = base_continuations(self.base, self.tokenizer, limit=b.kl_prompts,
-                                                         max_new_tokens=b.kl_new_tokens,
-                                                         batch_size=b.eval_batch_size, progress=False)
-                write_json(cache, self._continuations)
+            self._continuations = cached_continuations(self.runs_dir, self.base, self.tokenizer, self.budget)
         return self._continuations
 
     def evaluate(self, path: Path) -> dict[str, Any]:

@@ -97,3 +97,17 @@ def timed_train(cfg: Any, run_dir: Path, keys: tuple[str, ...] = ("step", "loss"
     hist = Path(run_dir) / "metrics.jsonl"
     history = [json.loads(ln) for ln in hist.read_text().splitlines() if ln.strip()] if hist.is_file() else []
     return seconds, summary, [{k: h.get(k) for k in keys} for h in history if "loss" in h]
+
+
+def cached_continuations(runs_dir: Path, base: Any, tokenizer: Any, budget: Any) -> list[tuple[list[int], list[int]]]:
+    """The base model's greedy answers to lopt's general prompts (the text of retention KL and drift) at
+    ``budget``'s prompts, tokens and batch, made once per ``runs_dir`` and read back from its cache."""
+    cache = Path(runs_dir) / f"continuations-{budget.kl_prompts}x{budget.kl_new_tokens}.json"
+    if cache.is_file():
+        return [tuple(x) for x in json.loads(cache.read_text())]
+    from lopt.eval.kl import base_continuations
+
+    sequences = base_continuations(base, tokenizer, limit=budget.kl_prompts, max_new_tokens=budget.kl_new_tokens,
+                                   batch_size=budget.eval_batch_size, progress=False)
+    write_json(cache, sequences)
+    return sequences

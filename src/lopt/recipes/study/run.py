@@ -8,7 +8,6 @@ its saved checkpoint, as a user would load it; the weights are deleted once a ru
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import shutil
@@ -23,7 +22,7 @@ import torch
 from lopt.engine.config import LoPTError
 from lopt.eval.drift import drift, read_boundaries
 from lopt.eval.generation import eval_gsm8k_file
-from lopt.eval.kl import base_continuations, retention_kl
+from lopt.eval.kl import retention_kl
 from lopt.eval.perplexity import task_loss
 from lopt.eval.suite import RETENTION_KINDS, TASKS, run_retention
 from lopt.data import data_dir as find_data_dir
@@ -31,7 +30,8 @@ from lopt.models import load_model
 from lopt.recipes.sft import train
 from lopt.recipes.study import plan
 from lopt.recipes.study.plan import QUICK, V2, Budget
-from lopt.recipes.study.records import Records, load_average, machine, timed_train, write_json
+from lopt.recipes.study.records import (Records, cached_continuations, load_average, machine, timed_train,
+                                        write_json)
 from lopt.runtime.checkpoints import latest_checkpoint
 
 Say = Callable[[str], None]
@@ -94,15 +94,7 @@ class Study:
     def continuations(self):
         """The base model's answers to the general prompts (retention KL and drift), made once."""
         if self._continuations is None:
-            b = self.budget
-            cache = self.runs_dir / f"continuations-{b.kl_prompts}x{b.kl_new_tokens}.json"
-            if cache.is_file():
-                self._continuations = [tuple(x) for x in json.loads(cache.read_text())]
-            else:
-                self._continuations = base_continuations(self.base, self.tokenizer, limit=b.kl_prompts,
-                                                         max_new_tokens=b.kl_new_tokens,
-                                                         batch_size=b.eval_batch_size, progress=False)
-                write_json(cache, self._continuations)
+            self._continuations = cached_continuations(self.runs_dir, self.base, self.tokenizer, self.budget)
         return self._continuations
 
     def evaluate(self, model, tokenizer, *, final: bool, boundaries: list[int] | None) -> dict[str, Any]:
