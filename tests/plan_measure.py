@@ -79,3 +79,14 @@ def state_tensors(model: torch.nn.Module, optimizer: Any) -> list[torch.Tensor]:
     for opt in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]):
         out += [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     return out
+
+
+def stored_bytes(params: list[torch.Tensor]) -> int:
+    """Bytes of ``params`` as stored, a 4-bit weight's quantization state (absmax, codes, the second
+    level's absmax and offset) included; each storage once."""
+    tensors = list(params)
+    for p in params:
+        q = getattr(p, "quant_state", None)
+        if q is not None:
+            tensors += [q.absmax, q.code] + ([q.state2.absmax, q.state2.code, q.offset] if q.nested else [])
+    return sum({t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in tensors}.values())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from plan_measure import stored_bytes
+
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
@@ -36,15 +38,6 @@ CASES = {
     "qlora bf16-true": ("qlora", {"precision": "bf16-true"}, {"lora_r": 8}),
     "qlora bf16-mixed": ("qlora", {"precision": "bf16-mixed"}, {"lora_r": 8}),
 }
-
-
-def stored_bytes(params) -> int:
-    tensors = list(params)
-    for p in params:
-        q = getattr(p, "quant_state", None)
-        if q is not None:
-            tensors += [q.absmax, q.code] + ([q.state2.absmax, q.state2.code, q.offset] if q.nested else [])
-    return sum({t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
 
 
 @pytest.mark.parametrize("name", list(CASES))

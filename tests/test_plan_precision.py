@@ -12,6 +12,7 @@ from lopt.methods import method_names
 from lopt.plan.planner import PlanError, main, nf4_bytes, plan
 
 from test_plan import LIVE_CFG, T, run_step, tiny_config
+from plan_measure import stored_bytes
 
 TRAINS_BF16_TRUE = "bf16-true" in PRECISIONS  # lopt train takes it (else its storage is emulated)
 
@@ -52,17 +53,6 @@ def test_step_at_precision_against_a_real_step(name, precision):
     assert row.saved_visible == pytest.approx(saved, rel=0.10)
     if not emulated:
         assert row.peak - row.weights - row.optimizer == pytest.approx(stepper.live_peak, rel=0.15)
-
-
-def stored_bytes(params: list[torch.Tensor]) -> int:
-    """Bytes of ``params`` as stored, a 4-bit weight's quantization state (absmax, codes, the second
-    level's absmax and offset) included; each storage once."""
-    tensors = list(params)
-    for p in params:
-        q = getattr(p, "quant_state", None)
-        if q is not None:
-            tensors += [q.absmax, q.code] + ([q.state2.absmax, q.state2.code, q.offset] if q.nested else [])
-    return sum({t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
 
 
 def test_bytes_per_precision_on_a_large_model():
