@@ -142,6 +142,49 @@ def test_optimizer_in_backward_under_bf16_true():
         torch.testing.assert_close(pb.float(), pa.float(), rtol=0.02, atol=2e-3)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_loss_makes_no_fp32_copy_of_a_bf16_head(autocast):
+    """bf16-true (a trained bf16 head, bf16 hidden states) and bf16-mixed (a frozen bf16 head under
+    autocast, fp32 hidden states): no tensor of the head's size is created in fp32 in the loss's forward
+    and backward (the trained head's gradient is its only head-sized tensor, in bf16), and the loss and
+    gradients are the fp32 computation's within bf16's resolution."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lopt.engine.loss import chunked_cross_entropy
+
+    vocab, hidden = 512, 32
+    made: list[tuple[int, torch.dtype]] = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+            made.extend((t.numel(), t.dtype) for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen)  # not a view
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    h32, w32 = torch.randn(2, 17, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * 0.2
+    y = torch.randint(0, vocab, (2, 17), generator=g)
+    w32 = w32.bfloat16().float()  # the same head in both computations
+    h32 = h32 if autocast else h32.bfloat16().float()
+    h = h32.clone().requires_grad_() if autocast else h32.bfloat16().requires_grad_()
+    w = w32.bfloat16().requires_grad_(not autocast)
+    with Sizes(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = chunked_cross_entropy(h, w, y, chunk_size=8)  # 4 chunks
+        loss.backward()
+    big = {dtype for n, dtype in made if n >= vocab * hidden}
+    assert big == (set() if autocast else {torch.bfloat16})  # the trained head's gradient, seen
+
+    hr, wr = h32.clone().requires_grad_(), w32.clone().requires_grad_()
+    ref = chunked_cross_entropy(hr, wr, y, chunk_size=8)
+    ref.backward()
+    torch.testing.assert_close(loss.float(), ref, rtol=1e-2, atol=0)
+    torch.testing.assert_close(h.grad.float(), hr.grad, rtol=0, atol=2e-2 * hr.grad.abs().max().item())
+    if not autocast:
+        torch.testing.assert_close(w.grad.float(), wr.grad, rtol=0, atol=2e-2 * wr.grad.abs().max().item())
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")

@@ -7,7 +7,9 @@ the loss chunk by chunk *and its gradient in the same pass*: for each chunk of l
 forms the logits, the loss, and the gradients with respect to the hidden states and the head weight,
 then drops the logits. The backward only scales the stored gradients. Exact (same loss and
 gradients as the plain computation) up to float summation order; prompt tokens, whose labels are
--100, never get logits at all.
+-100, never get logits at all. A 16-bit head (bf16/fp16) is never copied: each chunk's fp32 logit
+gradient is cast to the head's dtype for both products, and the head's gradient is summed over the
+chunks in the head's dtype (as a one-matmul 16-bit loss would keep it).
 """
 from __future__ import annotations
 
@@ -29,11 +31,15 @@ class _ChunkedCE(torch.autograd.Function):
         direct = (need_w and grad_scale is not None and weight.grad is not None
                   and weight.grad.dtype == torch.float32 and type(weight.grad) is torch.Tensor)
         ctx.direct = grad_scale if direct else None
+        # A 16-bit head: products in its dtype, so that neither a copy of the head nor an fp32 gradient
+        # of its size (vocabulary x hidden, GiBs for a large model) is ever allocated.
+        low = weight.dtype in (torch.bfloat16, torch.float16)
         grad_h = torch.empty_like(hidden) if need_h else None
         if direct:
             grad_w, w_alpha = weight.grad, grad_scale / max(n, 1)
         else:
-            grad_w, w_alpha = (torch.zeros_like(weight, dtype=torch.float32) if need_w else None), 1.0
+            acc = weight.dtype if low else torch.float32
+            grad_w, w_alpha = (torch.zeros_like(weight, dtype=acc) if need_w else None), 1.0
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, n, chunk_size):
@@ -56,10 +62,20 @@ class _ChunkedCE(torch.autograd.Function):
             g[rows, y] -= 1.0
             if softcap:
                 g.mul_(dcap)
-            if need_h:
-                grad_h[i:i + chunk_size] = (g @ weight.to(g.dtype)).to(hidden.dtype)
-            if need_w:  # in place: `grad_w += g.t() @ h` would form a second vocabulary-sized matrix
-                grad_w.addmm_(g.t(), h.float(), alpha=w_alpha)
+            if low and not direct:
+                # Autocast off: it would cast a weight of the other 16-bit dtype (a head-sized copy).
+                with torch.autocast(h.device.type, enabled=False):
+                    g16 = g.to(weight.dtype)
+                    if need_h:
+                        grad_h[i:i + chunk_size] = g16 @ weight
+                    if need_w:
+                        grad_w.addmm_(g16.t(), h.to(weight.dtype), alpha=w_alpha)
+                del g16
+            else:
+                if need_h:
+                    grad_h[i:i + chunk_size] = (g @ weight.to(g.dtype)).to(hidden.dtype)
+                if need_w:  # in place: `grad_w += g.t() @ h` would form a second vocabulary-sized matrix
+                    grad_w.addmm_(g.t(), h.float(), alpha=w_alpha)
             if need_b:
                 grad_b += g.sum(0)
         if direct:
