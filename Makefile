@@ -42,8 +42,9 @@ test-faults: install
 demo: install
 	$(VENV)/bin/lopt demo
 
-# Study v2 into records/study-v2/ and the README's cost table (resumable: run it again to continue).
-# `make experiment ARGS=--quick` runs the whole pipeline in minutes into runs/experiment-quick.
+# Study v3: lopt study with the project's settings into records/study-v3/ (resumable: run it again to
+# continue); ARGS go to lopt study after them (ARGS=--dry-run: the plan and estimate). `make experiment
+# ARGS=--quick` runs the whole pipeline in minutes into runs/experiment-quick. Study v2: python -m lopt.recipes.study.v2.
 experiment: install
 	LOPT_DATA_DIR=$(CURDIR)/../shared/data $(PY) -m lopt.recipes.experiment $(ARGS)
 

@@ -120,7 +120,7 @@ HUB_DATA = {"metamathqa": "the hub's MetaMathQA", "alpaca": "the hub's Alpaca", 
 MAKE_TARGETS = {"demo": "creates .venv and installs lopt first (minutes); `lopt demo` is the same run",
                 "test": "the whole suite", "test-fast": "the suite without the slow tests",
                 "test-gpu": "the CUDA checks", "test-faults": "the fault-injection suite (minutes)",
-                "experiment": "study v2 (about 8.5 hours on 2 CPU cores)", "install": "creates .venv"}
+                "experiment": "study v3, lopt study with the project's settings (hours)", "install": "creates .venv"}
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -144,6 +144,8 @@ def why_not_run(cmd: DocCommand) -> str | None:
     if argv[0] == "make":
         return f"make {argv[1]}: {MAKE_TARGETS.get(argv[1], 'a make target')}"
     if argv[:3] == ["python", "-m", "lopt.recipes.experiment"]:
+        return "study v3, lopt study with the project's settings: hours (its lopt study arguments are checked)"
+    if argv[:3] == ["python", "-m", "lopt.recipes.study.v2"]:
         return "study v2: hours (tests/test_experiment.py and tests/test_study.py check it)"
     if argv[:3] == ["python", "-m", "lopt.bench.distbench"]:
         return "two processes per mode, 15 minutes (tests/test_distributed.py)"
@@ -372,6 +374,10 @@ def check_parses(cmd: DocCommand, reason: str) -> None:
         return
     if argv[0] == "lopt":
         return check_lopt(argv[1:], cmd)
+    if argv[2:3] == ["lopt.recipes.experiment"]:  # it runs lopt study in a child: check those arguments
+        from lopt.recipes.experiment import study_args
+
+        return check_lopt(["study", *study_args(argv[3:])[0]], cmd)
     if argv[1] == "-m":
         import importlib
 
@@ -379,7 +385,7 @@ def check_parses(cmd: DocCommand, reason: str) -> None:
     else:  # python scripts/NAME.py
         main = _load_script(ROOT / argv[1]).main
     ns = parsed_by(main, argv[3:] if argv[1] == "-m" else argv[2:], cmd)
-    if argv[2:3] == ["lopt.recipes.experiment"]:
+    if argv[2:3] == ["lopt.recipes.study.v2"]:
         from lopt.recipes.study import plan
 
         names = list(plan.configs())

@@ -1,5 +1,6 @@
-"""Study v2 (make experiment): its plan, its records, its report, and the whole --quick pipeline on a
-tiny model."""
+"""Study v2 (python -m lopt.recipes.study.v2): its plan, its records, its report, and the whole --quick
+pipeline on a tiny model; lopt study (make experiment's study v3): end to end on a tiny model, its plan,
+its report and README block, matched skill and the rules."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,8 @@ from lopt.recipes.study.records import Records
 from lopt.recipes.study.report import (HEADLINE_END, HEADLINE_START, headline, readme_table, sync_readme,
                                        write_report)
 from lopt.recipes.study.run import run_study
+from lopt.recipes.study.summary import readme_block, readme_markers
+from lopt.recipes.study.summary import sync_readme as sync_study_readme
 
 
 def test_the_plan_has_every_run_the_issue_asks_for():
@@ -315,6 +318,22 @@ def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data
         assert section in text
     assert "Partial report" not in text and (out / "loss-vs-retention.png").stat().st_size > 1000
     assert not (out / "models" / "e2e-lr0.001").exists()  # records are kept, weights are not
+    # The README's block of the study: the rules' lines and the matched-skill table, between its markers.
+    block = readme_block(out, tmp_path)
+    assert block[0].startswith("`lopt study` on ") and "[RESULTS.md](study/RESULTS.md)" in block[0]
+    assert [ln for ln in block if ln.startswith("- ")] == s["which_lines"] and "Partial" not in "\n".join(block)
+    e2e_row = next(ln for ln in block if ln.startswith("| e2e |"))
+    assert e2e_row.endswith("| 1.00 | 1.00 |") and f"| {s['matched']['e2e']['1']['kl']:.4f} " in e2e_row
+    lopt_row = next(ln for ln in block if ln.startswith("| lopt |")).split(" | ")
+    assert lopt_row[-2] == f"{s['cost']['lopt']['tokens_per_s'] / s['cost']['e2e']['tokens_per_s']:.2f}"
+    start, end = readme_markers(out, tmp_path)
+    assert start == "<!-- study: generated from study by lopt.recipes.study.summary; do not edit -->"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{start}\nstale\n{end}\nafter\n")
+    assert sync_study_readme(readme, out)
+    assert readme.read_text() == f"# x\n{start}\n" + "\n".join(block) + f"\n{end}\nafter\n"
+    readme.write_text("no markers\n")
+    assert not sync_study_readme(readme, out) and readme.read_text() == "no markers\n"
     # Again: every piece is recorded, nothing runs.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*.json") if p.name != "meta.json"}
     opts = config_from_args(build_parser().parse_args(args), StudyOptions, command="study")

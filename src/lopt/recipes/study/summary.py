@@ -6,10 +6,17 @@ retention at matched task skill (:mod:`lopt.recipes.study.matched`: KL and suite
 held-out loss and at 1.02x and 1.05x of it, or "does not reach"), tokens/s and peak memory from
 ``lopt bench``, and the rules-based "which method when" (:mod:`lopt.recipes.study.rules`). A study
 still running has a true, partial report: what has no record is said to be missing, never guessed.
+
+:func:`readme_block` is the compact form a README carries ("which method when" and the matched-skill
+table), kept in step with the records by :func:`sync_readme` between the study's markers
+(:func:`readme_markers`); ``python -m lopt.recipes.study.summary OUT --readme README.md`` regenerates
+both from the records.
 """
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +228,113 @@ def write_summary(out: Path) -> dict[str, str]:
 
 def read_summary(out: Path) -> dict[str, Any]:
     return json.loads((Path(out) / "study.json").read_text())
+
+
+# --------------------------------------------------------------------------- the README's block
+
+
+def _where(out: Path, root: Path | None) -> str:
+    """``out`` as a path relative to ``root`` (the README's folder), for the block's links and markers."""
+    if root is None:
+        return Path(out).as_posix()
+    return Path(os.path.relpath(Path(out).resolve(), Path(root).resolve())).as_posix()
+
+
+def readme_markers(out: Path, root: Path | None = None) -> tuple[str, str]:
+    """The lines that open and close a study's block in a README: named by the study's folder, so that
+    one README can carry the blocks of several studies (``records/study-v3``, ``records/study-v3-gemma3``)."""
+    where = _where(out, root)
+    name = Path(where).name
+    return (f"<!-- {name}: generated from {where} by lopt.recipes.study.summary; do not edit -->",
+            f"<!-- /{name} -->")
+
+
+def _ratio(c: dict[str, Any] | None, ref: dict[str, Any] | None, key: str) -> str:
+    if not c or not ref or c.get(key) is None or not ref.get(key):
+        return "-"
+    return f"{c[key] / ref[key]:.2f}"
+
+
+def readme_block(out: Path, root: Path | None = None) -> list[str]:
+    """A README's compact summary of the study in ``out``, from its records alone: the rules-based
+    "which method when" lines with their evidence, and the matched-skill table (each method's retention
+    KL at e2e's best held-out loss and at 1.02x and 1.05x of it; tokens/s and peak memory against e2e's).
+    Links point at ``out``'s RESULTS.md relative to ``root`` (the README's folder)."""
+    s = collect(out)
+    meta, o = s["meta"], s["meta"]["options"]
+    where = _where(out, root)
+    model = o["model"] or "smollm2-135m-instruct (embedded)"
+    prec = "" if o.get("precision", "auto") == "auto" else f", {o['precision']} precision"
+    lines = [f"`lopt study` on {model} with {o['dataset']} ({o['steps']} steps of {o['batch_size']}{prec}; "
+             f"methods {', '.join(o['methods'])}; {len(s['runs'])} runs finished): every run, the sweep and the "
+             f"evidence in [RESULTS.md]({where}/RESULTS.md).", ""]
+    if meta.get("runs") is None or s["missing"]:
+        todo = "the sweep is not finished" if meta.get("runs") is None else \
+            f"{len(s['missing'])} of {len(meta['runs'])} runs have no evaluation yet"
+        lines += [f"**Partial**: {todo}; the figures below are the finished runs'.", ""]
+    lines += [f"Which method when, by stated rules (lopt.recipes.study.rules; the band is {WITHIN:g}x the best "
+              "loss):", "", *s["which_lines"], ""]
+    if s["reference_loss"] is None:
+        return lines + ["No finished run yet."]
+    suite = bool(meta.get("suite"))
+    ref_cost = s["cost"].get("e2e")
+    at = "e2e's best held-out loss" if s["reference"].startswith("e2e") else "the best held-out loss"
+    lines += [f"Retention KL{' / suite drop' if suite else ''} at matched task skill, read off each method's "
+              f"loss-vs-KL curve at {at} ({s['reference_loss']:.4f}) and at 1.02x and 1.05x of it (\"<=\": every "
+              "run is more skilled, the lowest KL of its runs); cost from `lopt bench` against e2e's:", "",
+              "| method | " + " | ".join(f"KL at {f:g}x" for f in FACTORS) + " | tokens/s x e2e | peak memory x e2e |",
+              "|---|" + "---|" * (len(FACTORS) + 2)]
+    for m, row in s["matched"].items():
+        c = s["cost"].get(m)
+        lines.append(f"| {m} | " + " | ".join(_matched_cell(row[f"{f:g}"], suite) for f in FACTORS)
+                     + f" | {_ratio(c, ref_cost, 'tokens_per_s')} | {_ratio(c, ref_cost, 'peak_mb')} |")
+    return lines
+
+
+def sync_readme(readme: Path, out: Path) -> bool:
+    """Rewrite the block of the study in ``out`` between its markers (:func:`readme_markers`) in
+    ``readme`` with :func:`readme_block`; a README without both markers is left alone. Returns
+    whether the README holds the block now."""
+    readme = Path(readme)
+    if not readme.is_file():
+        return False
+    start, end = readme_markers(out, readme.parent)
+    text = readme.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = head + start + "\n" + "\n".join(readme_block(out, readme.parent)) + "\n" + end + tail
+    if new != text:
+        write_text(readme, new)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lopt.recipes.study.summary OUT [--readme README.md]``: regenerate a study's report from
+    its records (a study still running gets a true, partial one) and refresh its README block."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lopt.recipes.study.summary", description=main.__doc__.split("\n")[0])
+    p.add_argument("out", help="the study's folder (lopt study's --output-dir)")
+    p.add_argument("--readme", default=None, help="also rewrite this README's block of the study, between its "
+                   "markers (lopt.recipes.study.summary.readme_markers)")
+    ns = p.parse_args(argv)
+    try:
+        paths = write_summary(Path(ns.out))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {paths['markdown']}")
+    if ns.readme:
+        if not sync_readme(Path(ns.readme), Path(ns.out)):
+            start, end = readme_markers(Path(ns.out), Path(ns.readme).parent)
+            print(f"error: {ns.readme} has no block for {ns.out}: put the lines {start} and {end} where it goes",
+                  file=sys.stderr)
+            return 2
+        print(f"README block: {ns.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
