@@ -473,6 +473,20 @@ def test_the_study_report_reads_matched_skill_and_rules_off_the_records(tmp_path
     s = json.loads((tmp_path / "study.json").read_text())
     assert s["matched"]["lopt"]["1.05"] == {"target": 1.05, "reached": True, "kl": 0.08, "drop": 0.02, "how": "at most"}
     assert (tmp_path / "loss-vs-retention.png").stat().st_size > 1000
+    # python -m lopt.recipes.study.summary: the report and a README's block, regenerated from the records
+    from lopt.recipes.study.summary import main
+
+    (tmp_path / "RESULTS.md").unlink()
+    readme = tmp_path.parent / f"{tmp_path.name}-README.md"  # beside the study's folder, as the repository's
+    start, end = readme_markers(tmp_path, readme.parent)
+    readme.write_text(f"{start}\n{end}\n")
+    assert main([str(tmp_path), "--readme", str(readme)]) == 0 and (tmp_path / "RESULTS.md").read_text() == text
+    block = readme.read_text().splitlines()[1:-1]
+    assert block == readme_block(tmp_path, readme.parent) and "**Partial**: 1 of 4 runs have no evaluation yet; " \
+        "the figures below are the finished runs'." in block
+    assert "| lopt | does not reach | does not reach | <= 0.0800 / +2.0 pt | 1.25 | 0.78 |" in block
+    readme.write_text("no block\n")
+    assert main([str(tmp_path), "--readme", str(readme)]) == 2 and readme.read_text() == "no block\n"
 
 
 def test_the_study_holds_out_rows_or_reads_the_eval_dataset(tmp_path):
