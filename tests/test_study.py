@@ -425,6 +425,11 @@ def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
 
     from lopt.recipes.study.command import same_run
     assert same_run(run_dir / "checkpoint-2", cfg) and not same_run(run_dir / "checkpoint-2", replace(cfg, lr=2e-3))
+    # --precision reaches every run (its command, its checkpoint's identity) and keys the records
+    bf = Study(replace(opts, precision="bf16-mixed"))
+    bf_cfg = bf.train_config("e2e", 1e-3, 0, 4, run_dir)
+    assert bf_cfg.precision == "bf16-mixed" and "--precision bf16-mixed" in Study.command(bf_cfg)
+    assert bf.overrides("e2e", 4) != study.overrides("e2e", 4) and not same_run(run_dir / "checkpoint-2", bf_cfg)
     study.run(run)
     rec = study.records.read("runs/e2e-lr0.001/train")
     assert rec["resumed_from"] == "checkpoint-2" and rec["summary"]["steps"] == 4

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from lopt.config import TrainConfig
+from lopt.config import PRECISIONS, TrainConfig
 from lopt.engine.config import LoPTError, option
 from lopt.methods import METHODS
 from lopt.recipes.study.records import Records, load_average, machine, timed_train, write_json, write_text
@@ -82,6 +82,10 @@ class StudyOptions:
                                      nargs="+", metavar="METHOD=N", group=_PLAN)
     seeds: list[int] = option(factory=lambda: [0], help="seeds: every run with the first; each method's best "
                               "rate again with the others (the seed noise)", nargs="+", type=int, group=_PLAN)
+    precision: str = option(
+        "auto", "every run's and the bench's --precision (as lopt train: auto is fp32 on CPU, bf16-mixed on CUDA); "
+        "a study is worth running at the fastest precision whose quality you have checked against fp32",
+        choices=PRECISIONS, group=_PLAN)
     adapt_schedules: bool = option(
         True, "set BAdam's switch interval and LISA's redraw interval so every layer gets a turn within a run's "
         "steps (--no-adapt-schedules: their library defaults, 50 and 20 steps)", group=_PLAN)
@@ -382,7 +386,9 @@ class Study:
     # ------------------------------------------------------------------ configurations
 
     def overrides(self, method: str, steps: int) -> dict[str, Any]:
-        return {"method": method, **schedule(method, self.num_layers, steps, self.opts.adapt_schedules)[0]}
+        # The precision only when it is not auto: records made before the option existed stay valid.
+        prec = {} if self.opts.precision == "auto" else {"precision": self.opts.precision}
+        return {"method": method, **prec, **schedule(method, self.num_layers, steps, self.opts.adapt_schedules)[0]}
 
     def train_config(self, method: str, lr: float, seed: int, steps: int, run_dir: Path) -> TrainConfig:
         o = self.opts
@@ -676,7 +682,7 @@ class Study:
 
 # The options that make a checkpoint this run's (the rest are bookkeeping: save_every, resume, ...).
 _RUN_KEYS = ("model", "gguf_file", "method", "lr", "seed", "max_steps", "batch_size", "max_length", "limit",
-             "warmup_ratio", "badam_switch_every", "lisa_interval")
+             "warmup_ratio", "badam_switch_every", "lisa_interval", "precision")
 
 
 def same_run(ckpt: Path, cfg: TrainConfig) -> bool:
