@@ -78,6 +78,9 @@ class _ChunkedCE(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h.float(), alpha=w_alpha)
             if need_b:
                 grad_b += g.sum(0)
+            del logits, g  # freed before the next chunk's logits exist: one chunk's buffers at a time
+            if softcap:
+                del dcap
         if direct:
             grad_w = None
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))

@@ -475,7 +475,7 @@ def _ce_top(tr: Trace, spec: PhaseSpec, shape: LayerShape, batch: int, seq: int,
         tr.save(tr.tensor(n, 8, False))  # index_select's index
         tr.save(tr.tensor(n * shape.hidden, h.itemsize, False))  # grad_h, in the normed states' dtype
     if spec.head_trained:
-        tr.save(tr.tensor(vocab * shape.hidden, 4, False))  # grad_w (fp32)
+        tr.save(tr.tensor(vocab * shape.hidden, spec.trained_bytes, False))  # grad_w, in the head's dtype
         if spec.head_bias:
             tr.save(tr.tensor(vocab, 4, False))
 

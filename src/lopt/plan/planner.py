@@ -694,12 +694,10 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
     gradients it steps."""
     tokens, c = batch * seq, 2 if amp or setup.precision == "bf16-true" else 4
     n_ce = batch * (seq - 1)
-    # Temporaries. Loss: one chunk of fp32 logits (plus their bf16 original when the matmul runs in
-    # bf16) and the labelled rows' hidden states. A layer's backward: the gradient of its output and of
-    # its input (the hidden states' dtype), about three intermediate-width gradients of the MLP at once,
-    # and for a 4-bit base the weight it dequantizes.
-    ce_tmp = (min(CE_CHUNK, n_ce) * counts.vocab * (4 + (2 if c == 2 else 0) + (4 if shape.final_softcap else 0))
-              + n_ce * shape.hidden * setup.final_bytes)
+    # Temporaries. Loss: the labelled rows' hidden states and one chunk's buffers (``ce_chunk_bytes``).
+    # A layer's backward: the gradient of its output and of its input (the hidden states' dtype), about
+    # three intermediate-width gradients of the MLP at once, and for a 4-bit base the weight it dequantizes.
+    chunk, ce_rows = min(CE_CHUNK, n_ce), n_ce * shape.hidden * setup.final_bytes
     bwd_tmp = (2 * tokens * shape.hidden * setup.hidden_bytes + 3 * tokens * shape.intermediate * c
                + setup.dequant_tmp)
     grads, live = 0, 0
@@ -721,16 +719,12 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
         cache = cache if prev_recon else 0
         inside = cache if ph.spec.top == "recon" else 0  # a lower block's backward and step run in the forward
         head_cast = 2 * counts.head if amp and ph.spec.head_trained and ph.spec.trained_bytes == 4 else 0
-        # lopt's chunked loss multiplies each chunk's fp32 logit gradient by weight.to(fp32): a 16-bit
-        # head is copied to fp32 for it (and under autocast that copy and the gradient cast to bf16).
         head16 = (ph.spec.trained_bytes if ph.spec.head_trained else ph.spec.frozen_bytes) == 2
-        ce_extra = ((4 + (2 if amp else 0)) * counts.head if head16 else 0) + (
-            2 * min(CE_CHUNK, n_ce) * counts.vocab if amp else 0)
-        fwd = grads + mem.held + (ce_tmp + head_cast + ce_extra if ph.spec.top == "ce" else 0) + cache
+        ce_tmp = ce_rows + ce_chunk_bytes(chunk, counts.vocab, shape.hidden, c == 2, bool(shape.final_softcap),
+                                          head16 or amp)
+        fwd = grads + mem.held + (ce_tmp + head_cast if ph.spec.top == "ce" else 0) + cache
         live = max(live, fwd)
-        if ph.top_grads and setup.precision == "bf16-true":  # the loss's fp32 head gradient cast to bf16
-            live = max(live, mem.held + grads + ph.top_grads)
-        held = mem.held - mem.top  # the loss's saved head gradient becomes the head's .grad
+        held = mem.held - mem.top  # the loss's saved head gradient (in the head's dtype) becomes its .grad
         # --optimizer-in-backward: a gradient stepped inside the backward is freed at once; within a
         # layer's backward at most its largest gradient is alive beyond what autograd computes.
         grads += 0 if ph.top_in_backward else ph.top_grads
@@ -759,6 +753,18 @@ def _walk(setup: MethodSetup, counts: ParamCounts, shape: LayerShape, batch: int
             cache += sum(ph.layer_grads) // 2  # the phase's trained weights (fp32 gradients) as bf16 casts
         prev_recon = ph.spec.top == "recon"
     return live, max_grads, max_held, max_vis, details
+
+
+def ce_chunk_bytes(rows: int, vocab: int, hidden: int, logits16: bool, softcap: bool, grad16: bool) -> int:
+    """The most bytes of one chunk's buffers in ``lopt.engine.loss.chunked_cross_entropy`` (``rows``
+    labelled positions), the largest of three moments: the matmul's logits (16-bit when it runs in bf16,
+    ``logits16``) beside their fp32 copy; a softcap's derivative formed from the square of the capped
+    logits; the fp32 logit gradient (and the derivative) beside its 16-bit cast (``grad16``: a 16-bit
+    head's dtype, or autocast's) and the hidden-state gradient the product makes from it."""
+    made = 4 + (2 if logits16 else 0)
+    cap = 12 if softcap else 0
+    grad = 4 + (4 if softcap else 0) + (2 if grad16 else 0)
+    return max(rows * vocab * max(made, cap), rows * vocab * grad + rows * hidden * (2 if grad16 else 4))
 
 
 def step_temporaries(setup: MethodSetup, optimizer: str, device: str) -> int:

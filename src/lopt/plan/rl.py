@@ -426,7 +426,8 @@ def _step(recipe: str, setup: MethodSetup, counts: ParamCounts, shape: LayerShap
                 # lopt's chunked loss keeps the head's gradient and the hidden states' gradient (with an
                 # index) from its forward; TRL's head keeps the scored hidden states, the targets, log Z
                 # and the entropy (full: the fp32 log-softmax) and makes the head's gradient in the backward.
-                lopt_top = (4 * v * h + (4 * v if counts.head_bias else 0)) * ph.spec.head_trained + n_all * (4 * h + 8)
+                lopt_top = ((ph.spec.trained_bytes * v * h + (4 * v if counts.head_bias else 0)) * ph.spec.head_trained
+                            + n_all * (4 * h + 8))
                 fused = n * (4 * h + 8 + 8) + (n * v * 4 if mode == "full" else 0)
                 top_saved = max(0, mem.top - lopt_top) + fused
                 lp_saved = max(lp_saved, fused)
