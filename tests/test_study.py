@@ -348,6 +348,10 @@ def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data
     plan = capsys.readouterr().out
     assert "e2e: 0.0001, 0.001" in plan and "e2e 2, lopt 2)" in plan and "4 runs of 2 steps" in plan
     assert "estimate: " in plan
+    # ... and leaves a finished study's report whole (its sweep is read back from the records)
+    from lopt.recipes.study.summary import collect
+    assert json.loads((out / "results" / "meta.json").read_text())["best"] == s["meta"]["best"]
+    assert not collect(out)["missing"]
 
 
 def test_the_study_plan_states_grids_rates_and_budget_adapted_schedules():

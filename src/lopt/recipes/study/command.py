@@ -550,6 +550,25 @@ class Study:
 
         return self._piece("base/eval", spec, self.eval_estimate(), make, "base: evaluating the untrained model")
 
+    def sweep_spec(self, method: str, lr: float) -> dict[str, Any]:
+        steps = sweep_steps(self.opts)
+        return {"method": method, "lr": lr, "steps": steps, "overrides": self.overrides(method, steps),
+                "val_size": self.opts.val_size, **self.common}
+
+    def recorded_best(self) -> dict[str, float] | None:
+        """Each method's best rate when its whole sweep is recorded with these settings (nothing trains),
+        else None: so that a --dry-run or a restart does not make a finished study's report partial."""
+        best = {}
+        for m in self.opts.methods:
+            recs = {lr: self.records.get(f"sweep/{m}-lr{lr:g}", self.sweep_spec(m, lr)) for lr in self.grids[m]}
+            if any(r is None for r in recs.values()):
+                return None
+            finite = {lr: r["val"]["loss"] for lr, r in recs.items() if r["val"]["loss"] == r["val"]["loss"]}
+            if not finite:
+                return None
+            best[m] = min(finite, key=finite.get)
+        return best
+
     def sweep(self, method: str) -> float:
         """``method``'s best rate on the grid: short runs scored by held-out loss on the sweep rows."""
         from lopt.eval.perplexity import task_loss
@@ -562,8 +581,7 @@ class Study:
         for lr in self.grids[method]:
             run_dir = self.runs_dir / "sweep" / f"{method}-lr{lr:g}"
             cfg = self.train_config(method, lr, o.seeds[0], steps, run_dir)
-            spec = {"method": method, "lr": lr, "steps": steps, "overrides": self.overrides(method, steps),
-                    "val_size": o.val_size, **self.common}
+            spec = self.sweep_spec(method, lr)
 
             def make(cfg=cfg, run_dir=run_dir):
                 t0 = time.perf_counter()
@@ -702,7 +720,7 @@ def study_command(opts: StudyOptions) -> int:
 
     study = Study(opts)  # every input check, before any training
     study.data.write()
-    study.meta(None)
+    study.meta(study.recorded_best())
     bench = study.bench()
     if opts.dry_run:
         print("\n".join(study.plan_lines(bench)))
