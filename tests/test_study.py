@@ -434,6 +434,11 @@ def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
     bf_cfg = bf.train_config("e2e", 1e-3, 0, 4, run_dir)
     assert bf_cfg.precision == "bf16-mixed" and "--precision bf16-mixed" in Study.command(bf_cfg)
     assert bf.overrides("e2e", 4) != study.overrides("e2e", 4) and not same_run(run_dir / "checkpoint-2", bf_cfg)
+    # a one-rate grid (--lr-factors 1) has nothing to choose: no sweep run, no sweep time in the estimate
+    one = Study(replace(opts, lr_factors=[1.0], start_lr=["e2e=3e-4"]))
+    assert one.sweep("e2e") == 3e-4 and one.recorded_best() == {"e2e": 3e-4}
+    assert one.executed == [] and one.estimates()["sweep"] == 0
+    assert "  e2e: 0.0003 (one rate: no sweep)" in one.plan_lines(None)
     study.run(run)
     rec = study.records.read("runs/e2e-lr0.001/train")
     assert rec["resumed_from"] == "checkpoint-2" and rec["summary"]["steps"] == 4

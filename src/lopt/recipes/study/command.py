@@ -432,7 +432,7 @@ class Study:
         o = self.opts
         per_run_eval = self.eval_estimate()
         sweep = sum(self.train_estimate(m, sweep_steps(o)) + per_run_eval * 0.3
-                    for m in o.methods for _ in self.grids[m])
+                    for m in o.methods for _ in self.grids[m] if len(self.grids[m]) > 1)
         rates = rates_of(o)
         runs = sum((self.train_estimate(m, o.steps) + per_run_eval) * (rates[m] + len(o.seeds) - 1)
                    for m in o.methods)
@@ -560,6 +560,9 @@ class Study:
         else None: so that a --dry-run or a restart does not make a finished study's report partial."""
         best = {}
         for m in self.opts.methods:
+            if len(self.grids[m]) == 1:  # nothing to choose: no sweep
+                best[m] = self.grids[m][0]
+                continue
             recs = {lr: self.records.get(f"sweep/{m}-lr{lr:g}", self.sweep_spec(m, lr)) for lr in self.grids[m]}
             if any(r is None for r in recs.values()):
                 return None
@@ -577,6 +580,8 @@ class Study:
 
         o = self.opts
         steps = sweep_steps(o)
+        if len(self.grids[method]) == 1:  # a one-rate grid (--lr-factors 1) has nothing to choose: no sweep runs
+            return self.grids[method][0]
         losses = {}
         for lr in self.grids[method]:
             run_dir = self.runs_dir / "sweep" / f"{method}-lr{lr:g}"
@@ -665,7 +670,8 @@ class Study:
                  f"{d['eval']}; {d['sweep']}",
                  f"sweep: {sweep_steps(o)} steps a run; grids (starting rate x "
                  f"{', '.join(f'{f:g}' for f in o.lr_factors)}):"]
-        lines += [f"  {m}: " + ", ".join(f"{lr:g}" for lr in self.grids[m]) for m in o.methods]
+        lines += [f"  {m}: " + ", ".join(f"{lr:g}" for lr in self.grids[m])
+                  + (" (one rate: no sweep)" if len(self.grids[m]) == 1 else "") for m in o.methods]
         rates = rates_of(o)
         counts = ", ".join(f"{m} {n}" for m, n in rates.items())
         lines.append(f"runs: each method at its rates (its sweep's best, then 0.3x, then 0.1x of it: {counts})"
