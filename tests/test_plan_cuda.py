@@ -23,6 +23,7 @@ ROWS, SEQ = 4, 256
 # row -> (method for lopt train and the plan, lopt train's options, the plan's method options)
 CASES = {
     "e2e bf16-true": ("e2e", {"precision": "bf16-true"}, {}),
+    "e2e bf16-true --bf16-update kahan": ("e2e", {"precision": "bf16-true", "bf16_update": "kahan"}, {}),
     "e2e bf16-true --bf16-update plain": ("e2e", {"precision": "bf16-true", "bf16_update": "plain"}, {}),
     "e2e --optimizer adamw-8bit": ("e2e", {"precision": "bf16-mixed", "optimizer": "adamw-8bit"}, {}),
     "e2e --optimizer paged-adamw-8bit": ("e2e", {"precision": "bf16-mixed", "optimizer": "paged-adamw-8bit"}, {}),
@@ -47,6 +48,7 @@ def test_plan_against_max_memory_allocated(name):
     from lopt.engine.memory import SavedTensorTracker
     from lopt.methods import wrap
     from lopt.plan import plan
+    from lopt.plan.planner import DEFAULT_BF16_UPDATE
     from lopt.recipes.sft import TrainConfig
     from lopt.runtime.loop import Stepper
     from lopt.runtime.precision import apply_precision
@@ -54,13 +56,14 @@ def test_plan_against_max_memory_allocated(name):
     method, opts, method_options = CASES[name]
     if method == "qlora" or "8bit" in opts.get("optimizer", ""):
         pytest.importorskip("bitsandbytes")
-    if opts.get("precision") == "bf16-true" and opts.get("bf16_update", "kahan") == "kahan":
-        pytest.importorskip("optimi")
+    update = opts.get("bf16_update", DEFAULT_BF16_UPDATE)
+    if opts.get("precision") == "bf16-true" and update != "plain":
+        pytest.importorskip({"kahan": "optimi", "stochastic-round": "torchao"}[update])
     plan_method = "lopt-k2" if method == "lopt" else method
     row = plan(dict(CFG), batch_size=ROWS, max_length=SEQ, precision=opts["precision"], methods=[plan_method],
                gradient_checkpointing="off", optimizer=opts.get("optimizer", "adamw"),
                optimizer_in_backward=opts.get("optimizer_in_backward", False), method_options=method_options,
-               bf16_update=opts.get("bf16_update", "kahan"))[0]
+               bf16_update=update)[0]
     data = dict(CFG)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(data.pop("model_type"), **data),

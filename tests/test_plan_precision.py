@@ -52,7 +52,29 @@ def test_step_at_precision_against_a_real_step(name, precision):
     assert row.trainable_params == sum(p.numel() for p in params if p.requires_grad)
     assert row.saved_visible == pytest.approx(saved, rel=0.10)
     if not emulated:
+        # the optimizer's state exactly (bf16-true: the default --bf16-update, torchao's stochastic rounding)
+        assert row.optimizer == optimizer_state_bytes(stepper.optimizer)
         assert row.peak - row.weights - row.optimizer == pytest.approx(stepper.live_peak, rel=0.15)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    state = {id(t): t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)}.values()
+    return sum(t.numel() * t.element_size() for t in state)
+
+
+@pytest.mark.skipif(not TRAINS_BF16_TRUE, reason="lopt train does not take --precision bf16-true yet")
+@pytest.mark.parametrize("update", ["kahan", "plain"])
+def test_bf16_true_state_of_the_other_updates(update):
+    """BF16_UPDATE_STATE for --bf16-update kahan (torch-optimi) and plain (PyTorch's fused AdamW) against the
+    state after a real step (lopt-k2: bf16 weights and fp32 local heads; the default update is checked in
+    test_step_at_precision_against_a_real_step)."""
+    if update == "kahan":
+        pytest.importorskip("optimi")
+    cfg = tiny_config(tie=True)
+    row = plan(cfg, batch_size=1, max_length=T, precision="bf16-true", methods=["lopt-k2"], gradient_checkpointing="off",
+               optimizer="adamw", optimizer_in_backward=False, device="cpu", bf16_update=update)[0]
+    _, stepper, _ = run_step(cfg, "lopt-k2", "bf16-true", batch=1, bf16_update=update)
+    assert row.optimizer == optimizer_state_bytes(stepper.optimizer)
 
 
 def test_bytes_per_precision_on_a_large_model():
@@ -64,11 +86,12 @@ def test_bytes_per_precision_on_a_large_model():
     n = 8_030_261_248
     fp32, true = row("fp32"), row("bf16-true")
     assert fp32.weights == 4 * n and true.weights == 2 * n
-    # kahan (torch-optimi): two bf16 moments and a bf16 compensation buffer, the step in the group; fused
-    # AdamW: two fp32 moments and a step tensor for each of the 291 tensors
-    assert true.optimizer == 6 * n and fp32.optimizer == 8 * n + 4 * 291
-    plain = row("bf16-true", bf16_update="plain")
-    assert plain.optimizer == 4 * n + 4 * 291
+    # stochastic-round (torchao, the default) and plain: two bf16 moments and an fp32 step tensor for each of
+    # the 291 tensors; kahan (torch-optimi): also a bf16 compensation buffer, the step in the group; fused
+    # AdamW: two fp32 moments and a step tensor a tensor
+    assert true.optimizer == 4 * n + 4 * 291 and fp32.optimizer == 8 * n + 4 * 291
+    assert row("bf16-true", bf16_update="plain").optimizer == true.optimizer
+    assert row("bf16-true", bf16_update="kahan").optimizer == 6 * n
     assert row("bf16").weights == row("bf16-mixed").weights == 4 * n  # everything trains: fp32 masters
     lora = row("bf16-mixed", "lora", method_options={"lora_r": 8, "lora_target_modules": ["q_proj", "v_proj"]})
     adapters = 32 * 8 * (4096 + 4096 + 4096 + 1024)

@@ -8,6 +8,7 @@ the one-line errors before training."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -100,7 +101,7 @@ def test_bf16_true_stores_everything_in_bf16_and_trains(method):
     head_ids = {id(p) for p in w.heads.parameters()}
     assert dtypes(p for p in w.parameters() if id(p) not in head_ids) == {torch.bfloat16}
     assert dtypes(w.heads.parameters()) <= {torch.float32}  # the local heads' loss is fp32
-    assert type(s.optimizer).__module__.startswith("optimi")  # the Kahan-compensated update by default
+    assert type(s.optimizer).__module__.startswith("torchao")  # the stochastically rounded update by default
     ref = stepper(method, precision="fp32", total_steps=12)
     fixed = batch(0)
     losses = [s.step([fixed])["loss"] for _ in range(12)]
@@ -114,21 +115,44 @@ def test_bf16_true_stores_everything_in_bf16_and_trains(method):
 
 
 def test_compensated_update_keeps_what_plain_bf16_loses():
-    """Steps far below half a bf16 step of the weight: round-to-nearest drops every one, Kahan
-    summation accumulates them like fp32 does."""
-    w32 = torch.nn.Parameter(torch.ones(256))
-    out = {}
-    for update in ("fp32", "plain", "kahan"):
-        p = torch.nn.Parameter(w32.detach().clone().to(torch.float32 if update == "fp32" else torch.bfloat16))
+    """Steps far below half a bf16 step of the weight: round-to-nearest drops every one; stochastic
+    rounding (the default) moves each weight by a whole bf16 step now and then, the mean change tracking
+    fp32's; Kahan summation accumulates them like fp32 does."""
+    assert TrainConfig().bf16_update == "stochastic-round"
+    torch.manual_seed(0)
+    out, moved = {}, {}
+    for update in ("fp32", "plain", "kahan", "stochastic-round"):
+        p = torch.nn.Parameter(torch.ones(4096, dtype=torch.float32 if update == "fp32" else torch.bfloat16))
         opt = make_optimizer([{"params": [p], "lr": 1e-4, "weight_decay": 0.0}],
                              bf16_update=None if update == "fp32" else update)
         for _ in range(50):
             p.grad = torch.ones_like(p)  # Adam's step is then lr in size: 50 x 1e-4 in all
             opt.step()
-        out[update] = float(p.float().mean())
+        out[update] = float(p.detach().float().mean())
+        moved[update] = float((p.detach() != 1).float().mean())
+    assert type(opt).__module__.startswith("torchao")
     assert out["plain"] == 1.0  # 1e-4 is under half of bf16's step at 1.0 (2**-8): every update lost
     assert out["fp32"] == pytest.approx(1 - 50e-4, abs=1e-5)
     assert out["kahan"] == pytest.approx(out["fp32"], abs=2e-3)  # within the bf16 weight's own resolution
+    # each weight is 1 or a bf16 step or more below it (not 1 - 50e-4, which bf16 cannot hold), yet the mean
+    # follows fp32: a 50e-4 change is about 1.3 steps of 2**-8, the mean's noise over 4096 weights ~1e-4
+    assert 0.5 < moved["stochastic-round"] < 1
+    assert out["stochastic-round"] == pytest.approx(out["fp32"], abs=5e-4)
+
+
+def test_torchao_is_imported_only_for_its_optimizer_and_quietly():
+    """lopt and its CLI start without torchao (on a CPU-only torch its import logs a "Failed to load" line
+    per CUDA kernel); building the default bf16-true optimizer imports it, with nothing on stderr."""
+    import subprocess
+
+    code = ("import sys, lopt, lopt.cli\n"
+            "assert 'torchao' not in sys.modules, 'torchao imported at start'\n"
+            "from lopt.runtime.loop import stochastic_round_adamw\n"
+            "assert stochastic_round_adamw().__module__.startswith('torchao.optim')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "Failed to load" not in out.stderr and "torchao" not in out.stderr, out.stderr
 
 
 def test_optimizer_in_backward_under_bf16_true():
@@ -233,7 +257,10 @@ def test_bad_combinations_are_one_line(files, tmp_path, monkeypatch):
         TrainConfig(precision="bf16-true", pipeline=True, num_blocks=2).validate()
     monkeypatch.setitem(sys.modules, "optimi", None)
     with pytest.raises(LoPTError, match="pip install torch-optimi"):
-        stepper(precision="bf16-true")
+        stepper(precision="bf16-true", bf16_update="kahan")
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)
+    with pytest.raises(LoPTError, match="needs torchao: pip install torchao"):
+        stepper(precision="bf16-true")  # the default update
 
 
 def test_lora_target_modules_that_match_nothing_is_one_line():
@@ -304,7 +331,7 @@ def test_dpo_reference_and_policy_dtypes(files, precision, policy, reference):
                               lopt_lr_lower=None, optimizer_cls_and_kwargs=None,
                               get_optimizer_cls_and_kwargs=lambda args, model: (torch.optim.AdamW, {}))
     opt = build_trainer_optimizer(trainer)
-    assert type(opt).__module__.startswith("optimi" if precision == "bf16-true" else "torch")
+    assert type(opt).__module__.startswith("torchao" if precision == "bf16-true" else "torch.")
 
 
 def test_which_runs_load_the_model_in_bf16():

@@ -79,9 +79,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
                          "optimizer": "adamw-8bit"},
     "e2e+paged8bit": {"method": "e2e", "optimizer": "paged-adamw-8bit"},  # CUDA only
     # --precision (lopt.runtime.precision): bf16-mixed keeps fp32 masters of what trains under bf16 autocast and
-    # stores frozen weights in bf16; bf16-true keeps everything in bf16 (Kahan-compensated update by default).
+    # stores frozen weights in bf16; bf16-true keeps everything in bf16 (stochastically rounded update by default).
     "e2e+bf16": {"method": "e2e", "precision": "bf16-mixed"},
     "e2e+bf16-true": {"method": "e2e", "precision": "bf16-true"},
+    "e2e+bf16-true-kahan": {"method": "e2e", "precision": "bf16-true", "bf16_update": "kahan"},
     "e2e+bf16-true-plain": {"method": "e2e", "precision": "bf16-true", "bf16_update": "plain"},
     "e2e+bf16-true+oib": {"method": "e2e", "precision": "bf16-true", "optimizer_in_backward": True},
     "e2e+bf16-true+8bit": {"method": "e2e", "precision": "bf16-true", "optimizer": "adamw-8bit",

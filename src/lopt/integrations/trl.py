@@ -263,7 +263,7 @@ def build_trainer_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
     groups = w.param_groups(args.learning_rate, trainer.lopt_lr_lower, args.weight_decay)
     update = getattr(w, "bf16_update", None)  # --precision bf16-true (lopt.runtime.precision.apply_precision)
     if trainer.optimizer_cls_and_kwargs is None and update not in (None, "plain"):
-        # AdamW whose update of bf16 weights is compensated (Kahan or stochastic rounding), at the trainer's lrs
+        # AdamW whose update of bf16 weights is compensated (stochastic rounding or Kahan), at the trainer's lrs
         return loop.make_optimizer(groups, bf16_update=update)
     if trainer.optimizer_cls_and_kwargs is not None:
         cls, kwargs = trainer.optimizer_cls_and_kwargs

@@ -74,7 +74,7 @@ class PrecisionBytes:
 # lopt train's precisions, as the plan costs them. bf16-mixed: fp32 master weights, gradients and AdamW
 # state for what trains, frozen weights (LoRA's base, freeze-lower's lower half, LISA's and BAdam's
 # inactive layers) in bf16, the forward under autocast; bf16-true: weights, gradients and optimizer state
-# in bf16 (plus what the compensated update keeps: ``BF16_TRUE_STATE_BYTES``).
+# in bf16 (the optimizer state as the update keeps it: ``BF16_UPDATE_STATE``).
 PRECISION_BYTES = {
     "fp32": PrecisionBytes("fp32", False, 4, 4, 4, 4),
     "bf16-mixed": PrecisionBytes("bf16-mixed", True, 4, 2, 4, 2),
@@ -101,10 +101,11 @@ def precision_bytes(precision: str, device: str = "cuda") -> PrecisionBytes:
 
 
 # bf16-true's AdamW state (lopt.runtime.loop.make_optimizer, --bf16-update), as (bytes per element, bytes
-# per tensor) for a bf16 and for an fp32 parameter (the local reconstruction heads stay fp32): kahan is
-# torch-optimi's AdamW (two moments and a Kahan compensation buffer in the weight's dtype, the step count
-# in the group: measured with torch-optimi 0.3.3), stochastic-round torchao's AdamW (two moments and a step
-# tensor), plain PyTorch's fused AdamW (two moments and an fp32 step tensor).
+# per tensor) for a bf16 and for an fp32 parameter (the local reconstruction heads stay fp32):
+# stochastic-round (the default) is torchao's AdamW (two moments in the weight's dtype and an fp32 step
+# tensor: measured with torchao 0.18.0), kahan torch-optimi's AdamW (two moments and a Kahan compensation
+# buffer in the weight's dtype, the step count in the group: measured with torch-optimi 0.3.3), plain
+# PyTorch's fused AdamW (two moments and an fp32 step tensor).
 BF16_UPDATE_STATE = {"kahan": ((6, 0), (8, 0)), "stochastic-round": ((4, 4), (8, 4)), "plain": ((4, 4), (8, 4))}
 BF16_TRUE_STATE_BYTES = 2  # kahan's compensation buffer per bf16 weight, beyond the two moments
 DEFAULT_BF16_UPDATE = next(f.default for f in dataclasses.fields(RecipeConfig) if f.name == "bf16_update")
@@ -1370,7 +1371,8 @@ def precision_note(pb: PrecisionBytes) -> str:
         return ("bf16-mixed: autocast; fp32 master weights, gradients and AdamW state for what trains, frozen "
                 "weights in bf16 (a qlora base in 4-bit NF4)")
     return ("bf16-true: weights, gradients and optimizer state in bf16 (AdamW's state as --bf16-update keeps it: "
-            "kahan adds a bf16 compensation buffer per weight; the local heads stay fp32; a qlora base in 4-bit NF4)")
+            "stochastic-round and plain two bf16 moments, kahan also a bf16 compensation buffer per weight; the local "
+            "heads stay fp32; a qlora base in 4-bit NF4)")
 
 
 def allowance_note(headroom: str | int, gpu_memory: str | None) -> str:

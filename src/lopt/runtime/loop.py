@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Any, Callable
@@ -40,6 +41,26 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def stochastic_round_adamw() -> type[torch.optim.Optimizer]:
+    """torchao's AdamW class (its ``bf16_stochastic_round`` option is bf16-true's default update), imported
+    only when that optimizer is built: importing torchao tries to load its CUDA kernels, and on a CPU-only
+    torch it logs a "Failed to load" line for each of them, which lopt does not use (it needs only the
+    optimizer); those warnings are held back while it imports."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        from torchao.optim import _AdamW  # torchao's AdamW with the bf16 option
+    except ImportError as e:
+        raise LoPTError("--precision bf16-true --bf16-update stochastic-round needs torchao: pip install torchao "
+                        "(or lopt[bf16]), or choose --bf16-update kahan") from e
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    return _AdamW
+
+
 def build_optimizer(wrapped: LoPTModel, lr: float, lr_lower: float | None = None,
                     weight_decay: float = 0.0, fused: bool = True, kind: str = "adamw",
                     bf16_update: str | None = None) -> torch.optim.Optimizer:
@@ -58,10 +79,12 @@ def make_optimizer(groups: list[dict[str, Any]], kind: str = "adamw", fused: boo
     weight_decay), betas (0.9, 0.999), eps 1e-8.
 
     ``bf16_update`` (bf16-true's ``--bf16-update``; None otherwise) picks AdamW's update of bf16 weights:
-    ``kahan``: torch-optimi's AdamW with Kahan summation (a bf16 buffer per weight carries what rounding
-    dropped into the next step); ``stochastic-round``: torchao's AdamW rounding each update stochastically
-    (unbiased; its compiled step is slow on CPU); ``plain`` (or None): PyTorch's AdamW, round to nearest.
-    fp32 parameters in the same groups (the local heads) get the ordinary update from either library."""
+    ``stochastic-round`` (the default): torchao's AdamW, which computes the step in fp32 and rounds the new
+    weight up or down at random, unbiased (torch.compile'd: the first step of each tensor shape compiles);
+    ``kahan``: torch-optimi's AdamW with Kahan summation (a buffer per weight carries what rounding dropped
+    into the next step; the buffer is bf16 too, so updates small against it are still lost);
+    ``plain`` (or None): PyTorch's AdamW, round to nearest. fp32 parameters in the same groups (the local
+    heads) get the ordinary update from either library."""
     params = [p for g in groups for p in g["params"]]
     lr = groups[0]["lr"] if groups else 1e-3
     if kind in ("adamw-8bit", "paged-adamw-8bit"):
@@ -78,19 +101,15 @@ def make_optimizer(groups: list[dict[str, Any]], kind: str = "adamw", fused: boo
             import optimi
         except ImportError as e:
             raise LoPTError("--precision bf16-true --bf16-update kahan needs torch-optimi: pip install torch-optimi "
-                            "(or lopt[bf16]), or choose --bf16-update plain") from e
+                            "(or lopt[bf16]), or choose --bf16-update stochastic-round") from e
         # optimi's defaults differ from AdamW's (betas (0.9, 0.99), eps 1e-6): lopt's are given explicitly.
         return optimi.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, kahan_sum=True)
     if bf16_update == "stochastic-round":
-        try:
-            from torchao.optim import _AdamW as StochasticAdamW  # torchao's AdamW with the bf16 option
-        except ImportError as e:
-            raise LoPTError("--precision bf16-true --bf16-update stochastic-round needs torchao: pip install torchao "
-                            "(or choose --bf16-update kahan)") from e
+        StochasticAdamW = stochastic_round_adamw()
         return StochasticAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                bf16_stochastic_round=True)
     if bf16_update not in (None, "plain"):
-        raise LoPTError(f"unknown bf16_update {bf16_update!r}: choose kahan, stochastic-round or plain")
+        raise LoPTError(f"unknown bf16_update {bf16_update!r}: choose stochastic-round, kahan or plain")
     fused = fused and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=groups[0]["lr"] if groups else 1e-3, betas=(0.9, 0.999), eps=1e-8,
                              fused=fused or None)
