@@ -559,8 +559,9 @@ def test_gemma3_270m_loads_from_its_cache(gemma3, monkeypatch):
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.float32
     # lopt plan's built-in config (no download) has exactly the loaded model's parameters
     assert sum(p.numel() for p in model.parameters()) == model_shape("gemma3-270m")[0].total
-    batch = tok("The capital of France is", return_tensors="pt")
+    batch = tok("Paris is the capital of", return_tensors="pt")  # a base model: plain text, no chat template
+    assert batch.input_ids[0, 0] == tok.bos_token_id  # Gemma needs its <bos>
     with torch.no_grad():
         logits = model(**batch).logits
     assert torch.isfinite(logits).all()
-    assert tok.decode(logits[0, -1].argmax()).strip() == "Paris"
+    assert tok.decode(logits[0, -1].argmax()).strip() == "France"

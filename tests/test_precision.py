@@ -140,13 +140,18 @@ def test_compensated_update_keeps_what_plain_bf16_loses():
     assert out["stochastic-round"] == pytest.approx(out["fp32"], abs=5e-4)
 
 
-def test_torchao_is_imported_only_for_its_optimizer_and_quietly():
+def test_torchao_is_imported_only_for_its_optimizer_and_quietly(tmp_path):
     """lopt and its CLI start without torchao (on a CPU-only torch its import logs a "Failed to load" line
-    per CUDA kernel); building the default bf16-true optimizer imports it, with nothing on stderr."""
+    per CUDA kernel); loading a model (transformers' quantizers import torchao when it is installed) and
+    building the default bf16-true optimizer import it, with nothing on stderr."""
     import subprocess
 
+    save_tiny(tmp_path / "tiny", layers=2)
     code = ("import sys, lopt, lopt.cli\n"
             "assert 'torchao' not in sys.modules, 'torchao imported at start'\n"
+            "from lopt.models import load_model\n"
+            f"load_model({str(tmp_path / 'tiny')!r}, device='cpu')\n"
+            "assert 'torchao' in sys.modules, 'the model loaded without importing torchao'\n"
             "from lopt.runtime.loop import stochastic_round_adamw\n"
             "assert stochastic_round_adamw().__module__.startswith('torchao.optim')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

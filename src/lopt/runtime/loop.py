@@ -2,7 +2,6 @@
 """
 from __future__ import annotations
 
-import logging
 import math
 import random
 from typing import Any, Callable
@@ -12,7 +11,7 @@ from lopt.engine.boundary import LoPTModel
 from lopt.config import OPTIMIZERS
 from lopt.engine.config import LoPTError
 from lopt.runtime.optim_in_backward import OptimizerInBackward
-from lopt.runtime.precision import autocast_dtype, check_device_options, resolve_precision  # noqa: F401  (autocast_dtype: lopt.runtime.loop's name)
+from lopt.runtime.precision import autocast_dtype, check_device_options, import_torchao_quietly, resolve_precision  # noqa: F401  (autocast_dtype: lopt.runtime.loop's name)
 
 
 def set_seed(seed: int) -> None:
@@ -43,22 +42,16 @@ def resolve_device(device: str | None) -> torch.device:
 
 def stochastic_round_adamw() -> type[torch.optim.Optimizer]:
     """torchao's AdamW class (its ``bf16_stochastic_round`` option is bf16-true's default update), imported
-    only when that optimizer is built: importing torchao tries to load its CUDA kernels, and on a CPU-only
-    torch it logs a "Failed to load" line for each of them, which lopt does not use (it needs only the
-    optimizer); those warnings are held back while it imports."""
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-        log.setLevel(logging.ERROR)
+    only when that optimizer is built, with torchao's import-time warnings held back
+    (:func:`lopt.runtime.precision.import_torchao_quietly`)."""
     try:
-        from torchao.optim import _AdamW  # torchao's AdamW with the bf16 option
-    except ImportError as e:
+        optim = import_torchao_quietly("torchao.optim")
+    except ImportError:
+        optim = None
+    if optim is None:
         raise LoPTError("--precision bf16-true --bf16-update stochastic-round needs torchao: pip install torchao "
-                        "(or lopt[bf16]), or choose --bf16-update kahan") from e
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
-    return _AdamW
+                        "(or lopt[bf16]), or choose --bf16-update kahan")
+    return optim._AdamW  # torchao's AdamW with the bf16 option
 
 
 def build_optimizer(wrapped: LoPTModel, lr: float, lr_lower: float | None = None,
