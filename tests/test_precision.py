@@ -157,7 +157,7 @@ def test_torchao_is_imported_only_for_its_optimizer_and_quietly(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
-    assert "Failed to load" not in out.stderr and "torchao" not in out.stderr, out.stderr
+    assert not any(w in out.stderr for w in ("Failed to load", "torchao", "_pytree", "Enum")), out.stderr
 
 
 def test_optimizer_in_backward_under_bf16_true():

@@ -573,9 +573,16 @@ def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | N
     Raises:
         ModelError: the model cannot be found, is not a causal LM, or its files are unusable.
     """
-    from lopt.runtime.precision import import_torchao_quietly
+    from lopt.runtime.precision import torchao_quiet
 
-    import_torchao_quietly()  # before transformers' quantizers do, its CPU-only warnings held back
+    with torchao_quiet():
+        return _load_model(name, gguf_file=gguf_file, dtype=dtype, device=device,
+                           trust_remote_code=trust_remote_code)
+
+
+def _load_model(name: str | os.PathLike[str] | None, *, gguf_file: str | None, dtype: torch.dtype | str | None,
+                device: str | torch.device | None, trust_remote_code: bool
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     dev = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype)
     target = resolve_alias(name)

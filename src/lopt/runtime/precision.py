@@ -17,11 +17,12 @@ Only parameters change dtype; buffers (rotary frequencies) keep theirs.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -31,23 +32,29 @@ from lopt.engine.config import LoPTError
 ALIASES = {"bf16": "bf16-mixed"}
 
 
-def import_torchao_quietly(module: str = "torchao") -> ModuleType | None:
-    """Import ``module`` of torchao with its import-time warnings held back; None when torchao is not
-    installed. On a CPU-only torch, importing torchao logs a "Failed to load" line for each of its CUDA
-    kernels (and torch a deprecation line per registered enum), which lopt does not use. transformers
-    imports torchao whenever it is installed and a model loads (its quantizers), so the model loader
-    imports it first, through here; later imports are silent."""
-    if importlib.util.find_spec("torchao") is None:
-        return None
+@contextlib.contextmanager
+def torchao_quiet() -> Iterator[None]:
+    """Hold back the warnings that importing torchao (or one of its modules) logs on a CPU-only torch: a
+    "Failed to load" line for each of its CUDA kernels, which lopt does not use, and torch's deprecation
+    line for each enum torchao registers. transformers imports torchao's modules whenever it is installed
+    and a model loads (its quantizers), so the model loader runs inside this too."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [log.level for log in quiet]
     for log in quiet:
         log.setLevel(logging.ERROR)
     try:
-        return importlib.import_module(module)
+        yield
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
+
+
+def import_torchao_quietly(module: str = "torchao") -> ModuleType | None:
+    """Import ``module`` of torchao under :func:`torchao_quiet`; None when torchao is not installed."""
+    if importlib.util.find_spec("torchao") is None:
+        return None
+    with torchao_quiet():
+        return importlib.import_module(module)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
