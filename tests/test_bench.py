@@ -38,7 +38,8 @@ def test_bench_two_configurations(tiny_dir, tmp_path):
         for k in ("step_time_s", "step_time_min_s", "step_time_max_s", "tokens_per_s", "peak_step_mb",
                   "saved_activation_mb", "first_loss", "ratio_tokens_per_s", "ratio_saved_activation"):
             assert r[k] is not None, k
-        assert r["n_steps"] == 4  # 2 processes x 2 timed steps
+        # the first process measures memory, the second times 2 steps under glibc's default allocator
+        assert r["n_steps"] == 2 and r["time_processes"] == 1 and not r["times_slowed"]
         assert r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"]
         assert len(r["first_losses"]) == 2 and r["first_losses"][0] == pytest.approx(r["first_losses"][1])
     e2e, lo = res["rows"]
@@ -57,6 +58,7 @@ def test_bench_rows_of_the_new_methods(tiny_dir, tmp_path):
     assert rc == 0
     rows = {r["name"]: r for r in load_bench_json(out)["rows"]}
     for r in rows.values():
+        assert r["times_slowed"]  # one process a configuration: its times ran under the memory settings
         assert r["n_steps"] == 4 and r["first_loss"] == pytest.approx(rows["lisa"]["first_loss"], rel=1e-5)
         assert r["saved_activation_mb"] > 0
     # LISA: one layer besides the (tied) embedding and the final norm; BAdam: one layer
@@ -164,6 +166,39 @@ def test_bench_times_whole_cycles_and_writes_under_runs(tiny_dir, tmp_path, monk
     res = load_bench_json(tmp_path / "runs" / "bench" / "bench.json")
     assert [r["n_steps"] for r in res["rows"]] == [4]
     assert res["steps"] == 1 and res["timed_steps"] == {"lopt-default": 4}
+
+
+def test_memory_and_time_come_from_their_own_processes(monkeypatch):
+    """The first process of a configuration measures memory with glibc's mmap threshold fixed (RSS then
+    tracks live memory); the others keep glibc's defaults, which users train with, and time the steps:
+    on this project's CPU the fixed threshold made a SmolLM2 step about twice as slow."""
+    import subprocess
+
+    from lopt.bench import runner
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    seen = []
+
+    def fake_run(cmd, env, **kw):
+        spec = json.loads(cmd[-1])
+        memory = spec["measure_saved"]
+        seen.append((memory, env.get("MALLOC_MMAP_THRESHOLD_")))
+        res = {"name": spec["name"], "overrides": spec["overrides"], "batch_size": 2, "seq_len": 8,
+               "step_times": [4.0, 6.0] if memory else [2.0, 3.0], "first_loss": 1.0,
+               "peak_step_mb": 100.0 if memory else 180.0, "peak_total_mb": 300.0 if memory else 380.0,
+               "base_mb": 200.0, "saved_activation_mb": 50.0 if memory else None, "device": "cpu",
+               "trainable_params": 10, "tokens_per_step": 16.0, "memory_process": memory}
+        return subprocess.CompletedProcess(cmd, 0, stdout="LOPT_BENCH_RESULT " + json.dumps(res), stderr="")
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    row = runner.run_bench(["e2e"], [2], steps=2, repeats=3, progress=False)["rows"][0]
+    assert seen == [(True, "65536"), (False, None), (False, None)]
+    assert row["peak_step_mb"] == 100.0 and row["peak_total_mb"] == 300.0  # the memory process's
+    assert row["step_time_s"] == 2.5 and row["n_steps"] == 4 and row["tokens_per_s"] == 16.0 / 2.5  # the others'
+    assert row["time_processes"] == 2 and not row["times_slowed"]
+    seen.clear()
+    row = runner.run_bench(["e2e"], [2], steps=2, repeats=1, progress=False)["rows"][0]
+    assert seen == [(True, "65536")] and row["step_time_s"] == 5.0 and row["times_slowed"]
 
 
 def test_whole_cycles_rounds_up_to_the_longest_period(capsys):

@@ -285,7 +285,7 @@ def _study_args(model: Path, out: Path, data: Path) -> list[str]:
     return ["study", "--model", str(model), "--dataset", "arithmetic", "--methods", "e2e", "lopt", "--steps", "2",
             "--batch-size", "2", "--max-length", "128", "--val-size", "3", "--eval-limit", "3", "--lr-factors", "1",
             "10", "--retention-prompts", "2", "--retention-new-tokens", "4", "--retention-suite", "arc-easy",
-            "--limit", "2", "--data-dir", str(data), "--bench-steps", "1", "--eval-batch-size", "4",
+            "--limit", "2", "--data-dir", str(data), "--bench-steps", "1", "--bench-repeats", "1", "--eval-batch-size", "4",
             "--output-dir", str(out), "--no-progress"]
 
 

@@ -6,6 +6,14 @@ forward, backward, AdamW, schedule), then one extra step under ``SavedTensorTrac
 autograd-saved activation bytes. Configurations are interleaved over repeats so that machine drift
 hits them all alike; the table reports medians with min and max, and ratios to the first
 configuration (by default end-to-end without checkpointing).
+
+On CPU, memory and time are measured in different processes. The first process of each configuration
+measures memory, with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``: otherwise glibc keeps
+freed activation-sized blocks in its heap and the resident size overstates live memory). That setting
+maps and zero-fills every large block afresh, which on this project's CPU made a step up to twice as
+slow, so the step times come from the other ``repeats - 1`` processes, which run with glibc's defaults
+as users' training does; with ``repeats == 1`` the memory process's times are reported, and the table
+says they are slowed.
 """
 from __future__ import annotations
 
@@ -111,7 +119,7 @@ class BenchSpec:
     seq_len: int = 256
     warmup: int = 1
     steps: int = 2
-    measure_saved: bool = True
+    measure_saved: bool = True  # the memory process: saved activations, and on CPU the fixed mmap threshold
     device: str | None = None
     seed: int = 0
     dataset: str | None = None  # None: random tokens; else what lopt train reads (file, preset, ...)
@@ -191,6 +199,7 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
         raise LoPTError(f"unknown peer trainer {peer!r}")
     timed = batches[spec.warmup:spec.warmup + spec.steps]
     res["tokens_per_step"] = statistics.fmean(int(b["attention_mask"].sum()) for b in timed)
+    res["memory_process"] = spec.measure_saved
     return res
 
 
@@ -240,10 +249,12 @@ def _cycle(overrides: dict[str, Any]) -> int:
 
 
 def _child(spec: BenchSpec, timeout: float | None) -> dict[str, Any]:
-    # A fixed mmap threshold stops glibc from raising it after each large free, after which freed
-    # activation-sized blocks stay resident in its heap and RSS overstates live memory.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    if spec.measure_saved:
+        # The memory process: a fixed mmap threshold stops glibc from raising it after each large free,
+        # after which freed activation-sized blocks stay resident in its heap and RSS overstates live
+        # memory. The timing processes keep glibc's defaults (the fixed threshold slows every step).
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     proc = subprocess.run([sys.executable, "-m", "lopt.bench", "--worker", json.dumps(spec.__dict__)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     for line in proc.stdout.splitlines():
@@ -327,24 +338,31 @@ def whole_cycles(configs: list[str], table: dict[str, dict[str, Any]], steps: in
 
 
 def _aggregate(name: str, batch: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    times = [t for r in runs for t in r["step_times"]]
+    # Memory from the memory process; times from the timing processes (the memory process has a slower
+    # allocator on CPU) when any ran.
+    memory = [r for r in runs if r.get("memory_process", True)] or runs
+    timing = [r for r in runs if not r.get("memory_process", True)]
+    times = [t for r in (timing or runs) for t in r["step_times"]]
     # Steps that skip the lower update (lower_every N) or keep the boundary closed (task_grad_every N)
     # are cheaper: a median would report only those. The mean over the timed steps (use a multiple of N)
     # is the honest cost of the cycle.
     cyclic = _cycle(runs[0]["overrides"]) > 1
     med = statistics.fmean(times) if cyclic else statistics.median(times)
-    peaks = [r["peak_step_mb"] for r in runs if r["peak_step_mb"] is not None]
+    peaks = [r["peak_step_mb"] for r in memory if r["peak_step_mb"] is not None]
     tokens = runs[0]["tokens_per_step"]
     return {"name": name, "batch_size": batch, "overrides": runs[0]["overrides"],
             "step_time_s": med, "step_time_min_s": min(times), "step_time_max_s": max(times),
             "tokens_per_s": tokens / med, "tokens_per_s_min": tokens / max(times),
             "tokens_per_s_max": tokens / min(times),
             "peak_step_mb": statistics.median(peaks) if peaks else None,
-            "peak_total_mb": statistics.median(r["peak_total_mb"] for r in runs),
+            "peak_total_mb": statistics.median(r["peak_total_mb"] for r in memory),
             "saved_activation_mb": next((r["saved_activation_mb"] for r in runs
                                          if r["saved_activation_mb"] is not None), None),
             "first_loss": runs[0]["first_loss"], "first_losses": [r["first_loss"] for r in runs],
-            "trainable_params": runs[0]["trainable_params"], "n_steps": len(times)}
+            "trainable_params": runs[0]["trainable_params"], "n_steps": len(times),
+            "time_processes": len(timing or runs),
+            # on CPU with one process a configuration, its times ran under the memory process's allocator
+            "times_slowed": not timing and runs[0].get("device", "cpu").startswith("cpu")}
 
 
 # --------------------------------------------------------------------------- the bench JSON
@@ -501,6 +519,12 @@ def run_bench_cli(ns: argparse.Namespace) -> int:
     print(f"\nratios against {result['reference']}; {result['dataset']}; {result['repeats']} processes x {result['steps']} timed "
           f"steps per configuration" + (f" (whole cycles: {', '.join(rounded)})" if rounded else "")
           + f"; {result['machine']['cpus']} CPUs, torch {result['versions']['torch']}; {result['wall_s']:.0f}s", file=out)
+    if any(r.get("times_slowed") for r in result["rows"]):
+        print("step times from the memory process, whose fixed mmap threshold slows CPU steps (up to 2x here): "
+              "--repeats 2 or more times them in processes of their own", file=out)
+    elif result["repeats"] > 1:
+        print(f"memory from the first process of each configuration, step times from the other "
+              f"{result['repeats'] - 1}", file=out)
     where = write_json(json_path, bench_json(result))
     if json_path != "-":
         print(f"results written to {where} (memory in bytes)", file=out)
