@@ -49,7 +49,7 @@ def test_make_experiment_is_lopt_study_with_the_projects_settings(study_calls):
     assert (o.dataset, o.eval_dataset, o.eval_limit, o.max_length, o.steps, o.batch_size) == (
         "gsm8k", "gsm8k", 300, 384, 256, 4)
     assert o.methods == ["e2e", "lopt", "freeze-lower", "lora", "lisa", "badam"] and o.method_rates == ["e2e=3"]
-    assert (o.precision, o.bench_steps, o.bench_repeats) == ("bf16-true", 4, 2)
+    assert (o.precision, o.bench_steps, o.bench_repeats) == ("bf16-mixed", 4, 2)
     assert o.output_dir == "records/study-v3" and o.data_dir is None  # $LOPT_DATA_DIR, as the Makefile sets it
     assert study_calls["synced"] == [(Path("README.md"), Path("records/study-v3"))]
 
