@@ -13,7 +13,7 @@ option included (a later ``--methods`` replaces the earlier list, it does not ad
 argument given here overrides the setting of the same name. ``--method-rates e2e=3`` is a setting:
 give ``--method-rates e2e=N`` to change it, and leave e2e in ``--methods`` or give another
 ``--method-rates`` naming one of them. The data folder is ``--data-dir``, else ``$LOPT_DATA_DIR``
-(``make experiment`` sets it to the workspace's ``../shared/data``).
+(``make experiment`` sets it to the project's data folder beside the repository).
 
 After a study that ran (not ``--dry-run``, not ``--quick``), the README's block of its output folder is
 regenerated from the records (:func:`lopt.recipes.study.summary.sync_readme`) when the README has that
@@ -45,8 +45,6 @@ QUICK = ["--steps", "4", "--batch-size", "2", "--val-size", "8", "--eval-limit",
          "--bench-steps", "1", "--bench-repeats", "1", "--output-dir", str(QUICK_OUT)]
 # The README whose block of the study (between summary.readme_markers) a finished study refreshes.
 README = Path("README.md")
-# The data folder study v3 was run with, relative to the repository root (as its README shows it).
-RECORD_DATA_DIR = "../shared/data"
 
 
 def study_args(argv: list[str]) -> tuple[list[str], bool]:
@@ -57,7 +55,7 @@ def study_args(argv: list[str]) -> tuple[list[str], bool]:
     return [*SETTINGS, *(QUICK if quick else []), *rest], quick
 
 
-def command_text(data_dir: str = RECORD_DATA_DIR, width: int = 100) -> str:
+def command_text(data_dir: str, width: int = 100) -> str:
     """Study v3's ``lopt study`` command as its README and docs/study.md show it: the settings, with
     ``--data-dir``, wrapped between options."""
     words, groups = ["--data-dir", data_dir, *SETTINGS], []
