@@ -12,14 +12,17 @@ installs, its terms being Gemma's) are found at run time and cached the same way
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -549,6 +552,31 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
             cfg.pad_token_id = tokenizer.pad_token_id
 
 
+@contextlib.contextmanager
+def torchao_quiet() -> Iterator[None]:
+    """Hold back the warnings that importing torchao (or one of its modules) logs on a CPU-only torch: a
+    "Failed to load" line for each of its CUDA kernels, which lopt does not use, and torch's deprecation
+    line for each enum torchao registers. transformers imports torchao's modules whenever it is installed
+    and a model loads (its quantizers), so the model loader runs inside this too."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+
+
+def import_torchao_quietly(module: str = "torchao") -> ModuleType | None:
+    """Import ``module`` of torchao under :func:`torchao_quiet`; None when torchao is not installed."""
+    if importlib.util.find_spec("torchao") is None:
+        return None
+    with torchao_quiet():
+        return importlib.import_module(module)
+
+
 def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | None = None,
                dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -573,8 +601,6 @@ def load_model(name: str | os.PathLike[str] | None = None, *, gguf_file: str | N
     Raises:
         ModelError: the model cannot be found, is not a causal LM, or its files are unusable.
     """
-    from lopt.runtime.precision import torchao_quiet
-
     with torchao_quiet():
         return _load_model(name, gguf_file=gguf_file, dtype=dtype, device=device,
                            trust_remote_code=trust_remote_code)

@@ -11,7 +11,8 @@ from lopt.engine.boundary import LoPTModel
 from lopt.config import OPTIMIZERS
 from lopt.engine.config import LoPTError
 from lopt.runtime.optim_in_backward import OptimizerInBackward
-from lopt.runtime.precision import autocast_dtype, check_device_options, import_torchao_quietly, resolve_precision  # noqa: F401  (autocast_dtype: lopt.runtime.loop's name)
+from lopt.models import import_torchao_quietly
+from lopt.runtime.precision import autocast_dtype, check_device_options, resolve_precision  # noqa: F401  (autocast_dtype: lopt.runtime.loop's name)
 
 
 def set_seed(seed: int) -> None:
@@ -43,7 +44,7 @@ def resolve_device(device: str | None) -> torch.device:
 def stochastic_round_adamw() -> type[torch.optim.Optimizer]:
     """torchao's AdamW class (its ``bf16_stochastic_round`` option is bf16-true's default update), imported
     only when that optimizer is built, with torchao's import-time warnings held back
-    (:func:`lopt.runtime.precision.import_torchao_quietly`)."""
+    (:func:`lopt.models.import_torchao_quietly`)."""
     try:
         optim = import_torchao_quietly("torchao.optim")
     except ImportError:

@@ -17,12 +17,7 @@ Only parameters change dtype; buffers (rotary frequencies) keep theirs.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.util
-import logging
-from types import ModuleType
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -30,31 +25,6 @@ from torch import nn
 from lopt.engine.config import LoPTError
 
 ALIASES = {"bf16": "bf16-mixed"}
-
-
-@contextlib.contextmanager
-def torchao_quiet() -> Iterator[None]:
-    """Hold back the warnings that importing torchao (or one of its modules) logs on a CPU-only torch: a
-    "Failed to load" line for each of its CUDA kernels, which lopt does not use, and torch's deprecation
-    line for each enum torchao registers. transformers imports torchao's modules whenever it is installed
-    and a model loads (its quantizers), so the model loader runs inside this too."""
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
-
-
-def import_torchao_quietly(module: str = "torchao") -> ModuleType | None:
-    """Import ``module`` of torchao under :func:`torchao_quiet`; None when torchao is not installed."""
-    if importlib.util.find_spec("torchao") is None:
-        return None
-    with torchao_quiet():
-        return importlib.import_module(module)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
