@@ -252,14 +252,14 @@ def packaged_checkpoint(name: str = DEFAULT_MODEL) -> Path:
           f"(once; {packaged.conversion_time})", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{packaged.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
-        with _quiet_progress():
+        with quiet_progress():
             model, tokenizer = _load_gguf(str(gguf.parent), gguf.name, dtype=torch.float32, device=None)
         # The GGUF tokenizer has no length limit; the model's context length is the honest one.
         if tokenizer.model_max_length > 10 ** 9:
             tokenizer.model_max_length = model.config.max_position_embeddings
         marker = {"lopt_cache_version": CACHE_VERSION, "source": packaged.source,
                   "gguf_bytes": gguf.stat().st_size}
-        with _quiet_progress():
+        with quiet_progress():
             _write_checkpoint(model, tokenizer, tmp, {CACHE_MARKER: marker})
         del model
         conversions += 1
@@ -290,8 +290,9 @@ def _install_dir(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """Hide transformers' progress bars for loads the user did not ask for by name."""
+def quiet_progress() -> Iterator[None]:
+    """Hide transformers' progress bars (loading, saving) for loads the user did not ask for by name, and
+    inside a job that shows its own bar (``lopt study``)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -617,7 +618,7 @@ def _load_model(name: str | os.PathLike[str] | None, *, gguf_file: str | None, d
     packaged = packaged_model(target)
     if packaged is not None and gguf_file is None:
         source = str(packaged_checkpoint(packaged.name))
-        with _quiet_progress():
+        with quiet_progress():
             model, tokenizer = _load_pretrained(source, label, dtype=torch_dtype, device=dev,
                                                 trust_remote_code=False)
     else:

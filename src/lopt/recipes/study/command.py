@@ -727,16 +727,18 @@ def same_run(ckpt: Path, cfg: TrainConfig) -> bool:
 
 def study_command(opts: StudyOptions) -> int:
     """``lopt study``: run (or resume) the study, or with ``--dry-run`` print its plan and estimate."""
+    from lopt.models import quiet_progress
     from lopt.recipes.study.summary import write_summary
 
-    study = Study(opts)  # every input check, before any training
-    study.data.write()
-    study.meta(study.recorded_best())
-    bench = study.bench()
-    if opts.dry_run:
-        print("\n".join(study.plan_lines(bench)))
-        return 0
-    run_study(study, bench)
+    with quiet_progress():  # the study's bar, not one per model its pieces load and save
+        study = Study(opts)  # every input check, before any training
+        study.data.write()
+        study.meta(study.recorded_best())
+        bench = study.bench()
+        if opts.dry_run:
+            print("\n".join(study.plan_lines(bench)))
+            return 0
+        run_study(study, bench)
     paths = write_summary(study.out)
     print(f"lopt study: report {paths['markdown']} ({len(study.executed)} pieces run now)")
     return 0
