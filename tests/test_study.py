@@ -351,7 +351,16 @@ def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data
     assert main(args + ["--dry-run"]) == 0
     plan = capsys.readouterr().out
     assert "e2e: 0.0001, 0.001" in plan and "e2e 2, lopt 2)" in plan and "4 runs of 2 steps" in plan
-    assert "estimate: " in plan
+    assert "estimate: " in plan and "  lopt-lr" in plan  # the runs, named: the sweep is recorded
+    assert "still to run: nothing" in plan  # a finished study has nothing left
+    done = Study(opts)
+    base_seconds = done.records.read("base/eval")["eval"]["seconds"]
+    assert done.left() == 0 and done.eval_estimate() == base_seconds  # the base's evaluation, as measured
+    run_eval = out / "results" / "runs" / "e2e-lr0.001" / "eval.json"
+    kept = run_eval.read_text()
+    run_eval.unlink()
+    assert done.left() == base_seconds
+    run_eval.write_text(kept)
     # ... and leaves a finished study's report whole (its sweep is read back from the records)
     from lopt.recipes.study.summary import collect
     assert json.loads((out / "results" / "meta.json").read_text())["best"] == s["meta"]["best"]
@@ -524,3 +533,32 @@ def test_the_study_holds_out_rows_or_reads_the_eval_dataset(tmp_path):
     given.write()
     assert given.eval.read_text().count("\n") == 5 and "other.jsonl" in given.eval_note
     assert given.sweep_val.read_text().count("\n") == 4 and given.digest != held.digest
+
+
+def test_the_run_estimate_follows_the_padded_tokens_of_its_own_batches(tmp_path):
+    """lopt bench times the first batches of a full run; a run's estimate scales its step time by its
+    own batches' padded tokens against those the bench timed (lopt.bench.runner.bench_batches)."""
+    from lopt.bench.runner import BenchSpec, bench_batches
+    from lopt.data import Batches, build_sft_dataset
+    from lopt.recipes.study.command import Study, StudyOptions
+
+    # half the questions long: batches differ in padded length
+    rows = [{"question": f"What is {a} + {b}?" + (" Think about it step by step, please." * 6 if a % 2 else ""),
+             "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(1, 9) for b in range(1, 5)]
+    opts = StudyOptions(model=str(save_tiny(tmp_path / "tiny")), dataset=str(write_jsonl(tmp_path / "r.jsonl", rows)),
+                        methods=["e2e"], steps=12, batch_size=2, max_length=128, val_size=4, eval_limit=4,
+                        bench_steps=2, output_dir=str(tmp_path / "out"), progress=False)
+    study = Study(opts)
+    study.data.write()
+    tok = study._load_base()[1]
+    spec = BenchSpec(name="e2e", overrides={}, batch_size=2, seq_len=128, warmup=1, steps=2,
+                     dataset=str(study.data.train), limit=12 * 2)
+    timed = [b["input_ids"].numel() for b in bench_batches(spec, tok, vocab=0)[1:3]]  # after the warm-up batch
+    for steps in (12, 4):
+        examples, _ = build_sft_dataset(str(study.data.train), tok, max_length=128, limit=steps * 2)
+        it = Batches(examples, 2, tok.pad_token_id, seed=0)
+        own = [next(it)["input_ids"].numel() for _ in range(steps)]
+        assert study.length_scale(steps) == pytest.approx((sum(own) / steps) / (sum(timed) / 2))
+    assert len({study.length_scale(12), study.length_scale(4), 1.0}) == 3  # the rows make them differ
+    study.records.put("bench", {}, {"rows": [{"name": "e2e", "step_time_s": 0.5, "tokens_per_s": 100.0}]})
+    assert study.train_estimate("e2e", 12) == pytest.approx(12 * 0.5 * study.length_scale(12) + 2.0)

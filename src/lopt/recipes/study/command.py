@@ -362,6 +362,7 @@ class Study:
         self.progress = Progress(opts.progress)
         self.executed: list[str] = []  # pieces run by this call (a resumed study runs none twice)
         self._base = self._probe = self._suite = None
+        self._scales: dict[int, float] = {}
         self.num_layers = self._num_layers()
         self.grids = grids(opts)
         self.schedules = {m: schedule(m, self.num_layers, opts.steps, opts.adapt_schedules) for m in opts.methods}
@@ -415,22 +416,51 @@ class Study:
                 return row["step_time_s"]
         return None
 
+    def length_scale(self, steps: int) -> float:
+        """How much longer a run's batches are than the bench's. ``lopt bench`` times the first few
+        batches a 256-step run draws; a run of ``steps`` draws its own, and a step's time follows its
+        padded tokens (study v3's first e2e run: its batches 1.09x the bench's, its steps 1.13x)."""
+        if steps not in self._scales:
+            from lopt.data import Batches, build_sft_dataset
+
+            o = self.opts
+            tok = self._load_base()[1]
+
+            def padded(limit: int, first: int, count: int) -> float:
+                examples, _ = build_sft_dataset(str(self.data.train), tok, max_length=o.max_length, limit=limit)
+                it = Batches(examples, o.batch_size, tok.pad_token_id, seed=o.seeds[0])
+                sizes = [next(it)["input_ids"].numel() for _ in range(first + count)][first:]
+                return sum(sizes) / len(sizes)
+
+            bench = padded(o.steps * o.batch_size, 1, o.bench_steps)  # the bench: 1 warm-up batch, then timed
+            self._scales[steps] = padded(steps * o.batch_size, 0, steps) / bench
+        return self._scales[steps]
+
     def train_estimate(self, method: str, steps: int) -> float:
-        step = self.step_seconds(method) or 0.0
-        return steps * step + 2.0  # loading and saving the model: a couple of seconds on the embedded one
+        step = self.step_seconds(method)
+        if step is None:
+            return 0.0
+        return steps * step * self.length_scale(steps) + 2.0  # loading and saving: seconds on the embedded model
 
     def eval_estimate(self) -> float:
-        """A forward pass costs about a third of a training step (no backward, no optimizer)."""
+        """The base's evaluation as measured, once it is; before, a forward pass at about a third of a
+        training step (no backward, no optimizer), in fp32 (the evaluation runs in the model's dtype)."""
         o = self.opts
+        base = self.records.read("base/eval")
+        if base is not None:
+            # The base's also records the probe's answers (generation, cached after): an upper bound.
+            return base["eval"]["seconds"]
         step = self.step_seconds(o.methods[0]) or 0.0
         rows = self.data.eval.read_text().count("\n") if self.data.eval.is_file() else o.eval_limit
         items = len(self.tasks) * o.limit * 4  # the suite: about 4 choices an item
         batches = (rows / o.eval_batch_size + 2 * o.retention_prompts / o.eval_batch_size
                    + items / o.eval_batch_size)
-        return batches * step / 3 * (o.eval_batch_size / o.batch_size) + 2.0
+        # Timed in bf16 on a CPU, a step is about half of fp32's (records/precision: 2.14x tokens/s).
+        fp32 = 2.0 if o.precision.startswith("bf16") and self._device() == "cpu" else 1.0
+        return batches * step / 3 * (o.eval_batch_size / o.batch_size) * fp32 + 2.0
 
     def estimates(self) -> dict[str, float]:
-        """Seconds of each phase still to run (records that exist count as done)."""
+        """Seconds of each phase of the whole study (done or not; :meth:`left` is what remains)."""
         o = self.opts
         per_run_eval = self.eval_estimate()
         sweep = sum(self.train_estimate(m, sweep_steps(o)) + per_run_eval * 0.3
@@ -439,6 +469,26 @@ class Study:
         runs = sum((self.train_estimate(m, o.steps) + per_run_eval) * (rates[m] + len(o.seeds) - 1)
                    for m in o.methods)
         return {"sweep": sweep, "runs": runs, "base": per_run_eval}
+
+    def left(self) -> float:
+        """Seconds of the pieces that have no record yet: what a resumed study still has to run."""
+        o = self.opts
+        ev = self.eval_estimate()
+        left = 0.0 if self.records.read("base/eval") else ev
+        for m in o.methods:
+            if len(self.grids[m]) > 1:
+                left += sum(self.train_estimate(m, sweep_steps(o)) + ev * 0.3 for lr in self.grids[m]
+                            if self.records.get(f"sweep/{m}-lr{lr:g}", self.sweep_spec(m, lr)) is None)
+        best = self.recorded_best()
+        if best is None:
+            return left + self.estimates()["runs"]
+        for run in final_runs(best, o):
+            spec = self.run_spec(run)
+            if self.records.get(f"runs/{run['run']}/train", spec) is None:
+                left += self.train_estimate(run["method"], o.steps)
+            if self.records.get(f"runs/{run['run']}/eval", {**spec, "eval": self.eval_spec}) is None:
+                left += ev
+        return left
 
     # ------------------------------------------------------------------ pieces
 
@@ -616,6 +666,10 @@ class Study:
             raise LoPTError(f"sweep: every rate of {method} diverged (NaN loss); give lower --start-lr {method}=LR")
         return min(finite, key=finite.get)
 
+    def run_spec(self, run: dict[str, Any]) -> dict[str, Any]:
+        return {**run, "steps": self.opts.steps, "overrides": self.overrides(run["method"], self.opts.steps),
+                **self.common}
+
     def run(self, run: dict[str, Any]) -> None:
         """Train one run (continuing a killed one from its last checkpoint), then evaluate it."""
         from lopt.eval.drift import read_boundaries
@@ -626,7 +680,7 @@ class Study:
         name, method = run["run"], run["method"]
         run_dir = self.runs_dir / name
         cfg = self.train_config(method, run["lr"], run["seed"], o.steps, run_dir)
-        spec = {**run, "steps": o.steps, "overrides": self.overrides(method, o.steps), **self.common}
+        spec = self.run_spec(run)
 
         def make_train():
             cfg.save_every = max(1, o.steps // 4)
@@ -696,12 +750,19 @@ class Study:
             lines.append(f"estimate: {_hms(total)} in all (sweep {_hms(est['sweep'])}, runs {_hms(est['runs'])}, "
                          f"base evaluation {_hms(est['base'])}); one run of {o.methods[0]}: "
                          f"{_hms(self.train_estimate(o.methods[0], o.steps) + self.eval_estimate())}")
+            left = self.left()
+            if left == 0:
+                lines.append("still to run: nothing (every piece has its record)")
+            elif left < total - 1:
+                lines.append(f"still to run: {_hms(left)} (the pieces without a record)")
         return lines
 
     def meta(self, best: dict[str, float] | None) -> None:
         o = self.opts
         write_json(self.records.path("meta"), {
-            "options": asdict(o), "num_layers": self.num_layers, "data": self.data.describe(),
+            # what the study is; how this call shows it (a dry run, the bar) is not
+            "options": {k: v for k, v in asdict(o).items() if k not in ("dry_run", "progress")},
+            "num_layers": self.num_layers, "data": self.data.describe(),
             "grids": self.grids, "start_lr": start_rates(o),
             "rate_factors": list(RATE_FACTORS[:max(rates_of(o).values())]), "rates": rates_of(o),
             "schedules": {m: n for m, (_, n) in self.schedules.items() if n}, "sweep_steps": sweep_steps(o),
@@ -736,7 +797,7 @@ def study_command(opts: StudyOptions) -> int:
         study.meta(study.recorded_best())
         bench = study.bench()
         if opts.dry_run:
-            print("\n".join(study.plan_lines(bench)))
+            print("\n".join(study.plan_lines(bench, study.recorded_best())))
             return 0
         run_study(study, bench)
     paths = write_summary(study.out)

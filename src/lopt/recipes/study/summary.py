@@ -26,6 +26,10 @@ from lopt.recipes.study.records import Records, write_json, write_text
 from lopt.recipes.study.rules import WITHIN, Cost, RunResult, which_method_when
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 def _suite_drop(ev: dict[str, Any]) -> float | None:
     """Mean change of the suite's primary metrics from the base, as a drop (positive: forgotten)."""
     suite = ev.get("suite")
@@ -266,7 +270,7 @@ def readme_block(out: Path, root: Path | None = None) -> list[str]:
     model = o["model"] or "smollm2-135m-instruct (embedded)"
     prec = "" if o.get("precision", "auto") == "auto" else f", {o['precision']} precision"
     lines = [f"`lopt study` on {model} with {o['dataset']} ({o['steps']} steps of {o['batch_size']}{prec}; "
-             f"methods {', '.join(o['methods'])}; {len(s['runs'])} runs finished): every run, the sweep and the "
+             f"methods {', '.join(o['methods'])}; {_count(len(s['runs']), 'run')} finished): every run, the sweep and the "
              f"evidence in [RESULTS.md]({where}/RESULTS.md).", ""]
     if meta.get("runs") is None or s["missing"]:
         todo = "the sweep is not finished" if meta.get("runs") is None else \
