@@ -286,7 +286,7 @@ def _study_args(model: Path, out: Path, data: Path) -> list[str]:
             "--batch-size", "2", "--max-length", "128", "--val-size", "3", "--eval-limit", "3", "--lr-factors", "1",
             "10", "--retention-prompts", "2", "--retention-new-tokens", "4", "--retention-suite", "arc-easy",
             "--limit", "2", "--data-dir", str(data), "--bench-steps", "1", "--bench-repeats", "1", "--eval-batch-size", "4",
-            "--output-dir", str(out), "--no-progress"]
+            "--sweep-extend", "0", "--output-dir", str(out), "--no-progress"]
 
 
 def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data, tmp_path, capsys):
@@ -400,6 +400,7 @@ def test_the_study_plan_states_grids_rates_and_budget_adapted_schedules():
     (["--dataset", "{rows}", "--start-lr", "e2e=fast"], "--start-lr e2e=fast: give METHOD=LR"),
     (["--dataset", "{rows}", "--retention-suite", "arc-easy,mmlu"], "--retention-suite arc-easy,mmlu: no task 'mmlu'"),
     (["--dataset", "{rows}", "--methods", "e2e", "e2e"], "--methods names a method twice"),
+    (["--dataset", "{rows}", "--sweep-extend", "-1"], "--sweep-extend must be >= 0"),
     (["--dataset", "{rows}", "--method-rates", "e2e=4"], "--method-rates e2e=4: give METHOD=N with N 1, 2 or 3"),
     ([], "--dataset is required"),
 ])
@@ -562,3 +563,56 @@ def test_the_run_estimate_follows_the_padded_tokens_of_its_own_batches(tmp_path)
     assert len({study.length_scale(12), study.length_scale(4), 1.0}) == 3  # the rows make them differ
     study.records.put("bench", {}, {"rows": [{"name": "e2e", "step_time_s": 0.5, "tokens_per_s": 100.0}]})
     assert study.train_estimate("e2e", 12) == pytest.approx(12 * 0.5 * study.length_scale(12) + 2.0)
+
+
+def test_the_sweep_walks_past_an_edge_until_the_best_is_bracketed():
+    import math
+
+    from lopt.recipes.study.command import walk_grid
+
+    def bowl(at: float):  # a held-out loss with its minimum at lr = at, symmetric in log lr
+        seen = []
+
+        def loss(lr: float) -> float:
+            seen.append(lr)
+            return 1.0 + (math.log10(lr) - math.log10(at)) ** 2
+        return loss, seen
+
+    grid = [3e-5, 1e-4, 3e-4]
+    loss, seen = bowl(1e-4)  # bracketed already: nothing more
+    assert walk_grid(grid, loss, 2)[0] == grid and seen == grid
+    loss, seen = bowl(1e-3)  # the top is best: 9e-4 is better still, 2.7e-3 worse, so it stops
+    walked, losses = walk_grid(grid, loss, 2)
+    assert walked == [3e-5, 1e-4, 3e-4, 9e-4, 2.7e-3] and min(losses, key=losses.get) == 9e-4
+    loss, seen = bowl(1.0)  # far above: two more rates, then the limit
+    assert walk_grid(grid, loss, 2)[0] == [3e-5, 1e-4, 3e-4, 9e-4, 2.7e-3]
+    loss, seen = bowl(1e-7)  # below: down by x3
+    assert walk_grid(grid, loss, 1)[0] == [1e-5, 3e-5, 1e-4, 3e-4]
+    assert walk_grid(grid, bowl(1.0)[0], 0)[0] == grid  # --sweep-extend 0: the grid as given
+    # a point that is not recorded stops the walk (recorded_best: the sweep is not finished)
+    assert walk_grid(grid, lambda lr: None if lr > 3e-4 else -lr, 2) is None
+    assert walk_grid(grid, lambda lr: float("nan"), 2)[0] == grid  # nothing finite: no direction to walk
+
+
+def test_a_swept_edge_is_extended_from_the_records_and_never_retrained(tmp_path):
+    from dataclasses import replace
+
+    from lopt.recipes.study.command import Study, StudyOptions
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows())
+    opts = StudyOptions(model=str(save_tiny(tmp_path / "tiny")), dataset=str(rows), methods=["e2e"], steps=4,
+                        batch_size=2, max_length=128, val_size=3, eval_limit=3, retention_prompts=2,
+                        retention_new_tokens=4, output_dir=str(tmp_path / "out"), progress=False)
+    study = Study(opts)
+    study.data.write()
+    for lr, loss in ((3e-5, 0.9), (1e-4, 0.8), (3e-4, 0.7)):  # the grid's top rate is best
+        study.records.put(f"sweep/e2e-lr{lr:g}", study.sweep_spec("e2e", lr), {"val": {"loss": loss}})
+    assert study.recorded_best() is None  # the rate beyond the edge is not recorded: the sweep is not done
+    study.records.put("sweep/e2e-lr0.0009", study.sweep_spec("e2e", 9e-4), {"val": {"loss": 0.75}})
+    assert study.recorded_best() == {"e2e": 3e-4} and study.swept["e2e"] == [3e-5, 1e-4, 3e-4, 9e-4]
+    again = Study(opts)
+    assert again.sweep("e2e") == 3e-4 and again.executed == []  # every point read back, none trained
+    assert "  e2e: 3e-05, 0.0001, 0.0003, 0.0009" in again.plan_lines(None)
+    again.meta({"e2e": 3e-4})
+    assert again.records.read("meta")["grids"]["e2e"] == [3e-5, 1e-4, 3e-4, 9e-4]
+    assert Study(replace(opts, sweep_extend=0)).recorded_best() == {"e2e": 3e-4}

@@ -74,6 +74,9 @@ class StudyOptions:
     lr_factors: list[float] = option(
         factory=lambda: [0.3, 1.0, 3.0], help="the sweep's grid: each method's starting rate (lopt.recipes."
         "study.command.START_LR) times these", nargs="+", type=float, metavar="X", group=_PLAN)
+    sweep_extend: int = option(2, "when a method's best rate is the lowest or highest of its grid, sweep up "
+                               "to this many more rates beyond it (x3 each) until one is worse, so the best is "
+                               "bracketed; 0: the grid as given", group=_PLAN)
     start_lr: list[str] = option(factory=list, help="another starting rate for a method, e.g. lora=2e-4",
                                  nargs="+", metavar="METHOD=LR", group=_PLAN)
     rates: int = option(2, "rates each method is trained at: its sweep's best, then 0.3x and 0.1x of it",
@@ -135,6 +138,37 @@ def _round(x: float) -> float:
 def grids(opts: StudyOptions) -> dict[str, list[float]]:
     """The sweep's learning rates per method: the starting rate times each of --lr-factors."""
     return {m: sorted({_round(lr * f) for f in opts.lr_factors}) for m, lr in start_rates(opts).items()}
+
+
+EXTEND = 3.0  # the step of a grid extension beyond an edge whose rate is best
+
+
+def walk_grid(grid: list[float], loss: Callable[[float], float | None], extend: int
+              ) -> tuple[list[float], dict[float, float]] | None:
+    """Score ``grid`` with ``loss`` (a sweep point; None: not recorded), then, while the best rate is
+    the lowest or highest so far, one more rate x3 beyond it, up to ``extend`` more. Returns the walked
+    grid and its losses, or None at the first point ``loss`` cannot give."""
+    grid, losses = sorted(grid), {}
+    for lr in grid:
+        if (v := loss(lr)) is None:
+            return None
+        losses[lr] = v
+    for _ in range(extend if len(grid) > 1 else 0):
+        finite = {lr: v for lr, v in losses.items() if v == v}
+        if not finite:
+            break
+        best = min(finite, key=finite.get)
+        if best == grid[-1]:
+            lr = _round(best * EXTEND)
+        elif best == grid[0]:
+            lr = _round(best / EXTEND)
+        else:
+            break  # bracketed
+        if (v := loss(lr)) is None:
+            return None
+        losses[lr] = v
+        grid = sorted(grid + [lr])
+    return grid, losses
 
 
 def final_rates(best: float, rates: int) -> list[float]:
@@ -216,6 +250,8 @@ def check_options(opts: StudyOptions) -> None:
         raise LoPTError(f"--rates must be 1, 2 or 3, got {opts.rates}")
     if opts.sweep_steps is not None and not 1 <= opts.sweep_steps <= opts.steps:
         raise LoPTError(f"--sweep-steps must be 1..--steps ({opts.steps}), got {opts.sweep_steps}")
+    if opts.sweep_extend < 0:
+        raise LoPTError(f"--sweep-extend must be >= 0 (0: the grid as given), got {opts.sweep_extend}")
     if not opts.lr_factors or any(not f > 0 for f in opts.lr_factors):
         raise LoPTError("--lr-factors: give one or more factors > 0")
     if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
@@ -365,6 +401,7 @@ class Study:
         self._scales: dict[int, float] = {}
         self.num_layers = self._num_layers()
         self.grids = grids(opts)
+        self.swept: dict[str, list[float]] = {}  # each method's grid as swept: with the rates beyond an edge
         self.schedules = {m: schedule(m, self.num_layers, opts.steps, opts.adapt_schedules) for m in opts.methods}
         self.common = {"model": opts.model, "gguf_file": opts.gguf_file, "data": self.data.digest,
                        "batch_size": opts.batch_size, "max_length": opts.max_length,
@@ -618,12 +655,17 @@ class Study:
             if len(self.grids[m]) == 1:  # nothing to choose: no sweep
                 best[m] = self.grids[m][0]
                 continue
-            recs = {lr: self.records.get(f"sweep/{m}-lr{lr:g}", self.sweep_spec(m, lr)) for lr in self.grids[m]}
-            if any(r is None for r in recs.values()):
+            def recorded(lr: float, m: str = m) -> float | None:
+                rec = self.records.get(f"sweep/{m}-lr{lr:g}", self.sweep_spec(m, lr))
+                return None if rec is None else rec["val"]["loss"]
+
+            walked = walk_grid(self.grids[m], recorded, self.opts.sweep_extend)
+            if walked is None:
                 return None
-            finite = {lr: r["val"]["loss"] for lr, r in recs.items() if r["val"]["loss"] == r["val"]["loss"]}
+            finite = {lr: v for lr, v in walked[1].items() if v == v}
             if not finite:
                 return None
+            self.swept[m] = walked[0]  # with the rates recorded beyond it
             best[m] = min(finite, key=finite.get)
         return best
 
@@ -637,8 +679,9 @@ class Study:
         steps = sweep_steps(o)
         if len(self.grids[method]) == 1:  # a one-rate grid (--lr-factors 1) has nothing to choose: no sweep runs
             return self.grids[method][0]
-        losses = {}
-        for lr in self.grids[method]:
+        planned = set(self.grids[method])
+
+        def point(lr: float) -> float:
             run_dir = self.runs_dir / "sweep" / f"{method}-lr{lr:g}"
             cfg = self.train_config(method, lr, o.seeds[0], steps, run_dir)
             spec = self.sweep_spec(method, lr)
@@ -658,9 +701,14 @@ class Study:
                 return {"command": self.command(cfg), "val": val, "train_seconds": round(seconds, 1)}
 
             est = self.train_estimate(method, steps) + self.eval_estimate() * 0.3
+            if lr not in planned:  # an extension: not in the study's first estimate
+                self.progress.add(est)
+            edge = "" if lr in planned else " (beyond the grid: its edge rate was best)"
             rec = self._piece(f"sweep/{method}-lr{lr:g}", spec, est, make,
-                              f"sweep: {method} at lr {lr:g}, {steps} steps")
-            losses[lr] = rec["val"]["loss"]
+                              f"sweep: {method} at lr {lr:g}, {steps} steps{edge}")
+            return rec["val"]["loss"]
+
+        self.swept[method], losses = walk_grid(self.grids[method], point, o.sweep_extend)
         finite = {lr: v for lr, v in losses.items() if v == v}
         if not finite:
             raise LoPTError(f"sweep: every rate of {method} diverged (NaN loss); give lower --start-lr {method}=LR")
@@ -728,8 +776,10 @@ class Study:
                  f"data: {d['train_rows']} of {d['rows']} rows trained on ({o.steps} steps x {o.batch_size}); "
                  f"{d['eval']}; {d['sweep']}",
                  f"sweep: {sweep_steps(o)} steps a run; grids (starting rate x "
-                 f"{', '.join(f'{f:g}' for f in o.lr_factors)}):"]
-        lines += [f"  {m}: " + ", ".join(f"{lr:g}" for lr in self.grids[m])
+                 f"{', '.join(f'{f:g}' for f in o.lr_factors)}"
+                 + (f"; where the best is an edge, up to {o.sweep_extend} more x{EXTEND:g} beyond it" if o.sweep_extend
+                    else "") + "):"]
+        lines += [f"  {m}: " + ", ".join(f"{lr:g}" for lr in self.swept.get(m, self.grids[m]))
                   + (" (one rate: no sweep)" if len(self.grids[m]) == 1 else "") for m in o.methods]
         rates = rates_of(o)
         counts = ", ".join(f"{m} {n}" for m, n in rates.items())
@@ -763,7 +813,7 @@ class Study:
             # what the study is; how this call shows it (a dry run, the bar) is not
             "options": {k: v for k, v in asdict(o).items() if k not in ("dry_run", "progress")},
             "num_layers": self.num_layers, "data": self.data.describe(),
-            "grids": self.grids, "start_lr": start_rates(o),
+            "grids": {m: self.swept.get(m, g) for m, g in self.grids.items()}, "start_lr": start_rates(o),
             "rate_factors": list(RATE_FACTORS[:max(rates_of(o).values())]), "rates": rates_of(o),
             "schedules": {m: n for m, (_, n) in self.schedules.items() if n}, "sweep_steps": sweep_steps(o),
             "best": best, "runs": final_runs(best, o) if best else None, "suite": list(self.tasks),
