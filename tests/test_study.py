@@ -278,6 +278,11 @@ def test_which_method_when_follows_its_rules_with_evidence_and_seed_noise():
     assert "within seed noise" in which_method_when(close, {})[0].noise
     assert "Seed noise: not measured" in which_method_when([RunResult("lopt", "c", 1.0, 0.2),
                                                             RunResult("e2e", "d", 1.1, 0.1)], {})[0].noise
+    # neither of the two compared ran twice: the largest spread measured stands in, and says whose it is
+    proxy = which_method_when([RunResult("e2e", "a", 1.00, 0.30, 1e-4, 0), RunResult("e2e", "b", 1.20, 0.36, 1e-4, 1),
+                               RunResult("lopt", "c", 0.90, 0.2), RunResult("lora", "d", 0.91, 0.25)], {})
+    assert proxy[0].method == "lopt" and "not measured for these methods" in proxy[0].noise
+    assert "e2e's 0.2000 over 2 seeds, stands in" in proxy[0].noise and "not a finding" in proxy[0].noise
     assert which_method_when([], {})[0].method is None
 
 
@@ -367,6 +372,15 @@ def test_lopt_study_end_to_end_then_resumes_without_redoing_anything(shared_data
     assert not collect(out)["missing"]
 
 
+def test_seed_repeats_can_be_limited_to_some_methods():
+    from lopt.recipes.study.command import StudyOptions, final_runs
+
+    o = StudyOptions(dataset="d.jsonl", methods=["e2e", "lopt", "lora"], seeds=[0, 1], seed_methods=["e2e", "lopt"])
+    runs = [r["run"] for r in final_runs({"e2e": 1e-4, "lopt": 1e-4, "lora": 1e-3}, o)]
+    assert runs == ["e2e-lr0.0001", "e2e-lr3e-05", "e2e-lr0.0001-seed1", "lopt-lr0.0001", "lopt-lr3e-05",
+                    "lopt-lr0.0001-seed1", "lora-lr0.001", "lora-lr0.0003"]
+
+
 def test_the_study_plan_states_grids_rates_and_budget_adapted_schedules():
     from lopt.recipes.study.command import StudyOptions, final_runs, grids, schedule
 
@@ -401,6 +415,8 @@ def test_the_study_plan_states_grids_rates_and_budget_adapted_schedules():
     (["--dataset", "{rows}", "--retention-suite", "arc-easy,mmlu"], "--retention-suite arc-easy,mmlu: no task 'mmlu'"),
     (["--dataset", "{rows}", "--methods", "e2e", "e2e"], "--methods names a method twice"),
     (["--dataset", "{rows}", "--sweep-extend", "-1"], "--sweep-extend must be >= 0"),
+    (["--dataset", "{rows}", "--methods", "e2e", "--seed-methods", "lora"],
+     "--seed-methods lora: not one of --methods (e2e)"),
     (["--dataset", "{rows}", "--method-rates", "e2e=4"], "--method-rates e2e=4: give METHOD=N with N 1, 2 or 3"),
     ([], "--dataset is required"),
 ])

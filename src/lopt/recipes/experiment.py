@@ -36,7 +36,8 @@ SETTINGS = ["--dataset", "gsm8k", "--eval-dataset", "gsm8k", "--eval-limit", "30
             "--retention-prompts", "32", "--retention-new-tokens", "48",
             "--methods", "e2e", "lopt", "freeze-lower", "lora", "lisa", "badam",
             "--steps", "256", "--batch-size", "4", "--method-rates", "e2e=3", "--precision", "bf16-mixed",
-            "--bench-steps", "4", "--bench-repeats", "2", "--output-dir", "records/study-v3"]
+            "--bench-steps", "4", "--bench-repeats", "2", "--seeds", "0", "1", "--seed-methods", "e2e", "lopt",
+            "--output-dir", "records/study-v3"]
 DEFAULT_OUT = Path("records/study-v3")
 # --quick: the same pipeline (bench, sweep, runs, evaluation, report) on a tiny budget; not a result.
 QUICK_OUT = Path("runs/experiment-quick")

@@ -85,6 +85,8 @@ class StudyOptions:
                                      nargs="+", metavar="METHOD=N", group=_PLAN)
     seeds: list[int] = option(factory=lambda: [0], help="seeds: every run with the first; each method's best "
                               "rate again with the others (the seed noise)", nargs="+", type=int, group=_PLAN)
+    seed_methods: list[str] = option(factory=list, help="only these methods' best rates are repeated with the other "
+                                     "--seeds (default: every method's)", nargs="+", metavar="METHOD", group=_PLAN)
     precision: str = option(
         "auto", "every run's and the bench's --precision (as lopt train: auto is fp32 on CPU, bf16-mixed on CUDA); "
         "a study is worth running at the fastest precision whose quality you have checked against fp32",
@@ -217,6 +219,11 @@ def run_name(method: str, lr: float, seed: int, first_seed: int) -> str:
     return f"{method}-lr{lr:g}" + (f"-seed{seed}" if seed != first_seed else "")
 
 
+def repeat_seeds(opts: StudyOptions, method: str) -> list[int]:
+    """The seeds beyond the first that ``method``'s best rate runs again with."""
+    return list(opts.seeds[1:]) if not opts.seed_methods or method in opts.seed_methods else []
+
+
 def final_runs(best: dict[str, float], opts: StudyOptions) -> list[dict[str, Any]]:
     """``[{"run", "method", "lr", "seed"}]``: every method at its rates with the first seed, then its
     best rate with each other seed."""
@@ -227,7 +234,7 @@ def final_runs(best: dict[str, float], opts: StudyOptions) -> list[dict[str, Any
         out += [{"run": run_name(m, lr, opts.seeds[0], opts.seeds[0]), "method": m, "lr": lr, "seed": opts.seeds[0]}
                 for lr in final_rates(best[m], rates[m])]
         out += [{"run": run_name(m, best[m], s, opts.seeds[0]), "method": m, "lr": _round(best[m]), "seed": s}
-                for s in opts.seeds[1:]]
+                for s in repeat_seeds(opts, m)]
     return out
 
 
@@ -256,6 +263,9 @@ def check_options(opts: StudyOptions) -> None:
         raise LoPTError("--lr-factors: give one or more factors > 0")
     if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
         raise LoPTError(f"--seeds: give one or more distinct seeds, got {opts.seeds}")
+    stray = [m for m in opts.seed_methods if m not in opts.methods]
+    if stray:
+        raise LoPTError(f"--seed-methods {stray[0]}: not one of --methods ({' '.join(opts.methods)})")
     start_rates(opts)
     rates_of(opts)
     suite_tasks(opts)
@@ -503,7 +513,7 @@ class Study:
         sweep = sum(self.train_estimate(m, sweep_steps(o)) + per_run_eval * 0.3
                     for m in o.methods for _ in self.grids[m] if len(self.grids[m]) > 1)
         rates = rates_of(o)
-        runs = sum((self.train_estimate(m, o.steps) + per_run_eval) * (rates[m] + len(o.seeds) - 1)
+        runs = sum((self.train_estimate(m, o.steps) + per_run_eval) * (rates[m] + len(repeat_seeds(o, m)))
                    for m in o.methods)
         return {"sweep": sweep, "runs": runs, "base": per_run_eval}
 
@@ -785,7 +795,8 @@ class Study:
         counts = ", ".join(f"{m} {n}" for m, n in rates.items())
         lines.append(f"runs: each method at its rates (its sweep's best, then 0.3x, then 0.1x of it: {counts})"
                      + (f", the best again with seeds {' '.join(map(str, o.seeds[1:]))}" if len(o.seeds) > 1 else "")
-                     + f": {sum(n + len(o.seeds) - 1 for n in rates.values())} runs of {o.steps} steps")
+                     + (f" ({', '.join(o.seed_methods)} only)" if len(o.seeds) > 1 and o.seed_methods else "")
+                     + f": {sum(n + len(repeat_seeds(o, m)) for m, n in rates.items())} runs of {o.steps} steps")
         if best:
             lines += [f"  {r['run']}" for r in final_runs(best, o)]
         lines += [f"schedule: {note}" for m, (_, note) in self.schedules.items() if note]
