@@ -546,8 +546,9 @@ class Study:
             self.progress.finish(estimate, None)
             return rec
         self.progress.say(what)
-        t0 = time.perf_counter()
-        rec = self.records.put(name, spec, {**make(), "load_average": load_average()})
+        t0, load0 = time.perf_counter(), load_average()
+        # the 1-minute load at the start and the end: another job sharing the machine shows in either
+        rec = self.records.put(name, spec, {**make(), "load_average_start": load0, "load_average": load_average()})
         self.executed.append(name)
         self.progress.finish(estimate, time.perf_counter() - t0)
         return rec
