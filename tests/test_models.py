@@ -6,7 +6,6 @@ SmolLM2-135M-Instruct once per session into a temporary cache.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -439,16 +438,6 @@ def test_embedded_answers_a_chat_question(embedded_cache):
         out = model.generate(**batch, max_new_tokens=20, do_sample=False)
     answer = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
-
-
-@pytest.mark.slow
-def test_embedded_gguf_path_loads_like_the_cache(embedded_cache):
-    cached, tok = load_model(DEFAULT_MODEL, device="cpu")
-    direct, _ = load_model(str(models.embedded_gguf_path()), device="cpu")
-    assert getattr(direct, "hf_quantizer", None) is None
-    ids = _ids(tok, "The capital of France is")
-    assert torch.equal(_logits(direct, ids), _logits(cached, ids))
-    assert os.path.samefile(models.embedded_checkpoint(), embedded_cache)
 
 
 def test_causal_check_accepts_bare_decoder_and_rejects_encoders():
