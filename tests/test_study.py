@@ -433,9 +433,8 @@ def test_bad_study_input_is_one_line_before_anything_loads(tmp_path, capsys, ext
     assert not out.exists()  # nothing written, no model loaded (the model named does not exist)
 
 
-def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
-    """A study run killed after a checkpoint continues from it; its record says so."""
-    from lopt.recipes.sft import train
+def _tiny_e2e_study(tmp_path: Path):
+    """A 4-step e2e study of the tiny model on the addition rows, its data written: (options, study)."""
     from lopt.recipes.study.command import Study, StudyOptions
 
     rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows())
@@ -444,6 +443,15 @@ def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
                         retention_new_tokens=4, output_dir=str(tmp_path / "out"), progress=False)
     study = Study(opts)
     study.data.write()
+    return opts, study
+
+
+def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
+    """A study run killed after a checkpoint continues from it; its record says so."""
+    from lopt.recipes.sft import train
+    from lopt.recipes.study.command import Study
+
+    opts, study = _tiny_e2e_study(tmp_path)
     run = {"run": "e2e-lr0.001", "method": "e2e", "lr": 1e-3, "seed": 0}
     run_dir = study.runs_dir / run["run"]
     cfg = study.train_config("e2e", 1e-3, 0, 4, run_dir)
@@ -613,14 +621,9 @@ def test_the_sweep_walks_past_an_edge_until_the_best_is_bracketed():
 def test_a_swept_edge_is_extended_from_the_records_and_never_retrained(tmp_path):
     from dataclasses import replace
 
-    from lopt.recipes.study.command import Study, StudyOptions
+    from lopt.recipes.study.command import Study
 
-    rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows())
-    opts = StudyOptions(model=str(save_tiny(tmp_path / "tiny")), dataset=str(rows), methods=["e2e"], steps=4,
-                        batch_size=2, max_length=128, val_size=3, eval_limit=3, retention_prompts=2,
-                        retention_new_tokens=4, output_dir=str(tmp_path / "out"), progress=False)
-    study = Study(opts)
-    study.data.write()
+    opts, study = _tiny_e2e_study(tmp_path)
     for lr, loss in ((3e-5, 0.9), (1e-4, 0.8), (3e-4, 0.7)):  # the grid's top rate is best
         study.records.put(f"sweep/e2e-lr{lr:g}", study.sweep_spec("e2e", lr), {"val": {"loss": loss}})
     assert study.recorded_best() is None  # the rate beyond the edge is not recorded: the sweep is not done
