@@ -465,8 +465,8 @@ class Study:
 
     def length_scale(self, steps: int) -> float:
         """How much longer a run's batches are than the bench's. ``lopt bench`` times the first few
-        batches a 256-step run draws; a run of ``steps`` draws its own, and a step's time follows its
-        padded tokens (study v3's first e2e run: its batches 1.09x the bench's, its steps 1.13x)."""
+        batches a run of ``--steps`` draws; a run of ``steps`` draws its own, and a step's time follows
+        its padded tokens."""
         if steps not in self._scales:
             from lopt.data import Batches, build_sft_dataset
 
