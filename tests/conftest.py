@@ -124,16 +124,29 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic(request):
+def _deterministic():
     torch.manual_seed(0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_THREADS = torch.get_num_threads()
+_OMP = os.environ.get("OMP_NUM_THREADS")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
     # Tiny models gain nothing from threads, and on a busy 2-core machine the threads' spin-waiting
-    # makes them many times slower; the slow tests (real model) keep every core.
-    threads = torch.get_num_threads()
-    if request.node.get_closest_marker("slow") is None:
-        torch.set_num_threads(1)
+    # makes them many times slower; the slow tests (real model) keep every core. Set here, before any
+    # fixture: a module-scoped fixture that trains (test_plan_rl's measurements) is set up before
+    # the test's own fixtures, and ran 5x slower with every thread.
+    # The same for the processes a test starts (lopt bench's children, lopt train, torchrun's workers).
+    slow = item.get_closest_marker("slow") is not None
+    torch.set_num_threads(_THREADS if slow else 1)
+    if slow and _OMP is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = _OMP if slow else "1"
     yield
-    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -43,6 +43,7 @@ class Matched:
     kl: float | None = None
     drop: float | None = None
     how: str = "does not reach"  # "interpolated" | "at most" | "does not reach"
+    runs: tuple[str, ...] = ()  # the points the value was read from (their ``run`` names)
 
     def text(self, spec: str = "{:.4f}") -> str:
         if not self.reached:
@@ -72,13 +73,14 @@ def at_loss(points: Sequence[Point], target: float) -> Matched:
         return Matched(target, False)
     if target > curve[-1].loss:
         low = min(curve, key=lambda p: p.kl)
-        return Matched(target, True, low.kl, low.drop, "at most")
+        return Matched(target, True, low.kl, low.drop, "at most", (low.run,))
     for a, b in zip(curve, curve[1:]):
         if a.loss <= target <= b.loss:
             w = (target - a.loss) / (b.loss - a.loss)
-            return Matched(target, True, _lerp(a.kl, b.kl, w), _lerp(a.drop, b.drop, w), "interpolated")
+            return Matched(target, True, _lerp(a.kl, b.kl, w), _lerp(a.drop, b.drop, w), "interpolated",
+                           (a.run, b.run))
     # A single point whose loss is the target.
-    return Matched(target, True, curve[0].kl, curve[0].drop, "interpolated")
+    return Matched(target, True, curve[0].kl, curve[0].drop, "interpolated", (curve[0].run,))
 
 
 def matched_table(curves: dict[str, Sequence[Point]], reference_loss: float,

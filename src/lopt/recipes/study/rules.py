@@ -1,13 +1,16 @@
 """"Which method when", derived from a study's numbers by stated rules, never written by hand.
 
-The rules (each verdict carries its evidence and the seed noise where a configuration ran with
-several seeds):
+A method's *configurations* are its learning rates; a configuration run with several seeds counts once,
+at its seeds' mean loss and KL (:func:`configurations`). The rules (each verdict carries its evidence
+and the seed noise where a configuration ran with several seeds):
 
-1. **Lowest loss**: the method of the run with the lowest held-out task loss.
-2. **Least forgetting within 1.05x of the best loss**: among the runs whose loss is at most
-   ``WITHIN`` x the lowest loss of any run, the method of the one with the lowest retention KL.
-3. **Fastest within it**: among the methods with a run inside that band, the highest tokens/s
-   (``lopt bench``).
+1. **Lowest loss**: the method of the configuration with the lowest held-out task loss.
+2. **Least forgetting at matched skill**: each method's retention KL read off its own loss-vs-KL
+   curve (:func:`lopt.recipes.study.matched.at_loss`) at ``WITHIN`` x that lowest loss; the method
+   with the lowest reading. A method whose every run is less skilled does not reach it and is out.
+   Reading every method at the same loss is what keeps "forgets less" from meaning "moves less": a
+   gentle run of one method is not compared with an aggressive run of another.
+3. **Fastest within the band**: among the methods that reach it, the highest tokens/s (``lopt bench``).
 4. **Leanest within it**: among the same methods, the lowest whole-step peak memory.
 
 A verdict whose margin over the runner-up is no larger than the seed noise says so ("within seed
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from lopt.recipes.study.matched import Point, at_loss
 
 WITHIN = 1.05  # rule 2-4's band: loss <= WITHIN x the best loss
 
@@ -73,6 +78,33 @@ def seed_noise(runs: Sequence[RunResult]) -> dict[str, dict[str, float]]:
     return out
 
 
+def configurations(runs: Sequence[RunResult]) -> list[RunResult]:
+    """One result per (method, lr): the mean loss, KL and drop over its seeds, named after its first
+    run with "(mean of N seeds)" where there are several. Runs without a rate stay as they are."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault((r.method, r.lr) if r.lr is not None else (r.method, r.run), []).append(r)
+    out = []
+    for g in groups.values():
+        if len(g) == 1:
+            out.append(g[0])
+            continue
+        first = min(g, key=lambda r: r.seed)
+        drops = [r.drop for r in g]
+        out.append(RunResult(first.method, f"{first.run} (mean of {len(g)} seeds)", sum(r.loss for r in g) / len(g),
+                             sum(r.kl for r in g) / len(g), first.lr, first.seed,
+                             None if None in drops else sum(drops) / len(g)))
+    return out
+
+
+def curves(runs: Sequence[RunResult]) -> dict[str, list[Point]]:
+    """Each method's loss-vs-retention curve: one point per configuration (:func:`configurations`)."""
+    out: dict[str, list[Point]] = {}
+    for r in configurations(runs):
+        out.setdefault(r.method, []).append(Point(r.loss, r.kl, r.drop, r.run))
+    return out
+
+
 def _noise_text(noise: dict[str, dict[str, float]], methods: Sequence[str], key: str, margin: float,
                 spec: str) -> str:
     known = {m: noise[m][key] for m in methods if m in noise}
@@ -106,9 +138,10 @@ def which_method_when(runs: Sequence[RunResult], cost: dict[str, Cost],
     if not runs:
         return [Verdict("Lowest loss", None, "No finished run yet.")]
     noise = seed_noise(runs)
+    configs = configurations(runs)
     out: list[Verdict] = []
 
-    by_loss = sorted(_best_per_method(runs, lambda r: r.loss).values(), key=lambda r: r.loss)
+    by_loss = sorted(_best_per_method(configs, lambda r: r.loss).values(), key=lambda r: r.loss)
     best = by_loss[0]
     if len(by_loss) > 1:
         second = by_loss[1]
@@ -122,23 +155,31 @@ def which_method_when(runs: Sequence[RunResult], cost: dict[str, Cost],
                            "the only method with a finished run."))
 
     bound = within * best.loss
-    inside = [r for r in runs if r.loss <= bound]
-    least = sorted(_best_per_method(inside, lambda r: r.kl).values(), key=lambda r: r.kl)
-    rule = f"Least forgetting within {within:g}x of the best loss (<= {bound:.4f})"
-    top = least[0]
-    outside = sorted({r.method for r in runs} - {r.method for r in least})
-    tail = f" Methods with no run inside: {', '.join(outside)}." if outside else ""
-    if len(least) > 1:
-        second = least[1]
-        ev = (f"{top.run}: retention KL {top.kl:.4f} at loss {top.loss:.4f} ({top.loss / best.loss:.3f}x the best); "
-              f"next, {second.method} ({second.run}): KL {second.kl:.4f}.{tail}")
-        out.append(Verdict(rule, top.method, ev, _noise_text(noise, [top.method, second.method], "kl",
-                                                             second.kl - top.kl, "{:.4f}")))
-    else:
-        out.append(Verdict(rule, top.method, f"{top.run}: retention KL {top.kl:.4f} at loss {top.loss:.4f}; "
-                           f"the only method inside.{tail}"))
+    readings = {m: at_loss(pts, bound) for m, pts in curves(runs).items()}
+    reached = sorted((m for m, x in readings.items() if x.reached), key=lambda m: readings[m].kl)
+    rule = f"Least forgetting at matched skill, {within:g}x the best loss ({bound:.4f})"
+    outside = sorted(m for m, x in readings.items() if not x.reached)
+    tail = f" Not reaching it (every run less skilled): {', '.join(outside)}." if outside else ""
 
-    methods = [r.method for r in least]
+    def reading(m: str) -> str:
+        x = readings[m]
+        if x.how == "at most":
+            return f"{m} at most {x.kl:.4f} (every run more skilled; the least KL, {x.runs[0]})"
+        src = " and ".join(x.runs)
+        return f"{m} {x.kl:.4f} (" + ("between " if len(x.runs) > 1 else "") + f"{src})"
+
+    top = reached[0]
+    ev = "Retention KL on each method's curve at that loss: " + "; ".join(reading(m) for m in reached) + "."
+    if len(reached) > 1:
+        second = reached[1]
+        if readings[second].how == "at most":
+            ev += (f" {second}'s figure is an upper bound: a gentler run of it could forget less.")
+        out.append(Verdict(rule, top, ev + tail, _noise_text(noise, [top, second], "kl",
+                                                             readings[second].kl - readings[top].kl, "{:.4f}")))
+    else:
+        out.append(Verdict(rule, top, ev + " The only method that reaches it." + tail))
+
+    methods = reached
     benched = [m for m in methods if m in cost]
     missing = [m for m in methods if m not in cost]
     note = f" Not benched: {', '.join(missing)}." if missing else ""

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from lopt.bench.runner import load_bench_json
-from lopt.recipes.study.matched import FACTORS, Point, matched_table
+from lopt.recipes.study.matched import FACTORS, matched_table
 from lopt.recipes.study.records import Records, write_json, write_text
 from lopt.recipes.study.rules import WITHIN, Cost, RunResult, which_method_when
+from lopt.recipes.study.rules import curves as rules_curves
 
 
 def _count(n: int, what: str) -> str:
@@ -66,12 +67,14 @@ def collect(out: Path) -> dict[str, Any]:
                      "cos_at_boundary": e["drift"]["cos_at_boundary"], "boundary": e["drift"]["boundary"],
                      "train_seconds": (train or {}).get("train_seconds"), "eval_seconds": e.get("seconds"),
                      "command": (train or {}).get("command")})
-    curves = {m: [Point(r["loss"], r["kl"], r["drop"], r["run"]) for r in runs if r["method"] == m] for m in methods}
+    results = [RunResult(r["method"], r["run"], r["loss"], r["kl"], r["lr"], r["seed"], r["drop"]) for r in runs]
+    curves = rules_curves(results)  # one point per learning rate, the mean over its seeds
     e2e = [p.loss for p in curves.get("e2e", [])]
     if e2e:
         ref, ref_from = min(e2e), "e2e's best held-out loss"
-    elif runs:
-        ref, ref_from = min(r["loss"] for r in runs), "the best held-out loss of any run (e2e is not in the study)"
+    elif curves:
+        ref = min(p.loss for pts in curves.values() for p in pts)
+        ref_from = "the best held-out loss of any run (e2e is not in the study)"
     else:
         ref, ref_from = None, None
     matched = {}
@@ -80,8 +83,7 @@ def collect(out: Path) -> dict[str, Any]:
             matched[m] = {f"{f:g}": {"target": x.target, "reached": x.reached, "kl": x.kl, "drop": x.drop,
                                      "how": x.how} for f, x in row.items()}
     verdicts = which_method_when(
-        [RunResult(r["method"], r["run"], r["loss"], r["kl"], r["lr"], r["seed"], r["drop"]) for r in runs],
-        {m: Cost(c["tokens_per_s"], c["peak_mb"]) for m, c in cost.items()})
+        results, {m: Cost(c["tokens_per_s"], c["peak_mb"]) for m, c in cost.items()})
     seconds = {"bench": (bench or {}).get("wall_s") or 0.0,
                "sweep": sum(p["seconds"] or 0.0 for pts in sweep.values() for p in pts),
                "runs": sum((r["train_seconds"] or 0.0) + (r["eval_seconds"] or 0.0) for r in runs),
@@ -116,14 +118,15 @@ def markdown(s: dict[str, Any]) -> str:
             f"{len(s['missing'])} of {len(meta['runs'])} runs have no evaluation yet ({', '.join(s['missing'])})"
         lines += [f"**Partial report**: {todo}. The study resumes where it stopped.", ""]
     lines += ["## Which method when", "", "Derived from the numbers below by stated rules (lopt.recipes.study.rules): "
-              f"lowest loss; least forgetting (retention KL) among runs within {WITHIN:g}x of the best loss; the "
-              "fastest and the leanest of the methods with a run within it.", "", *s["which_lines"], ""]
+              f"lowest loss; least forgetting (retention KL) at matched skill, each method read off its own curve at "
+              f"{WITHIN:g}x the best loss; the fastest and the leanest of the methods that reach it. A learning rate "
+              "run with several seeds counts once, at their mean.", "", *s["which_lines"], ""]
     lines += ["## Retention at matched task skill", ""]
     if s["reference_loss"] is None:
         lines += ["No finished run yet.", ""]
     else:
         head = " | ".join(f"KL at {f:g}x ({f * s['reference_loss']:.4f})" for f in FACTORS)
-        lines += [f"Reference: {s['reference']}, {s['reference_loss']:.4f}. Each method's retention KL"
+        lines += [f"Reference: {s['reference']} (a rate's seeds averaged), {s['reference_loss']:.4f}. Each method's retention KL"
                   + (" / suite drop" if suite else "") + " read off its own loss-vs-KL curve (lopt.recipes.study."
                   "matched): interpolated between its runs, \"does not reach\" when every run's loss is above the "
                   "target, \"<=\" when every run is below it (the lowest KL of its runs, an upper bound).", "",
@@ -277,7 +280,7 @@ def readme_block(out: Path, root: Path | None = None) -> list[str]:
             f"{len(s['missing'])} of {len(meta['runs'])} runs have no evaluation yet"
         lines += [f"**Partial**: {todo}; the figures below are the finished runs'.", ""]
     lines += [f"Which method when, by stated rules (lopt.recipes.study.rules; the band is {WITHIN:g}x the best "
-              "loss):", "", *s["which_lines"], ""]
+              "loss; a rate's seeds count once, at their mean):", "", *s["which_lines"], ""]
     if s["reference_loss"] is None:
         return lines + ["No finished run yet."]
     suite = bool(meta.get("suite"))
