@@ -274,7 +274,10 @@ def test_which_method_when_follows_its_rules_with_evidence_and_seed_noise():
     assert f"({edge:.4f})" in v[1].rule and f"e2e {e2e_kl:.4f} (between e2e-lr1e-4 (mean of 2 seeds) and e2e-lr3e-5)" in v[1].evidence
     # lopt's only run is more skilled than the edge: its KL there is at most 0.08, the lowest; lora (1.20) is out
     assert v[1].method == "lopt" and "lopt at most 0.0800" in v[1].evidence
-    assert "Not reaching it (every run less skilled): lora" in v[1].evidence
+    assert "Not reaching it (every run less skilled): lora (best 1.2000)." in v[1].evidence
+    # a miss by less than the loss seed noise says so
+    near = which_method_when(runs[:4] + [RunResult("lora", "lora-lr1e-3", 1.07, 0.01, 1e-3)], cost)[1]
+    assert "lora (best 1.0700, within the largest loss seed noise (0.0200) of it)" in near.evidence
     assert v[2].method == "lopt" and v[3].method == "lopt" and "lopt 800, e2e 1000" in v[3].evidence
     # a margin below the seed noise is flagged
     close = [RunResult("e2e", "a", 1.00, 0.30, 1e-4, 0), RunResult("e2e", "b", 1.05, 0.3, 1e-4, 1),

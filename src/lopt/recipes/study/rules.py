@@ -155,11 +155,20 @@ def which_method_when(runs: Sequence[RunResult], cost: dict[str, Cost],
                            "the only method with a finished run."))
 
     bound = within * best.loss
-    readings = {m: at_loss(pts, bound) for m, pts in curves(runs).items()}
+    curves_ = curves(runs)
+    readings = {m: at_loss(pts, bound) for m, pts in curves_.items()}
     reached = sorted((m for m, x in readings.items() if x.reached), key=lambda m: readings[m].kl)
     rule = f"Least forgetting at matched skill, {within:g}x the best loss ({bound:.4f})"
     outside = sorted(m for m, x in readings.items() if not x.reached)
-    tail = f" Not reaching it (every run less skilled): {', '.join(outside)}." if outside else ""
+    loss_noise = max((n["loss"] for n in noise.values()), default=None)
+
+    def miss(m: str) -> str:
+        closest = min(p.loss for p in curves_[m])
+        near = (f", within the largest loss seed noise ({loss_noise:.4f}) of it"
+                if loss_noise is not None and closest - bound <= loss_noise else "")
+        return f"{m} (best {closest:.4f}{near})"
+
+    tail = f" Not reaching it (every run less skilled): {', '.join(miss(m) for m in outside)}." if outside else ""
 
     def reading(m: str) -> str:
         x = readings[m]
