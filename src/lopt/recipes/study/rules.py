@@ -99,8 +99,12 @@ def configurations(runs: Sequence[RunResult]) -> list[RunResult]:
 
 def curves(runs: Sequence[RunResult]) -> dict[str, list[Point]]:
     """Each method's loss-vs-retention curve: one point per configuration (:func:`configurations`)."""
+    return _points(configurations(runs))
+
+
+def _points(configs: Sequence[RunResult]) -> dict[str, list[Point]]:
     out: dict[str, list[Point]] = {}
-    for r in configurations(runs):
+    for r in configs:
         out.setdefault(r.method, []).append(Point(r.loss, r.kl, r.drop, r.run))
     return out
 
@@ -155,7 +159,7 @@ def which_method_when(runs: Sequence[RunResult], cost: dict[str, Cost],
                            "the only method with a finished run."))
 
     bound = within * best.loss
-    curves_ = curves(runs)
+    curves_ = _points(configs)  # the configurations above, not built again
     readings = {m: at_loss(pts, bound) for m, pts in curves_.items()}
     reached = sorted((m for m, x in readings.items() if x.reached), key=lambda m: readings[m].kl)
     rule = f"Least forgetting at matched skill, {within:g}x the best loss ({bound:.4f})"
