@@ -405,6 +405,7 @@ class Study:
                 raise LoPTError(str(e)) from None
         self.records = Records(self.out / "results")
         self.runs_dir = self.out / "models"
+        self.cache_dir = self.out / "cache"  # the base's answers to the general prompts (retention KL)
         self.progress = Progress(opts.progress)
         self.executed: list[str] = []  # pieces run by this call (a resumed study runs none twice)
         self._base = self._probe = self._suite = None
@@ -440,12 +441,15 @@ class Study:
         prec = {} if self.opts.precision == "auto" else {"precision": self.opts.precision}
         return {"method": method, **prec, **schedule(method, self.num_layers, steps, self.opts.adapt_schedules)[0]}
 
-    def train_config(self, method: str, lr: float, seed: int, steps: int, run_dir: Path) -> TrainConfig:
+    def train_config(self, method: str, lr: float, seed: int, steps: int, run_dir: Path,
+                     extra: dict[str, Any] | None = None) -> TrainConfig:
+        """The run's ``lopt train`` options; ``extra``: more of them (a run's variant of its method)."""
         o = self.opts
         return TrainConfig(model=o.model, gguf_file=o.gguf_file, dataset=str(self.data.train),
                            limit=steps * o.batch_size, max_length=o.max_length, output_dir=str(run_dir), lr=lr,
                            batch_size=o.batch_size, max_steps=steps, warmup_ratio=o.warmup_ratio, seed=seed,
-                           device=o.device, progress=False, log_every=1, **self.overrides(method, steps))
+                           device=o.device, progress=False, log_every=1,
+                           **{**self.overrides(method, steps), **(extra or {})})
 
     @staticmethod
     def command(cfg: TrainConfig) -> str:
@@ -553,13 +557,17 @@ class Study:
         self.progress.finish(estimate, time.perf_counter() - t0)
         return rec
 
+    def bench_table(self) -> dict[str, dict[str, Any]]:
+        """The bench's rows: name -> ``lopt train`` options (each method as its runs train it)."""
+        return {m: self.overrides(m, self.opts.steps) for m in self.opts.methods}
+
     def bench(self) -> dict[str, Any]:
         """Each method's step time and peak memory: ``lopt bench`` on the model, the batch size and the
         training rows of the runs, a fresh process per method."""
         from lopt.bench.runner import bench_json, run_bench
 
         o = self.opts
-        table = {m: self.overrides(m, o.steps) for m in o.methods}
+        table = self.bench_table()
         # "times": lopt bench takes step times from processes of their own; a record made before, whose
         # times came from the memory process (up to twice as slow on CPU), is redone.
         spec = {"table": table, "steps": o.bench_steps, "repeats": o.bench_repeats, "times": "own-processes",
@@ -594,7 +602,7 @@ class Study:
             o = self.opts
             # Named by the model too: another --model in the same folder must not read this base's answers.
             key = hashlib.sha1(f"{o.model}|{o.gguf_file}".encode()).hexdigest()[:12]
-            path = self.out / "cache" / f"probe-{o.retention_prompts}x{o.retention_new_tokens}-{key}.pt"
+            path = self.cache_dir / f"probe-{o.retention_prompts}x{o.retention_new_tokens}-{key}.pt"
             if path.is_file():
                 self._probe = RetentionProbe.load(path)
             else:
@@ -726,8 +734,8 @@ class Study:
         return min(finite, key=finite.get)
 
     def run_spec(self, run: dict[str, Any]) -> dict[str, Any]:
-        return {**run, "steps": self.opts.steps, "overrides": self.overrides(run["method"], self.opts.steps),
-                **self.common}
+        overrides = {**self.overrides(run["method"], self.opts.steps), **run.get("extra", {})}
+        return {**run, "steps": self.opts.steps, "overrides": overrides, **self.common}
 
     def run(self, run: dict[str, Any]) -> None:
         """Train one run (continuing a killed one from its last checkpoint), then evaluate it."""
@@ -738,7 +746,7 @@ class Study:
         o = self.opts
         name, method = run["run"], run["method"]
         run_dir = self.runs_dir / name
-        cfg = self.train_config(method, run["lr"], run["seed"], o.steps, run_dir)
+        cfg = self.train_config(method, run["lr"], run["seed"], o.steps, run_dir, run.get("extra"))
         spec = self.run_spec(run)
 
         def make_train():
@@ -834,7 +842,9 @@ class Study:
 
 # The options that make a checkpoint this run's (the rest are bookkeeping: save_every, resume, ...).
 _RUN_KEYS = ("model", "gguf_file", "method", "lr", "seed", "max_steps", "batch_size", "max_length", "limit",
-             "warmup_ratio", "badam_switch_every", "lisa_interval", "precision")
+             "warmup_ratio", "badam_switch_every", "lisa_interval", "precision", "local_objective", "anchor_weight")
+# Options a recipe fills in when unset (None): compared only when the run sets them.
+_RUN_KEYS_IF_SET = ("task_grad_every", "lr_lower", "lambda_aux")
 
 
 def same_run(ckpt: Path, cfg: TrainConfig) -> bool:
@@ -845,7 +855,8 @@ def same_run(ckpt: Path, cfg: TrainConfig) -> bool:
     rec = find_recorded_run(ckpt.parent, str(ckpt))
     if rec is None:
         return False
-    return all(rec.options.get(k) == getattr(cfg, k) for k in _RUN_KEYS)
+    return (all(rec.options.get(k) == getattr(cfg, k) for k in _RUN_KEYS)
+            and all(rec.options.get(k) == getattr(cfg, k) for k in _RUN_KEYS_IF_SET if getattr(cfg, k) is not None))
 
 
 def study_command(opts: StudyOptions) -> int:

@@ -1,233 +1,229 @@
-"""Issue 29's runs: every candidate local objective as pure local learning (``--task-grad-every 0``) at
-study v2's budget, evaluated like the study's runs; resumable, a finished run is never redone.
+"""Issue 29's runs: each candidate local objective as the paper's pure local learning
+(``--task-grad-every 0``), trained and evaluated exactly as study v3's runs are, so that every run sits on
+study v3's loss-vs-retention plane beside freeze-lower (the bar), lopt's default and e2e.
 
-Each run is ``lopt train`` with the study's data, order, schedule and upper rate (1e-4, the study's
-swept e2e rate), ``--local-objective X`` and the lower half at one of the study's two lower rates
-(lr, the paper's; lr / 10, lopt's former default). It is evaluated from its saved checkpoint on:
-held-out answer loss (first 300 GSM8K test questions), retention KL to the base (32 general prompts,
-the base's greedy answers: the study's exact text), the boundary cosine and per-layer drift on that
-text, and its training time. ``recon`` itself is not rerun: the study's lopt-paper and lopt-default
-are its two runs, and freeze-lower is the bar (records/study-v2/results).
+The runs are pieces of a ``lopt study`` with study v3's options (``records/study-v3/results/meta.json``):
+the same training rows in the same order, schedule, precision (bf16-mixed), upper learning rate (lopt's
+swept best), held-out rows, retention prompts (the base's answers are study v3's, cached) and drift.
+Each candidate trains its lower half at the upper rate (the paper's choice) and at a tenth of it (lopt's
+former default); the paper's ``recon`` runs at the tenth too (at the full rate it broke down in study v2).
+A finished piece is never redone; a killed run continues from its last checkpoint.
 
-    python -m lopt.recipes.study.local_objectives            # all candidates, lr first, then lr / 10
-    python -m lopt.recipes.study.local_objectives --only early-exit-lr0.0001
+    python -m lopt.recipes.study.local_objectives --data-dir ../shared/data
+    python -m lopt.recipes.study.local_objectives --data-dir ../shared/data --only early-exit-lower1e-05
+    python -m lopt.recipes.study.local_objectives --report      # RESULTS.md from the records only
 
-Records: ``records/local-objectives/results/NAME/{train,eval}.json`` and a table in
-``records/local-objectives/RESULTS.md`` regenerated from them (and the study's reference runs).
+Records: ``records/local-objectives/results/`` (bench, and ``runs/NAME/{train,eval}.json``, each with its
+exact ``lopt train`` command); ``RESULTS.md`` is regenerated from them and study v3's records.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import shutil
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lopt.engine.config import LoPTError
-from lopt.recipes.study import plan
-from lopt.recipes.study.records import (Records, cached_continuations, load_average, machine, timed_train,
-                                        write_text)
+from lopt.recipes.study.command import Study, StudyOptions
+from lopt.recipes.study.matched import Point, at_loss
+from lopt.recipes.study.records import Records, write_text
 
 OUT = Path("records/local-objectives")
-STUDY = Path("records/study-v2/results")
-LR = 1e-4  # the study's swept rate (records/study-v2/results/sweep): the upper half's in every run
-LOWER_RATIOS = (1.0, 0.1)  # the study's grid for the lower half: lr (lopt-paper), lr / 10 (lopt-default)
+STUDY = Path("records/study-v3")
 # In the order they run: the classic local-learning signal first, then the anchored reconstructions.
 CANDIDATES = ("early-exit", "recon+cos", "recon+anchor", "recon-std")
-# The study's runs that frame the candidates: the bar (freeze-lower) and recon at both lower rates.
-REFERENCES = {"freeze-lower": "freeze-lower (the bar)", "lopt-paper": "recon, lr_lower = lr (lopt-paper)",
-              "lopt-default": "recon, lr_lower = lr / 10 (lopt-default)", "e2e": "e2e"}
+LOWER_FACTORS = (1.0, 0.1)  # the lower half's rate as a multiple of the upper one: the paper's, lopt's former
+# A candidate passes when it costs no more than the paper's LoPT (pure recon) in the same bench: the step's
+# peak memory at most this much above, its tokens/s at most this much below (the bench's repeat-to-repeat
+# spread on this machine is a few percent).
+COST_TOLERANCE = 0.05
 
 
-@dataclass(frozen=True)
-class Budget:
-    """The study's training budget and the part of its evaluation that issue 29 asks for."""
-
-    steps: int = 256
-    eval_questions: int = 300
-    kl_prompts: int = 32
-    kl_new_tokens: int = 48
-    eval_batch_size: int = 32
-    save_every: int = 64  # a killed run continues from its last checkpoint
+def study_options(study: Path = STUDY, **changes: Any) -> StudyOptions:
+    """Study v3's options as recorded, with ``changes`` (the output folder, the data folder, ...)."""
+    meta = json.loads((study / "results" / "meta.json").read_text())
+    known = {f.name for f in fields(StudyOptions)}
+    return StudyOptions(**{**{k: v for k, v in meta["options"].items() if k in known}, **changes})
 
 
-FULL = Budget()
-PILOT = Budget(steps=8, eval_questions=8, kl_prompts=4, kl_new_tokens=8, eval_batch_size=8, save_every=4)
+def upper_lr(study: Path = STUDY) -> float:
+    """The upper half's rate in every run: study v3's swept best for lopt."""
+    best = json.loads((study / "results" / "meta.json").read_text()).get("best") or {}
+    if "lopt" not in best:
+        raise LoPTError(f"{study}: no swept rate for lopt recorded; run the study first")
+    return float(best["lopt"])
 
 
-def run_names(candidates: tuple[str, ...] = CANDIDATES) -> list[tuple[str, str, float]]:
-    """``(run name, objective, lr_lower)`` in the order they run: every candidate at the first lower
-    rate, then every candidate at the next."""
-    return [(f"{c}-lr{LR * r:g}", c, LR * r) for r in LOWER_RATIOS for c in candidates]
+def runs(lr: float, candidates: tuple[str, ...] = CANDIDATES) -> list[dict[str, Any]]:
+    """The runs in order: every candidate at the first lower rate, then at the next; recon last."""
+    todo = [(c, lr * f) for f in LOWER_FACTORS for c in candidates] + [("recon", lr * LOWER_FACTORS[-1])]
+    return [{"run": f"{obj}-lower{lower:g}", "method": "lopt", "lr": lr, "seed": 0, "objective": obj,
+             "extra": {"task_grad_every": 0, "lr_lower": lower, "local_objective": obj}} for obj, lower in todo]
 
 
-class Runner:
-    def __init__(self, out: Path, budget: Budget, data_dir: str | None, model: str | None, keep_models: bool):
-        from lopt.models import load_model
-        from lopt.recipes.study.run import StudyData
-
-        self.out, self.budget, self.model_name, self.keep_models = Path(out), budget, model, keep_models
-        self.data = StudyData(Path(data_dir) if data_dir else None)
-        self.records = Records(self.out / "results")
-        self.runs_dir = Path(os.environ.get("LOPT_EXPERIMENT_RUNS", "runs/local-objectives"))
-        self.base, self.tokenizer = load_model(model, device="cpu" if not torch.cuda.is_available() else None)
-        self.common = {"budget": asdict(budget), "study_budget": {k: v for k, v in asdict(plan.V2).items()
-                                                                  if k in ("batch_size", "train_rows", "max_length",
-                                                                           "warmup_ratio")},
-                       "model": model}
-        self._continuations = None
-
-    def say(self, msg: str) -> None:
-        print(f"[local-objectives {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-    def continuations(self):
-        """The base's greedy answers to the general prompts: the study's retention-KL text (same
-        function, same settings, so the same tokens), made once and cached."""
-        if self._continuations is None:
-            self._continuations = cached_continuations(self.runs_dir, self.base, self.tokenizer, self.budget)
-        return self._continuations
-
-    def evaluate(self, path: Path) -> dict[str, Any]:
-        from lopt.eval.drift import drift, read_boundaries
-        from lopt.eval.kl import retention_kl
-        from lopt.eval.perplexity import task_loss
-        from lopt.models import load_model
-
-        b = self.budget
-        model, tok = load_model(str(path), device="cpu" if not torch.cuda.is_available() else None)
-        model.eval()
-        t0 = time.perf_counter()
-        out: dict[str, Any] = {"load_average": load_average()}
-        with torch.no_grad():
-            loss = task_loss(model, tok, str(self.data.test), max_length=plan.V2.max_length,
-                             limit=b.eval_questions, batch_size=b.eval_batch_size // 2)
-            loss.pop("items", None)
-            out["task_loss"] = loss
-            out["retention_kl"] = retention_kl(model, self.base, tok, sequences=self.continuations(),
-                                               batch_size=b.eval_batch_size // 2)
-            boundaries = read_boundaries(path)
-            out["drift"] = drift(model, self.base, tok, sequences=self.continuations(), boundaries=boundaries,
-                                 batch_size=b.eval_batch_size // 2)
-        out["boundary_cos"] = [x["cos"] for x in out["drift"]["layers"] if x["boundary"]]
-        out["seconds"] = round(time.perf_counter() - t0, 1)
-        del model
-        gc.collect()
-        return out
-
-    def run(self, name: str, objective: str, lr_lower: float, anchor_weight: float | None = None) -> None:
-        """Train one run (continuing a killed one), evaluate it, drop its weights; skip it if recorded."""
-        from lopt.runtime.checkpoints import latest_checkpoint
-
-        b = self.budget
-        overrides = {"method": "lopt", "num_blocks": 2, "lambda_aux": 10.0, "lr_lower_ratio": lr_lower / LR,
-                     "local_objective": objective}
-        if anchor_weight is not None:
-            overrides["anchor_weight"] = anchor_weight
-        spec = {"run": name, "overrides": overrides, "lr": LR, "seed": 0, **self.common}
-        run_dir = self.runs_dir / name
-        done = {k: self.records.get(f"{name}/{k}", spec) for k in ("train", "eval")}
-        if all(done.values()):
-            self.say(f"{name}: already done")
-            return
-        if done["train"] is None:
-            cfg = plan.train_config(overrides, 0, plan.V2, lr=LR, model=self.model_name, dataset=str(self.data.train),
-                                    run_dir=run_dir, steps=b.steps)
-            cfg.save_every = b.save_every
-            # The run's own retention KL (lopt train's default since issue 28) would add its base answers and
-            # evaluations to the training time; the runner measures retention itself, on the study's text.
-            cfg.retention = "none"
-            ckpt = latest_checkpoint(run_dir)
-            cfg.resume = str(ckpt) if ckpt else None
-            self.say(f"{name}: training {b.steps} steps" + (f", continuing from {ckpt.name}" if ckpt else ""))
-            load = load_average()
-            seconds, summary, history = timed_train(cfg, run_dir)
-            done["train"] = self.records.put(f"{name}/train", spec, {
-                "command": plan.train_command(cfg), "train_seconds": round(seconds, 1),
-                "resumed_from": ckpt.name if ckpt else None, "load_average": load,
-                "load_average_end": load_average(), "machine": machine(), "summary": summary,
-                "history": history})
-            self.say(f"{name}: trained in {seconds:.0f}s")
-        if done["eval"] is None:
-            if not run_dir.is_dir():
-                raise LoPTError(f"{name}: {run_dir} is gone, so it cannot be evaluated; delete "
-                                f"{self.records.path(name + '/train')} to train it again")
-            self.say(f"{name}: evaluating")
-            self.records.put(f"{name}/eval", spec, {"eval": self.evaluate(run_dir)})
-        if not self.keep_models:
-            shutil.rmtree(run_dir, ignore_errors=True)
+def bench_name(objective: str) -> str:
+    return f"pure {objective}"
 
 
-def _reference_rows(study: Path) -> list[list[str]]:
+class ObjectiveStudy(Study):
+    """Study v3's setup, training the local-objective runs: its data (checked by digest), its cached
+    base answers, and a bench of every objective beside study v3's reference methods."""
+
+    def __init__(self, opts: StudyOptions, study: Path = STUDY, candidates: tuple[str, ...] = CANDIDATES):
+        super().__init__(opts)
+        self.study, self.candidates = study, candidates
+        want = json.loads((study / "results" / "meta.json").read_text())["data"]["digest"]
+        if self.data.digest != want:
+            raise LoPTError(f"the training or held-out rows differ from {study}'s (digest {self.data.digest}, "
+                            f"recorded {want}): give the data folder the study used (--data-dir)")
+        self.cache_dir = study / "cache"
+
+    def bench_table(self) -> dict[str, dict[str, Any]]:
+        steps = self.opts.steps
+        table = {m: self.overrides(m, steps) for m in ("e2e", "freeze-lower", "lopt")}
+        for obj in ("recon",) + self.candidates:
+            table[bench_name(obj)] = {**self.overrides("lopt", steps), "task_grad_every": 0,
+                                      "local_objective": obj}
+        return table
+
+    def step_seconds(self, method: str) -> float | None:
+        # Every run is lopt without the task gradient below the boundary: the pure recon row times them.
+        return super().step_seconds(bench_name("recon") if method == "lopt" else method)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _point(out: Path, name: str) -> tuple[Point, dict[str, Any], dict[str, Any]] | None:
+    rec = Records(out / "results")
+    tr, ev = rec.read(f"runs/{name}/train"), rec.read(f"runs/{name}/eval")
+    if tr is None or ev is None:
+        return None
+    e = ev["eval"]
+    return Point(e["task_loss"]["loss"], e["retention_kl"]["kl"], run=name), tr, e
+
+
+def _cost(out: Path) -> dict[str, dict[str, float]]:
+    from lopt.bench.runner import load_bench_json
+
+    rec = Records(out / "results").read("bench")
+    if rec is None:
+        return {}
+    return {r["name"]: {"tokens_per_s": r["tokens_per_s"], "peak_mb": r["peak_step_mb"]}
+            for r in load_bench_json(rec)["rows"]}
+
+
+def verdict(point: Point, freeze: list[Point], cost: dict[str, float] | None,
+            paper: dict[str, float] | None) -> tuple[bool, str]:
+    """Issue 29's bar: a freeze-lower run that ``point`` beats on held-out loss at no more retention KL,
+    and no more cost than the paper's LoPT (pure recon) in the same bench. ``(passes, why)``."""
+    beaten = [f for f in freeze if point.loss < f.loss and point.kl <= f.kl]
+    if not beaten:
+        m = at_loss(freeze, point.loss)
+        where = (f"freeze-lower's KL at this loss is {m.text()}" if m.reached
+                 else f"freeze-lower's lowest loss is {min(f.loss for f in freeze):.4f}") if freeze else "no freeze-lower run"
+        return False, f"beats no freeze-lower run on both loss and KL ({where})"
+    if cost is None or paper is None:
+        return False, f"beats {', '.join(f.run for f in beaten)}; cost not benched"
+    mem, speed = cost["peak_mb"] / paper["peak_mb"], cost["tokens_per_s"] / paper["tokens_per_s"]
+    if mem > 1 + COST_TOLERANCE or speed < 1 - COST_TOLERANCE:
+        return False, (f"beats {', '.join(f.run for f in beaten)} but costs more than the paper's LoPT "
+                       f"({mem:.2f}x its memory, {speed:.2f}x its tokens/s)")
+    return True, f"beats {', '.join(f.run for f in beaten)} at {mem:.2f}x the paper's memory, {speed:.2f}x its tokens/s"
+
+
+def reference_points(study: Path, method: str) -> list[Point]:
+    """``method``'s runs in ``study`` (first seed only: the candidates have one) as points."""
+    pts = []
+    meta = json.loads((study / "results" / "meta.json").read_text())
+    for run in meta.get("runs") or []:
+        if run["method"] == method and run["seed"] == meta["options"]["seeds"][0]:
+            got = _point(study, run["run"])
+            if got:
+                pts.append(got[0])
+    return sorted(pts, key=lambda p: p.loss)
+
+
+def write_results(out: Path = OUT, study: Path = STUDY) -> Path:
+    """``out/RESULTS.md``: every run (recorded or not) beside study v3's references, with the bar's verdict."""
+    lr = upper_lr(study)
+    cost = _cost(out)
+    paper = cost.get(bench_name("recon"))
+    freeze = reference_points(study, "freeze-lower")
+    head = ["run", "lower lr", "held-out loss", "retention KL", "boundary cos", "train s", "tokens/s x", "memory x",
+            "the bar"]
     rows = []
-    for name, label in REFERENCES.items():
-        try:
-            ev = json.loads((study / name / "eval.json").read_text())["eval"]
-            tr = json.loads((study / name / "train.json").read_text())
-        except (OSError, ValueError):
+    for method in ("freeze-lower", "lopt", "e2e"):
+        for p in reference_points(study, method):
+            _, tr, e = _point(study, p.run)
+            rows.append([f"study v3: {p.run}", "-" if method != "lopt" else f"{tr['spec']['lr']:g} (task grad every 4)",
+                         f"{p.loss:.4f}", f"{p.kl:.4f}", f"{e['drift']['cos_at_boundary']:.3f}",
+                         f"{tr['train_seconds']:.0f}", _ratio(cost.get(method), paper, "tokens_per_s"),
+                         _ratio(cost.get(method), paper, "peak_mb"), "reference"])
+    for run in runs(lr):
+        got = _point(out, run["run"])
+        c = cost.get(bench_name(run["objective"]))
+        if got is None:
+            rows.append([run["run"], f"{run['extra']['lr_lower']:g}", "not run yet", "", "", "",
+                         _ratio(c, paper, "tokens_per_s"), _ratio(c, paper, "peak_mb"), ""])
             continue
-        cos = [x["cos"] for x in ev["drift"]["layers"] if x["boundary"]]
-        rows.append([label, f"{ev['task_loss']['loss']:.4f}", f"{ev['retention_kl']['kl']:.4f}",
-                     f"{cos[0]:.3f}" if cos else "-", f"{tr['train_seconds']:.0f}",
-                     f"{tr['summary'].get('tokens_per_s', float('nan')):.0f}", "study v2"])
-    return rows
-
-
-def write_results(out: Path, study: Path = STUDY) -> Path:
-    """``out/RESULTS.md``: one row per recorded run beside the study's reference runs."""
-    records = Records(out / "results")
-    rows = []
-    for name, objective, lr_lower in run_names():
-        tr, ev = records.read(f"{name}/train"), records.read(f"{name}/eval")
-        if tr is None or ev is None:
-            rows.append([f"{objective}, lr_lower {lr_lower:g}", "not run yet", "", "", "", "", ""])
-            continue
-        e = ev["eval"]
-        rows.append([f"{objective}, lr_lower {lr_lower:g}", f"{e['task_loss']['loss']:.4f}",
-                     f"{e['retention_kl']['kl']:.4f}", f"{e['boundary_cos'][0]:.3f}", f"{tr['train_seconds']:.0f}",
-                     f"{tr['summary'].get('tokens_per_s', float('nan')):.0f}",
-                     f"steps {tr['spec']['budget']['steps']}"])
-    head = ["run", "held-out loss", "retention KL", "boundary cos", "train s", "tokens/s", "note"]
-    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    table += ["| " + " | ".join(r) + " |" for r in _reference_rows(study) + rows]
-    text = ("# Local objectives (issue 29): results\n\nGenerated by `python -m lopt.recipes.study.local_objectives` "
-            "from `results/` and the study's reference runs (records/study-v2/results); do not edit. The bar: held-out "
-            "loss below freeze-lower's at retention KL no higher than freeze-lower's, at LoPT's cost or less. Upper "
-            f"lr {LR:g} in every run; lambda 10; seed 0; this project's shared 2-core CPU.\n\n" + "\n".join(table) + "\n")
+        p, tr, e = got
+        ok, why = verdict(p, freeze, c, paper)
+        rows.append([run["run"], f"{run['extra']['lr_lower']:g}", f"{p.loss:.4f}", f"{p.kl:.4f}",
+                     f"{e['drift']['cos_at_boundary']:.3f}", f"{tr['train_seconds']:.0f}",
+                     _ratio(c, paper, "tokens_per_s"), _ratio(c, paper, "peak_mb"),
+                     ("passes: " if ok else "fails: ") + why])
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    text = ("# Local objectives (issue 29): results\n\nGenerated by `python -m lopt.recipes.study.local_objectives "
+            "--report` from `results/` and study v3's records (`" + str(study) + "/results`); do not edit. Every run: "
+            f"study v3's 256 steps x 4 GSM8K examples in bf16-mixed, upper lr {lr:g}, seed 0, the lower half "
+            "trained only by its local objective (`--task-grad-every 0`). The bar: held-out loss below a freeze-lower "
+            "run's at retention KL no higher than that run's, at no more cost than the paper's LoPT (`pure recon` in "
+            f"the same bench, {COST_TOLERANCE:.0%} tolerance). Cost: `lopt bench` ratios against pure recon, one run "
+            "on this project's 2-core CPU.\n\n" + "\n".join(table) + "\n")
     path = out / "RESULTS.md"
     write_text(path, text)
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def _ratio(c: dict[str, float] | None, ref: dict[str, float] | None, key: str) -> str:
+    return f"{c[key] / ref[key]:.2f}" if c and ref else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    names = [n for n, _, _ in run_names()]
-    p.add_argument("--only", nargs="+", metavar="RUN", help=f"runs to do (default all): {', '.join(names)}")
+    p.add_argument("--data-dir", help="the folder holding gsm8k/ that study v3 used (default: $LOPT_DATA_DIR)")
+    p.add_argument("--only", nargs="+", metavar="RUN", help="runs to do (default all, in order)")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--data-dir", help="the folder holding gsm8k/, arc/, ... (default: $LOPT_DATA_DIR)")
-    p.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--pilot", action="store_true", help=f"{PILOT.steps} steps and a tiny evaluation: proves the "
-                   "runner end to end (give another --out: its records are not the study's)")
-    p.add_argument("--keep-models", action="store_true")
+    p.add_argument("--study", type=Path, default=STUDY, help="the study whose setup and references the runs share")
+    p.add_argument("--report", action="store_true", help="regenerate RESULTS.md from the records; train nothing")
     a = p.parse_args(argv)
-    unknown = [n for n in a.only or [] if n not in names]
-    if unknown:
-        raise SystemExit(f"unknown run(s) {unknown}: choose from {', '.join(names)}")
-    if a.pilot and a.out.resolve() == OUT.resolve():
-        raise SystemExit(f"--pilot writes pilot records: give --out another folder than {OUT}")
-    runner = Runner(a.out, PILOT if a.pilot else FULL, a.data_dir, a.model, a.keep_models)
-    todo = [(n, o, lr) for n, o, lr in run_names() if not a.only or n in a.only]
-    for i, (name, objective, lr_lower) in enumerate(todo):
-        runner.say(f"[{i + 1}/{len(todo)}] {name}")
-        runner.run(name, objective, lr_lower)
-        write_results(a.out)
-    print(write_results(a.out))
+    try:
+        lr = upper_lr(a.study)
+        todo = runs(lr)
+        names = [r["run"] for r in todo]
+        unknown = [n for n in a.only or [] if n not in names]
+        if unknown:
+            raise LoPTError(f"unknown run(s) {unknown}: choose from {', '.join(names)}")
+        if not a.report:
+            from lopt.models import quiet_progress
+
+            opts = study_options(a.study, output_dir=str(a.out), methods=["lopt"], data_dir=a.data_dir)
+            with quiet_progress():
+                st = ObjectiveStudy(opts, a.study)
+                st.data.write()
+                st.bench()
+                selected = [r for r in todo if not a.only or r["run"] in a.only]
+                for v in selected:
+                    st.progress.add(st.train_estimate("lopt", opts.steps) + st.eval_estimate())
+                for r in selected:
+                    st.run(r)
+                    write_results(a.out, a.study)
+    except LoPTError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(write_results(a.out, a.study))
+    return 0
 
 
 if __name__ == "__main__":
