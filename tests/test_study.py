@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -213,8 +213,6 @@ def test_a_killed_run_continues_from_its_checkpoint(shared_data, tmp_path, monke
 
 
 def test_a_wider_sweep_grid_or_another_bench_keeps_finished_records():
-    from dataclasses import replace
-
     from lopt.recipes.study.run import budget_spec
 
     b = plan.V2
@@ -477,6 +475,29 @@ def _tiny_e2e_study(tmp_path: Path):
     return opts, study
 
 
+def test_the_bench_measures_each_method_as_its_runs_train_it(tmp_path):
+    """lopt bench fills the engine's defaults (pure local learning, an untied head) where lopt train fills
+    the recipes' (lopt: the boundary open every 4th step, a tied head kept tied): the study's bench rows
+    must name them, or its cost column is another method's."""
+    from lopt.bench.runner import BenchSpec, bench_config
+    from lopt.recipes.study.command import DEFAULT_METHODS, Study
+
+    opts, _ = _tiny_e2e_study(tmp_path)
+    study = Study(replace(opts, methods=list(DEFAULT_METHODS), precision="bf16-mixed"))
+    table = study.bench_table()
+    assert list(table) == list(DEFAULT_METHODS)
+    keys = ("method", "task_grad_every", "tied_head", "lambda_aux", "local_objective", "precision", "lisa_interval",
+            "badam_switch_every", "num_blocks", "lora_r")
+    for m in DEFAULT_METHODS:
+        bench = bench_config(BenchSpec(name=m, overrides=table[m]))
+        run = study.train_config(m, 1e-4, 0, opts.steps, tmp_path / m)
+        assert {k: getattr(bench, k) for k in keys} == {k: getattr(run, k) for k in keys}, m
+    assert table["lopt"]["task_grad_every"] == 4 and table["lopt"]["tied_head"] is None
+    # the bare overrides, as the bench read them before, measured the paper's pure local learning instead
+    bare = bench_config(BenchSpec(name="lopt", overrides=study.overrides("lopt", opts.steps)))
+    assert bare.task_grad_every == 0 and bare.tied_head is False
+
+
 def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
     """A study run killed after a checkpoint continues from it; its record says so."""
     from lopt.recipes.sft import train
@@ -494,8 +515,6 @@ def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
         if p.is_file() and p.name != "metrics.jsonl":
             p.unlink()
     # only a checkpoint of this run's settings is resumed (one left by another rate is dropped)
-    from dataclasses import replace
-
     from lopt.recipes.study.command import same_run
     assert same_run(run_dir / "checkpoint-2", cfg) and not same_run(run_dir / "checkpoint-2", replace(cfg, lr=2e-3))
     # --precision reaches every run (its command, its checkpoint's identity) and keys the records
@@ -651,8 +670,6 @@ def test_the_sweep_walks_past_an_edge_until_the_best_is_bracketed():
 
 
 def test_a_swept_edge_is_extended_from_the_records_and_never_retrained(tmp_path):
-    from dataclasses import replace
-
     from lopt.recipes.study.command import Study
 
     opts, study = _tiny_e2e_study(tmp_path)

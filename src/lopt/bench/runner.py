@@ -169,6 +169,14 @@ def bench_batches(spec: BenchSpec, tokenizer, vocab: int) -> list[dict[str, torc
     return [next(it) for _ in range(n)]
 
 
+def bench_config(spec: BenchSpec) -> TrainConfig:
+    """The training configuration a bench row measures: its overrides over the engine's defaults (a
+    configuration names every mechanism it uses: no recipe default is added)."""
+    return TrainConfig(model=spec.model, gguf_file=spec.gguf_file, batch_size=spec.batch_size,
+                       max_length=spec.seq_len, max_steps=spec.warmup + spec.steps + _cycle(spec.overrides), lr=1e-5,
+                       warmup_ratio=0.0, progress=False, device=spec.device, **engine_defaults(spec.overrides))
+
+
 def run_one(spec: BenchSpec) -> dict[str, Any]:
     """Measure one configuration in this process (the parent runs it in a fresh child)."""
     set_seed(spec.seed)
@@ -176,10 +184,7 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
     peer = spec.overrides.get("peer")
     cfg = None
     if peer is None:
-        cfg = TrainConfig(model=spec.model, gguf_file=spec.gguf_file, batch_size=spec.batch_size,
-                          max_length=spec.seq_len, max_steps=spec.warmup + spec.steps + _cycle(spec.overrides), lr=1e-5,
-                          warmup_ratio=0.0, progress=False, device=spec.device,
-                          **engine_defaults(spec.overrides))
+        cfg = bench_config(spec)
         cfg.validate()
     model, tokenizer = load_model(spec.model, gguf_file=spec.gguf_file, device=device)
     if device.type == "cpu":

@@ -287,6 +287,16 @@ def sweep_steps(opts: StudyOptions) -> int:
     return opts.sweep_steps or max(1, opts.steps // 4)
 
 
+def as_trained(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with the options ``lopt train`` fills in when they are unset (the recipes' defaults:
+    under lopt the boundary open every 4th step, a tied head kept tied, no local loss) written out:
+    ``lopt bench`` fills the engine's instead (pure local learning, an untied head), so a bench row
+    of the bare overrides would measure another method than the runs train."""
+    cfg = TrainConfig(**overrides)
+    return {**overrides, "task_grad_every": cfg.task_grad_every, "tied_head": cfg.tied_head,
+            "lambda_aux": cfg.lambda_aux}
+
+
 # --------------------------------------------------------------------------- the data
 
 
@@ -558,8 +568,8 @@ class Study:
         return rec
 
     def bench_table(self) -> dict[str, dict[str, Any]]:
-        """The bench's rows: name -> ``lopt train`` options (each method as its runs train it)."""
-        return {m: self.overrides(m, self.opts.steps) for m in self.opts.methods}
+        """The bench's rows: name -> ``lopt train`` options, each method exactly as its runs train it."""
+        return {m: as_trained(self.overrides(m, self.opts.steps)) for m in self.opts.methods}
 
     def bench(self) -> dict[str, Any]:
         """Each method's step time and peak memory: ``lopt bench`` on the model, the batch size and the

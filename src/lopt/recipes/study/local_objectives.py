@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lopt.engine.config import LoPTError
-from lopt.recipes.study.command import Study, StudyOptions
+from lopt.recipes.study.command import Study, StudyOptions, as_trained
 from lopt.recipes.study.matched import Point, at_loss
 from lopt.recipes.study.records import Records, write_text
 
@@ -81,10 +81,10 @@ class ObjectiveStudy(Study):
 
     def bench_table(self) -> dict[str, dict[str, Any]]:
         steps = self.opts.steps
-        table = {m: self.overrides(m, steps) for m in ("e2e", "freeze-lower", "lopt")}
+        table = {m: as_trained(self.overrides(m, steps)) for m in ("e2e", "freeze-lower", "lopt")}
         for obj in ("recon",) + self.candidates:
-            table[bench_name(obj)] = {**self.overrides("lopt", steps), "task_grad_every": 0,
-                                      "local_objective": obj}
+            table[bench_name(obj)] = as_trained({**self.overrides("lopt", steps), "task_grad_every": 0,
+                                                 "local_objective": obj})
         return table
 
     def step_seconds(self, method: str) -> float | None:
