@@ -113,3 +113,21 @@ def test_the_bar_beats_a_freezing_run_on_both_axes_at_no_more_cost():
     assert not ok and "1.20x its memory" in why and "beats fl-hi" in why
     ok, why = verdict(Point(0.74, 0.30), freeze, None, None)
     assert not ok and "not benched" in why
+
+
+def test_the_activation_table_reads_the_last_traced_step_against_the_base(tmp_path):
+    from lopt.recipes.study.local_objectives import activation_lines
+
+    def stats(cos, first, rest, rank):
+        return {"cos": cos, "cos_without_massive": cos - 0.01, "first_norm": first, "rest_rms_median": rest,
+                "effective_rank": rank}
+
+    trace = [{"step": 16, "boundary": stats(0.9, 200.0, 6.0, 40.0), "base_boundary": stats(1.0, 240.0, 5.0, 50.0),
+              "adam_steps": {"mlp": {"full_step_fraction": 0.5}}},
+             {"step": 64, "boundary": stats(0.5, 180.0, 7.5, 30.0), "base_boundary": stats(1.0, 240.0, 5.0, 50.0),
+              "adam_steps": {"mlp": {"full_step_fraction": 0.25}, "q": {"full_step_fraction": 0.125}}}]
+    (tmp_path / "recon-lr0.0001.json").write_text(json.dumps({"objective": "recon", "lr_lower": 1e-4, "trace": trace}))
+    lines = activation_lines(tmp_path)
+    assert lines[0].endswith("| full steps: mlp | full steps: q |")
+    assert lines[2] == "| recon, 0.0001 (64) | 0.500 | 0.490 | 0.75 | 1.50 | 30 (50) | 25% | 12% |"
+    assert activation_lines(tmp_path / "none") == []

@@ -182,9 +182,40 @@ def write_results(out: Path = OUT, study: Path = STUDY) -> Path:
             "run's at retention KL no higher than that run's, at no more cost than the paper's LoPT (`pure recon` in "
             f"the same bench, {COST_TOLERANCE:.0%} tolerance). Cost: `lopt bench` ratios against pure recon, one run "
             "on this project's 2-core CPU.\n\n" + "\n".join(table) + "\n")
+    stats = activation_lines(out / "activations")
+    if stats:
+        text += ("\n## Activation statistics\n\nFrom `python -m lopt.recipes.study.activations` (each record in "
+                 "`activations/` holds its command): pure local learning for a few steps in fp32, measured on 16 "
+                 "held-out GSM8K questions at the boundary, the first token apart from the ordinary tokens; the "
+                 "top-5 dimensions are the base's largest by RMS. Full steps: the share of each kind of lower weight "
+                 "whose next AdamW step is at least half the learning rate. Figure: "
+                 "[activations/activations.png](activations/activations.png).\n\n" + "\n".join(stats) + "\n")
     path = out / "RESULTS.md"
     write_text(path, text)
     return path
+
+
+def activation_lines(folder: Path) -> list[str]:
+    """The activation statistics' table (``lopt.recipes.study.activations`` records in ``folder``): each
+    objective's boundary state at its last traced step against the base's, and how many lower weights
+    take full-size AdamW steps."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    if not records:
+        return []
+    kinds = sorted({k for r in records for k in r["trace"][-1]["adam_steps"]})
+    head = ["objective, lower lr (step)", "boundary cos", "cos without top-5 dims", "first-token norm x base",
+            "median RMS of the rest x base", "effective rank (base)"] + [f"full steps: {k}" for k in kinds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        last = r["trace"][-1]
+        b, base = last["boundary"], last["base_boundary"]
+        lines.append("| " + " | ".join(
+            [f"{r['objective']}, {r['lr_lower']:g} ({last['step']})", f"{b['cos']:.3f}", f"{b['cos_without_massive']:.3f}",
+             f"{b['first_norm'] / base['first_norm']:.2f}", f"{b['rest_rms_median'] / base['rest_rms_median']:.2f}",
+             f"{b['effective_rank']:.0f} ({base['effective_rank']:.0f})"]
+            + [f"{last['adam_steps'][k]['full_step_fraction']:.0%}" if k in last["adam_steps"] else "-" for k in kinds])
+            + " |")
+    return lines
 
 
 def _ratio(c: dict[str, float] | None, ref: dict[str, float] | None, key: str) -> str:
