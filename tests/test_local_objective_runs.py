@@ -22,7 +22,7 @@ def _reference(tmp_path: Path) -> tuple[Path, Path]:
     rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows())
     study = tmp_path / "ref"
     opts = StudyOptions(model=str(save_tiny(tmp_path / "tiny")), dataset=str(rows), methods=["freeze-lower", "lopt"],
-                        steps=2, batch_size=2, max_length=128, val_size=3, eval_limit=3, retention_prompts=2,
+                        seeds=[0, 1], seed_methods=["freeze-lower"], method_rates=["freeze-lower=3"], steps=2, batch_size=2, max_length=128, val_size=3, eval_limit=3, retention_prompts=2,
                         retention_new_tokens=4, output_dir=str(study), progress=False)
     digest = StudyData(opts, study / "data").digest
     runs = [{"run": f"freeze-lower-lr{lr:g}", "method": "freeze-lower", "lr": lr, "seed": 0} for lr in (1e-3, 3e-4)]
@@ -41,7 +41,7 @@ def _reference(tmp_path: Path) -> tuple[Path, Path]:
 def test_runs_are_the_reference_studys_pieces_and_resume(tmp_path):
     """Two runs train with the reference's settings and a pure local objective, are evaluated like its
     runs, land in RESULTS.md beside its references; run again, nothing is redone."""
-    from lopt.recipes.study.local_objectives import ObjectiveStudy, main, runs, study_options, write_results
+    from lopt.recipes.study.local_objectives import ObjectiveStudy, main, objective_options, runs, write_results
 
     study, _ = _reference(tmp_path)
     out = tmp_path / "lo"
@@ -50,7 +50,7 @@ def test_runs_are_the_reference_studys_pieces_and_resume(tmp_path):
         "early-exit-lower0.001", "recon+cos-lower0.001", "recon+anchor-lower0.001", "recon-std-lower0.001",
         "early-exit-lower0.0001", "recon+cos-lower0.0001", "recon+anchor-lower0.0001", "recon-std-lower0.0001",
         "recon-lower0.0001"]
-    opts = study_options(study, output_dir=str(out), methods=["lopt"])
+    opts = objective_options(study, out)
     st = ObjectiveStudy(opts, study)
     st.data.write()
     assert st.cache_dir == study / "cache"  # the reference's base answers, not a second set
@@ -86,12 +86,12 @@ def test_runs_are_the_reference_studys_pieces_and_resume(tmp_path):
 
 
 def test_other_data_than_the_references_is_refused(tmp_path):
-    from lopt.recipes.study.local_objectives import ObjectiveStudy, study_options
+    from lopt.recipes.study.local_objectives import ObjectiveStudy, objective_options
 
     study, _ = _reference(tmp_path)
     other = write_jsonl(tmp_path / "other.jsonl", addition_rows()[::-1])
     with pytest.raises(LoPTError, match="differ from .*digest"):
-        ObjectiveStudy(replace(study_options(study, output_dir=str(tmp_path / "lo")), dataset=str(other)), study)
+        ObjectiveStudy(replace(objective_options(study, tmp_path / "lo"), dataset=str(other)), study)
 
 
 def test_the_bar_beats_a_freezing_run_on_both_axes_at_no_more_cost():

@@ -47,6 +47,13 @@ def study_options(study: Path = STUDY, **changes: Any) -> StudyOptions:
     return StudyOptions(**{**{k: v for k, v in meta["options"].items() if k in known}, **changes})
 
 
+def objective_options(study: Path, out: Path, data_dir: str | None = None) -> StudyOptions:
+    """The runs' study options: the reference study's, lopt only (its options naming its other methods,
+    seed repeats and rates, do not apply), written to ``out``."""
+    return study_options(study, output_dir=str(out), methods=["lopt"], seed_methods=[], method_rates=[], start_lr=[],
+                         data_dir=data_dir)
+
+
 def upper_lr(study: Path = STUDY) -> float:
     """The upper half's rate in every run: study v3's swept best for lopt."""
     best = json.loads((study / "results" / "meta.json").read_text()).get("best") or {}
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.report:
             from lopt.models import quiet_progress
 
-            opts = study_options(a.study, output_dir=str(a.out), methods=["lopt"], data_dir=a.data_dir)
+            opts = objective_options(a.study, a.out, a.data_dir)
             with quiet_progress():
                 st = ObjectiveStudy(opts, a.study)
                 st.data.write()
