@@ -517,6 +517,7 @@ def test_a_killed_study_run_continues_from_its_checkpoint(tmp_path):
     # only a checkpoint of this run's settings is resumed (one left by another rate is dropped)
     from lopt.recipes.study.command import same_run
     assert same_run(run_dir / "checkpoint-2", cfg) and not same_run(run_dir / "checkpoint-2", replace(cfg, lr=2e-3))
+    assert not same_run(run_dir / "checkpoint-2", replace(cfg, local_objective="early-exit"))  # a run's variant
     # --precision reaches every run (its command, its checkpoint's identity) and keys the records
     bf = Study(replace(opts, precision="bf16-mixed"))
     bf_cfg = bf.train_config("e2e", 1e-3, 0, 4, run_dir)

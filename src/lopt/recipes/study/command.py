@@ -852,9 +852,8 @@ class Study:
 
 # The options that make a checkpoint this run's (the rest are bookkeeping: save_every, resume, ...).
 _RUN_KEYS = ("model", "gguf_file", "method", "lr", "seed", "max_steps", "batch_size", "max_length", "limit",
-             "warmup_ratio", "badam_switch_every", "lisa_interval", "precision", "local_objective", "anchor_weight")
-# Options a recipe fills in when unset (None): compared only when the run sets them.
-_RUN_KEYS_IF_SET = ("task_grad_every", "lr_lower", "lambda_aux")
+             "warmup_ratio", "badam_switch_every", "lisa_interval", "precision", "task_grad_every", "lr_lower",
+             "lambda_aux", "local_objective", "anchor_weight")
 
 
 def same_run(ckpt: Path, cfg: TrainConfig) -> bool:
@@ -865,8 +864,7 @@ def same_run(ckpt: Path, cfg: TrainConfig) -> bool:
     rec = find_recorded_run(ckpt.parent, str(ckpt))
     if rec is None:
         return False
-    return (all(rec.options.get(k) == getattr(cfg, k) for k in _RUN_KEYS)
-            and all(rec.options.get(k) == getattr(cfg, k) for k in _RUN_KEYS_IF_SET if getattr(cfg, k) is not None))
+    return all(rec.options.get(k) == getattr(cfg, k) for k in _RUN_KEYS)
 
 
 def study_command(opts: StudyOptions) -> int:

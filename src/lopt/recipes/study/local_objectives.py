@@ -9,8 +9,8 @@ Each candidate trains its lower half at the upper rate (the paper's choice) and 
 former default); the paper's ``recon`` runs at the tenth too (at the full rate it broke down in study v2).
 A finished piece is never redone; a killed run continues from its last checkpoint.
 
-    python -m lopt.recipes.study.local_objectives --data-dir ../shared/data
-    python -m lopt.recipes.study.local_objectives --data-dir ../shared/data --only early-exit-lower1e-05
+    python -m lopt.recipes.study.local_objectives --data-dir /path/to/data
+    python -m lopt.recipes.study.local_objectives --data-dir /path/to/data --only early-exit-lower1e-05
     python -m lopt.recipes.study.local_objectives --report      # RESULTS.md from the records only
 
 Records: ``records/local-objectives/results/`` (bench, and ``runs/NAME/{train,eval}.json``, each with its
