@@ -40,9 +40,17 @@ LOWER_FACTORS = (1.0, 0.1)  # the lower half's rate as a multiple of the upper o
 COST_TOLERANCE = 0.05
 
 
+def study_meta(study: Path = STUDY) -> dict[str, Any]:
+    """The reference study's ``meta`` record (its options, data digest, swept rates and runs)."""
+    meta = Records(study / "results").read("meta")
+    if meta is None:
+        raise LoPTError(f"{study}: no results/meta.json; run the study first")
+    return meta
+
+
 def study_options(study: Path = STUDY, **changes: Any) -> StudyOptions:
     """Study v3's options as recorded, with ``changes`` (the output folder, the data folder, ...)."""
-    meta = json.loads((study / "results" / "meta.json").read_text())
+    meta = study_meta(study)
     known = {f.name for f in fields(StudyOptions)}
     return StudyOptions(**{**{k: v for k, v in meta["options"].items() if k in known}, **changes})
 
@@ -56,7 +64,7 @@ def objective_options(study: Path, out: Path, data_dir: str | None = None) -> St
 
 def upper_lr(study: Path = STUDY) -> float:
     """The upper half's rate in every run: study v3's swept best for lopt."""
-    best = json.loads((study / "results" / "meta.json").read_text()).get("best") or {}
+    best = study_meta(study).get("best") or {}
     if "lopt" not in best:
         raise LoPTError(f"{study}: no swept rate for lopt recorded; run the study first")
     return float(best["lopt"])
@@ -80,7 +88,7 @@ class ObjectiveStudy(Study):
     def __init__(self, opts: StudyOptions, study: Path = STUDY, candidates: tuple[str, ...] = CANDIDATES):
         super().__init__(opts)
         self.study, self.candidates = study, candidates
-        want = json.loads((study / "results" / "meta.json").read_text())["data"]["digest"]
+        want = study_meta(study)["data"]["digest"]
         if self.data.digest != want:
             raise LoPTError(f"the training or held-out rows differ from {study}'s (digest {self.data.digest}, "
                             f"recorded {want}): give the data folder the study used (--data-dir)")
@@ -102,8 +110,8 @@ class ObjectiveStudy(Study):
 # --------------------------------------------------------------------------- the report
 
 
-def _point(out: Path, name: str) -> tuple[Point, dict[str, Any], dict[str, Any]] | None:
-    rec = Records(out / "results")
+def _point(rec: Records, name: str) -> tuple[Point, dict[str, Any], dict[str, Any]] | None:
+    """A run's point on the loss-vs-KL plane, its train record and its evaluation (None: not recorded)."""
     tr, ev = rec.read(f"runs/{name}/train"), rec.read(f"runs/{name}/eval")
     if tr is None or ev is None:
         return None
@@ -140,36 +148,34 @@ def verdict(point: Point, freeze: list[Point], cost: dict[str, float] | None,
     return True, f"beats {', '.join(f.run for f in beaten)} at {mem:.2f}x the paper's memory, {speed:.2f}x its tokens/s"
 
 
-def reference_points(study: Path, method: str) -> list[Point]:
-    """``method``'s runs in ``study`` (first seed only: the candidates have one) as points."""
-    pts = []
-    meta = json.loads((study / "results" / "meta.json").read_text())
-    for run in meta.get("runs") or []:
-        if run["method"] == method and run["seed"] == meta["options"]["seeds"][0]:
-            got = _point(study, run["run"])
-            if got:
-                pts.append(got[0])
-    return sorted(pts, key=lambda p: p.loss)
+def reference_runs(study: Path, method: str) -> list[tuple[Point, dict[str, Any], dict[str, Any]]]:
+    """``method``'s recorded runs in ``study`` (first seed only: the candidates have one), by loss:
+    (point, train record, evaluation)."""
+    meta, rec = study_meta(study), Records(study / "results")
+    got = [_point(rec, run["run"]) for run in meta.get("runs") or []
+           if run["method"] == method and run["seed"] == meta["options"]["seeds"][0]]
+    return sorted((g for g in got if g), key=lambda g: g[0].loss)
 
 
 def write_results(out: Path = OUT, study: Path = STUDY) -> Path:
     """``out/RESULTS.md``: every run (recorded or not) beside study v3's references, with the bar's verdict."""
     lr = upper_lr(study)
     cost = _cost(out)
+    records = Records(out / "results")
     paper = cost.get(bench_name("recon"))
-    freeze = reference_points(study, "freeze-lower")
+    refs = {m: reference_runs(study, m) for m in ("freeze-lower", "lopt", "e2e")}
+    freeze = [p for p, _, _ in refs["freeze-lower"]]
     head = ["run", "lower lr", "held-out loss", "retention KL", "boundary cos", "train s", "tokens/s x", "memory x",
             "the bar"]
     rows = []
-    for method in ("freeze-lower", "lopt", "e2e"):
-        for p in reference_points(study, method):
-            _, tr, e = _point(study, p.run)
+    for method, done in refs.items():
+        for p, tr, e in done:
             rows.append([f"study v3: {p.run}", "-" if method != "lopt" else f"{tr['spec']['lr']:g} (task grad every 4)",
                          f"{p.loss:.4f}", f"{p.kl:.4f}", f"{e['drift']['cos_at_boundary']:.3f}",
                          f"{tr['train_seconds']:.0f}", _ratio(cost.get(method), paper, "tokens_per_s"),
                          _ratio(cost.get(method), paper, "peak_mb"), "reference"])
     for run in runs(lr):
-        got = _point(out, run["run"])
+        got = _point(records, run["run"])
         c = cost.get(bench_name(run["objective"]))
         if got is None:
             rows.append([run["run"], f"{run['extra']['lr_lower']:g}", "not run yet", "", "", "",
