@@ -74,6 +74,8 @@ def test_runs_are_the_reference_studys_pieces_and_resume(tmp_path):
     text = write_results(out, study).read_text()
     assert "| study v3: freeze-lower-lr0.001 |" in text and "| recon+cos-lower0.001 | 0.001 | not run yet |" in text
     assert "| early-exit-lower0.001 | 0.001 | " in text and ("passes: " in text or "fails: " in text)
+    (out / "results" / "notes.md").write_text("## What the runs show\n\nA reading.\n")
+    assert write_results(out, study).read_text().endswith("\n## What the runs show\n\nA reading.\n")
     # Again, through the command: both runs are recorded, nothing trains.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "results" / "runs").rglob("*.json")}
     with pytest.raises(SystemExit, match="unknown run"):

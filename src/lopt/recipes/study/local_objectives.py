@@ -38,6 +38,7 @@ LOWER_FACTORS = (1.0, 0.1)  # the lower half's rate as a multiple of the upper o
 # peak memory at most this much above, its tokens/s at most this much below (the bench's repeat-to-repeat
 # spread on this machine is a few percent).
 COST_TOLERANCE = 0.05
+NOTES = "notes.md"  # results/notes.md: the hand-written reading of the records, appended to RESULTS.md
 
 
 def study_meta(study: Path = STUDY) -> dict[str, Any]:
@@ -158,7 +159,8 @@ def reference_runs(study: Path, method: str) -> list[tuple[Point, dict[str, Any]
 
 
 def write_results(out: Path = OUT, study: Path = STUDY) -> Path:
-    """``out/RESULTS.md``: every run (recorded or not) beside study v3's references, with the bar's verdict."""
+    """``out/RESULTS.md``: every run (recorded or not) beside study v3's references, with the bar's verdict,
+    the activation statistics, and ``results/notes.md`` (the reading of them) where it is written."""
     lr = upper_lr(study)
     cost = _cost(out)
     records = Records(out / "results")
@@ -203,6 +205,9 @@ def write_results(out: Path = OUT, study: Path = STUDY) -> Path:
                  "top-5 dimensions are the base's largest by RMS. Full steps: the share of each kind of lower weight "
                  "whose next AdamW step is at least half the learning rate. Figure: "
                  "[activations/activations.png](activations/activations.png).\n\n" + "\n".join(stats) + "\n")
+    notes = out / "results" / NOTES
+    if notes.is_file():  # the reading of the figures, written by hand once they are in
+        text += "\n" + notes.read_text().strip() + "\n"
     path = out / "RESULTS.md"
     write_text(path, text)
     return path
