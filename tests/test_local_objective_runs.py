@@ -47,7 +47,7 @@ def test_runs_are_the_reference_studys_pieces_and_resume(tmp_path):
     out = tmp_path / "lo"
     planned = runs(1e-3)
     assert [r["run"] for r in planned] == [
-        "early-exit-lower0.001", "recon+cos-lower0.001", "recon+anchor-lower0.001", "recon-std-lower0.001",
+        "freeze-lower-lr0.001", "early-exit-lower0.001", "recon+cos-lower0.001", "recon+anchor-lower0.001", "recon-std-lower0.001",
         "early-exit-lower0.0001", "recon+cos-lower0.0001", "recon+anchor-lower0.0001", "recon-std-lower0.0001",
         "recon-lower0.0001"]
     opts = objective_options(study, out)
@@ -58,7 +58,8 @@ def test_runs_are_the_reference_studys_pieces_and_resume(tmp_path):
     assert list(table) == ["e2e", "freeze-lower", "lopt", "pure recon", "pure early-exit", "pure recon+cos",
                            "pure recon+anchor", "pure recon-std"]
     assert table["pure recon-std"]["task_grad_every"] == 0 and table["pure recon-std"]["local_objective"] == "recon-std"
-    picked = [planned[0], planned[-1]]
+    assert planned[0]["method"] == "freeze-lower" and "extra" not in planned[0]
+    picked = [planned[1], planned[-1]]
     for r in picked:
         st.run(r)
     assert st.executed == [f"runs/{r['run']}/{k}" for r in picked for k in ("train", "eval")]
@@ -73,6 +74,7 @@ def test_runs_are_the_reference_studys_pieces_and_resume(tmp_path):
     assert list((study / "cache").glob("probe-*.pt"))
     text = write_results(out, study).read_text()
     assert "| study v3: freeze-lower-lr0.001 |" in text and "| recon+cos-lower0.001 | 0.001 | not run yet |" in text
+    assert "| control: freeze-lower-lr0.001 | - | not run yet |" in text
     assert "| early-exit-lower0.001 | 0.001 | " in text and ("passes: " in text or "fails: " in text)
     (out / "results" / "notes.md").write_text("## What the runs show\n\nA reading.\n")
     assert write_results(out, study).read_text().endswith("\n## What the runs show\n\nA reading.\n")
@@ -85,6 +87,31 @@ def test_runs_are_the_reference_studys_pieces_and_resume(tmp_path):
         again.run(r)
     assert again.executed == []
     assert {p: p.stat().st_mtime_ns for p in (out / "results" / "runs").rglob("*.json")} == stamps
+
+
+def test_the_control_at_the_runs_rate_joins_the_bar(tmp_path):
+    """A candidate between the reference's freeze-lower runs is judged against the freeze-lower control
+    trained at the candidates' own upper rate too, once it is recorded."""
+    from lopt.recipes.study.local_objectives import control, runs, write_results
+    from lopt.recipes.study.records import Records
+
+    study, _ = _reference(tmp_path)
+    out = tmp_path / "lo"
+    rec = Records(out / "results")
+    cand = runs(1e-3)[1]
+
+    def put(run, loss, kl):
+        rec.put(f"runs/{run['run']}/train", run, {"train_seconds": 1.0, "command": "lopt train"})
+        rec.put(f"runs/{run['run']}/eval", run, {"eval": {"task_loss": {"loss": loss}, "retention_kl": {"kl": kl},
+                                                          "drift": {"cos_at_boundary": 1.0}}})
+
+    put(cand, 2.2, 0.2)  # under the chord of the reference's runs (2.0, 0.5) and (2.5, 0.1), beating neither
+    text = write_results(out, study).read_text()
+    assert f"| {cand['run']} | 0.001 | 2.2000 | 0.2000 |" in text and "fails: beats no freeze-lower run" in text
+    put(control(1e-3), 2.3, 0.25)  # the control at the same rate: worse on both axes
+    text = write_results(out, study).read_text()
+    assert "| control: freeze-lower-lr0.001 | - | 2.3000 | 0.2500 |" in text
+    assert "beats freeze-lower-lr0.001; cost not benched" in text
 
 
 def test_other_data_than_the_references_is_refused(tmp_path):

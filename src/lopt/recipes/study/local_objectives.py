@@ -7,6 +7,7 @@ the same training rows in the same order, schedule, precision (bf16-mixed), uppe
 swept best), held-out rows, retention prompts (the base's answers are study v3's, cached) and drift.
 Each candidate trains its lower half at the upper rate (the paper's choice) and at a tenth of it (lopt's
 former default); the paper's ``recon`` runs at the tenth too (at the full rate it broke down in study v2).
+A freeze-lower control runs at the same upper rate (study v3's freeze-lower runs lie at other rates).
 A finished piece is never redone; a killed run continues from its last checkpoint.
 
     python -m lopt.recipes.study.local_objectives --data-dir /path/to/data
@@ -71,11 +72,19 @@ def upper_lr(study: Path = STUDY) -> float:
     return float(best["lopt"])
 
 
+def control(lr: float) -> dict[str, Any]:
+    """freeze-lower at the runs' own upper rate: the reference study's freeze-lower runs lie at other rates,
+    and an objective that holds the boundary where the base had it is freezing plus its side effects."""
+    return {"run": f"freeze-lower-lr{lr:g}", "method": "freeze-lower", "lr": lr, "seed": 0}
+
+
 def runs(lr: float, candidates: tuple[str, ...] = CANDIDATES) -> list[dict[str, Any]]:
-    """The runs in order: every candidate at the first lower rate, then at the next; recon last."""
+    """The runs in order: the freeze-lower control, every candidate at the first lower rate, then at the
+    next; recon last."""
     todo = [(c, lr * f) for f in LOWER_FACTORS for c in candidates] + [("recon", lr * LOWER_FACTORS[-1])]
-    return [{"run": f"{obj}-lower{lower:g}", "method": "lopt", "lr": lr, "seed": 0, "objective": obj,
-             "extra": {"task_grad_every": 0, "lr_lower": lower, "local_objective": obj}} for obj, lower in todo]
+    return [control(lr)] + [
+        {"run": f"{obj}-lower{lower:g}", "method": "lopt", "lr": lr, "seed": 0, "objective": obj,
+         "extra": {"task_grad_every": 0, "lr_lower": lower, "local_objective": obj}} for obj, lower in todo]
 
 
 def bench_name(objective: str) -> str:
@@ -166,7 +175,8 @@ def write_results(out: Path = OUT, study: Path = STUDY) -> Path:
     records = Records(out / "results")
     paper = cost.get(bench_name("recon"))
     refs = {m: reference_runs(study, m) for m in ("freeze-lower", "lopt", "e2e")}
-    freeze = [p for p, _, _ in refs["freeze-lower"]]
+    ctrl = _point(records, control(lr)["run"])
+    freeze = [p for p, _, _ in refs["freeze-lower"]] + ([ctrl[0]] if ctrl else [])
     head = ["run", "lower lr", "held-out loss", "retention KL", "boundary cos", "train s", "tokens/s x", "memory x",
             "the bar"]
     rows = []
@@ -178,6 +188,14 @@ def write_results(out: Path = OUT, study: Path = STUDY) -> Path:
                          _ratio(cost.get(method), paper, "peak_mb"), "reference"])
     for run in runs(lr):
         got = _point(records, run["run"])
+        if "objective" not in run:  # the control
+            if got:
+                p, tr, e = got
+            rows.append([f"control: {run['run']}", "-"] + ([f"{p.loss:.4f}", f"{p.kl:.4f}",
+                         f"{e['drift']['cos_at_boundary']:.3f}", f"{tr['train_seconds']:.0f}"] if got else
+                         ["not run yet", "", "", ""]) + [_ratio(cost.get(run["method"]), paper, "tokens_per_s"),
+                         _ratio(cost.get(run["method"]), paper, "peak_mb"), "reference"])
+            continue
         c = cost.get(bench_name(run["objective"]))
         if got is None:
             rows.append([run["run"], f"{run['extra']['lr_lower']:g}", "not run yet", "", "", "",
