@@ -37,8 +37,8 @@ CANDIDATES = ("early-exit", "recon+cos", "recon+anchor", "recon-std")
 # The lower half's rate as a multiple of the upper one: the paper's (every candidate), then lopt's former
 # default for the candidates a gentler rate could change. Chosen from the first rate's runs and activation
 # statistics (records/local-objectives/README.md): early-exit learns from the task but drifts at the
-# paper's rate; recon+anchor and recon+cos hold the boundary already (a lower rate only freezes them
-# more); recon-std collapses the states; recon at the tenth is study v2's lopt-default, which broke down.
+# paper's rate; recon+anchor and recon+cos hold the boundary already (a lower rate only brings them nearer
+# freezing); recon-std collapses the states; recon at the tenth is study v2's lopt-default, which broke down.
 LOWER_FACTORS = (1.0, 0.1)
 SECOND_RATE = ("early-exit",)
 # A candidate passes when it costs no more than the paper's LoPT (pure recon) in the same bench: the step's
