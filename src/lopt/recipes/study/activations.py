@@ -222,6 +222,11 @@ def run(objective: str, lr_lower: float, steps: int, *, lr: float = 1e-4, every:
     return record
 
 
+def load_records(folder: Path) -> list[dict[str, Any]]:
+    """Every activation record in ``folder``, by file name (none: an empty list)."""
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+
+
 def figure(folder: Path) -> Path:
     """One PNG of every record in ``folder``: per-layer cosine and norm ratio at the last step, the
     boundary cosine over the steps, and the fraction of full-size AdamW steps per kind of weight."""
@@ -230,7 +235,7 @@ def figure(folder: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    records = load_records(folder)
     if not records:
         raise SystemExit(f"no activation records in {folder}")
     fig, ax = plt.subplots(2, 2, figsize=(12, 8))

@@ -20,7 +20,6 @@ exact ``lopt train`` command); ``RESULTS.md`` is regenerated from them and study
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -234,7 +233,9 @@ def activation_lines(folder: Path) -> list[str]:
     """The activation statistics' table (``lopt.recipes.study.activations`` records in ``folder``): each
     objective's boundary state at its last traced step against the base's, and how many lower weights
     take full-size AdamW steps."""
-    records = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+    from lopt.recipes.study.activations import load_records
+
+    records = load_records(folder)
     if not records:
         return []
     kinds = sorted({k for r in records for k in r["trace"][-1]["adam_steps"]})
