@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lopt.engine.config import LoPTError
+from lopt.recipes.study.activations import load_records
 from lopt.recipes.study.command import Study, StudyOptions, as_trained
 from lopt.recipes.study.matched import Point, at_loss
 from lopt.recipes.study.records import Records, write_text
@@ -233,8 +234,6 @@ def activation_lines(folder: Path) -> list[str]:
     """The activation statistics' table (``lopt.recipes.study.activations`` records in ``folder``): each
     objective's boundary state at its last traced step against the base's, and how many lower weights
     take full-size AdamW steps."""
-    from lopt.recipes.study.activations import load_records
-
     records = load_records(folder)
     if not records:
         return []
